@@ -1,0 +1,1 @@
+//! ContainerSSH in Rust.
