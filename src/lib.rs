@@ -1,1 +1,22 @@
-//! ContainerSSH in Rust.
+//! ContainerSSH, rebuilt in Rust: an SSH server that gives every login its own throw-away
+//! container.
+//!
+//! # Layout
+//! - [`config`]: the ContainerSSH-compatible config file, strict parsing, validation.
+//! - [`server`]: accept loop, per-connection lifecycle, drain on shutdown.
+//! - [`ssh`]: russh configuration, the thin handler, per-channel tasks, host keys.
+//! - [`auth`]: embedded authentication (`authorized_keys` files, password hashes).
+//! - [`backend`]: container backends; [`backend::docker`] talks to the Docker engine.
+//! - [`limits`]: every bound on what clients and containers can make us hold.
+#![deny(unsafe_code)]
+
+pub mod auth;
+pub mod backend;
+pub mod config;
+pub mod limits;
+pub mod log;
+pub mod server;
+pub mod ssh;
+
+#[doc(hidden)]
+pub mod fuzzing;

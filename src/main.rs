@@ -1,1 +1,207 @@
-fn main() {}
+//! `containerssh`: parse the command line, load and validate the config, bind, read keys, then
+//! build the runtime and serve. Everything that can fail on bad input fails before serving.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use containerssh::auth::authorized_keys::AuthorizedKeys;
+use containerssh::auth::password::{hash_password_argon2id, PasswordFile};
+use containerssh::backend::docker::session::DockerBackend;
+use containerssh::config::{self, Settings};
+use containerssh::server::{self, Shared};
+use containerssh::ssh;
+
+const HELP: &str = "\
+containerssh - an SSH server that gives every login its own container
+
+USAGE:
+    containerssh [--config FILE]
+
+With no --config, serves the embedded default: 127.0.0.1:2222, your own
+~/.ssh/authorized_keys for any user name, the local Docker engine.
+
+OPTIONS:
+    --config FILE     ContainerSSH-compatible YAML or JSON configuration
+    --dump-config     print the effective configuration as YAML and exit
+    --hash-password   read a password from stdin, print an argon2id hash for a password file
+    --help            print this help
+    --version         print the version
+";
+
+struct Cli {
+    config: Option<PathBuf>,
+    dump: bool,
+    hash_password: bool,
+}
+
+fn parse_cli() -> Result<Option<Cli>, lexopt::Error> {
+    use lexopt::prelude::*;
+    let mut cli = Cli {
+        config: None,
+        dump: false,
+        hash_password: false,
+    };
+    let mut parser = lexopt::Parser::from_env();
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Long("config") | Short('c') => cli.config = Some(parser.value()?.into()),
+            Long("dump-config") => cli.dump = true,
+            Long("hash-password") => cli.hash_password = true,
+            Long("help") | Short('h') => {
+                print!("{HELP}");
+                return Ok(None);
+            }
+            Long("version") | Short('V') => {
+                println!("containerssh {}", env!("CARGO_PKG_VERSION"));
+                return Ok(None);
+            }
+            _ => return Err(arg.unexpected()),
+        }
+    }
+    Ok(Some(cli))
+}
+
+fn print_chain(err: &dyn std::error::Error) {
+    eprintln!("containerssh: {err}");
+    let mut source = err.source();
+    while let Some(s) = source {
+        eprintln!("  caused by: {s}");
+        source = s.source();
+    }
+}
+
+fn hash_password() -> ExitCode {
+    let mut line = String::new();
+    if std::io::stdin().read_line(&mut line).is_err() {
+        eprintln!("containerssh: cannot read a password from stdin");
+        return ExitCode::FAILURE;
+    }
+    let pw = line.trim_end_matches(['\r', '\n']);
+    match hash_password_argon2id(pw.as_bytes()) {
+        Ok(h) => {
+            println!("{h}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            print_chain(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match parse_cli() {
+        Ok(Some(c)) => c,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("containerssh: {e}\n\n{HELP}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.hash_password {
+        return hash_password();
+    }
+    let (raw, label) = match &cli.config {
+        Some(p) => match config::load::load_file(p) {
+            Ok(c) => (c, p.display().to_string()),
+            Err(e) => {
+                print_chain(&e);
+                return ExitCode::from(2);
+            }
+        },
+        None => (config::embedded_default(), "(embedded default)".to_string()),
+    };
+    if cli.dump {
+        return match serde_yaml::to_string(&raw) {
+            Ok(y) => {
+                print!("{y}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                print_chain(&e);
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let settings = match config::validate::validate(&label, raw) {
+        Ok(s) => s,
+        Err(e) => {
+            print_chain(&e);
+            return ExitCode::from(2);
+        }
+    };
+    containerssh::log::init(&settings.log);
+    match run(settings) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            print_chain(e.as_ref());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
+    // Bind before anything else privileged-looking happens, so a busy port fails fast.
+    let listener = std::net::TcpListener::bind(settings.listen)
+        .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+
+    let keys = if settings.host_keys.is_empty() {
+        vec![ssh::hostkey::load_or_generate(&settings.state_directory)?]
+    } else {
+        ssh::hostkey::load(&settings.host_keys)?
+    };
+    let authorized_keys = settings.authorized_keys.clone().map(AuthorizedKeys::new);
+    if let Some(ak) = &authorized_keys {
+        ak.check_template()?;
+    }
+    let passwords = settings
+        .password_file
+        .clone()
+        .map(|p| Arc::new(PasswordFile::new(p)));
+    let docker = DockerBackend::new(&settings.docker, &settings.instance_id)?;
+    let ssh_config = ssh::russh_config(&settings, keys)?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("containerssh")
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let shared = Arc::new(Shared {
+            settings,
+            ssh: ssh_config,
+            authorized_keys,
+            passwords,
+            docker,
+            shutdown: tokio_util::sync::CancellationToken::new(),
+        });
+        match shared.docker.reap().await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(removed = n, "removed containers a previous run of this instance left behind"),
+            Err(e) => tracing::warn!(error = %e, "start-up cleanup failed (is the Docker engine reachable?); logins will fail until it answers"),
+        }
+        spawn_signal_handler(shared.shutdown.clone())?;
+        tracing::info!(instance = %shared.settings.instance_id, "listening on {addr}");
+        server::serve(shared, listener).await;
+        tracing::info!("stopped");
+        Ok::<(), Box<dyn std::error::Error>>(())
+    })
+}
+
+fn spawn_signal_handler(token: tokio_util::sync::CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("signal received: draining");
+        token.cancel();
+    });
+    Ok(())
+}

@@ -1,0 +1,358 @@
+//! The configuration file as written by users: ContainerSSH 0.5/0.6 layout, camelCase keys.
+//! Every struct refuses unknown keys, so a typo is an error and never a silently ignored setting.
+//! Docker's own blocks (`container`, `host`, `network`, `platform`, `auth`) are Docker Engine API
+//! objects that the engine matches case-insensitively; they stay free-form JSON maps.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::defaults;
+use super::duration::GoDuration;
+
+#[derive(Clone, Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct AppConfig {
+    pub ssh: SshConfig,
+    pub auth: AuthConfig,
+    pub backend: BackendName,
+    pub docker: DockerConfig,
+    pub log: LogConfig,
+    /// Names this server in container labels so that its reaper finds what a crashed run of the
+    /// same instance left. Empty means "derive from the host name and listen port".
+    pub instance_id: String,
+    /// Where generated state (the host key) lives. Empty means a per-user default.
+    pub state_directory: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct SshConfig {
+    pub listen: String,
+    /// Private host keys: file paths or inline OpenSSH PEM text.
+    pub hostkeys: Vec<String>,
+    pub server_version: String,
+    pub banner: String,
+    pub client_alive_interval: GoDuration,
+    pub client_alive_count_max: u32,
+    pub ciphers: AlgorithmList,
+    pub kex: AlgorithmList,
+    pub macs: AlgorithmList,
+    /// How long an unauthenticated client may take to log in (OpenSSH's LoginGraceTime).
+    pub login_grace_time: GoDuration,
+}
+
+impl Default for SshConfig {
+    fn default() -> Self {
+        Self {
+            listen: defaults::listen(),
+            hostkeys: Vec::new(),
+            server_version: defaults::server_version(),
+            banner: String::new(),
+            client_alive_interval: GoDuration::default(),
+            client_alive_count_max: defaults::client_alive_count_max(),
+            ciphers: AlgorithmList::default(),
+            kex: AlgorithmList::default(),
+            macs: AlgorithmList::default(),
+            login_grace_time: defaults::login_grace_time(),
+        }
+    }
+}
+
+/// A list of algorithm names, written as a YAML list or a `:`/`,`-separated string (both forms
+/// appear in ContainerSSH configs). Empty means "our modern defaults".
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct AlgorithmList(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for AlgorithmList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            List(Vec<String>),
+            Text(String),
+        }
+        Ok(match Form::deserialize(d)? {
+            Form::List(v) => AlgorithmList(v.into_iter().map(|s| s.trim().to_string()).collect()),
+            Form::Text(s) => AlgorithmList(
+                s.split([':', ','])
+                    .map(str::trim)
+                    .filter(|x| !x.is_empty())
+                    .map(String::from)
+                    .collect(),
+            ),
+        })
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct AuthConfig {
+    pub public_key: PublicKeyAuthConfig,
+    pub password: PasswordAuthConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct PublicKeyAuthConfig {
+    /// `""` (off) or `authorizedKeys`.
+    pub method: String,
+    pub authorized_keys: AuthorizedKeysConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct AuthorizedKeysConfig {
+    /// Path template; `%u` is the user name, as in OpenSSH's AuthorizedKeysFile.
+    pub path: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct PasswordAuthConfig {
+    /// `""` (off) or `passwordFile`.
+    pub method: String,
+    pub password_file: PasswordFileConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct PasswordFileConfig {
+    pub path: String,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendName {
+    #[default]
+    Docker,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct DockerConfig {
+    pub connection: DockerConnectionConfig,
+    pub execution: DockerExecutionConfig,
+    pub timeouts: DockerTimeouts,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct DockerConnectionConfig {
+    /// `unix:///var/run/docker.sock` or `tcp://host:port`.
+    pub host: String,
+    /// PEM text; TLS is used only when cacert, cert and key are all set (as ContainerSSH does).
+    pub cacert: String,
+    pub cert: String,
+    pub key: String,
+}
+
+impl Default for DockerConnectionConfig {
+    fn default() -> Self {
+        Self {
+            host: defaults::docker_host(),
+            cacert: String::new(),
+            cert: String::new(),
+            key: String::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct DockerExecutionConfig {
+    /// Docker API `container.Config`; keys matched case-insensitively by the engine.
+    pub container: Map<String, Value>,
+    /// Docker API `container.HostConfig`.
+    pub host: Map<String, Value>,
+    /// Docker API `network.NetworkingConfig`.
+    pub network: Map<String, Value>,
+    /// OCI platform (`architecture`, `os`, `variant`).
+    pub platform: Map<String, Value>,
+    /// A fixed container name; collides when two connections are open at once.
+    #[serde(rename = "containername")]
+    pub container_name: String,
+    /// Registry credentials for pulls (Docker `registry.AuthConfig`).
+    pub auth: Map<String, Value>,
+    pub mode: ExecutionMode,
+    pub idle_command: Vec<String>,
+    pub shell_command: Vec<String>,
+    pub subsystems: BTreeMap<String, String>,
+    pub image_pull_policy: PullPolicy,
+}
+
+impl Default for DockerExecutionConfig {
+    fn default() -> Self {
+        Self {
+            container: defaults::docker_container(),
+            host: Map::new(),
+            network: Map::new(),
+            platform: Map::new(),
+            container_name: String::new(),
+            auth: Map::new(),
+            mode: ExecutionMode::Connection,
+            idle_command: defaults::idle_command(),
+            shell_command: defaults::shell_command(),
+            subsystems: defaults::subsystems(),
+            image_pull_policy: PullPolicy::IfNotPresent,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutionMode {
+    /// One container per SSH connection; each session channel is an exec.
+    #[default]
+    Connection,
+    /// One container per session channel.
+    Session,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, Default, PartialEq, Eq)]
+pub enum PullPolicy {
+    Always,
+    #[default]
+    IfNotPresent,
+    Never,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct DockerTimeouts {
+    pub container_start: GoDuration,
+    pub container_stop: GoDuration,
+    pub command_start: GoDuration,
+    pub signal: GoDuration,
+    pub window: GoDuration,
+    pub http: GoDuration,
+}
+
+impl Default for DockerTimeouts {
+    fn default() -> Self {
+        Self {
+            container_start: GoDuration::from_secs(60),
+            container_stop: GoDuration::from_secs(60),
+            command_start: GoDuration::from_secs(60),
+            signal: GoDuration::from_secs(60),
+            window: GoDuration::from_secs(60),
+            http: GoDuration::from_secs(15),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct LogConfig {
+    pub level: LogLevel,
+    /// `ljson` (one JSON object per line) or `text`.
+    pub format: LogFormat,
+    /// Only `stdout` is offered (containers and systemd collect it).
+    pub destination: LogDestination,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: LogLevel::Notice,
+            format: LogFormat::Ljson,
+            destination: LogDestination::Stdout,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Ljson,
+    Text,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogDestination {
+    #[default]
+    Stdout,
+}
+
+/// Syslog levels as ContainerSSH names them; numbers 0–7 are accepted too.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    Emergency = 0,
+    Alert = 1,
+    Critical = 2,
+    Error = 3,
+    Warning = 4,
+    #[default]
+    Notice = 5,
+    Info = 6,
+    Debug = 7,
+}
+
+impl LogLevel {
+    const NAMES: [(&'static str, LogLevel); 8] = [
+        ("emergency", LogLevel::Emergency),
+        ("alert", LogLevel::Alert),
+        ("critical", LogLevel::Critical),
+        ("error", LogLevel::Error),
+        ("warning", LogLevel::Warning),
+        ("notice", LogLevel::Notice),
+        ("info", LogLevel::Info),
+        ("debug", LogLevel::Debug),
+    ];
+
+    fn from_name(s: &str) -> Option<Self> {
+        let s = s.to_ascii_lowercase();
+        let alias = match s.as_str() {
+            "emerg" => "emergency",
+            "crit" => "critical",
+            "warn" => "warning",
+            other => other,
+        };
+        Self::NAMES
+            .iter()
+            .find(|(n, _)| *n == alias)
+            .map(|(_, l)| *l)
+    }
+
+    fn name(self) -> &'static str {
+        Self::NAMES[self as usize].0
+    }
+}
+
+impl Serialize for LogLevel {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for LogLevel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Num(u8),
+            Text(String),
+        }
+        let bad = || {
+            serde::de::Error::custom(
+                "expected a log level: debug, info, notice, warning, error, critical, alert, emergency or 0-7",
+            )
+        };
+        match Form::deserialize(d)? {
+            Form::Num(n) => Self::NAMES
+                .get(usize::from(n))
+                .map(|(_, l)| *l)
+                .ok_or_else(bad),
+            Form::Text(t) => t
+                .parse::<u8>()
+                .ok()
+                .and_then(|n| Self::NAMES.get(usize::from(n)).map(|(_, l)| *l))
+                .or_else(|| Self::from_name(&t))
+                .ok_or_else(bad),
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! Every cap and timeout that bounds what a client or a container can make us hold, in one
+//! place. Each is enforced where the bytes are read or the item is created.
+
+use std::time::Duration;
+
+/// A config file is hand-written; anything larger is a mistake.
+pub const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
+
+/// OpenSSH's MaxAuthTries default, and ContainerSSH's hard-coded value.
+pub const MAX_AUTH_TRIES: usize = 6;
+
+/// Connections that have not authenticated yet, across the server (OpenSSH's MaxStartups
+/// spirit): each holds a socket and a KEX state; beyond this we stop accepting until one ends.
+pub const MAX_UNAUTHENTICATED_CONNECTIONS: usize = 256;
+
+/// Authenticated connections served at once; each may hold a container.
+pub const MAX_CONNECTIONS: usize = 4096;
+
+/// Session channels open at once on one connection (OpenSSH's MaxSessions).
+pub const MAX_CHANNELS_PER_CONNECTION: usize = 10;
+
+/// `env` requests accepted per channel, and the size of each name and value.
+pub const MAX_ENV_VARS: usize = 64;
+pub const MAX_ENV_NAME_BYTES: usize = 256;
+pub const MAX_ENV_VALUE_BYTES: usize = 32 * 1024;
+
+/// `exec` command length: Linux's own per-argument limit (MAX_ARG_STRLEN).
+pub const MAX_COMMAND_BYTES: usize = 128 * 1024;
+
+/// TERM value from `pty-req`.
+pub const MAX_TERM_BYTES: usize = 64;
+
+/// Terminal dimensions passed to the engine.
+pub const MAX_TERMINAL_DIMENSION: u32 = 10_000;
+
+/// Client data queued for a program's stdin before the connection's reader waits (which stops
+/// the client through TCP). See `ssh::stdin` for why waiting is not always safe.
+pub const MAX_STDIN_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+
+/// Extra stdin accepted while the program's output waits on the client's window; a client
+/// that fills this is sending without reading and is disconnected.
+pub const MAX_STDIN_OVERFLOW_BYTES: usize = 56 * 1024 * 1024;
+
+/// Events (resize, signal, EOF, close) queued per channel before the reader waits.
+pub const CHANNEL_EVENT_QUEUE: usize = 64;
+
+/// How long draining may take on SIGTERM before the remaining containers are removed anyway
+/// (ContainerSSH gives 20 s).
+pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(20);
+
+/// Back-off after a failed `accept` (e.g. EMFILE), so the loop does not spin.
+pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);

@@ -1,0 +1,149 @@
+//! One SSH connection's shared state: identity, the authenticated user, the connection-mode
+//! container, and the token and task tracker that let the connection end cleanly.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::authorized_keys::KeyOptions;
+use crate::backend::{ConnMeta, StartError};
+use crate::config::model::ExecutionMode;
+use crate::server::Shared;
+
+#[derive(Clone, Debug)]
+pub struct AuthedUser {
+    pub name: String,
+    /// Present for public-key logins: the matching authorized_keys line's options.
+    pub key_options: Option<KeyOptions>,
+}
+
+/// The connection-mode container as sessions see it.
+#[derive(Clone, Debug)]
+pub enum ContainerSlot {
+    Starting,
+    Ready(String),
+    Failed(Arc<String>),
+}
+
+pub struct ConnCtx {
+    pub id: String,
+    pub peer: SocketAddr,
+    pub shared: Arc<Shared>,
+    user: OnceLock<AuthedUser>,
+    container: watch::Sender<ContainerSlot>,
+    /// Cancelled when the connection ends or the server drains.
+    pub cancel: CancellationToken,
+    /// Every task working for this connection (container start, channels).
+    pub tasks: TaskTracker,
+}
+
+/// 32 hex characters from 16 random bytes, ContainerSSH's connection ID format.
+pub fn new_connection_id() -> String {
+    let mut b = [0u8; 16];
+    if getrandom::fill(&mut b).is_err() {
+        // The OS RNG failing is not recoverable in any useful way; a time-derived ID still
+        // keeps labels distinct enough for cleanup.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        b = t.to_le_bytes();
+    }
+    hex::encode(b)
+}
+
+impl ConnCtx {
+    pub fn new(shared: Arc<Shared>, peer: SocketAddr) -> Arc<Self> {
+        let cancel = shared.shutdown.child_token();
+        Arc::new(Self {
+            id: new_connection_id(),
+            peer,
+            shared,
+            user: OnceLock::new(),
+            container: watch::channel(ContainerSlot::Starting).0,
+            cancel,
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    pub fn user(&self) -> Option<&AuthedUser> {
+        self.user.get()
+    }
+
+    pub fn is_authenticated(&self) -> bool {
+        self.user.get().is_some()
+    }
+
+    pub fn meta(&self) -> ConnMeta {
+        ConnMeta {
+            connection_id: self.id.clone(),
+            username: self.user().map(|u| u.name.clone()).unwrap_or_default(),
+            remote_ip: self.peer.ip().to_string(),
+        }
+    }
+
+    /// Records the login and, in connection mode, starts the container in the background so
+    /// the SSH event loop never waits on the engine.
+    pub fn authenticated(self: &Arc<Self>, user: AuthedUser) {
+        if self.user.set(user).is_err() {
+            return;
+        }
+        if self.shared.settings.docker.execution.mode != ExecutionMode::Connection {
+            return;
+        }
+        let me = Arc::clone(self);
+        self.tasks.spawn(async move {
+            let meta = me.meta();
+            // Not cancelled midway: a create in flight must finish so cleanup can find it.
+            let slot = match me.shared.docker.start_idle_container(&meta).await {
+                Ok(id) => ContainerSlot::Ready(id),
+                Err(e) => {
+                    tracing::warn!(connection_id = %me.id, error = %e, "container start failed");
+                    ContainerSlot::Failed(Arc::new(e.to_string()))
+                }
+            };
+            me.container.send_replace(slot);
+        });
+    }
+
+    /// Waits for the connection-mode container.
+    pub async fn container(&self) -> Result<String, StartError> {
+        let mut rx = self.container.subscribe();
+        let slot = tokio::select! {
+            r = rx.wait_for(|s| !matches!(s, ContainerSlot::Starting)) => {
+                r.map(|s| s.clone()).map_err(|_| StartError::Closing)?
+            }
+            () = self.cancel.cancelled() => return Err(StartError::Closing),
+        };
+        match slot {
+            ContainerSlot::Ready(id) => Ok(id),
+            ContainerSlot::Failed(msg) => Err(StartError::ContainerFailed(msg.to_string())),
+            ContainerSlot::Starting => Err(StartError::Closing),
+        }
+    }
+
+    /// Ends the connection's work: cancel, let tasks finish (bounded), then remove every
+    /// container labelled with this connection's ID.
+    pub async fn close(&self) {
+        self.cancel.cancel();
+        self.tasks.close();
+        let stop = self.shared.settings.docker.timeouts.container_stop.0;
+        if tokio::time::timeout(stop, self.tasks.wait()).await.is_err() {
+            tracing::warn!(connection_id = %self.id, "connection tasks did not finish in time");
+        }
+        if !self.is_authenticated() {
+            return;
+        }
+        match self.shared.docker.remove_connection(&self.id).await {
+            Ok(n) => {
+                tracing::debug!(connection_id = %self.id, removed = n, "connection cleaned up")
+            }
+            Err(e) => {
+                tracing::error!(connection_id = %self.id, error = %e, "cannot remove containers; the reaper will retry at next start")
+            }
+        }
+    }
+}

@@ -1,0 +1,472 @@
+//! The russh [`Handler`]: a thin adapter. It authenticates, answers each channel request at
+//! once (success or failure, from cheap checks only), and turns accepted requests into events
+//! for the channel's own task. Nothing here waits on the container engine.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use russh::keys::PublicKey;
+use russh::server::{Auth, ChannelOpenHandle, Msg, Session, VerifiedPublicKey};
+use russh::{Channel, ChannelId, Pty, Sig};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio_util::sync::CancellationToken;
+
+use super::channel::{self, ChannelEvent};
+use super::conn::{AuthedUser, ConnCtx};
+use super::program::exec_argv;
+use super::stdin::{self, Overflow, StdinTx};
+use crate::backend::Terminal;
+use crate::limits::{
+    CHANNEL_EVENT_QUEUE, MAX_CHANNELS_PER_CONNECTION, MAX_COMMAND_BYTES, MAX_ENV_NAME_BYTES,
+    MAX_ENV_VALUE_BYTES, MAX_ENV_VARS, MAX_TERMINAL_DIMENSION, MAX_TERM_BYTES,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    #[error(transparent)]
+    Ssh(#[from] russh::Error),
+    #[error(transparent)]
+    StdinOverflow(#[from] Overflow),
+}
+
+struct ChannelEntry {
+    events: mpsc::Sender<ChannelEvent>,
+    stdin: StdinTx,
+    /// Cancelled when the client closes the channel.
+    closed: CancellationToken,
+    started: bool,
+    pty: bool,
+    env_count: usize,
+}
+
+pub struct Handler {
+    conn: Arc<ConnCtx>,
+    /// Held until authentication succeeds: bounds unauthenticated connections server-wide.
+    preauth: Option<OwnedSemaphorePermit>,
+    channels: HashMap<ChannelId, ChannelEntry>,
+}
+
+impl Handler {
+    pub fn new(conn: Arc<ConnCtx>, preauth: OwnedSemaphorePermit) -> Self {
+        Self {
+            conn,
+            preauth: Some(preauth),
+            channels: HashMap::new(),
+        }
+    }
+
+    fn check_key(
+        &self,
+        user: &str,
+        key: &PublicKey,
+    ) -> Option<crate::auth::authorized_keys::KeyOptions> {
+        let ak = self.conn.shared.authorized_keys.as_ref()?;
+        match ak.find(user, key, self.conn.peer.ip(), SystemTime::now()) {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(connection_id = %self.conn.id, error = %e, "cannot read authorized keys");
+                None
+            }
+        }
+    }
+
+    /// Sends an event to the channel's task; a task that has ended simply drops it.
+    async fn send(&self, id: ChannelId, ev: ChannelEvent) {
+        if let Some(ch) = self.channels.get(&id) {
+            let _ = ch.events.send(ev).await;
+        }
+    }
+
+    /// Accepts a program request: marks the channel started and hands the program over.
+    fn start(
+        &mut self,
+        id: ChannelId,
+        argv: Vec<String>,
+        extra_env: Vec<String>,
+        session: &mut Session,
+    ) -> Result<(), HandlerError> {
+        let Some(ch) = self.channels.get_mut(&id) else {
+            return Ok(session.channel_failure(id)?);
+        };
+        if ch.started {
+            return Ok(session.channel_failure(id)?);
+        }
+        ch.started = true;
+        let mut env = extra_env;
+        if let Some(opts) = self.conn.user().and_then(|u| u.key_options.as_ref()) {
+            env.extend(opts.environment.iter().map(|(k, v)| format!("{k}={v}")));
+        }
+        // The queue is empty before a start (only ≤ MAX_ENV_VARS + 2 events precede it).
+        if ch
+            .events
+            .try_send(ChannelEvent::Start { argv, env })
+            .is_err()
+        {
+            return Ok(session.channel_failure(id)?);
+        }
+        Ok(session.channel_success(id)?)
+    }
+
+    /// `command=` from authorized_keys replaces whatever the client asked, as in OpenSSH.
+    fn forced(&self, original: &str) -> Option<(Vec<String>, Vec<String>)> {
+        let cmd = self.conn.user()?.key_options.as_ref()?.command.clone()?;
+        Some((
+            vec!["/bin/sh".into(), "-c".into(), cmd],
+            vec![format!("SSH_ORIGINAL_COMMAND={original}")],
+        ))
+    }
+}
+
+fn env_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_ENV_NAME_BYTES
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+fn sig_name(sig: &Sig) -> String {
+    match sig {
+        Sig::ABRT => "ABRT".into(),
+        Sig::ALRM => "ALRM".into(),
+        Sig::FPE => "FPE".into(),
+        Sig::HUP => "HUP".into(),
+        Sig::ILL => "ILL".into(),
+        Sig::INT => "INT".into(),
+        Sig::KILL => "KILL".into(),
+        Sig::PIPE => "PIPE".into(),
+        Sig::QUIT => "QUIT".into(),
+        Sig::SEGV => "SEGV".into(),
+        Sig::TERM => "TERM".into(),
+        Sig::USR1 => "USR1".into(),
+        Sig::Custom(s) => s.chars().take(16).collect(),
+    }
+}
+
+fn dims_ok(cols: u32, rows: u32) -> bool {
+    cols <= MAX_TERMINAL_DIMENSION && rows <= MAX_TERMINAL_DIMENSION
+}
+
+impl russh::server::Handler for Handler {
+    type Error = HandlerError;
+
+    async fn auth_publickey_offered(
+        &mut self,
+        user: &str,
+        offer: russh::server::PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        Ok(if self.check_key(user, offer.public_key).is_some() {
+            Auth::Accept
+        } else {
+            Auth::reject()
+        })
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        let Some(opts) = self.check_key(user, key.public_key) else {
+            tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), "public key refused");
+            return Ok(Auth::reject());
+        };
+        tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), method = "publickey", "authenticated");
+        self.conn.authenticated(AuthedUser {
+            name: user.to_string(),
+            key_options: Some(opts),
+        });
+        Ok(Auth::Accept)
+    }
+
+    async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
+        let Some(pf) = self.conn.shared.passwords.clone() else {
+            return Ok(Auth::reject());
+        };
+        let (u, p) = (user.to_string(), zeroize_string(password));
+        let ok = tokio::task::spawn_blocking(move || pf.verify(&u, p.as_bytes()))
+            .await
+            .map_err(|_| russh::Error::Disconnect)?;
+        match ok {
+            Ok(true) => {
+                tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), method = "password", "authenticated");
+                self.conn.authenticated(AuthedUser {
+                    name: user.to_string(),
+                    key_options: None,
+                });
+                Ok(Auth::Accept)
+            }
+            Ok(false) => {
+                tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), "password refused");
+                Ok(Auth::reject())
+            }
+            Err(e) => {
+                tracing::warn!(connection_id = %self.conn.id, error = %e, "cannot check password");
+                Ok(Auth::reject())
+            }
+        }
+    }
+
+    async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
+        self.preauth.take();
+        Ok(())
+    }
+
+    async fn authentication_banner(&mut self) -> Result<Option<String>, Self::Error> {
+        Ok(self.conn.shared.settings.banner.clone())
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if self.channels.len() >= MAX_CHANNELS_PER_CONNECTION || self.conn.cancel.is_cancelled() {
+            reply
+                .reject(russh::ChannelOpenFailure::ResourceShortage)
+                .await;
+            return Ok(());
+        }
+        let id = channel.id();
+        // Requests and data reach us through the callbacks below; the read half is dropped so
+        // russh never blocks on it.
+        let (_read, write) = channel.split();
+        let (events_tx, events_rx) = mpsc::channel(CHANNEL_EVENT_QUEUE);
+        let (stdin_tx, stdin_rx) = stdin::stdin_queue();
+        let closed = CancellationToken::new();
+        self.channels.insert(
+            id,
+            ChannelEntry {
+                events: events_tx,
+                stdin: stdin_tx,
+                closed: closed.clone(),
+                started: false,
+                pty: false,
+                env_count: 0,
+            },
+        );
+        reply.accept().await;
+        let conn = Arc::clone(&self.conn);
+        self.conn.tasks.spawn(channel::run(
+            conn,
+            session.handle(),
+            write,
+            events_rx,
+            stdin_rx,
+            closed,
+        ));
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        id: ChannelId,
+        term: &str,
+        cols: u32,
+        rows: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let no_pty = self
+            .conn
+            .user()
+            .and_then(|u| u.key_options.as_ref())
+            .is_some_and(|o| o.no_pty);
+        let Some(ch) = self.channels.get_mut(&id) else {
+            return Ok(session.channel_failure(id)?);
+        };
+        if no_pty || ch.started || ch.pty || term.len() > MAX_TERM_BYTES || !dims_ok(cols, rows) {
+            return Ok(session.channel_failure(id)?);
+        }
+        ch.pty = true;
+        let t = Terminal {
+            term: term.to_string(),
+            cols: cols.max(1),
+            rows: rows.max(1),
+        };
+        self.send(id, ChannelEvent::Pty(t)).await;
+        Ok(session.channel_success(id)?)
+    }
+
+    async fn env_request(
+        &mut self,
+        id: ChannelId,
+        name: &str,
+        value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(ch) = self.channels.get_mut(&id) else {
+            return Ok(session.channel_failure(id)?);
+        };
+        if ch.started
+            || ch.env_count >= MAX_ENV_VARS
+            || !env_name_ok(name)
+            || value.len() > MAX_ENV_VALUE_BYTES
+            || value.contains('\0')
+        {
+            return Ok(session.channel_failure(id)?);
+        }
+        ch.env_count += 1;
+        self.send(id, ChannelEvent::Env(format!("{name}={value}")))
+            .await;
+        Ok(session.channel_success(id)?)
+    }
+
+    async fn shell_request(
+        &mut self,
+        id: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let (argv, env) = self.forced("").unwrap_or_else(|| {
+            (
+                self.conn
+                    .shared
+                    .settings
+                    .docker
+                    .execution
+                    .shell_command
+                    .clone(),
+                Vec::new(),
+            )
+        });
+        self.start(id, argv, env, session)
+    }
+
+    async fn exec_request(
+        &mut self,
+        id: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Ok(command) = std::str::from_utf8(data) else {
+            return Ok(session.channel_failure(id)?);
+        };
+        if data.len() > MAX_COMMAND_BYTES || command.contains('\0') {
+            return Ok(session.channel_failure(id)?);
+        }
+        let (argv, env) = self
+            .forced(command)
+            .unwrap_or_else(|| (exec_argv(command), Vec::new()));
+        self.start(id, argv, env, session)
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        id: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some((argv, env)) = self.forced(name) {
+            return self.start(id, argv, env, session);
+        }
+        let path = self
+            .conn
+            .shared
+            .settings
+            .docker
+            .execution
+            .subsystems
+            .get(name)
+            .cloned();
+        match path {
+            Some(p) => self.start(id, vec![p], Vec::new(), session),
+            None => {
+                tracing::info!(connection_id = %self.conn.id, subsystem = %name.escape_debug(), "unknown subsystem refused");
+                Ok(session.channel_failure(id)?)
+            }
+        }
+    }
+
+    async fn window_change_request(
+        &mut self,
+        id: ChannelId,
+        cols: u32,
+        rows: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if !dims_ok(cols, rows) {
+            return Ok(session.channel_failure(id)?);
+        }
+        self.send(
+            id,
+            ChannelEvent::Resize {
+                cols: cols.max(1),
+                rows: rows.max(1),
+            },
+        )
+        .await;
+        Ok(session.channel_success(id)?)
+    }
+
+    async fn signal(
+        &mut self,
+        id: ChannelId,
+        signal: Sig,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.send(id, ChannelEvent::Signal(sig_name(&signal))).await;
+        Ok(())
+    }
+
+    async fn data(
+        &mut self,
+        id: ChannelId,
+        data: &[u8],
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(ch) = self.channels.get(&id) {
+            if let Err(e) = ch.stdin.push(data).await {
+                tracing::warn!(connection_id = %self.conn.id, error = %e, "disconnecting");
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    async fn channel_eof(
+        &mut self,
+        id: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(ch) = self.channels.get(&id) {
+            ch.stdin.eof();
+        }
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        id: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(ch) = self.channels.remove(&id) {
+            ch.closed.cancel();
+            ch.stdin.eof();
+        }
+        Ok(())
+    }
+}
+
+/// Copies the password so it can move to the hashing thread; the copy is wiped on drop.
+fn zeroize_string(s: &str) -> Secret {
+    Secret(s.as_bytes().to_vec())
+}
+
+struct Secret(Vec<u8>);
+
+impl Secret {
+    fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        self.0.iter_mut().for_each(|b| *b = 0);
+    }
+}

@@ -1,0 +1,123 @@
+//! The SSH side: russh configuration built field by field from our settings (never from
+//! russh's defaults, which offer `none`/`hostbased` and ten auth attempts), the thin russh
+//! [`handler`], and the per-channel tasks in [`channel`].
+
+pub mod channel;
+pub mod conn;
+pub mod handler;
+pub mod hostkey;
+pub mod program;
+pub mod stdin;
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use russh::keys::{Algorithm, EcdsaCurve, PrivateKey};
+use russh::server::Config;
+use russh::{cipher, kex, mac, MethodKind, MethodSet, Preferred, SshId};
+
+use crate::config::Settings;
+use crate::limits::MAX_AUTH_TRIES;
+
+/// Failed authentication attempts all take this long, so timing does not tell a wrong user
+/// from a wrong key or password.
+pub const AUTH_REJECTION_TIME: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Channel window we grant clients (OpenSSH uses the same 2 MiB for sessions).
+pub const WINDOW_SIZE: u32 = 2 * 1024 * 1024;
+
+/// Largest packet we accept; OpenSSH's value.
+pub const MAX_PACKET_SIZE: u32 = 32 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SshConfigError {
+    #[error("{key}: algorithm {name} is not available in this build")]
+    Algorithm { key: &'static str, name: String },
+}
+
+pub fn russh_config(
+    settings: &Settings,
+    keys: Vec<PrivateKey>,
+) -> Result<Arc<Config>, SshConfigError> {
+    let mut methods = MethodSet::empty();
+    if settings.authorized_keys.is_some() {
+        methods.push(MethodKind::PublicKey);
+    }
+    if settings.password_file.is_some() {
+        methods.push(MethodKind::Password);
+    }
+
+    let mut kex_names = Vec::new();
+    for n in &settings.kex {
+        kex_names.push(
+            kex::Name::try_from(*n).map_err(|()| SshConfigError::Algorithm {
+                key: "ssh.kex",
+                name: (*n).into(),
+            })?,
+        );
+    }
+    // Extension markers: ext-info (rsa-sha2 negotiation) and strict KEX (Terrapin).
+    kex_names.push(kex::EXTENSION_SUPPORT_AS_SERVER);
+    kex_names.push(kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER);
+    let mut ciphers = Vec::new();
+    for n in &settings.ciphers {
+        ciphers.push(
+            cipher::Name::try_from(*n).map_err(|()| SshConfigError::Algorithm {
+                key: "ssh.ciphers",
+                name: (*n).into(),
+            })?,
+        );
+    }
+    let mut macs = Vec::new();
+    for n in &settings.macs {
+        macs.push(
+            mac::Name::try_from(*n).map_err(|()| SshConfigError::Algorithm {
+                key: "ssh.macs",
+                name: (*n).into(),
+            })?,
+        );
+    }
+
+    let preferred = Preferred {
+        kex: Cow::Owned(kex_names),
+        key: Cow::Owned(vec![
+            Algorithm::Ed25519,
+            Algorithm::Ecdsa {
+                curve: EcdsaCurve::NistP256,
+            },
+            Algorithm::Ecdsa {
+                curve: EcdsaCurve::NistP384,
+            },
+            Algorithm::Ecdsa {
+                curve: EcdsaCurve::NistP521,
+            },
+        ]),
+        host_key_certificates: Cow::Owned(Vec::new()),
+        cipher: Cow::Owned(ciphers),
+        mac: Cow::Owned(macs),
+        compression: Cow::Owned(vec![russh::compression::NONE]),
+    };
+
+    Ok(Arc::new(Config {
+        server_id: SshId::Standard(Cow::Owned(settings.server_version.clone())),
+        methods,
+        auth_rejection_time: AUTH_REJECTION_TIME,
+        // OpenSSH clients open with a `none` probe; answering it at once saves a round of delay
+        // on every login and reveals nothing (the method list is the same for every user).
+        auth_rejection_time_initial: Some(std::time::Duration::ZERO),
+        keys,
+        certificates: Vec::new(),
+        limits: russh::Limits::default(),
+        window_size: WINDOW_SIZE,
+        maximum_packet_size: MAX_PACKET_SIZE,
+        channel_buffer_size: 100,
+        event_buffer_size: 64,
+        preferred,
+        max_auth_attempts: MAX_AUTH_TRIES,
+        // Idle shells are legitimate; the login grace timer and keepalives handle dead peers.
+        inactivity_timeout: None,
+        keepalive_interval: settings.client_alive.map(|(i, _)| i),
+        keepalive_max: settings.client_alive.map_or(3, |(_, n)| n),
+        nodelay: true,
+    }))
+}

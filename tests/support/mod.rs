@@ -1,0 +1,833 @@
+//! Shared harness for the integration tests (`mod support;`).
+//!
+//! A [`TestEnv`] is one isolated world: a temp directory with a client key, a
+//! host key, authorized-keys files for `alice` and `bob`, and a unique
+//! `instanceId` that labels every container the server starts for it
+//! (`containerssh_instance=<instance>`), so a test only ever sees and cleans up
+//! its own containers. [`TestEnv::start`] runs the real server binary;
+//! [`TestEnv::ssh`] / [`TestEnv::scp`] / [`TestEnv::sftp`] build commands for
+//! the real OpenSSH clients; [`run_with_timeout`] runs them with a deadline.
+//!
+//! The container image comes from [`test_image`]: `CONTAINERSSH_TEST_IMAGE`
+//! (set by `tests/run.sh`) or, when unset, `tests/support/image/build.sh`.
+#![allow(dead_code)] // each test crate uses its own subset of the harness
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How long [`TestEnv::start`] waits for the server's `listening on ADDR` line.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The server binary under test.
+pub const SERVER_BIN: &str = env!("CARGO_BIN_EXE_containerssh");
+
+// ---------------------------------------------------------------------------
+// The test image
+// ---------------------------------------------------------------------------
+
+/// The image reference the tests run containers from.
+///
+/// `CONTAINERSSH_TEST_IMAGE` when set (tests/run.sh exports it); otherwise
+/// `tests/support/image/build.sh` is run once per test process (the script
+/// takes its own flock, so parallel test binaries are safe, and it reuses an
+/// existing image) and the last line it prints is the reference.
+pub fn test_image() -> String {
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            if let Ok(image) = std::env::var("CONTAINERSSH_TEST_IMAGE") {
+                let image = image.trim().to_string();
+                if !image.is_empty() {
+                    return image;
+                }
+            }
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/image/build.sh");
+            let out = Command::new("bash")
+                .arg(&script)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let image = stdout
+                .lines()
+                .map(str::trim)
+                .rfind(|l| !l.is_empty())
+                .unwrap_or("")
+                .to_string();
+            if !out.status.success() || image.is_empty() {
+                panic!(
+                    "{} failed ({}); set CONTAINERSSH_TEST_IMAGE or run `bash tests/run.sh`\n\
+                     --- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
+                    script.display(),
+                    out.status
+                );
+            }
+            image
+        })
+        .clone()
+}
+
+// ---------------------------------------------------------------------------
+// Small helpers
+// ---------------------------------------------------------------------------
+
+/// `n` random bytes from the kernel, as lowercase hex.
+pub fn random_hex(n: usize) -> String {
+    let mut buf = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .expect("read /dev/urandom");
+    buf.iter().fold(String::with_capacity(2 * n), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// A YAML double-quoted scalar.
+fn yaml_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Runs a command that must succeed, returning its stdout.
+fn must_run(cmd: &mut Command) -> String {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed ({}):\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Removes ANSI escape sequences (`ESC [ ... final-byte` and lone `ESC x`).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\u{1b}' {
+            out.push(c);
+            continue;
+        }
+        if let Some('[') = chars.next() {
+            for c in chars.by_ref() {
+                if ('\u{40}'..='\u{7e}').contains(&c) {
+                    break;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Finds `listening on <ADDR>` in one log line (the `listening on (\S+)` rule),
+/// tolerating quotes or trailing punctuation around the address.
+fn parse_listening(line: &str) -> Option<SocketAddr> {
+    let mut rest = line;
+    while let Some(i) = rest.find("listening on ") {
+        rest = &rest[i + "listening on ".len()..];
+        let token = rest.split_whitespace().next().unwrap_or("");
+        let token =
+            token.trim_matches(|c: char| matches!(c, '"' | '\'' | '`' | ',' | ';' | ')' | '('));
+        let token = token.trim_end_matches('.');
+        if let Ok(addr) = token.parse::<SocketAddr>() {
+            return Some(addr);
+        }
+    }
+    None
+}
+
+// ---------------------------------------------------------------------------
+// Running commands with a deadline
+// ---------------------------------------------------------------------------
+
+/// Spawns `cmd` with stdout and stderr captured, writes `stdin` (if any) from
+/// a separate thread and then closes it (stdin is `/dev/null` when `None`),
+/// and waits at most `timeout`. On timeout the child is killed and this
+/// panics with everything it printed so far.
+///
+/// Waiting is event-driven: a thread blocks in `wait()` and reports over a
+/// channel; the caller blocks on the channel with the deadline.
+pub fn run_with_timeout(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration) -> Output {
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let desc = format!("{cmd:?}");
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot spawn {desc}: {e}"));
+    let pid = child.id();
+
+    let writer = match (stdin, child.stdin.take()) {
+        (Some(data), Some(mut pipe)) => {
+            let data = data.to_vec();
+            // A child that exits without reading gives EPIPE: not an error here.
+            Some(thread::spawn(move || {
+                let _ = pipe.write_all(&data);
+            }))
+        }
+        _ => None,
+    };
+    let stdout = Arc::new(Mutex::new(Vec::new()));
+    let stderr = Arc::new(Mutex::new(Vec::new()));
+    let readers = [
+        spawn_collector(child.stdout.take().expect("stdout piped"), stdout.clone()),
+        spawn_collector(child.stderr.take().expect("stderr piped"), stderr.clone()),
+    ];
+
+    let (tx, rx) = mpsc::channel();
+    let waiter = thread::spawn(move || {
+        let status = child.wait();
+        let _ = tx.send(());
+        status
+    });
+    let timed_out = rx.recv_timeout(timeout).is_err();
+    if timed_out {
+        // The waiter has not reaped the child yet, so the pid is still ours.
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .stderr(Stdio::null())
+            .status();
+    }
+    let status = waiter
+        .join()
+        .expect("waiter thread")
+        .unwrap_or_else(|e| panic!("wait for {desc}: {e}"));
+    if let Some(w) = writer {
+        let _ = w.join();
+    }
+    // The pipes close when the child (and anything it left holding them) exits.
+    for r in readers {
+        let _ = r.join();
+    }
+    let stdout = std::mem::take(&mut *stdout.lock().unwrap());
+    let stderr = std::mem::take(&mut *stderr.lock().unwrap());
+    if timed_out {
+        panic!(
+            "timed out after {timeout:?}: {desc}\n--- stdout so far ---\n{}\n--- stderr so far ---\n{}",
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr)
+        );
+    }
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+fn spawn_collector<R: Read + Send + 'static>(
+    mut pipe: R,
+    sink: Arc<Mutex<Vec<u8>>>,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        loop {
+            match pipe.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => sink.lock().unwrap().extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------
+// The server process
+// ---------------------------------------------------------------------------
+
+/// Everything the server printed (stdout and stderr interleaved by line, ANSI
+/// escapes removed), with a condition variable signalled on every new line.
+#[derive(Default)]
+struct SharedLog {
+    text: Mutex<String>,
+    changed: Condvar,
+    /// Number of pipes (stdout, stderr) still open.
+    open_pipes: AtomicUsize,
+}
+
+impl SharedLog {
+    fn push_line(&self, line: &str) {
+        let mut text = self.text.lock().unwrap();
+        text.push_str(line);
+        text.push('\n');
+        drop(text);
+        self.changed.notify_all();
+    }
+
+    fn pipe_closed(&self) {
+        self.open_pipes.fetch_sub(1, Ordering::SeqCst);
+        let _guard = self.text.lock().unwrap();
+        self.changed.notify_all();
+    }
+
+    /// Blocks until `pred(text)` returns `Some`, the deadline passes, or both
+    /// pipes are closed (the process is gone) and `pred` still says `None`.
+    fn wait_for<T>(&self, timeout: Duration, mut pred: impl FnMut(&str) -> Option<T>) -> Option<T> {
+        let deadline = Instant::now() + timeout;
+        let mut text = self.text.lock().unwrap();
+        loop {
+            if let Some(v) = pred(&text) {
+                return Some(v);
+            }
+            if self.open_pipes.load(Ordering::SeqCst) == 0 {
+                return None;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            text = self.changed.wait_timeout(text, deadline - now).unwrap().0;
+        }
+    }
+}
+
+fn spawn_log_reader<R: Read + Send + 'static>(
+    pipe: R,
+    log: Arc<SharedLog>,
+    tag: &'static str,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut reader = BufReader::new(pipe);
+        let mut raw = Vec::new();
+        loop {
+            raw.clear();
+            match reader.read_until(b'\n', &mut raw) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&raw);
+                    let line = strip_ansi(line.trim_end_matches(['\n', '\r']));
+                    eprintln!("[server {tag}] {line}");
+                    log.push_line(&line);
+                }
+            }
+        }
+        log.pipe_closed();
+    })
+}
+
+/// A running server. Dropping it kills the process (SIGKILL) if still alive.
+pub struct TestServer {
+    /// The address from the server's `listening on ADDR` line.
+    pub addr: SocketAddr,
+    child: Child,
+    log: Arc<SharedLog>,
+}
+
+impl TestServer {
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the server printed so far (stdout + stderr, by line).
+    pub fn output(&self) -> String {
+        self.log.text.lock().unwrap().clone()
+    }
+
+    /// Waits (event-driven, on each new output line) until the output contains
+    /// `needle`; false on timeout or if the process closed its output first.
+    pub fn wait_for_output(&self, needle: &str, timeout: Duration) -> bool {
+        self.log
+            .wait_for(timeout, |t| t.contains(needle).then_some(()))
+            .is_some()
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// `Some(status)` if the process has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait on the server")
+    }
+
+    /// Sends SIGTERM and waits up to `within` for the process to exit; `None`
+    /// if it is still running then (it is left running; Drop kills it).
+    ///
+    /// The exit is watched with a short bounded `try_wait` loop (10 ms steps):
+    /// std offers no blocking wait with a deadline on a borrowed `Child`.
+    pub fn sigterm_and_wait(&mut self, within: Duration) -> Option<ExitStatus> {
+        if let Some(status) = self.try_wait() {
+            return Some(status);
+        }
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill -TERM {} failed", self.child.id());
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The test environment
+// ---------------------------------------------------------------------------
+
+/// One isolated test world. Dropping it removes every container labelled
+/// `containerssh_instance=<instance>` and the temp directory.
+pub struct TestEnv {
+    pub dir: tempfile::TempDir,
+    /// Unique per environment ("t-" + 12 hex digits); the server's
+    /// `instanceId`, and so the `containerssh_instance` label value.
+    pub instance: String,
+    /// The client's ed25519 private key (`<client_key>.pub` is its public key).
+    pub client_key: PathBuf,
+    /// The server's ed25519 host key (OpenSSH format).
+    pub host_key: PathBuf,
+    /// The client's public key line (as written to `keys/alice`, `keys/bob`).
+    pub client_pubkey: String,
+    /// `<dir>/known_hosts`, which the clients fill (accept-new).
+    pub known_hosts: PathBuf,
+    /// `<dir>/passwords`, the `passwordFile` of the config (created empty).
+    pub password_file: PathBuf,
+    askpass_counter: AtomicUsize,
+}
+
+impl Default for TestEnv {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestEnv {
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("containerssh-test-")
+            .tempdir()
+            .expect("create temp dir");
+        let path = dir.path();
+        let instance = format!("t-{}", random_hex(6));
+
+        let client_key = path.join("client_ed25519");
+        let host_key = path.join("host_ed25519");
+        for (key, comment) in [(&client_key, "test-client"), (&host_key, "test-host")] {
+            must_run(
+                Command::new("ssh-keygen")
+                    .args(["-t", "ed25519", "-N", "", "-q", "-C", comment, "-f"])
+                    .arg(key),
+            );
+        }
+        let client_pubkey = std::fs::read_to_string(client_key.with_extension("pub"))
+            .expect("read client public key")
+            .trim()
+            .to_string();
+
+        let keys = path.join("keys");
+        std::fs::create_dir(&keys).expect("create keys dir");
+        for user in ["alice", "bob"] {
+            std::fs::write(keys.join(user), format!("{client_pubkey}\n"))
+                .expect("write authorized keys");
+        }
+        let password_file = path.join("passwords");
+        std::fs::write(&password_file, "").expect("write password file");
+        let known_hosts = path.join("known_hosts");
+
+        TestEnv {
+            dir,
+            instance,
+            client_key,
+            host_key,
+            client_pubkey,
+            known_hosts,
+            password_file,
+            askpass_counter: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The harness's server configuration for `mode` ("connection" or
+    /// "session").
+    pub fn config_yaml(&self, mode: &str) -> String {
+        let d = self.dir.path().display().to_string();
+        let image = test_image();
+        format!(
+            r#"ssh:
+  listen: 127.0.0.1:0
+  hostkeys:
+    - {host_key}
+auth:
+  publicKey:
+    method: authorizedKeys
+    authorizedKeys:
+      path: {keys}
+  password:
+    method: passwordFile
+    passwordFile:
+      path: {passwords}
+backend: docker
+docker:
+  execution:
+    container:
+      image: {image}
+      labels:
+        containerssh_test: "1"
+    mode: {mode}
+    imagePullPolicy: Never
+    shellCommand: ["/bin/sh"]
+    idleCommand: ["/bin/sleep", "infinity"]
+log:
+  level: debug
+  format: text
+instanceId: {instance}
+stateDirectory: {state}
+"#,
+            host_key = yaml_str(&self.host_key.display().to_string()),
+            keys = yaml_str(&format!("{d}/keys/%u")),
+            passwords = yaml_str(&self.password_file.display().to_string()),
+            image = yaml_str(&image),
+            mode = yaml_str(mode),
+            instance = yaml_str(&self.instance),
+            state = yaml_str(&format!("{d}/state")),
+        )
+    }
+
+    /// Writes `yaml` to `<dir>/config.yaml`, starts the server with
+    /// `--config` and waits (up to [`STARTUP_TIMEOUT`]) for its
+    /// `listening on ADDR` line. Panics with the server's output if it exits
+    /// or never says so.
+    pub fn start(&self, yaml: &str) -> TestServer {
+        let config = self.dir.path().join("config.yaml");
+        std::fs::write(&config, yaml).expect("write config.yaml");
+        let mut child = Command::new(SERVER_BIN)
+            .arg("--config")
+            .arg(&config)
+            .env("NO_COLOR", "1")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {SERVER_BIN}: {e}"));
+        let log = Arc::new(SharedLog {
+            open_pipes: AtomicUsize::new(2),
+            ..SharedLog::default()
+        });
+        spawn_log_reader(child.stdout.take().expect("stdout"), log.clone(), "out");
+        spawn_log_reader(child.stderr.take().expect("stderr"), log.clone(), "err");
+        // From here on a panic drops the TestServer, which kills the process.
+        let mut server = TestServer {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            child,
+            log,
+        };
+        let found = server
+            .log
+            .wait_for(STARTUP_TIMEOUT, |t| t.lines().find_map(parse_listening));
+        match found {
+            Some(addr) => {
+                server.addr = addr;
+                server
+            }
+            None => {
+                let exited = server.try_wait();
+                panic!(
+                    "server did not report `listening on ADDR` within {STARTUP_TIMEOUT:?} \
+                     (exit status: {exited:?})\n--- config ---\n{yaml}\n--- server output ---\n{}",
+                    server.output()
+                );
+            }
+        }
+    }
+
+    /// `start(&config_yaml(mode))`.
+    pub fn start_mode(&self, mode: &str) -> TestServer {
+        self.start(&self.config_yaml(mode))
+    }
+
+    /// Writes (once per port) and returns the OpenSSH client config for
+    /// `server`: key-only, non-interactive, host key accepted on first use
+    /// into `<dir>/known_hosts`, nothing read from the user's ~/.ssh or agent.
+    pub fn ssh_config(&self, server: &TestServer) -> PathBuf {
+        let path = self
+            .dir
+            .path()
+            .join(format!("ssh_config-{}", server.addr.port()));
+        if !path.exists() {
+            let text = format!(
+                "Host *\n\
+                 \x20 HostName 127.0.0.1\n\
+                 \x20 Port {port}\n\
+                 \x20 BatchMode yes\n\
+                 \x20 IdentitiesOnly yes\n\
+                 \x20 IdentityFile {key}\n\
+                 \x20 IdentityAgent none\n\
+                 \x20 UserKnownHostsFile {known_hosts}\n\
+                 \x20 GlobalKnownHostsFile /dev/null\n\
+                 \x20 StrictHostKeyChecking accept-new\n\
+                 \x20 CheckHostIP no\n\
+                 \x20 HashKnownHosts no\n\
+                 \x20 UpdateHostKeys no\n\
+                 \x20 LogLevel ERROR\n\
+                 \x20 ConnectTimeout 10\n\
+                 \x20 ServerAliveInterval 0\n\
+                 \x20 ControlMaster no\n\
+                 \x20 ControlPath none\n\
+                 \x20 ForwardAgent no\n\
+                 \x20 ForwardX11 no\n",
+                port = server.addr.port(),
+                key = self.client_key.display(),
+                known_hosts = self.known_hosts.display(),
+            );
+            // Write-then-rename so concurrent callers never see a partial file.
+            let tmp = path.with_extension(format!("tmp-{}", random_hex(4)));
+            std::fs::write(&tmp, text).expect("write ssh config");
+            std::fs::rename(&tmp, &path).expect("rename ssh config");
+        }
+        path
+    }
+
+    fn client(&self, program: &str, server: &TestServer, port_flag: &str) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.env_remove("SSH_AUTH_SOCK")
+            .arg("-F")
+            .arg(self.ssh_config(server))
+            .args([port_flag, &server.addr.port().to_string()]);
+        cmd
+    }
+
+    /// `ssh -F <config> -p PORT`, without a destination: add options such as
+    /// `-tt`, then [`TestEnv::destination`], then the remote command.
+    pub fn ssh_opts(&self, server: &TestServer) -> Command {
+        self.client("ssh", server, "-p")
+    }
+
+    /// `ssh -F <config> -p PORT USER@127.0.0.1`; append the remote command.
+    pub fn ssh(&self, server: &TestServer, user: &str) -> Command {
+        let mut cmd = self.ssh_opts(server);
+        cmd.arg(self.destination(user));
+        cmd
+    }
+
+    /// `ssh` for password authentication: key auth off, the password supplied
+    /// through an SSH_ASKPASS helper (SSH_ASKPASS_REQUIRE=force), so no tty is
+    /// needed. Append the remote command.
+    pub fn ssh_password(&self, server: &TestServer, user: &str, password: &str) -> Command {
+        let n = self.askpass_counter.fetch_add(1, Ordering::SeqCst);
+        let pw_file = self.dir.path().join(format!("askpass-{n}.txt"));
+        let script = self.dir.path().join(format!("askpass-{n}.sh"));
+        std::fs::write(&pw_file, password).expect("write askpass password");
+        std::fs::write(
+            &script,
+            format!("#!/bin/sh\ncat '{}'\necho\n", pw_file.display()),
+        )
+        .expect("write askpass script");
+        must_run(Command::new("chmod").arg("700").arg(&script));
+        let mut cmd = self.ssh_opts(server);
+        cmd.env("SSH_ASKPASS", &script)
+            .env("SSH_ASKPASS_REQUIRE", "force")
+            .env("DISPLAY", ":0")
+            .args([
+                "-o",
+                "BatchMode=no",
+                "-o",
+                "PubkeyAuthentication=no",
+                "-o",
+                "PreferredAuthentications=password",
+                "-o",
+                "NumberOfPasswordPrompts=1",
+            ])
+            .arg(self.destination(user));
+        cmd
+    }
+
+    /// `scp -F <config> -P PORT`; append options, then sources and target
+    /// (remote paths via [`TestEnv::remote`]). OpenSSH 9 uses the SFTP
+    /// protocol by default; add `-O` for the legacy scp protocol.
+    pub fn scp(&self, server: &TestServer) -> Command {
+        self.client("scp", server, "-P")
+    }
+
+    /// `sftp -F <config> -P PORT`; append options (e.g. `-b -` to read a batch
+    /// from stdin), then [`TestEnv::destination`].
+    pub fn sftp(&self, server: &TestServer) -> Command {
+        self.client("sftp", server, "-P")
+    }
+
+    /// `USER@127.0.0.1`
+    pub fn destination(&self, user: &str) -> String {
+        format!("{user}@127.0.0.1")
+    }
+
+    /// `USER@127.0.0.1:PATH`, for scp.
+    pub fn remote(&self, user: &str, path: &str) -> String {
+        format!("{user}@127.0.0.1:{path}")
+    }
+
+    /// IDs of all containers (running or not) labelled with this instance.
+    pub fn containers(&self) -> Vec<String> {
+        must_run(Command::new("docker").args([
+            "ps",
+            "-aq",
+            "--no-trunc",
+            "--filter",
+            &format!("label=containerssh_instance={}", self.instance),
+        ]))
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+    }
+
+    /// True once no container of this instance exists, false if some still
+    /// exist after `within`.
+    ///
+    /// Event-driven: `docker events --since <before the first check>` (so no
+    /// event can fall between the check and the subscription) wakes us on each
+    /// destroy of one of our containers, and we re-check then. As a guard
+    /// against a lost event stream it also re-checks every 500 ms: a short,
+    /// bounded loop, acceptable here because this assertion is about a
+    /// deadline.
+    pub fn wait_no_containers(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        let since = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .saturating_sub(Duration::from_secs(1));
+        let mut events = Command::new("docker")
+            .args([
+                "events",
+                "--since",
+                &format!("{}.{:09}", since.as_secs(), since.subsec_nanos()),
+                "--filter",
+                "type=container",
+                "--filter",
+                "event=destroy",
+                "--filter",
+                &format!("label=containerssh_instance={}", self.instance),
+                "--format",
+                "{{.Actor.ID}}",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn docker events");
+        let (tx, rx) = mpsc::channel::<()>();
+        let stdout = events.stdout.take().expect("events stdout");
+        let reader = thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                if line.is_err() || tx.send(()).is_err() {
+                    break;
+                }
+            }
+        });
+        let result = loop {
+            if self.containers().is_empty() {
+                break true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break false;
+            }
+            let step = (deadline - now).min(Duration::from_millis(500));
+            // An event, a timeout or a closed stream: re-check either way.
+            if let Err(mpsc::RecvTimeoutError::Disconnected) = rx.recv_timeout(step) {
+                thread::sleep(step);
+            }
+        };
+        let _ = events.kill();
+        let _ = events.wait();
+        let _ = reader.join();
+        result
+    }
+
+    /// Force-removes every container of this instance (also done on drop).
+    pub fn remove_containers(&self) {
+        let ids = self.containers();
+        if !ids.is_empty() {
+            let _ = Command::new("docker")
+                .args(["rm", "-f", "-v"])
+                .args(&ids)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        // Never panic in drop (it may run while unwinding from a failed test).
+        let listed = Command::new("docker")
+            .args([
+                "ps",
+                "-aq",
+                "--filter",
+                &format!("label=containerssh_instance={}", self.instance),
+            ])
+            .stdin(Stdio::null())
+            .output();
+        if let Ok(out) = listed {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let ids: Vec<&str> = text.split_whitespace().collect();
+            if !ids.is_empty() {
+                let _ = Command::new("docker")
+                    .args(["rm", "-f", "-v"])
+                    .args(&ids)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
+}
