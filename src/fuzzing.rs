@@ -1,11 +1,32 @@
 //! Entry points for the fuzz targets in `fuzz/`; each asserts the invariants of one parser.
 
-/// The config loader must never panic, and whatever it accepts must validate or fail cleanly.
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::{Duration, UNIX_EPOCH};
+
+use crate::config::duration::{parse_go_duration, GoDuration};
+use crate::config::load::{parse_json, parse_yaml};
+use crate::config::AppConfig;
+
+/// The config loader must never panic; whatever it accepts (as YAML or as JSON) must validate
+/// or fail cleanly, and must survive a write-out and re-read unchanged, so the hand-written
+/// (de)serializers (durations, log levels, algorithm lists) agree with each other.
 pub fn fuzz_config(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(cfg) = crate::config::load::parse_yaml::<crate::config::AppConfig>("fuzz", text) {
+    let parsed = [
+        parse_yaml::<AppConfig>("fuzz", text),
+        parse_json::<AppConfig>("fuzz", text),
+    ];
+    for cfg in parsed.into_iter().flatten() {
+        let before = serde_json::to_value(&cfg).expect("an accepted config serializes");
+        let yaml = serde_yaml::to_string(&cfg).expect("an accepted config serializes to YAML");
+        let again: AppConfig = parse_yaml("fuzz-rewritten", &yaml)
+            .unwrap_or_else(|e| panic!("re-reading our own YAML failed: {e}\n{yaml}"));
+        let after = serde_json::to_value(&again).expect("an accepted config serializes");
+        assert_eq!(before, after, "YAML round trip changed the config:\n{yaml}");
         let _ = crate::config::validate::validate("fuzz", cfg);
     }
 }
@@ -13,4 +34,82 @@ pub fn fuzz_config(data: &[u8]) {
 /// The Docker stream demultiplexer: bounded output, no panic.
 pub fn fuzz_docker_demux(data: &[u8]) {
     crate::backend::docker::fuzz_demux(data);
+}
+
+/// Go durations: no panic (overflow included); what parses prints back as a string that
+/// parses to the same value.
+pub fn fuzz_go_duration(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(d) = parse_go_duration(text) else {
+        return;
+    };
+    let printed = match serde_json::to_value(GoDuration(d)) {
+        Ok(serde_json::Value::String(s)) => s,
+        other => panic!("GoDuration must serialize to a string, got {other:?}"),
+    };
+    assert_eq!(
+        parse_go_duration(&printed),
+        Ok(d),
+        "{text:?} parsed to {d:?}, printed as {printed:?}"
+    );
+}
+
+/// Exec command splitting: no panic; the words it returns, re-quoted, split back to themselves,
+/// and a command always yields a non-empty argv.
+pub fn fuzz_split_words(data: &[u8]) {
+    let Ok(command) = std::str::from_utf8(data) else {
+        return;
+    };
+    assert!(!crate::ssh::program::exec_argv(command).is_empty());
+    let Some(words) = crate::ssh::program::split_words(command) else {
+        return;
+    };
+    let requoted = words
+        .iter()
+        .map(|w| format!("'{}'", w.replace('\'', r"'\''")))
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert_eq!(
+        crate::ssh::program::split_words(&requoted).as_ref(),
+        Some(&words),
+        "{command:?} -> {words:?} -> {requoted:?}"
+    );
+}
+
+/// The public key every `authorized_keys` seed uses, so that the matching paths (`from=`,
+/// `expiry-time=`, granted options) are reached as well as the line parser.
+const FUZZ_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAkwHXLD1vhnEB10FSkjyM1j6fAjv1CJJfK+nHZW14wJ";
+
+/// `authorized_keys` lines (OpenSSH options: quoting, `from=` patterns and networks,
+/// `expiry-time=`, `environment=`): no panic, whatever the file holds. The parser is private
+/// to `auth`, so the input goes through the real file read, once per client address family.
+pub fn fuzz_authorized_keys(data: &[u8]) {
+    static SETUP: OnceLock<(
+        PathBuf,
+        crate::auth::authorized_keys::AuthorizedKeys,
+        russh::keys::PublicKey,
+    )> = OnceLock::new();
+    let (file, keys, key) = SETUP.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("containerssh-fuzz-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create the fuzz temp dir");
+        let template = dir.join("%u").to_str().expect("UTF-8 temp dir").to_owned();
+        let key = russh::keys::PublicKey::from_openssh(FUZZ_KEY).expect("FUZZ_KEY parses");
+        (
+            dir.join("fuzz"),
+            crate::auth::authorized_keys::AuthorizedKeys::new(template),
+            key,
+        )
+    });
+    std::fs::write(file, data).expect("write the fuzz authorized_keys file");
+    // 2026-01-01: expiry times on either side are in the seeds.
+    let now = UNIX_EPOCH + Duration::from_secs(1_767_225_600);
+    for ip in [
+        IpAddr::from([192, 0, 2, 7]),
+        IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 7]),
+    ] {
+        let _ = keys.find("fuzz", key, ip, now);
+    }
 }

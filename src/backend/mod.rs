@@ -59,6 +59,10 @@ pub enum StartError {
     Timeout(std::time::Duration),
     #[error("the connection is closing")]
     Closing,
+    /// A failure already reported once (the shared connection-mode container), repeated to
+    /// each session that waited for it.
+    #[error("{0}")]
+    Earlier(std::sync::Arc<str>),
 }
 
 /// Signal names SSH uses (RFC 4254 §6.10) and their Linux numbers.

@@ -87,6 +87,16 @@ async fn finish(write: &ChannelWriteHalf<Msg>, handle: &Handle, exit: &ExitRepor
     let _ = write.close().await;
 }
 
+async fn shutdown_notice(write: &ChannelWriteHalf<Msg>) {
+    let _ = write
+        .extended_data_bytes(
+            1,
+            Bytes::from_static(b"\r\nThe server is shutting down.\r\n"),
+        )
+        .await;
+    let _ = write.close().await;
+}
+
 pub async fn run(
     conn: Arc<ConnCtx>,
     handle: Handle,
@@ -127,6 +137,10 @@ pub async fn run(
     // being created is always known and removed.
     let (session_container, process) = match start(&conn, &spec).await {
         Ok(x) => x,
+        Err(StartError::Closing) if conn.shared.shutdown.is_cancelled() => {
+            shutdown_notice(&write).await;
+            return;
+        }
         Err(e) => {
             tracing::warn!(connection_id = %conn.id, error = %e, "program start failed");
             let nl = if spec.tty.is_some() { "\r\n" } else { "\n" };

@@ -25,7 +25,7 @@ pub struct AuthedUser {
 pub enum ContainerSlot {
     Starting,
     Ready(String),
-    Failed(Arc<String>),
+    Failed(Arc<str>),
 }
 
 pub struct ConnCtx {
@@ -102,7 +102,7 @@ impl ConnCtx {
                 Ok(id) => ContainerSlot::Ready(id),
                 Err(e) => {
                     tracing::warn!(connection_id = %me.id, error = %e, "container start failed");
-                    ContainerSlot::Failed(Arc::new(e.to_string()))
+                    ContainerSlot::Failed(Arc::from(e.to_string()))
                 }
             };
             me.container.send_replace(slot);
@@ -120,7 +120,7 @@ impl ConnCtx {
         };
         match slot {
             ContainerSlot::Ready(id) => Ok(id),
-            ContainerSlot::Failed(msg) => Err(StartError::ContainerFailed(msg.to_string())),
+            ContainerSlot::Failed(msg) => Err(StartError::Earlier(msg)),
             ContainerSlot::Starting => Err(StartError::Closing),
         }
     }

@@ -381,7 +381,8 @@ impl DockerBackend {
             .create_container(self.name(), body)
             .await
             .map_err(|e| match e {
-                DockerError::ImageNotFound { image } => StartError::ImageNotFound(image),
+                // The engine's 404 does not say which image; we know.
+                DockerError::ImageNotFound { .. } => StartError::ImageNotFound(self.image()),
                 DockerError::Connect { .. } => StartError::EngineUnreachable(e.to_string()),
                 other => StartError::ContainerFailed(other.to_string()),
             })
