@@ -56,23 +56,21 @@ fn password_file_accepts_the_right_password_only() {
     .unwrap();
     let server = env.start_mode("connection");
     let out = run_with_timeout(
-        &mut env
-            .ssh_password(&server, "alice", "s3cret pass")
+        env.ssh_password(&server, "alice", "s3cret pass")
             .arg("echo in"),
         None,
         CMD_TIMEOUT,
     );
     assert_eq!(out.stdout, b"in\n", "{}", server.output());
     let out = run_with_timeout(
-        &mut env.ssh_password(&server, "alice", "wrong").arg("echo in"),
+        env.ssh_password(&server, "alice", "wrong").arg("echo in"),
         None,
         CMD_TIMEOUT,
     );
     assert_eq!(out.status.code(), Some(255));
     assert!(out.stdout.is_empty());
     let out = run_with_timeout(
-        &mut env
-            .ssh_password(&server, "mallory", "s3cret pass")
+        env.ssh_password(&server, "mallory", "s3cret pass")
             .arg("echo in"),
         None,
         CMD_TIMEOUT,
