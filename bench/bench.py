@@ -774,7 +774,7 @@ class Bench:
         """Opens k `ssh -T host` shells (stdin kept open), each proven live by an echo."""
         procs = []
         for _ in range(k):
-            p = subprocess.Popen(self.ssh(host) + ["-T"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            p = subprocess.Popen(["ssh", "-F", str(self.cfg), "-T", host], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE)
             self.track(p)
             procs.append(p)

@@ -1,0 +1,149 @@
+//! Requests the OpenSSH client cannot send, driven with russh's client: `signal` in session
+//! mode, `exit-signal` reporting, and the per-connection channel limit.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::client::{self, Handle, Msg};
+use russh::keys::{load_secret_key, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
+use russh::{Channel, ChannelMsg, Sig};
+use support::{TestEnv, TestServer};
+
+struct AcceptAny;
+
+impl client::Handler for AcceptAny {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        _key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
+async fn connect(env: &TestEnv, server: &TestServer) -> Handle<AcceptAny> {
+    let config = Arc::new(client::Config::default());
+    let mut handle = client::connect(config, server.addr, AcceptAny)
+        .await
+        .expect("connect");
+    let key = load_secret_key(&env.client_key, None).expect("client key");
+    let auth = handle
+        .authenticate_publickey("alice", PrivateKeyWithHashAlg::new(Arc::new(key), None))
+        .await
+        .expect("auth");
+    assert!(auth.success(), "authentication failed");
+    handle
+}
+
+#[derive(Debug, Default)]
+struct Outcome {
+    stdout: Vec<u8>,
+    status: Option<u32>,
+    signal: Option<String>,
+}
+
+/// Runs `command`, sends `signal` once `ready` has been printed, collects the outcome.
+async fn run_and_signal(channel: &mut Channel<Msg>, command: &str, signal: Sig) -> Outcome {
+    channel.exec(true, command).await.expect("exec");
+    let mut out = Outcome::default();
+    let mut sent = false;
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(60), channel.wait())
+            .await
+            .expect("timed out waiting for the channel");
+        match msg {
+            Some(ChannelMsg::Data { data }) => {
+                out.stdout.extend_from_slice(&data);
+                if !sent && out.stdout.ends_with(b"ready\n") {
+                    channel.signal(signal.clone()).await.expect("signal");
+                    sent = true;
+                }
+            }
+            Some(ChannelMsg::ExitStatus { exit_status }) => out.status = Some(exit_status),
+            Some(ChannelMsg::ExitSignal { signal_name, .. }) => {
+                out.signal = Some(format!("{signal_name:?}"));
+            }
+            Some(ChannelMsg::Close) | None => break,
+            Some(_) => {}
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_reach_the_program_in_session_mode() {
+    let env = TestEnv::new();
+    let server = env.start_mode("session");
+    let handle = connect(&env, &server).await;
+
+    let mut ch = handle.channel_open_session().await.expect("channel");
+    let out = run_and_signal(
+        &mut ch,
+        "trap 'echo trapped; exit 7' USR1; echo ready; while :; do sleep 0.1; done",
+        Sig::USR1,
+    )
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "ready\ntrapped\n",
+        "{}",
+        server.output()
+    );
+    assert_eq!(out.status, Some(7));
+    assert_eq!(out.signal, None);
+
+    // A program that dies of the signal is reported with exit-signal, not a number.
+    let mut ch = handle.channel_open_session().await.expect("channel");
+    let out = run_and_signal(&mut ch, "echo ready; sleep 60", Sig::KILL).await;
+    assert_eq!(
+        out.signal.as_deref(),
+        Some("KILL"),
+        "{out:?}\n{}",
+        server.output()
+    );
+    assert_eq!(out.status, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_beyond_the_limit_are_refused_and_the_rest_keep_working() {
+    let env = TestEnv::new();
+    let server = env.start_mode("connection");
+    let handle = connect(&env, &server).await;
+    let mut open = Vec::new();
+    for _ in 0..containerssh::limits::MAX_CHANNELS_PER_CONNECTION {
+        open.push(
+            handle
+                .channel_open_session()
+                .await
+                .expect("channel within the limit"),
+        );
+    }
+    assert!(
+        handle.channel_open_session().await.is_err(),
+        "a channel beyond the limit must be refused"
+    );
+    // The connection is still usable: close one and run a command on a new one.
+    let first = open.remove(0);
+    first.close().await.expect("close");
+    // The server handles the close before the open that follows it on the same connection.
+    let mut ch = handle
+        .channel_open_session()
+        .await
+        .expect("a freed slot can be used again");
+    ch.exec(true, "echo still-here").await.expect("exec");
+    let mut stdout = Vec::new();
+    while let Some(msg) = tokio::time::timeout(Duration::from_secs(60), ch.wait())
+        .await
+        .expect("timed out")
+    {
+        match msg {
+            ChannelMsg::Data { data } => stdout.extend_from_slice(&data),
+            ChannelMsg::Close => break,
+            _ => {}
+        }
+    }
+    assert_eq!(stdout, b"still-here\n", "{}", server.output());
+}
