@@ -657,7 +657,6 @@ class Bench:
                 t_auth, _ = first_log(t0, "authenticated", conn_id, t1)
                 t_started, _ = first_log(t0, "container started", conn_id, t1)
                 t_ended, _ = first_log(t0, "program ended", conn_id, t1 + 5_000_000_000)
-                t_disc, _ = first_log(t0, "disconnected", conn_id, t1 + 5_000_000_000)
                 t_clean, _ = first_log(t0, "connection cleaned up", conn_id, t1 + 60_000_000_000)
                 c = cid or ""
                 e_create = first_ev(c, "create", t0) if cid else None
@@ -676,9 +675,8 @@ class Bench:
                 put(key, "h. exec_start -> exec_die (`true` runs)", e_xs, e_xd)
                 put(key, "i. exec_die -> 'program ended' (exit code fetched)", e_xd, t_ended)
                 put(key, "j. 'program ended' -> client exited", t_ended, t1)
-                put(key, "   (off path) client exited -> 'disconnected' seen by server", t1, t_disc)
-                put(key, "   (off path) client exited -> container destroyed", t1, e_destroy)
-                put(key, "   (off path) 'disconnected' -> 'connection cleaned up'", t_disc, t_clean)
+                put(key, "k. (off the client's path) client exited -> container destroyed", t1, e_destroy)
+                put(key, "l. (off the client's path) client exited -> 'connection cleaned up'", t1, t_clean)
             else:
                 c = cid or ""
                 e_create = first_ev(c, "create", t0) if cid else None
@@ -694,13 +692,12 @@ class Bench:
             put(key, "TOTAL client start -> client exited", t0, t1)
         for key, _ in variants:
             say(f"-- {key} (medians, ms)")
-            for name in sorted(segs[key]):
+            for name in segs[key]:
                 xs = segs[key][name]
                 say(f"   {name:64} {fmt(median(xs)):>8}  (n={len(xs)})")
         self.results["breakdown"] = {k: {n: median(v) for n, v in s.items()} for k, s in segs.items()}
         o = self.results["breakdown"].get("ours-dbg", {})
-        keys = sorted(o)
-        if keys:
+        if o:
             pre = sum(v for n, v in o.items() if n[:2] in ("a.", "b."))
             cont = sum(v for n, v in o.items() if n[:2] in ("c.", "d.", "e."))
             exe = sum(v for n, v in o.items() if n[:2] in ("f.", "g.", "h.", "i."))

@@ -85,6 +85,7 @@ USER_NAME=${BENCH_USER:-csshbench}
 # Back-stop for when bench.py itself is killed hard: its processes (by PID, only if the
 # command line still names this run's temp dir or is a client of this run), its
 # containers (by label), its user (by GECOS marker).
+# shellcheck disable=SC2317  # invoked from the EXIT trap
 backstop() {
     local pid
     while read -r pid; do

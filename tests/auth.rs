@@ -10,6 +10,21 @@ use support::{run_with_timeout, TestEnv};
 const CMD_TIMEOUT: Duration = Duration::from_secs(90);
 const SERVER_BIN: &str = env!("CARGO_BIN_EXE_containerssh");
 
+/// Runs the server on `yaml` (expected to be refused) and returns its exit code and stderr.
+fn refused_config(env: &TestEnv, yaml: &str) -> (Option<i32>, String) {
+    let path = env.path().join("bad.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let out = run_with_timeout(
+        Command::new(SERVER_BIN).arg("--config").arg(&path),
+        None,
+        Duration::from_secs(30),
+    );
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 fn hash(password: &str) -> String {
     let out = run_with_timeout(
         Command::new(SERVER_BIN).arg("--hash-password"),
@@ -110,15 +125,8 @@ fn unknown_config_key_names_the_key_and_line() {
         .position(|l| l.contains("imagePullPolcy"))
         .expect("typo line")
         + 1;
-    let path = env.path().join("bad.yaml");
-    std::fs::write(&path, &yaml).unwrap();
-    let out = run_with_timeout(
-        Command::new(SERVER_BIN).arg("--config").arg(&path),
-        None,
-        Duration::from_secs(30),
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    let (code, stderr) = refused_config(&env, &yaml);
+    assert_eq!(code, Some(2), "stderr: {stderr}");
     assert!(stderr.contains("docker.execution"), "{stderr}");
     assert!(stderr.contains("imagePullPolcy"), "{stderr}");
     assert!(
@@ -134,14 +142,7 @@ fn invalid_value_names_the_key() {
         .config_yaml("connection")
         .replace("    mode: \"connection\"\n", "    mode: sometimes\n");
     assert!(yaml.contains("sometimes"), "test setup");
-    let path = env.path().join("bad.yaml");
-    std::fs::write(&path, &yaml).unwrap();
-    let out = run_with_timeout(
-        Command::new(SERVER_BIN).arg("--config").arg(&path),
-        None,
-        Duration::from_secs(30),
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    let (code, stderr) = refused_config(&env, &yaml);
+    assert_eq!(code, Some(2), "stderr: {stderr}");
     assert!(stderr.contains("docker.execution.mode"), "{stderr}");
 }

@@ -6,7 +6,7 @@ mod support;
 use std::process::Command;
 use std::time::Duration;
 
-use support::{run_with_timeout, TestEnv, TestServer};
+use support::{describe, run_with_timeout, TestEnv, TestServer};
 
 const MODES: [&str; 2] = ["connection", "session"];
 const CMD_TIMEOUT: Duration = Duration::from_secs(120);
@@ -35,11 +35,8 @@ fn sha256_file(p: &std::path::Path) -> String {
 fn ok(out: &std::process::Output, server: &TestServer, what: &str) {
     assert!(
         out.status.success(),
-        "{what} failed: {}\nstdout: {}\nstderr: {}\nserver:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        server.output()
+        "{what} failed: {}",
+        describe(out, server)
     );
 }
 
@@ -76,22 +73,9 @@ fn scp_in_sftp_mode_and_legacy_mode() {
     let server = env.start_mode("connection");
     let (src, sum) = random_file(&env, "up.bin");
     for (flag, name) in [(None, "sftp-mode"), (Some("-O"), "legacy")] {
-        // Upload and check in one connection each; the container is per connection, so the
-        // check must run... in the same connection: use a control master.
-        let control = env.path().join(format!("ctl-{name}"));
-        let mut master = env
-            .ssh_opts(&server)
-            .args(["-M", "-N", "-o", "ControlPersist=no", "-S"])
-            .arg(&control)
-            .arg(env.destination("alice"))
-            .stdin(std::process::Stdio::null())
-            .spawn()
-            .expect("ssh master");
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while !control.exists() && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert!(control.exists(), "{name}: control socket never appeared");
+        // The container lives as long as the connection: upload, check and download over one
+        // connection shared through a control master.
+        let (mut master, control) = env.control_master(&server, name);
         let with_control = |mut c: Command| {
             c.arg("-o")
                 .arg(format!("ControlPath={}", control.display()));

@@ -6,20 +6,10 @@ mod support;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{run_with_timeout, TestEnv, TestServer};
+use support::{describe, run_with_timeout, TestEnv};
 
 const MODES: [&str; 2] = ["connection", "session"];
 const CMD_TIMEOUT: Duration = Duration::from_secs(90);
-
-fn describe(out: &std::process::Output, server: &TestServer) -> String {
-    format!(
-        "status: {}\n--- stdout ---\n{}\n--- stderr ---\n{}\n--- server ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        server.output()
-    )
-}
 
 #[test]
 fn stdout_stderr_and_exit_status_are_exact() {
@@ -247,24 +237,7 @@ fn pty_size_is_right_at_start_and_after_resize() {
 fn two_channels_on_one_connection_share_one_container() {
     let env = TestEnv::new();
     let server = env.start_mode("connection");
-    let control = env.path().join("ctl");
-    let mut master = env
-        .ssh_opts(&server)
-        .args(["-M", "-N", "-o", "ControlPersist=no", "-S"])
-        .arg(&control)
-        .arg(env.destination("alice"))
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("ssh master");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !control.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(
-        control.exists(),
-        "control socket never appeared: {}",
-        server.output()
-    );
+    let (mut master, control) = env.control_master(&server, "pair");
     let run = |cmd: &str| {
         run_with_timeout(
             env.ssh_opts(&server)

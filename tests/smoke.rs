@@ -4,21 +4,11 @@
 mod support;
 
 use std::time::Duration;
-use support::{run_with_timeout, TestEnv};
+use support::{describe, run_with_timeout, TestEnv};
 
 const MODES: [&str; 2] = ["connection", "session"];
 const CMD_TIMEOUT: Duration = Duration::from_secs(60);
 const CLEANUP_DEADLINE: Duration = Duration::from_secs(30);
-
-fn describe(out: &std::process::Output, server: &support::TestServer) -> String {
-    format!(
-        "status: {}\n--- ssh stdout ---\n{}\n--- ssh stderr ---\n{}\n--- server output ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        server.output()
-    )
-}
 
 #[test]
 fn exec_echo() {

@@ -35,6 +35,22 @@ pub enum SshConfigError {
     Algorithm { key: &'static str, name: String },
 }
 
+/// Maps validated algorithm names to russh's; a name russh lacks is a build mismatch.
+fn names<T>(
+    list: &[&'static str],
+    key: &'static str,
+    parse: impl Fn(&'static str) -> Result<T, ()>,
+) -> Result<Vec<T>, SshConfigError> {
+    list.iter()
+        .map(|n| {
+            parse(n).map_err(|()| SshConfigError::Algorithm {
+                key,
+                name: (*n).into(),
+            })
+        })
+        .collect()
+}
+
 pub fn russh_config(
     settings: &Settings,
     keys: Vec<PrivateKey>,
@@ -47,36 +63,12 @@ pub fn russh_config(
         methods.push(MethodKind::Password);
     }
 
-    let mut kex_names = Vec::new();
-    for n in &settings.kex {
-        kex_names.push(
-            kex::Name::try_from(*n).map_err(|()| SshConfigError::Algorithm {
-                key: "ssh.kex",
-                name: (*n).into(),
-            })?,
-        );
-    }
+    let mut kex_names = names(&settings.kex, "ssh.kex", kex::Name::try_from)?;
     // Extension markers: ext-info (rsa-sha2 negotiation) and strict KEX (Terrapin).
     kex_names.push(kex::EXTENSION_SUPPORT_AS_SERVER);
     kex_names.push(kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER);
-    let mut ciphers = Vec::new();
-    for n in &settings.ciphers {
-        ciphers.push(
-            cipher::Name::try_from(*n).map_err(|()| SshConfigError::Algorithm {
-                key: "ssh.ciphers",
-                name: (*n).into(),
-            })?,
-        );
-    }
-    let mut macs = Vec::new();
-    for n in &settings.macs {
-        macs.push(
-            mac::Name::try_from(*n).map_err(|()| SshConfigError::Algorithm {
-                key: "ssh.macs",
-                name: (*n).into(),
-            })?,
-        );
-    }
+    let ciphers = names(&settings.ciphers, "ssh.ciphers", cipher::Name::try_from)?;
+    let macs = names(&settings.macs, "ssh.macs", mac::Name::try_from)?;
 
     let preferred = Preferred {
         kex: Cow::Owned(kex_names),

@@ -791,16 +791,33 @@ stateDirectory: {state}
 
     /// Force-removes every container of this instance (also done on drop).
     pub fn remove_containers(&self) {
-        let ids = self.containers();
-        if !ids.is_empty() {
-            let _ = Command::new("docker")
-                .args(["rm", "-f", "-v"])
-                .args(&ids)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+        force_remove(self.containers().iter().map(String::as_str));
+    }
+
+    /// Starts `ssh -M -N` (a control master) and waits for its socket, so that several
+    /// client commands share one SSH connection (and so one container in connection mode).
+    /// Pass the returned path as `-o ControlPath=…` (or `-S`); kill the child to disconnect.
+    pub fn control_master(&self, server: &TestServer, name: &str) -> (Child, PathBuf) {
+        let control = self.dir.path().join(format!("ctl-{name}"));
+        let child = self
+            .ssh_opts(server)
+            .args(["-M", "-N", "-o", "ControlPersist=no", "-S"])
+            .arg(&control)
+            .arg(self.destination("alice"))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("ssh control master");
+        // ssh offers no readiness signal but the socket itself: wait for it, bounded.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !control.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "control socket never appeared: {}",
+                server.output()
+            );
+            thread::sleep(Duration::from_millis(20));
         }
+        (child, control)
     }
 }
 
@@ -818,16 +835,32 @@ impl Drop for TestEnv {
             .output();
         if let Ok(out) = listed {
             let text = String::from_utf8_lossy(&out.stdout);
-            let ids: Vec<&str> = text.split_whitespace().collect();
-            if !ids.is_empty() {
-                let _ = Command::new("docker")
-                    .args(["rm", "-f", "-v"])
-                    .args(&ids)
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status();
-            }
+            force_remove(text.split_whitespace());
         }
     }
+}
+
+/// `docker rm -f -v` of the given containers; errors ignored (cleanup path).
+fn force_remove<'a>(ids: impl Iterator<Item = &'a str>) {
+    let ids: Vec<&str> = ids.collect();
+    if !ids.is_empty() {
+        let _ = Command::new("docker")
+            .args(["rm", "-f", "-v"])
+            .args(&ids)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A failed command's status, output and the server's log, for assertion messages.
+pub fn describe(out: &Output, server: &TestServer) -> String {
+    format!(
+        "status: {}\n--- stdout ---\n{}\n--- stderr ---\n{}\n--- server ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        server.output()
+    )
 }

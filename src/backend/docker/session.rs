@@ -27,14 +27,14 @@ pub const LABEL_IP: &str = "containerssh_ip";
 /// Read size for raw (TTY) output; one SSH packet carries at most 32 KiB, so two per read.
 const RAW_READ_BYTES: usize = 64 * 1024;
 
-/// First API version whose exec create accepts `ConsoleSize` (Docker 23).
-const EXEC_CONSOLE_SIZE_API: (u32, u32) = (1, 42);
+/// First API version that applies `ConsoleSize` at container and exec creation (Docker 23).
+const CONSOLE_SIZE_API: (u32, u32) = (1, 42);
 
 /// Exit status reported when the engine cannot tell one (ContainerSSH sends 137 too).
 const UNKNOWN_EXIT_STATUS: u32 = 137;
 
 struct ApiLevel {
-    exec_console_size: bool,
+    console_size: bool,
 }
 
 pub struct DockerBackend {
@@ -147,6 +147,27 @@ impl ProcessControl {
     }
 }
 
+/// The program's argv. Engines before API 1.42 ignore `ConsoleSize` for containers and execs
+/// alike, and a resize can only follow the start, racing the program's first look at its
+/// terminal; so there the terminal is sized from inside before the program is exec'd.
+fn sized_argv(spec: &ProgramSpec, api: &ApiLevel) -> Vec<String> {
+    let Some(t) = spec.tty.as_ref().filter(|_| !api.console_size) else {
+        return spec.argv.clone();
+    };
+    let mut wrapped: Vec<String> = [
+        "/bin/sh",
+        "-c",
+        "stty rows \"$1\" cols \"$2\" 2>/dev/null; shift 2; exec \"$@\"",
+        "containerssh",
+    ]
+    .map(String::from)
+    .to_vec();
+    wrapped.push(t.rows.to_string());
+    wrapped.push(t.cols.to_string());
+    wrapped.extend(spec.argv.iter().cloned());
+    wrapped
+}
+
 /// Sets `key` in a Docker API object whose keys the engine matches case-insensitively,
 /// replacing every spelling of it, and returns what was there before.
 fn replace_ci(map: &mut Map<String, Value>, key: &str, value: Value) -> Option<Value> {
@@ -209,7 +230,7 @@ impl DockerBackend {
                     .unwrap_or((1, 0));
                 tracing::info!(api_version = %v, "connected to the Docker engine");
                 Ok(ApiLevel {
-                    exec_console_size: parsed >= EXEC_CONSOLE_SIZE_API,
+                    console_size: parsed >= CONSOLE_SIZE_API,
                 })
             })
             .await
@@ -400,23 +421,7 @@ impl DockerBackend {
     /// Connection mode: one program as an exec in the connection's container.
     pub async fn exec(&self, container: &str, spec: &ProgramSpec) -> Result<Process, StartError> {
         let api = self.ready().await?;
-        let mut cmd = spec.argv.clone();
-        if let (Some(t), false) = (&spec.tty, api.exec_console_size) {
-            // Engines before API 1.42 cannot size an exec's terminal before it runs; set it from
-            // inside so the program sees the client's size from its first instruction.
-            let mut wrapped: Vec<String> = [
-                "/bin/sh",
-                "-c",
-                "stty rows \"$1\" cols \"$2\" 2>/dev/null; shift 2; exec \"$@\"",
-                "containerssh",
-            ]
-            .map(String::from)
-            .to_vec();
-            wrapped.push(t.rows.to_string());
-            wrapped.push(t.cols.to_string());
-            wrapped.append(&mut cmd);
-            cmd = wrapped;
-        }
+        let cmd = sized_argv(spec, api);
         let exec_spec = ExecSpec {
             cmd,
             env: spec.env.clone(),
@@ -450,9 +455,9 @@ impl DockerBackend {
         spec: &ProgramSpec,
     ) -> Result<(String, Process), StartError> {
         self.bounded(async {
-            self.ready().await?;
+            let api = self.ready().await?;
             self.ensure_image().await?;
-            let body = self.create_body(meta, &spec.argv, Some(spec));
+            let body = self.create_body(meta, &sized_argv(spec, api), Some(spec));
             let id = self.create(&body).await?;
             let failed = |e: DockerError| StartError::ContainerFailed(e.to_string());
             let hijacked = self.client.attach_container(&id).await.map_err(failed)?;
