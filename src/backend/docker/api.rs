@@ -201,10 +201,19 @@ impl DockerClient {
     pub async fn create_container(
         &self,
         name: Option<&str>,
+        platform: Option<&str>,
         body: &serde_json::Value,
     ) -> Result<String, DockerError> {
         const OP: &str = "container create";
-        let query = name.map(|n| format!("?name={}", q(n))).unwrap_or_default();
+        let params: Vec<String> = [("name", name), ("platform", platform)]
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| format!("{k}={}", q(v))))
+            .collect();
+        let query = if params.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", params.join("&"))
+        };
         let path = self
             .versioned(&format!("/containers/create{query}"))
             .await?;

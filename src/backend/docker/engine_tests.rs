@@ -105,7 +105,7 @@ async fn create(c: &DockerClient, cmd: &[&str], extra: Value) -> Cleanup {
     if let (Some(b), Value::Object(e)) = (body.as_object_mut(), extra) {
         b.extend(e);
     }
-    Cleanup(c.create_container(None, &body).await.expect("create"))
+    Cleanup(c.create_container(None, None, &body).await.expect("create"))
 }
 
 /// Collects demultiplexed stdout and stderr until EOF.
@@ -374,7 +374,7 @@ async fn missing_image_is_reported() {
         let image = "containerssh-test-missing-image:nope";
         assert!(!c.image_exists(image).await.expect("image inspect"));
         let body = json!({"Image": image, "Labels": {"containerssh_test": "1"}});
-        match c.create_container(None, &body).await {
+        match c.create_container(None, None, &body).await {
             Err(DockerError::ImageNotFound { image: i }) => assert_eq!(i, image),
             other => panic!("expected ImageNotFound, got {other:?}"),
         }

@@ -96,14 +96,31 @@ pub struct ProcessControl {
     target: Target,
     last_signal: Arc<Mutex<Option<String>>>,
     exit_deadline: Duration,
+    /// `docker.timeouts.window` and `.signal`.
+    resize_timeout: Duration,
+    signal_timeout: Duration,
+}
+
+/// Bounds one engine call by a configured timeout.
+async fn within<T>(
+    limit: Duration,
+    op: &'static str,
+    fut: impl std::future::Future<Output = Result<T, DockerError>>,
+) -> Result<T, DockerError> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or(Err(DockerError::Timeout { op }))
 }
 
 impl ProcessControl {
     pub async fn resize(&self, rows: u32, cols: u32) -> Result<(), DockerError> {
-        match &self.target {
-            Target::Exec(id) => self.client.resize_exec(id, rows, cols).await,
-            Target::Container(id) => self.client.resize_container(id, rows, cols).await,
-        }
+        within(self.resize_timeout, "resize", async {
+            match &self.target {
+                Target::Exec(id) => self.client.resize_exec(id, rows, cols).await,
+                Target::Container(id) => self.client.resize_container(id, rows, cols).await,
+            }
+        })
+        .await
     }
 
     pub async fn signal(&self, name: &str) -> Result<(), ControlError> {
@@ -366,6 +383,17 @@ impl DockerBackend {
         Value::Object(body)
     }
 
+    /// `os/architecture[/variant]` from the OCI platform block, as the engine's query wants it.
+    fn platform(&self) -> Option<String> {
+        let field = |k: &str| get_ci(&self.exec.platform, k).and_then(Value::as_str);
+        let os = field("os").unwrap_or("linux");
+        let arch = field("architecture")?;
+        Some(match field("variant") {
+            Some(v) => format!("{os}/{arch}/{v}"),
+            None => format!("{os}/{arch}"),
+        })
+    }
+
     fn name(&self) -> Option<&str> {
         (!self.exec.container_name.is_empty()).then_some(self.exec.container_name.as_str())
     }
@@ -399,7 +427,7 @@ impl DockerBackend {
 
     async fn create(&self, body: &Value) -> Result<String, StartError> {
         self.client
-            .create_container(self.name(), body)
+            .create_container(self.name(), self.platform().as_deref(), body)
             .await
             .map_err(|e| match e {
                 // The engine's 404 does not say which image; we know.
@@ -415,6 +443,8 @@ impl DockerBackend {
             target,
             last_signal: Arc::new(Mutex::new(None)),
             exit_deadline: self.timeouts.command_start.0,
+            resize_timeout: self.timeouts.window.0,
+            signal_timeout: self.timeouts.signal.0,
         }
     }
 
@@ -510,6 +540,17 @@ mod tests {
         assert!(old.is_some());
         assert_eq!(m.len(), 1);
         assert_eq!(m["Cmd"], json!(["c"]));
+    }
+
+    #[test]
+    fn platform_becomes_the_query_form() {
+        let mut cfg = DockerConfig::default();
+        let b = DockerBackend::new(&cfg, "i").unwrap();
+        assert_eq!(b.platform(), None);
+        cfg.execution.platform =
+            serde_json::from_str(r#"{"Architecture":"arm64","variant":"v8"}"#).unwrap();
+        let b = DockerBackend::new(&cfg, "i").unwrap();
+        assert_eq!(b.platform().as_deref(), Some("linux/arm64/v8"));
     }
 
     #[test]
