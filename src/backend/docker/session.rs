@@ -133,9 +133,13 @@ impl ProcessControl {
         if let Ok(mut last) = self.last_signal.lock() {
             *last = Some(name.to_string());
         }
-        self.client
-            .kill_container(id, &format!("SIG{name}"))
-            .await?;
+        let sig = format!("SIG{name}");
+        within(
+            self.signal_timeout,
+            "signal",
+            self.client.kill_container(id, &sig),
+        )
+        .await?;
         Ok(())
     }
 
