@@ -146,3 +146,26 @@ fn invalid_value_names_the_key() {
     assert_eq!(code, Some(2), "stderr: {stderr}");
     assert!(stderr.contains("docker.execution.mode"), "{stderr}");
 }
+
+#[test]
+fn banner_is_shown_before_authentication() {
+    let env = TestEnv::new();
+    let yaml = env
+        .config_yaml("connection")
+        .replace("ssh:\n", "ssh:\n  banner: \"Authorised use only.\\n\"\n");
+    let server = env.start(&yaml);
+    let out = run_with_timeout(
+        env.ssh_opts(&server)
+            .args(["-o", "LogLevel=INFO"])
+            .arg(env.destination("alice"))
+            .arg("true"),
+        None,
+        CMD_TIMEOUT,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", server.output());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Authorised use only."),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
