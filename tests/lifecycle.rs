@@ -184,3 +184,31 @@ fn generated_host_key_is_stable_across_restarts() {
     assert!(a.contains("ssh-ed25519"), "keyscan: {a:?}");
     assert_eq!(a.split_whitespace().last(), b.split_whitespace().last());
 }
+
+#[test]
+fn a_container_that_cannot_start_is_reported_and_removed() {
+    for mode in ["connection", "session"] {
+        let env = TestEnv::new();
+        let yaml = env
+            .config_yaml(mode)
+            .replace("[\"/bin/sleep\", \"infinity\"]", "[\"/no/such/idle\"]");
+        let server = env.start(&yaml);
+        let cmd = if mode == "session" {
+            "/no/such/program"
+        } else {
+            "echo hi"
+        };
+        let out = run_with_timeout(env.ssh(&server, "alice").arg(cmd), None, CMD_TIMEOUT);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(0), "{mode}");
+        assert!(
+            stderr.starts_with("cannot start your container: the container failed to start"),
+            "{mode}: stderr: {stderr}\nserver: {}",
+            server.output()
+        );
+        assert!(
+            env.wait_no_containers(Duration::from_secs(10)),
+            "{mode}: leftovers"
+        );
+    }
+}

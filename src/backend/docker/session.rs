@@ -419,14 +419,21 @@ impl DockerBackend {
             self.ensure_image().await?;
             let body = self.create_body(meta, &self.exec.idle_command, None);
             let id = self.create(&body).await?;
-            self.client
-                .start_container(&id)
-                .await
-                .map_err(|e| StartError::ContainerFailed(e.to_string()))?;
+            if let Err(e) = self.client.start_container(&id).await {
+                self.discard(&id).await;
+                return Err(StartError::ContainerFailed(e.to_string()));
+            }
             tracing::debug!(container = %id, connection_id = %meta.connection_id, "container started");
             Ok(id)
         })
         .await
+    }
+
+    /// Removes a container that failed to start, at once rather than at disconnect.
+    async fn discard(&self, id: &str) {
+        if let Err(e) = self.client.remove_container(id).await {
+            tracing::warn!(container = %id, error = %e, "cannot remove a container that failed to start");
+        }
     }
 
     async fn create(&self, body: &Value) -> Result<String, StartError> {
@@ -493,9 +500,18 @@ impl DockerBackend {
             self.ensure_image().await?;
             let body = self.create_body(meta, &sized_argv(spec, api), Some(spec));
             let id = self.create(&body).await?;
-            let failed = |e: DockerError| StartError::ContainerFailed(e.to_string());
-            let hijacked = self.client.attach_container(&id).await.map_err(failed)?;
-            self.client.start_container(&id).await.map_err(failed)?;
+            let started = async {
+                let hijacked = self.client.attach_container(&id).await?;
+                self.client.start_container(&id).await?;
+                Ok::<_, DockerError>(hijacked)
+            };
+            let hijacked = match started.await {
+                Ok(h) => h,
+                Err(e) => {
+                    self.discard(&id).await;
+                    return Err(StartError::ContainerFailed(e.to_string()));
+                }
+            };
             let control = self.control(Target::Container(id.clone()));
             Ok((
                 id,
