@@ -48,6 +48,12 @@ TP_BYTES = env_int("BENCH_TP_BYTES", 1 << 30)
 K_SESS = env_int("BENCH_SESSIONS", 20)
 PARALLEL = [int(x) for x in os.environ.get("BENCH_PARALLEL", "20 200").split()]
 N_BREAK = env_int("BENCH_BREAKDOWN_N", 5)
+# What writes the bytes inside the container: busybox `head -c` (small writes, the default) or
+# `dd bs=1M` (1 MiB writes; shows the transport rather than the generator).
+TP_GEN = os.environ.get("BENCH_TP_GEN", "head")
+PARALLEL_FC = os.environ.get("BENCH_PARALLEL_FC", "") == "1"
+# docker.timeouts.http for our servers (e.g. "60s"); empty: the server's default (15 s).
+HTTP_TIMEOUT = os.environ.get("BENCH_HTTP_TIMEOUT", "").strip()
 KEEP = os.environ.get("BENCH_KEEP", "") == "1"
 PIDFILE = os.environ.get("BENCH_PIDFILE", "")
 PHASES = [p.strip() for p in os.environ.get(
@@ -234,7 +240,7 @@ docker:
     imagePullPolicy: Never
     shellCommand: ["/bin/sh"]
     idleCommand: ["/bin/sleep", "infinity"]
-log:
+{f'  timeouts:{chr(10)}    http: "{HTTP_TIMEOUT}"{chr(10)}' if HTTP_TIMEOUT else ''}log:
   level: {level}
   format: text
 instanceId: "{self.instance}"
@@ -709,13 +715,20 @@ class Bench:
     def throughput(self) -> None:
         mib = TP_BYTES / (1 << 20)
         say(f"\n== 2. throughput: {mib:.0f} MiB of zeros to stdout, {N_TP} interleaved rounds ==")
-        remote = f"head -c {TP_BYTES} /dev/zero"
+        if TP_GEN == "dd":
+            if TP_BYTES % (1 << 20):
+                raise RuntimeError("BENCH_TP_GEN=dd needs BENCH_TP_BYTES to be a multiple of 1 MiB")
+            gen = ["dd", "if=/dev/zero", "bs=1048576", f"count={TP_BYTES >> 20}"]
+        else:
+            gen = ["head", "-c", str(TP_BYTES), "/dev/zero"]
+        remote = shlex.join(gen)
+        say(f"generator inside the container: {remote}")
         variants = [
             ("ours-conn", "ours, connection mode", self.ssh("ours-conn", remote)),
             ("sshd-fc", "sshd + ForceCommand docker run (json-file)", self.ssh("sshd-fc", remote)),
             ("sshd-fcn", "sshd + ForceCommand ... --log-driver none", self.ssh("sshd-fcn", remote)),
             ("direct", "docker run -i --log-driver none (direct)",
-             self.docker_run("-i", "--log-driver", "none", IMAGE, "head", "-c", str(TP_BYTES), "/dev/zero")),
+             self.docker_run("-i", "--log-driver", "none", IMAGE, *gen)),
         ]
         rates = {k: [] for k, _, _ in variants}
         fails = {k: [] for k, _, _ in variants}
@@ -760,7 +773,7 @@ class Bench:
             f"ours/docker direct = {ratio(med['ours-conn'], med['direct'])} (target >= 0.9x)")
         self.results["throughput"] = med
         for key, desc, _ in variants:
-            self.add("throughput", f"{desc} (MiB/s, end to end)",
+            self.add("throughput", f"{desc} (MiB/s, {TP_GEN})",
                      f"{fmt(med[key], 0)}  (streaming est. {fmt(stream[key], 0)}; n={len(rates[key])}, fail={len(fails[key])})")
         self.add("throughput", "ours / ForceCommand json-file (target >=1.8x)", ratio(med["ours-conn"], med["sshd-fc"]))
         self.add("throughput", "ours / ForceCommand log none", ratio(med["ours-conn"], med["sshd-fcn"]))
@@ -890,8 +903,11 @@ class Bench:
     def parallel(self) -> None:
         say(f"\n== 4. parallel logins: {', '.join(map(str, PARALLEL))} concurrent `ssh HOST true` ==")
         say(f"{'target':22} {'M':>4} {'ok':>4} {'fail':>5} {'wall s':>7} {'p50 ms':>8} {'max ms':>8}  notes")
+        targets = [("ours-conn", "ours, connection"), ("sshd-plain", "sshd plain")]
+        if PARALLEL_FC:
+            targets.append(("sshd-fc", "sshd ForceCommand"))
         for m in PARALLEL:
-            for host, name in (("ours-conn", "ours, connection"), ("sshd-plain", "sshd plain")):
+            for host, name in targets:
                 r = self.burst(host, m)
                 note = ""
                 if host == "ours-conn":

@@ -10,11 +10,15 @@
 #   BENCH_N=20               latency rounds (each round runs every variant once, interleaved)
 #   BENCH_TP_N=3             throughput rounds
 #   BENCH_TP_BYTES=1073741824  bytes per throughput transfer
+#   BENCH_TP_GEN=head        what writes them in the container: head (busybox `head -c`) or dd (bs=1M)
 #   BENCH_SESSIONS=20        idle sessions held for the memory measurement
 #   BENCH_PARALLEL="20 200"  parallel-login burst sizes
+#   BENCH_PARALLEL_FC=1      also burst the sshd ForceCommand path
+#   BENCH_HTTP_TIMEOUT=60s   docker.timeouts.http for our servers (default: the server default, 15s)
 #   BENCH_BREAKDOWN_N=5      rounds of the debug-log latency breakdown
 #   BENCH_PHASES=binary,latency,breakdown,throughput,memory,parallel
 #   BENCH_SKIP_BUILD=1       use the binaries already in target/ (no cargo build)
+#   BENCH_BIN=PATH           benchmark this server binary instead of target/release/containerssh
 #   BENCH_NO_STATIC=1        skip the static build
 #   BENCH_USER=csshbench     throw-away system user created for the sshd side, removed at exit
 #   BENCH_KEEP=1             keep the temp dir (configs, server logs, docker events)
@@ -55,12 +59,14 @@ fi
 [[ -d /run/sshd ]] || { mkdir -p /run/sshd && chmod 0755 /run/sshd; }
 
 # --- builds ----------------------------------------------------------------------------
-BIN=$ROOT/target/release/containerssh
+BIN=${BENCH_BIN:-$ROOT/target/release/containerssh}
 STATIC_TARGET_DIR=$ROOT/target/static
 STATIC_BIN=$STATIC_TARGET_DIR/x86_64-unknown-linux-gnu/release/containerssh
 if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
-    log "cargo build --release"
-    cargo build --release >&2 || die "release build failed"
+    if [[ -z ${BENCH_BIN:-} ]]; then
+        log "cargo build --release"
+        cargo build --release >&2 || die "release build failed"
+    fi
     if [[ ${BENCH_NO_STATIC:-0} != 1 ]]; then
         log "static build: RUSTFLAGS='-C target-feature=+crt-static' cargo build --release --target x86_64-unknown-linux-gnu (CARGO_TARGET_DIR=target/static)"
         CARGO_TARGET_DIR=$STATIC_TARGET_DIR RUSTFLAGS='-C target-feature=+crt-static' \
@@ -117,7 +123,7 @@ log "run $RUN; image $IMAGE; report also in $OUT"
 export BENCH_RUN=$RUN BENCH_IMAGE=$IMAGE BENCH_BIN=$BIN BENCH_STATIC_BIN=$STATIC_BIN \
     BENCH_SSHD=$SSHD BENCH_PIDFILE=$PIDFILE BENCH_USER=$USER_NAME
 {
-    echo "command: ${0} (cwd $ROOT) $(env | grep -E '^BENCH_(N|TP_N|TP_BYTES|SESSIONS|PARALLEL|BREAKDOWN_N|PHASES)=' | tr '\n' ' ')"
+    echo "command: ${0} (cwd $ROOT) $(env | grep -E '^BENCH_(N|TP_N|TP_BYTES|TP_GEN|SESSIONS|PARALLEL|PARALLEL_FC|HTTP_TIMEOUT|BREAKDOWN_N|PHASES)=' | tr '\n' ' ')"
     echo "host: $(uname -r), $(nproc) CPUs, docker $(docker version --format '{{.Server.Version}}' 2>/dev/null), $($SSHD -V 2>&1 | head -1 || true), git $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo '+dirty')"
 } | tee "$OUT"
 set +e

@@ -8,6 +8,7 @@
 #   FUZZ_TARGETS   space-separated subset of targets (default: all of `cargo fuzz list`)
 #   FUZZ_TOOLCHAIN toolchain with -Z flags (default nightly)
 #   FUZZ_ARTIFACTS where crash inputs are kept (default: a temp dir, printed at the end)
+# A libFuzzer dictionary in dicts/<target>.dict is used when present.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -42,10 +43,12 @@ for target in $targets; do
     [[ -d $seeds ]] || { echo "fuzz/run-ci.sh: no seed corpus $seeds" >&2; exit 2; }
     mkdir -p "$work/corpus/$target" "$artifacts/$target"
     cp -R "$seeds/." "$work/corpus/$target/"
+    extra=()
+    [[ -f dicts/$target.dict ]] && extra+=("-dict=$PWD/dicts/$target.dict")
     echo "---------- $target: ${seconds}s on $(find "$seeds" -type f | wc -l) seeds ----------"
     if ! cargo "+$toolchain" fuzz run "$target" "$work/corpus/$target" -- \
         -max_total_time="$seconds" -timeout=10 -print_final_stats=1 \
-        -artifact_prefix="$artifacts/$target/" </dev/null; then
+        -artifact_prefix="$artifacts/$target/" "${extra[@]}" </dev/null; then
         failed+=("$target")
         for f in "$artifacts/$target"/*; do
             [[ -f $f ]] || continue

@@ -93,7 +93,22 @@ pub fn fuzz_authorized_keys(data: &[u8]) {
         russh::keys::PublicKey,
     )> = OnceLock::new();
     let (file, keys, key) = SETUP.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("containerssh-fuzz-{}", std::process::id()));
+        // One directory per fuzzing process (libFuzzer's -fork/-jobs run several); a process
+        // cannot clean up after itself (libFuzzer ends with exit()), so each start removes
+        // the directories of processes that are gone.
+        const PREFIX: &str = "containerssh-fuzz-";
+        let tmp = std::env::temp_dir();
+        for entry in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let pid = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(PREFIX))
+                .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+            if pid.is_some_and(|p| !std::path::Path::new("/proc").join(p).exists()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let dir = tmp.join(format!("{PREFIX}{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("create the fuzz temp dir");
         let template = dir.join("%u").to_str().expect("UTF-8 temp dir").to_owned();
         let key = russh::keys::PublicKey::from_openssh(FUZZ_KEY).expect("FUZZ_KEY parses");
@@ -111,5 +126,36 @@ pub fn fuzz_authorized_keys(data: &[u8]) {
         IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 7]),
     ] {
         let _ = keys.find("fuzz", key, ip, now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    type Harness = fn(&[u8]);
+
+    /// Every committed seed passes its harness, so plain `cargo test` (stable, no libFuzzer)
+    /// keeps the seeds and the invariants honest between fuzzing runs.
+    #[test]
+    fn seed_corpora_pass_their_harnesses() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+        let targets: [(&str, Harness); 5] = [
+            ("config_yaml", super::fuzz_config),
+            ("docker_demux", super::fuzz_docker_demux),
+            ("go_duration", super::fuzz_go_duration),
+            ("split_words", super::fuzz_split_words),
+            ("authorized_keys", super::fuzz_authorized_keys),
+        ];
+        for (target, harness) in targets {
+            let seeds = std::fs::read_dir(root.join(target))
+                .unwrap_or_else(|e| panic!("seed corpus {target}: {e}"));
+            let mut count = 0;
+            for seed in seeds {
+                let path = seed.expect("list seeds").path();
+                eprintln!("{target}: {}", path.display());
+                harness(&std::fs::read(&path).expect("read seed"));
+                count += 1;
+            }
+            assert!(count > 0, "no seeds for {target}");
+        }
     }
 }

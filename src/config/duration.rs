@@ -79,7 +79,9 @@ pub fn parse_go_duration(text: &str) -> Result<Duration, String> {
                 .to_digit(10)
                 .ok_or_else(|| format!("invalid number in duration {text:?}"))?;
             scale /= 10;
-            value += u128::from(d) * scale;
+            value = value
+                .checked_add(u128::from(d) * scale)
+                .ok_or_else(|| format!("duration {text:?} overflows"))?;
         }
         total_nanos = total_nanos
             .checked_add(value)
@@ -175,6 +177,8 @@ mod tests {
         assert!(parse_go_duration("-1s").is_err());
         assert!(parse_go_duration("1x").is_err());
         assert!(parse_go_duration("").is_err());
+        // Found by fuzzing: a fraction on top of a near-maximal whole part.
+        assert!(parse_go_duration("94522879700260684295381835.9h").is_err());
     }
 
     #[test]
