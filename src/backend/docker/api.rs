@@ -204,6 +204,8 @@ impl DockerClient {
         platform: Option<&str>,
         body: &serde_json::Value,
     ) -> Result<String, DockerError> {
+        // Untimed: under load the engine takes longer than one HTTP timeout to create, start
+        // or remove; callers bound these by `docker.timeouts.containerStart`/`containerStop`.
         const OP: &str = "container create";
         let params: Vec<String> = [("name", name), ("platform", platform)]
             .into_iter()
@@ -218,7 +220,9 @@ impl DockerClient {
             .versioned(&format!("/containers/create{query}"))
             .await?;
         let payload = body.to_string().into_bytes();
-        let (status, reply) = self.call(OP, Method::POST, &path, Some(payload)).await?;
+        let (status, reply) = self
+            .call_untimed(OP, Method::POST, &path, Some(payload))
+            .await?;
         match status {
             StatusCode::CREATED | StatusCode::OK => Ok(decode::<IdReply>(OP, &reply)?.id),
             StatusCode::NOT_FOUND => Err(DockerError::ImageNotFound {
@@ -238,7 +242,7 @@ impl DockerClient {
         let path = self
             .versioned(&format!("/containers/{}/start", seg(id)))
             .await?;
-        let (status, body) = self.call(OP, Method::POST, &path, None).await?;
+        let (status, body) = self.call_untimed(OP, Method::POST, &path, None).await?;
         if status == StatusCode::NOT_MODIFIED {
             return Ok(());
         }
@@ -383,7 +387,7 @@ impl DockerClient {
         let path = self
             .versioned(&format!("/containers/{}?force=1&v=1", seg(id)))
             .await?;
-        let (status, body) = self.call(OP, Method::DELETE, &path, None).await?;
+        let (status, body) = self.call_untimed(OP, Method::DELETE, &path, None).await?;
         match status {
             s if s.is_success() || s == StatusCode::NOT_FOUND => Ok(()),
             StatusCode::CONFLICT if error_message(&body).contains("already in progress") => Ok(()),

@@ -267,7 +267,7 @@ impl DockerBackend {
         let mut removed = 0;
         for id in &ids {
             // One stuck container must not keep the others alive.
-            match self.client.remove_container(id).await {
+            match self.remove_container(id).await {
                 Ok(()) => removed += 1,
                 Err(e) => {
                     tracing::warn!(container = %id, error = %e, "cannot remove leftover container")
@@ -292,14 +292,16 @@ impl DockerBackend {
             ])
             .await?;
         for id in &ids {
-            self.client.remove_container(id).await?;
+            self.remove_container(id).await?;
             tracing::debug!(container = %id, connection_id, "container removed");
         }
         Ok(ids.len())
     }
 
+    /// Force-removes one container, bounded by `docker.timeouts.containerStop`.
     pub async fn remove_container(&self, id: &str) -> Result<(), DockerError> {
-        self.client.remove_container(id).await
+        let limit = self.timeouts.container_stop.0;
+        within(limit, "container remove", self.client.remove_container(id)).await
     }
 
     async fn ensure_image(&self) -> Result<(), StartError> {
@@ -431,7 +433,7 @@ impl DockerBackend {
 
     /// Removes a container that failed to start, at once rather than at disconnect.
     async fn discard(&self, id: &str) {
-        if let Err(e) = self.client.remove_container(id).await {
+        if let Err(e) = self.remove_container(id).await {
             tracing::warn!(container = %id, error = %e, "cannot remove a container that failed to start");
         }
     }
