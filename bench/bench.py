@@ -48,9 +48,9 @@ TP_BYTES = env_int("BENCH_TP_BYTES", 1 << 30)
 K_SESS = env_int("BENCH_SESSIONS", 20)
 PARALLEL = [int(x) for x in os.environ.get("BENCH_PARALLEL", "20 200").split()]
 N_BREAK = env_int("BENCH_BREAKDOWN_N", 5)
-# What writes the bytes inside the container: busybox `head -c` (small writes, the default) or
-# `dd bs=1M` (1 MiB writes; shows the transport rather than the generator).
-TP_GEN = os.environ.get("BENCH_TP_GEN", "head")
+# What writes the bytes inside the container, each measured in turn: busybox `head -c` (small
+# writes: mostly measures the engine's stream path) and `dd bs=1M` (1 MiB writes: the transport).
+TP_GENS = os.environ.get("BENCH_TP_GEN", "head dd").split()
 PARALLEL_FC = os.environ.get("BENCH_PARALLEL_FC", "") == "1"
 # docker.timeouts.http for our servers (e.g. "60s"); empty: the server's default (15 s).
 HTTP_TIMEOUT = os.environ.get("BENCH_HTTP_TIMEOUT", "").strip()
@@ -713,14 +713,21 @@ class Bench:
 
     # -- 2. throughput -------------------------------------------------------------
     def throughput(self) -> None:
+        for gen in TP_GENS:
+            self.throughput_one(gen)
+
+    def throughput_one(self, gen_name: str) -> None:
         mib = TP_BYTES / (1 << 20)
-        say(f"\n== 2. throughput: {mib:.0f} MiB of zeros to stdout, {N_TP} interleaved rounds ==")
-        if TP_GEN == "dd":
+        say(f"\n== 2. throughput: {mib:.0f} MiB of zeros to stdout, written by {gen_name}, "
+            f"{N_TP} interleaved rounds ==")
+        if gen_name == "dd":
             if TP_BYTES % (1 << 20):
                 raise RuntimeError("BENCH_TP_GEN=dd needs BENCH_TP_BYTES to be a multiple of 1 MiB")
             gen = ["dd", "if=/dev/zero", "bs=1048576", f"count={TP_BYTES >> 20}"]
-        else:
+        elif gen_name == "head":
             gen = ["head", "-c", str(TP_BYTES), "/dev/zero"]
+        else:
+            raise RuntimeError(f"BENCH_TP_GEN: unknown generator {gen_name!r} (head, dd)")
         remote = shlex.join(gen)
         say(f"generator inside the container: {remote}")
         variants = [
@@ -750,7 +757,7 @@ class Bench:
                 except subprocess.TimeoutExpired:
                     fails[key].append("timeout")
                 wait_no_containers(BENCH_LABEL, 60)
-            progress(f"throughput round {i + 1}/{N_TP}: " + "  ".join(
+            progress(f"throughput ({gen_name}) round {i + 1}/{N_TP}: " + "  ".join(
                 f"{k} {fmt(rates[k][-1] if rates[k] else None, 0)}MiB/s" for k, _, _ in variants))
         lat = self.results.get("latency", {})
         setup_of = {"ours-conn": lat.get("ours-conn"), "sshd-fc": lat.get("sshd-fc"),
@@ -771,13 +778,14 @@ class Bench:
         say(f"ours/ForceCommand(json-file) = {ratio(med['ours-conn'], med['sshd-fc'])} (target >= 1.8x)   "
             f"ours/ForceCommand(log none) = {ratio(med['ours-conn'], med['sshd-fcn'])}   "
             f"ours/docker direct = {ratio(med['ours-conn'], med['direct'])} (target >= 0.9x)")
-        self.results["throughput"] = med
+        self.results[f"throughput-{gen_name}"] = med
         for key, desc, _ in variants:
-            self.add("throughput", f"{desc} (MiB/s, {TP_GEN})",
+            self.add("throughput", f"[{gen_name}] {desc} (MiB/s)",
                      f"{fmt(med[key], 0)}  (streaming est. {fmt(stream[key], 0)}; n={len(rates[key])}, fail={len(fails[key])})")
-        self.add("throughput", "ours / ForceCommand json-file (target >=1.8x)", ratio(med["ours-conn"], med["sshd-fc"]))
-        self.add("throughput", "ours / ForceCommand log none", ratio(med["ours-conn"], med["sshd-fcn"]))
-        self.add("throughput", "ours / docker direct (target >=0.9x)", ratio(med["ours-conn"], med["direct"]))
+        self.add("throughput", f"[{gen_name}] ours / ForceCommand json-file (target >=1.8x)",
+                 ratio(med["ours-conn"], med["sshd-fc"]))
+        self.add("throughput", f"[{gen_name}] ours / ForceCommand log none", ratio(med["ours-conn"], med["sshd-fcn"]))
+        self.add("throughput", f"[{gen_name}] ours / docker direct (target >=0.9x)", ratio(med["ours-conn"], med["direct"]))
 
     # -- 3. memory -----------------------------------------------------------------
     def hold_sessions(self, host: str, k: int, timeout: float = 180) -> tuple[list[subprocess.Popen], int]:
@@ -990,7 +998,7 @@ def main() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     say(f"containerssh benchmark, run {RUN}: N={N_LAT} latency rounds, {N_TP} throughput rounds of "
-        f"{TP_BYTES} bytes, {K_SESS} idle sessions, parallel {PARALLEL}, breakdown {N_BREAK}; phases {PHASES}")
+        f"{TP_BYTES} bytes ({'/'.join(TP_GENS)}), {K_SESS} idle sessions, parallel {PARALLEL}, breakdown {N_BREAK}; phases {PHASES}")
     b = Bench()
     rc = 0
     try:

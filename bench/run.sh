@@ -3,14 +3,14 @@
 # On demand only, never in CI. Needs root, a running Docker engine, Debian (apt) for
 # openssh-server. Loopback only; every loop and wait is bounded. See bench/README.md.
 #
-#   bash bench/run.sh                      # everything, default sizes (~10-15 min on 2 cores)
+#   bash bench/run.sh                      # everything, default sizes (~7-10 min on 2 cores + builds)
 #   BENCH_N=5 BENCH_PHASES=latency bash bench/run.sh
 #
 # Environment (all optional):
 #   BENCH_N=20               latency rounds (each round runs every variant once, interleaved)
 #   BENCH_TP_N=3             throughput rounds
 #   BENCH_TP_BYTES=1073741824  bytes per throughput transfer
-#   BENCH_TP_GEN=head        what writes them in the container: head (busybox `head -c`) or dd (bs=1M)
+#   BENCH_TP_GEN="head dd"   what writes them in the container, each in turn: head (busybox `head -c`), dd (bs=1M)
 #   BENCH_SESSIONS=20        idle sessions held for the memory measurement
 #   BENCH_PARALLEL="20 200"  parallel-login burst sizes
 #   BENCH_PARALLEL_FC=1      also burst the sshd ForceCommand path

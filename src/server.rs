@@ -89,6 +89,11 @@ async fn connection(
     peer: SocketAddr,
     preauth: OwnedSemaphorePermit,
 ) {
+    // russh applies `Config::nodelay` only in its own accept loop; without it Nagle and delayed
+    // ACKs hold the last packets of every session back by ~40 ms.
+    if let Err(e) = stream.set_nodelay(shared.ssh.nodelay) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    }
     let conn = ConnCtx::new(Arc::clone(&shared), peer);
     tracing::info!(connection_id = %conn.id, remote = %peer, "connected");
     let handler = Handler::new(Arc::clone(&conn), preauth);
