@@ -181,11 +181,50 @@ pub fn fuzz_demux(data: &[u8]) {
     }
 }
 
+/// Read-buffer sizing for output streams: large while data streams, small while a session
+/// idles, because an idle session's pending read holds its buffer for as long as it idles.
+#[derive(Debug)]
+pub struct ReadSizer {
+    next: usize,
+}
+
+impl Default for ReadSizer {
+    fn default() -> Self {
+        Self {
+            next: Self::MIN_READ,
+        }
+    }
+}
+
+impl ReadSizer {
+    /// Smallest read buffer: an idle session costs this much.
+    pub const MIN_READ: usize = 4 * 1024;
+
+    /// Makes room for the next read; an empty buffer that grew large is replaced by a small one.
+    pub fn prepare(&self, buf: &mut BytesMut) {
+        if buf.is_empty() && buf.capacity() > 2 * self.next {
+            *buf = BytesMut::with_capacity(self.next);
+        } else {
+            buf.reserve(self.next);
+        }
+    }
+
+    /// Grows after a read that filled the buffer, shrinks after one that used little of it.
+    pub fn record(&mut self, n: usize) {
+        if n >= self.next {
+            self.next = (self.next * 2).min(MAX_FRAME_BYTES);
+        } else if n < self.next / 4 {
+            self.next = (self.next / 2).max(Self::MIN_READ);
+        }
+    }
+}
+
 /// Async demultiplexer over a hijacked non-TTY stream.
 pub struct Demuxer<R: AsyncRead + Unpin> {
     reader: R,
     buf: BytesMut,
     state: DemuxState,
+    sizer: ReadSizer,
 }
 
 impl<R: AsyncRead + Unpin> Demuxer<R> {
@@ -194,6 +233,7 @@ impl<R: AsyncRead + Unpin> Demuxer<R> {
             reader,
             buf: BytesMut::new(),
             state: DemuxState::new(),
+            sizer: ReadSizer::default(),
         }
     }
 
@@ -223,11 +263,12 @@ impl<R: AsyncRead + Unpin> Demuxer<R> {
                     }
                 }
             }
-            self.buf.reserve(MAX_FRAME_BYTES);
+            self.sizer.prepare(&mut self.buf);
             let n = self
                 .reader
                 .read_buf(&mut (&mut self.buf).limit(MAX_FRAME_BYTES))
                 .await?;
+            self.sizer.record(n);
             if n == 0 {
                 self.state.finish().map_err(invalid)?;
                 return Ok(None);
@@ -243,6 +284,27 @@ fn invalid(e: DemuxError) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_sizer_grows_under_load_and_shrinks_when_idle() {
+        let mut s = ReadSizer::default();
+        for _ in 0..10 {
+            let next = s.next;
+            s.record(next);
+        }
+        assert_eq!(s.next, MAX_FRAME_BYTES);
+        let mut buf = BytesMut::with_capacity(MAX_FRAME_BYTES);
+        for _ in 0..10 {
+            s.record(1);
+        }
+        assert_eq!(s.next, ReadSizer::MIN_READ);
+        s.prepare(&mut buf);
+        assert!(
+            buf.capacity() < 2 * ReadSizer::MIN_READ,
+            "{}",
+            buf.capacity()
+        );
+    }
 
     fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
         let mut v = vec![kind, 0, 0, 0];

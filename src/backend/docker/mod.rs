@@ -22,7 +22,9 @@ mod fake_tests;
 
 pub use api::{split_image_reference, ContainerInfo, WaitCondition};
 pub use client::DockerClient;
-pub use demux::{fuzz_demux, parse_frames, DemuxError, DemuxState, Demuxer, Step, StreamKind};
+pub use demux::{
+    fuzz_demux, parse_frames, DemuxError, DemuxState, Demuxer, ReadSizer, Step, StreamKind,
+};
 pub use exec::{ExecInfo, ExecSpec};
 pub use stream::{Hijacked, HijackedReader, HijackedWriter};
 

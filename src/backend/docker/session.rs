@@ -14,7 +14,7 @@ use tokio::sync::OnceCell;
 
 use super::{
     Demuxer, DockerClient, DockerConnection, DockerError, ExecSpec, HijackedReader, HijackedWriter,
-    StreamKind,
+    ReadSizer, StreamKind,
 };
 use crate::backend::{signal_number, ConnMeta, ExitReport, ProgramSpec, StartError};
 use crate::config::model::{DockerConfig, DockerExecutionConfig, DockerTimeouts, PullPolicy};
@@ -23,9 +23,6 @@ pub const LABEL_INSTANCE: &str = "containerssh_instance";
 pub const LABEL_CONNECTION_ID: &str = "containerssh_connection_id";
 pub const LABEL_USERNAME: &str = "containerssh_username";
 pub const LABEL_IP: &str = "containerssh_ip";
-
-/// Read size for raw (TTY) output; one SSH packet carries at most 32 KiB, so two per read.
-const RAW_READ_BYTES: usize = 64 * 1024;
 
 /// First API version that applies `ConsoleSize` at container and exec creation (Docker 23).
 const CONSOLE_SIZE_API: (u32, u32) = (1, 42);
@@ -54,7 +51,7 @@ pub struct Process {
 
 pub enum ProcessOutput {
     /// TTY: one raw stream, all of it stdout.
-    Raw(HijackedReader),
+    Raw(HijackedReader, BytesMut, ReadSizer),
     /// No TTY: the engine's multiplexed stdout/stderr frames.
     Muxed(Demuxer<HijackedReader>),
 }
@@ -63,10 +60,11 @@ impl ProcessOutput {
     /// The next chunk of output; `None` when the program's output has ended.
     pub async fn next(&mut self) -> io::Result<Option<(StreamKind, Bytes)>> {
         match self {
-            ProcessOutput::Raw(r) => {
-                let mut buf = BytesMut::with_capacity(RAW_READ_BYTES);
-                let n = r.read_buf(&mut buf).await?;
-                Ok((n > 0).then(|| (StreamKind::Stdout, buf.freeze())))
+            ProcessOutput::Raw(r, buf, sizer) => {
+                sizer.prepare(buf);
+                let n = r.read_buf(buf).await?;
+                sizer.record(n);
+                Ok((n > 0).then(|| (StreamKind::Stdout, buf.split_to(n).freeze())))
             }
             ProcessOutput::Muxed(d) => d.next_frame().await,
         }
@@ -537,7 +535,7 @@ impl DockerBackend {
                 if let Err(e) = control.resize(t.rows, t.cols).await {
                     tracing::debug!(error = %e, "initial resize failed");
                 }
-                ProcessOutput::Raw(reader)
+                ProcessOutput::Raw(reader, BytesMut::new(), ReadSizer::default())
             }
             None => ProcessOutput::Muxed(Demuxer::new(reader)),
         };
