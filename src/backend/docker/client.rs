@@ -169,8 +169,8 @@ impl DockerClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes), DockerError> {
-        let req = self.build(op, method, path, body, &[])?;
-        self.timed(op, self.exchange(op, req)).await
+        self.timed(op, self.call_untimed(op, method, path, body))
+            .await
     }
 
     /// Like [`call`](Self::call) but without any timeout (for long waits).
