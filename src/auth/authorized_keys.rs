@@ -435,20 +435,18 @@ mod tests {
         assert_eq!(got.command.as_deref(), Some("sk"));
     }
 
-    fn ssh_keygen(dir: &Path, name: &str, args: &[&str]) -> Option<PublicKey> {
+    /// The real `ssh-keygen` (openssh-client, installed by tests/run.sh); missing is a failure.
+    fn ssh_keygen(dir: &Path, name: &str, args: &[&str]) -> PublicKey {
         let path = dir.join(name);
-        let status = match Command::new("ssh-keygen")
+        let status = Command::new("ssh-keygen")
             .args(["-q", "-N", "", "-C", "test@host", "-f"])
             .arg(&path)
             .args(args)
             .status()
-        {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
-            other => other.expect("run ssh-keygen"),
-        };
+            .expect("run ssh-keygen (package openssh-client)");
         assert!(status.success(), "ssh-keygen {args:?}");
         let text = std::fs::read_to_string(path.with_extension("pub")).expect("read .pub");
-        Some(PublicKey::from_openssh(&text).expect("parse .pub"))
+        PublicKey::from_openssh(&text).expect("parse .pub")
     }
 
     #[test]
@@ -462,11 +460,7 @@ mod tests {
         ];
         let mut generated = Vec::new();
         for (name, args) in kinds {
-            let Some(key) = ssh_keygen(tmp.path(), name, args) else {
-                eprintln!("ssh-keygen not installed; skipping");
-                return;
-            };
-            generated.push((name, key));
+            generated.push((name, ssh_keygen(tmp.path(), name, args)));
         }
         let lines: String = generated[..3]
             .iter()
