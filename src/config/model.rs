@@ -181,6 +181,9 @@ pub struct DockerExecutionConfig {
     pub shell_command: Vec<String>,
     pub subsystems: BTreeMap<String, String>,
     pub image_pull_policy: PullPolicy,
+    /// Persistent mode: create the named container (running `idleCommand`) when it does not
+    /// exist, instead of refusing the login.
+    pub create_missing_container: bool,
 }
 
 impl Default for DockerExecutionConfig {
@@ -197,6 +200,7 @@ impl Default for DockerExecutionConfig {
             shell_command: defaults::shell_command(),
             subsystems: defaults::subsystems(),
             image_pull_policy: PullPolicy::IfNotPresent,
+            create_missing_container: false,
         }
     }
 }
@@ -209,6 +213,8 @@ pub enum ExecutionMode {
     Connection,
     /// One container per session channel.
     Session,
+    /// Exec into an existing container named by `containername`; never removed by us.
+    Persistent,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, Default, PartialEq, Eq)]

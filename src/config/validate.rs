@@ -265,11 +265,25 @@ pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
             "must not be empty",
         ));
     }
-    if exec.mode == ExecutionMode::Connection && exec.idle_command.is_empty() {
+    if exec.mode == ExecutionMode::Persistent && exec.container_name.is_empty() {
+        return Err(invalid(
+            file,
+            "docker.execution.containername",
+            "persistent mode needs the name of the container to exec into",
+        ));
+    }
+    if exec.mode != ExecutionMode::Persistent && exec.create_missing_container {
+        return Err(invalid(
+            file,
+            "docker.execution.createMissingContainer",
+            "only meaningful in persistent mode",
+        ));
+    }
+    if exec.mode != ExecutionMode::Session && exec.idle_command.is_empty() {
         return Err(invalid(
             file,
             "docker.execution.idleCommand",
-            "connection mode needs an idle command",
+            "connection and persistent modes need an idle command",
         ));
     }
     if exec.mode == ExecutionMode::Session {
@@ -376,6 +390,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("docker.execution.container.image"), "{err}");
+    }
+
+    #[test]
+    fn persistent_mode_needs_a_container_name() {
+        let y = base() + "docker:\n  execution:\n    mode: persistent\n";
+        let err = validate("c", parse_yaml("c", &y).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("docker.execution.containername"), "{err}");
+        let y = base() + "docker:\n  execution:\n    mode: persistent\n    containername: lab\n";
+        assert!(validate("c", parse_yaml("c", &y).unwrap()).is_ok());
+        let y = base() + "docker:\n  execution:\n    createMissingContainer: true\n";
+        let err = validate("c", parse_yaml("c", &y).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("createMissingContainer"), "{err}");
     }
 
     #[test]

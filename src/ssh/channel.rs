@@ -55,7 +55,7 @@ async fn start(
 ) -> Result<(Option<String>, Process), StartError> {
     let docker = &conn.shared.docker;
     match conn.shared.settings.docker.execution.mode {
-        ExecutionMode::Connection => {
+        ExecutionMode::Connection | ExecutionMode::Persistent => {
             let container = conn.container().await?;
             Ok((None, docker.exec(&container, spec).await?))
         }

@@ -91,14 +91,21 @@ impl ConnCtx {
         if self.user.set(user).is_err() {
             return;
         }
-        if self.shared.settings.docker.execution.mode != ExecutionMode::Connection {
+        let mode = self.shared.settings.docker.execution.mode;
+        if mode == ExecutionMode::Session {
             return;
         }
         let me = Arc::clone(self);
         self.tasks.spawn(async move {
             let meta = me.meta();
             // Not cancelled midway: a create in flight must finish so cleanup can find it.
-            let slot = match me.shared.docker.start_idle_container(&meta).await {
+            let docker = &me.shared.docker;
+            let started = if mode == ExecutionMode::Persistent {
+                docker.find_persistent_container(&meta).await
+            } else {
+                docker.start_idle_container(&meta).await
+            };
+            let slot = match started {
                 Ok(id) => ContainerSlot::Ready(id),
                 Err(e) => {
                     tracing::warn!(connection_id = %me.id, error = %e, "container start failed");
@@ -109,7 +116,7 @@ impl ConnCtx {
         });
     }
 
-    /// Waits for the connection-mode container.
+    /// Waits for the connection's container (connection and persistent modes).
     pub async fn container(&self) -> Result<String, StartError> {
         let mut rx = self.container.subscribe();
         let slot = tokio::select! {

@@ -23,6 +23,9 @@ pub const LABEL_INSTANCE: &str = "containerssh_instance";
 pub const LABEL_CONNECTION_ID: &str = "containerssh_connection_id";
 pub const LABEL_USERNAME: &str = "containerssh_username";
 pub const LABEL_IP: &str = "containerssh_ip";
+/// Marks a persistent-mode container we created; it carries no instance or connection label,
+/// so neither the reaper nor connection cleanup ever removes it.
+pub const LABEL_PERSISTENT: &str = "containerssh_persistent";
 
 /// First API version that applies `ConsoleSize` at container and exec creation (Docker 23).
 const CONSOLE_SIZE_API: (u32, u32) = (1, 42);
@@ -434,6 +437,59 @@ impl DockerBackend {
         if let Err(e) = self.remove_container(id).await {
             tracing::warn!(container = %id, error = %e, "cannot remove a container that failed to start");
         }
+    }
+
+    /// Persistent mode: the container named `containername`, started if it is stopped, created
+    /// (running `idleCommand`) if missing and `createMissingContainer` allows.
+    pub async fn find_persistent_container(&self, meta: &ConnMeta) -> Result<String, StartError> {
+        self.bounded(async {
+            self.ready().await?;
+            let name = self.exec.container_name.clone();
+            let failed = |e: DockerError| StartError::ContainerFailed(e.to_string());
+            match self.client.inspect_container(&name).await {
+                Ok(info) if info.running => return Ok(name),
+                Ok(_) => {
+                    self.client.start_container(&name).await.map_err(failed)?;
+                    return Ok(name);
+                }
+                Err(DockerError::NoSuchContainer { .. }) if self.exec.create_missing_container => {}
+                Err(DockerError::NoSuchContainer { .. }) => {
+                    return Err(StartError::ContainerFailed(format!(
+                        "container {name} does not exist"
+                    )))
+                }
+                Err(e) => return Err(StartError::EngineUnreachable(e.to_string())),
+            }
+            self.ensure_image().await?;
+            let mut body = self.create_body(meta, &self.exec.idle_command, None);
+            if let Some(labels) = body.get_mut("Labels").and_then(Value::as_object_mut) {
+                for ours in [
+                    LABEL_INSTANCE,
+                    LABEL_CONNECTION_ID,
+                    LABEL_USERNAME,
+                    LABEL_IP,
+                ] {
+                    labels.remove(ours);
+                }
+                labels.insert(LABEL_PERSISTENT.into(), json!("1"));
+            }
+            match self
+                .client
+                .create_container(Some(&name), self.platform().as_deref(), &body)
+                .await
+            {
+                // 409: another connection created it first; use theirs.
+                Ok(_) | Err(DockerError::Status { status: 409, .. }) => {}
+                Err(DockerError::ImageNotFound { .. }) => {
+                    return Err(StartError::ImageNotFound(self.image()))
+                }
+                Err(e) => return Err(failed(e)),
+            }
+            self.client.start_container(&name).await.map_err(failed)?;
+            tracing::info!(container = %name, "created persistent container");
+            Ok(name)
+        })
+        .await
     }
 
     async fn create(&self, body: &Value) -> Result<String, StartError> {

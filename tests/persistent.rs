@@ -1,0 +1,93 @@
+//! Docker persistent mode: logins exec into one named container that outlives them.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::{describe, run_with_timeout, TestEnv};
+
+const CMD_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Removes the named container at the end: it carries no instance label, so the harness's
+/// own cleanup (by instance) does not see it — by design.
+struct RemoveByName(String);
+
+impl Drop for RemoveByName {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["rm", "-f", &self.0])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn persistent_yaml(env: &TestEnv, name: &str, create: bool) -> String {
+    let yaml = env.config_yaml("persistent");
+    let extra = format!("    containername: {name}\n    createMissingContainer: {create}\n");
+    let out = yaml.replace(
+        "    mode: \"persistent\"\n",
+        &format!("    mode: \"persistent\"\n{extra}"),
+    );
+    assert_ne!(out, yaml, "test setup");
+    out
+}
+
+fn running(name: &str) -> bool {
+    let out = Command::new("docker")
+        .args(["inspect", "-f", "{{.State.Running}}", name])
+        .output()
+        .expect("docker inspect");
+    String::from_utf8_lossy(&out.stdout).trim() == "true"
+}
+
+#[test]
+fn logins_share_one_container_that_survives_disconnects() {
+    let env = TestEnv::new();
+    let name = format!("cssh-persistent-{}", env.instance);
+    let _cleanup = RemoveByName(name.clone());
+    let server = env.start(&persistent_yaml(&env, &name, true));
+
+    let out = run_with_timeout(
+        env.ssh(&server, "alice")
+            .arg("echo kept > /tmp/state; hostname"),
+        None,
+        CMD_TIMEOUT,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out, &server));
+    let first_host = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(running(&name), "the container must outlive the connection");
+
+    let out = run_with_timeout(
+        env.ssh(&server, "bob").arg("cat /tmp/state; hostname"),
+        None,
+        CMD_TIMEOUT,
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        ["kept", first_host.as_str()],
+        "{}",
+        describe(&out, &server)
+    );
+    assert!(running(&name));
+    // Neither the connection cleanup nor the instance's containers include it.
+    assert!(env.containers().is_empty());
+}
+
+#[test]
+fn a_missing_container_is_refused_unless_creation_is_allowed() {
+    let env = TestEnv::new();
+    let name = format!("cssh-missing-{}", env.instance);
+    let _cleanup = RemoveByName(name.clone());
+    let server = env.start(&persistent_yaml(&env, &name, false));
+    let out = run_with_timeout(env.ssh(&server, "alice").arg("echo hi"), None, CMD_TIMEOUT);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr.contains(&format!("container {name} does not exist")),
+        "stderr: {stderr}"
+    );
+    assert!(!running(&name), "nothing may be created");
+}
