@@ -169,3 +169,35 @@ fn banner_is_shown_before_authentication() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn dump_config_round_trips() {
+    let env = TestEnv::new();
+    let path = env.path().join("c.yaml");
+    std::fs::write(&path, env.config_yaml("session")).unwrap();
+    let dump = |p: &std::path::Path| {
+        let out = run_with_timeout(
+            Command::new(SERVER_BIN)
+                .arg("--config")
+                .arg(p)
+                .arg("--dump-config"),
+            None,
+            Duration::from_secs(30),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let first = dump(&path);
+    assert!(first.contains("mode: session"), "{first}");
+    assert!(
+        first.contains("clientAliveCountMax: 3"),
+        "defaults are shown: {first}"
+    );
+    let again = env.path().join("dumped.yaml");
+    std::fs::write(&again, &first).unwrap();
+    assert_eq!(dump(&again), first, "the dump is itself a valid config");
+}
