@@ -407,8 +407,18 @@ impl TestServer {
 }
 
 impl Drop for TestServer {
+    /// Stops the server the way an operator would (SIGTERM, so it removes what it created,
+    /// including a container whose creation was still in flight), then SIGKILL if it hangs.
+    /// Never panics: it may run while unwinding from a failed test.
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(10));
+            }
             let _ = self.child.kill();
         }
         let _ = self.child.wait();

@@ -85,7 +85,7 @@ pub(super) fn seg(s: &str) -> String {
 }
 
 /// Encodes a query parameter value.
-fn q(s: &str) -> String {
+pub(super) fn q(s: &str) -> String {
     encode(s, b"")
 }
 

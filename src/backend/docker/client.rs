@@ -108,7 +108,10 @@ impl DockerClient {
             .uri(path)
             .header(header::HOST, &self.inner.transport.host_header)
             .header(header::USER_AGENT, "containerssh");
-        if body.is_some() {
+        let typed = headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case(header::CONTENT_TYPE.as_str()));
+        if body.is_some() && !typed {
             b = b.header(header::CONTENT_TYPE, "application/json");
         }
         for (k, v) in headers {
@@ -181,7 +184,20 @@ impl DockerClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes), DockerError> {
-        let req = self.build(op, method, path, body, &[])?;
+        self.call_untimed_with(op, method, path, body, &[]).await
+    }
+
+    /// Like [`call_untimed`](Self::call_untimed) with extra request headers;
+    /// a `content-type` among them replaces the default `application/json`.
+    pub(super) async fn call_untimed_with(
+        &self,
+        op: &'static str,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        headers: &[(&'static str, &str)],
+    ) -> Result<(StatusCode, Bytes), DockerError> {
+        let req = self.build(op, method, path, body, headers)?;
         self.exchange(op, req).await
     }
 

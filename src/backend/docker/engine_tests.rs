@@ -48,11 +48,21 @@ pub(crate) async fn ensure_test_image(c: &DockerClient) {
 }
 
 fn build_test_image_locked() {
-    let lock_path = std::env::temp_dir().join("containerssh-test-busybox.lock");
+    build_image_locked(
+        TEST_IMAGE,
+        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n",
+    );
+}
+
+/// Builds `tag` from `dockerfile`, with the host's static busybox as
+/// `busybox` in the build context, unless present; see [`ensure_test_image`].
+fn build_image_locked(tag: &str, dockerfile: &str) {
+    let lock_name = format!("{}.lock", tag.replace([':', '/'], "-"));
+    let lock_path = std::env::temp_dir().join(lock_name);
     let lock = File::create(&lock_path).expect("create lock file");
     lock.lock().expect("lock");
     let present = Command::new("docker")
-        .args(["image", "inspect", "--format", "{{.Id}}", TEST_IMAGE])
+        .args(["image", "inspect", "--format", "{{.Id}}", tag])
         .output()
         .is_ok_and(|o| o.status.success());
     if present {
@@ -64,19 +74,15 @@ fn build_test_image_locked() {
         .expect("no /bin/busybox: apt-get install -y busybox-static");
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::copy(busybox, dir.path().join("busybox")).expect("copy busybox");
-    std::fs::write(
-        dir.path().join("Dockerfile"),
-        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n",
-    )
-    .expect("write Dockerfile");
+    std::fs::write(dir.path().join("Dockerfile"), dockerfile).expect("write Dockerfile");
     let out = Command::new("docker")
-        .args(["build", "-q", "-t", TEST_IMAGE])
+        .args(["build", "-q", "-t", tag])
         .arg(dir.path())
         .output()
         .expect("run docker build");
     assert!(
         out.status.success(),
-        "docker build of {TEST_IMAGE} failed (is busybox-static installed?): {}",
+        "docker build of {tag} failed (is busybox-static installed?): {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
@@ -399,4 +405,203 @@ async fn pull_from_unreachable_registry_fails_fast() {
         Err(DockerError::PullFailed { message, .. }) => assert!(!message.is_empty()),
         other => panic!("expected PullFailed, got {other:?}"),
     }
+}
+
+/// Image whose only file is `/busybox`: no `/bin`, no `/cssh`, no shell.
+const SCRATCH_IMAGE: &str = "containerssh-test-scratch:latest";
+
+async fn ensure_scratch_image(c: &DockerClient) {
+    if c.image_exists(SCRATCH_IMAGE).await.expect("image inspect") {
+        return;
+    }
+    tokio::task::spawn_blocking(|| {
+        build_image_locked(SCRATCH_IMAGE, "FROM scratch\nCOPY busybox /busybox\n")
+    })
+    .await
+    .expect("build task");
+    assert!(c.image_exists(SCRATCH_IMAGE).await.expect("image inspect"));
+}
+
+/// Attaches, starts and collects output and exit code of a created container.
+async fn run_created(c: &DockerClient, id: &str) -> (Vec<u8>, Vec<u8>, i64) {
+    let h = c.attach_container(id).await.expect("attach");
+    c.start_container(id).await.expect("start");
+    let (out, err) = demux_all(h.reader).await;
+    (out, err, c.wait_container(id).await.expect("wait"))
+}
+
+fn host_busybox() -> Vec<u8> {
+    ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find_map(|p| std::fs::read(p).ok())
+        .expect("no /bin/busybox: apt-get install -y busybox-static")
+}
+
+#[tokio::test]
+async fn put_archive_injects_script_before_start() {
+    within(async {
+        let c = client();
+        let ct = create(&c, &["/cssh/hello.sh"], json!({})).await;
+        let tar = build_tar(&[
+            TarEntry {
+                path: "cssh",
+                mode: 0o755,
+                data: TarData::Dir,
+            },
+            TarEntry {
+                path: "cssh/hello.sh",
+                mode: 0o755,
+                data: TarData::File(b"#!/bin/sh\necho injected\n"),
+            },
+        ])
+        .expect("tar");
+        c.put_archive(&ct.0, "/", tar).await.expect("put archive");
+        let (out, err, code) = run_created(&c, &ct.0).await;
+        assert_eq!(
+            (String::from_utf8_lossy(&out), String::from_utf8_lossy(&err)),
+            ("injected\n".into(), "".into())
+        );
+        assert_eq!(code, 0);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn put_archive_creates_missing_dir_in_scratch_image() {
+    within(async {
+        let c = client();
+        ensure_scratch_image(&c).await;
+        let extra = json!({"Image": SCRATCH_IMAGE});
+        // busybox picks the applet from argv[0] unless its name starts with `busybox`.
+        let ct = create(&c, &["/cssh/busybox", "echo", "ok"], extra).await;
+        let bb = host_busybox();
+        let file_only = build_tar(&[TarEntry {
+            path: "busybox",
+            mode: 0o755,
+            data: TarData::File(&bb),
+        }])
+        .expect("tar");
+        // The target directory must exist in the container.
+        match c.put_archive(&ct.0, "/cssh", file_only).await {
+            Err(DockerError::Status {
+                status: 404,
+                message,
+                ..
+            }) => assert!(
+                message.contains("Could not find the file /cssh"),
+                "{message}"
+            ),
+            other => panic!("expected 404 Status, got {other:?}"),
+        }
+        let tar = build_tar(&[
+            TarEntry {
+                path: "cssh",
+                mode: 0o755,
+                data: TarData::Dir,
+            },
+            TarEntry {
+                path: "cssh/busybox",
+                mode: 0o755,
+                data: TarData::File(&bb),
+            },
+        ])
+        .expect("tar");
+        c.put_archive(&ct.0, "/", tar).await.expect("put archive");
+        let (out, err, code) = run_created(&c, &ct.0).await;
+        assert_eq!(out, b"ok\n", "stderr: {}", String::from_utf8_lossy(&err));
+        assert_eq!(code, 0);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn put_archive_errors() {
+    within(async {
+        let c = client();
+        let tar = build_tar(&[TarEntry {
+            path: "x",
+            mode: 0o644,
+            data: TarData::File(b"x"),
+        }])
+        .expect("tar");
+        let missing = "containerssh-test-no-such-container";
+        assert!(matches!(
+            c.put_archive(missing, "/", tar.clone()).await,
+            Err(DockerError::NoSuchContainer { .. })
+        ));
+        let ct = create(&c, &["true"], json!({})).await;
+        // Docker 20.10 answers 500, not 400, when the path is a file.
+        match c.put_archive(&ct.0, "/bin/busybox", tar.clone()).await {
+            Err(DockerError::Status { message, .. }) => {
+                assert!(message.contains("not a directory"), "{message}")
+            }
+            other => panic!("expected Status, got {other:?}"),
+        }
+        match c.put_archive(&ct.0, "/", b"garbage".to_vec()).await {
+            Err(DockerError::Status { message, .. }) => assert!(!message.is_empty()),
+            other => panic!("expected Status, got {other:?}"),
+        }
+        let ro = create(
+            &c,
+            &["true"],
+            json!({"HostConfig": {"ReadonlyRootfs": true}}),
+        )
+        .await;
+        match c.put_archive(&ro.0, "/", tar).await {
+            Err(DockerError::Status { message, .. }) => {
+                assert!(message.contains("read-only"), "{message}")
+            }
+            other => panic!("expected Status, got {other:?}"),
+        }
+    })
+    .await
+}
+
+/// Times uploading a 2 MiB file (the size of the helper binary) into a created container.
+#[tokio::test]
+async fn put_archive_two_mib_timing() {
+    within(async {
+        let c = client();
+        let ct = create(
+            &c,
+            &["/bin/sh", "-c", "exec wc -c < /cssh/agent"],
+            json!({}),
+        )
+        .await;
+        let data: Vec<u8> = (0..2 * 1024 * 1024u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+            .collect();
+        let started = Instant::now();
+        let tar = build_tar(&[
+            TarEntry {
+                path: "cssh",
+                mode: 0o755,
+                data: TarData::Dir,
+            },
+            TarEntry {
+                path: "cssh/agent",
+                mode: 0o755,
+                data: TarData::File(&data),
+            },
+        ])
+        .expect("tar");
+        let build = started.elapsed();
+        let mut times = Vec::new();
+        for _ in 0..7 {
+            let body = tar.clone();
+            let started = Instant::now();
+            c.put_archive(&ct.0, "/", body).await.expect("put archive");
+            times.push(started.elapsed());
+        }
+        times.sort();
+        eprintln!(
+            "put_archive 2 MiB: median {:?}, min {:?}, max {:?} (build_tar {build:?})",
+            times[times.len() / 2],
+            times[0],
+            times[times.len() - 1]
+        );
+        let (out, _, code) = run_created(&c, &ct.0).await;
+        assert_eq!((String::from_utf8_lossy(&out).trim(), code), ("2097152", 0));
+    })
+    .await
 }

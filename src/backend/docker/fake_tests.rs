@@ -200,3 +200,119 @@ async fn hijack_without_upgrade_is_read_only() {
     assert_eq!((kind, &data[..]), (StreamKind::Stdout, &b"hi\n"[..]));
     assert!(d.next_frame().await.expect("eof").is_none());
 }
+
+/// One request as the fake engine received it: head (request line and headers) and body.
+type Recorded = Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// Like [`fake`] but reads each request's `Content-Length` body and records it.
+async fn recording_fake(script: Script) -> (tempfile::TempDir, DockerClient, Recorded) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("docker.sock");
+    let listener = UnixListener::bind(&path).expect("bind");
+    let recorded: Recorded = Default::default();
+    let log = recorded.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (script, log) = (script.clone(), log.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 64 * 1024];
+                let head_end = loop {
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+                let len: usize = head
+                    .lines()
+                    .filter_map(|l| l.split_once(':'))
+                    .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                    .map_or(0, |(_, v)| v.trim().parse().expect("content-length"));
+                while buf.len() < head_end + len {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let line = head.lines().next().unwrap_or_default().to_string();
+                log.lock()
+                    .expect("log")
+                    .push((head, buf[head_end..head_end + len].to_vec()));
+                if let Some(bytes) = script(&line) {
+                    let _ = s.write_all(&bytes).await;
+                    let _ = s.shutdown().await;
+                }
+            });
+        }
+    });
+    let conn = DockerConnection {
+        host: format!("unix://{}", path.display()),
+        ..Default::default()
+    };
+    let client = DockerClient::new(&conn, Duration::from_secs(5)).expect("client");
+    (dir, client, recorded)
+}
+
+#[tokio::test]
+async fn put_archive_sends_tar_body_and_maps_errors() {
+    let s = engine(|line| {
+        if line.starts_with("PUT /v1.41/containers/c%2F1/archive?path=%2Fopt%2Fmy%20dir%3Fx%26y ") {
+            Some(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".to_vec())
+        } else if line.contains("/containers/gone/") {
+            reply("404 Not Found", r#"{"message":"No such container: gone"}"#)
+        } else if line.contains("path=%2Fnope ") {
+            reply(
+                "404 Not Found",
+                r#"{"message":"Could not find the file /nope in container c"}"#,
+            )
+        } else {
+            reply("500 Internal Server Error", r#"{"message":"unexpected"}"#)
+        }
+    });
+    let (_d, c, recorded) = recording_fake(s).await;
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let tar = build_tar(&[TarEntry {
+        path: "agent",
+        mode: 0o755,
+        data: TarData::File(&data),
+    }])
+    .expect("tar");
+    c.put_archive("c/1", "/opt/my dir?x&y", tar.clone())
+        .await
+        .expect("put archive");
+    {
+        let log = recorded.lock().expect("log");
+        let (head, body) = log.last().expect("recorded request");
+        let head = head.to_ascii_lowercase();
+        assert!(
+            head.contains("\r\ncontent-type: application/x-tar\r\n"),
+            "{head}"
+        );
+        assert_eq!(head.matches("content-type").count(), 1, "{head}");
+        assert!(body == &tar, "body differs from the tar bytes");
+    }
+    assert!(matches!(
+        c.put_archive("gone", "/", tar.clone()).await,
+        Err(DockerError::NoSuchContainer { id }) if id == "gone"
+    ));
+    match c.put_archive("c", "/nope", tar.clone()).await {
+        Err(DockerError::Status {
+            status, message, ..
+        }) => assert_eq!(
+            (status, message.as_str()),
+            (404, "Could not find the file /nope in container c")
+        ),
+        other => panic!("unexpected {other:?}"),
+    }
+    let sent = recorded.lock().expect("log").len();
+    let huge = vec![0u8; MAX_UPLOAD_BYTES + 1];
+    assert!(matches!(
+        c.put_archive("c", "/", huge).await,
+        Err(DockerError::UploadTooLarge { .. })
+    ));
+    assert_eq!(recorded.lock().expect("log").len(), sent, "nothing is sent");
+}

@@ -4,10 +4,12 @@
 //! (`transport.rs`, `client.rs`), exposes the endpoints the backend needs
 //! (`api.rs` for images and containers, `exec.rs` for exec instances) and
 //! handles hijacked attach/exec streams (`stream.rs`) and their multiplexed
-//! framing (`demux.rs`). One connection is opened per request; hijacked
+//! framing (`demux.rs`); `archive.rs` builds tar streams and uploads them
+//! into containers. One connection is opened per request; hijacked
 //! requests keep theirs for the life of the stream.
 
 mod api;
+mod archive;
 mod client;
 mod demux;
 mod exec;
@@ -21,6 +23,7 @@ pub(crate) mod engine_tests;
 mod fake_tests;
 
 pub use api::{split_image_reference, ContainerInfo, WaitCondition};
+pub use archive::{build_tar, ArchiveError, TarData, TarEntry};
 pub use client::DockerClient;
 pub use demux::{
     fuzz_demux, parse_frames, DemuxError, DemuxState, Demuxer, ReadSizer, Step, StreamKind,
@@ -40,6 +43,9 @@ pub const MAX_PROGRESS_LINE_BYTES: usize = 256 * 1024;
 pub const MAX_FRAME_BYTES: usize = 64 * 1024;
 /// Cap on an error message copied from a response, so logs stay readable.
 pub const MAX_ERROR_MESSAGE_BYTES: usize = 4 * 1024;
+/// Cap on a request body uploaded to the engine (tar archives for `put_archive`), which is
+/// held in memory whole.
+pub const MAX_UPLOAD_BYTES: usize = 64 * 1024 * 1024;
 
 /// Where and how to reach the Docker engine (ContainerSSH `docker.connection`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -90,6 +96,13 @@ pub enum DockerError {
         op: &'static str,
         status: u16,
         message: String,
+    },
+    /// A request body exceeded [`MAX_UPLOAD_BYTES`]; nothing was sent.
+    #[error("Docker request {op} body of {size} bytes exceeds {limit} bytes")]
+    UploadTooLarge {
+        op: &'static str,
+        size: usize,
+        limit: usize,
     },
     /// The response body exceeded [`MAX_RESPONSE_BYTES`] (or a progress line [`MAX_PROGRESS_LINE_BYTES`]).
     #[error("Docker response to {op} exceeds {limit} bytes")]
