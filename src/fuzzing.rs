@@ -129,6 +129,32 @@ pub fn fuzz_authorized_keys(data: &[u8]) {
     }
 }
 
+/// The agent's argument parser: the input is an argument vector with NUL between arguments
+/// (`argv[1..]`). No panic; a parsed `console` always has a program, and `signal`/`exit-info`
+/// never target PID 0 or a negative PID (which would mean process groups to kill()).
+pub fn fuzz_agent_args(data: &[u8]) {
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStringExt;
+
+    use crate::agent::cli::{parse, Command};
+
+    let args: Vec<OsString> = data
+        .split(|&b| b == 0)
+        .map(|a| OsString::from_vec(a.to_vec()))
+        .collect();
+    match parse(&args) {
+        Ok(Command::Console(c)) => assert!(!c.argv.is_empty(), "console without a program"),
+        Ok(Command::ExecChild { argv, .. }) => {
+            assert!(!argv.is_empty(), "exec-child without a program")
+        }
+        Ok(Command::Signal { pid, .. } | Command::ExitInfo { pid }) => {
+            assert!(pid > 0, "pid {pid}")
+        }
+        Ok(Command::WaitSignal { signals }) => assert!(!signals.is_empty()),
+        Ok(_) | Err(_) => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     type Harness = fn(&[u8]);
@@ -138,12 +164,13 @@ mod tests {
     #[test]
     fn seed_corpora_pass_their_harnesses() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
-        let targets: [(&str, Harness); 5] = [
+        let targets: [(&str, Harness); 6] = [
             ("config_yaml", super::fuzz_config),
             ("docker_demux", super::fuzz_docker_demux),
             ("go_duration", super::fuzz_go_duration),
             ("split_words", super::fuzz_split_words),
             ("authorized_keys", super::fuzz_authorized_keys),
+            ("agent_args", super::fuzz_agent_args),
         ];
         for (target, harness) in targets {
             let seeds = std::fs::read_dir(root.join(target))

@@ -10,6 +10,7 @@
 //! - [`limits`]: every bound on what clients and containers can make us hold.
 #![deny(unsafe_code)]
 
+pub mod agent;
 pub mod auth;
 pub mod backend;
 pub mod config;
