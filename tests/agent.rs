@@ -319,68 +319,34 @@ fn console_sizes_the_terminal_and_keeps_pid_bytes_raw_on_a_tty() {
 #[test]
 fn signal_reaches_a_trap_and_death_by_signal_is_recorded() {
     let c = Container::start(&[AGENT, "wait-signal"]);
+    // Starts `script` under `console --pid` and returns once it printed "ready".
+    let start = |script: &str| {
+        let mut child = c.spawn_exec(&[AGENT, "console", "--pid", "--", "/bin/sh", "-c", script]);
+        let (prefix, line, rest) = read_prefix_and_line(child.stdout.take().unwrap(), 4);
+        assert_eq!(line, "ready\n");
+        (child, split_pid(&prefix).0.to_string(), rest)
+    };
+    let signal = |pid: &str, name: &str| c.exec(&[AGENT, "signal", "--pid", pid, "--signal", name]);
 
-    let mut trapped = c.spawn_exec(&[
-        AGENT,
-        "console",
-        "--pid",
-        "--",
-        "/bin/sh",
-        "-c",
-        "trap 'echo got; exit 5' USR1; echo ready; while :; do sleep 0.1; done",
-    ]);
-    let (prefix, line, rest) = read_prefix_and_line(trapped.stdout.take().unwrap(), 4);
-    let (pid, _) = split_pid(&prefix);
-    assert_eq!(line, "ready\n");
-    let sent = c.exec(&[
-        AGENT,
-        "signal",
-        "--pid",
-        &pid.to_string(),
-        "--signal",
-        "USR1",
-    ]);
+    let (trapped, pid, rest) =
+        start("trap 'echo got; exit 5' USR1; echo ready; while :; do sleep 0.1; done");
+    let sent = signal(&pid, "USR1");
     assert!(sent.status.success(), "{}", text(&sent.stderr));
     assert_eq!(finish(trapped, rest), (Some(5), "got\n".to_string()));
-    let info = c.exec(&[AGENT, "exit-info", "--pid", &pid.to_string()]);
+    let info = c.exec(&[AGENT, "exit-info", "--pid", &pid]);
     assert_eq!(text(&info.stdout), "", "a normal exit leaves no record");
 
-    let mut killed = c.spawn_exec(&[
-        AGENT,
-        "console",
-        "--pid",
-        "--",
-        "/bin/sh",
-        "-c",
-        "echo ready; while :; do sleep 0.1; done",
-    ]);
-    let (prefix, line, rest) = read_prefix_and_line(killed.stdout.take().unwrap(), 4);
-    let (pid, _) = split_pid(&prefix);
-    assert_eq!(line, "ready\n");
-    let sent = c.exec(&[
-        AGENT,
-        "signal",
-        "--pid",
-        &pid.to_string(),
-        "--signal",
-        "TERM",
-    ]);
+    let (killed, pid, rest) = start("echo ready; while :; do sleep 0.1; done");
+    let sent = signal(&pid, "TERM");
     assert!(sent.status.success(), "{}", text(&sent.stderr));
     assert_eq!(finish(killed, rest).0, Some(143));
-    let info = c.exec(&[AGENT, "exit-info", "--pid", &pid.to_string()]);
+    let info = c.exec(&[AGENT, "exit-info", "--pid", &pid]);
     assert!(info.status.success(), "{}", text(&info.stderr));
     assert_eq!(text(&info.stdout), "TERM\n");
-    let again = c.exec(&[AGENT, "exit-info", "--pid", &pid.to_string()]);
+    let again = c.exec(&[AGENT, "exit-info", "--pid", &pid]);
     assert_eq!(text(&again.stdout), "", "exit-info removes the record");
 
-    let gone = c.exec(&[
-        AGENT,
-        "signal",
-        "--pid",
-        &pid.to_string(),
-        "--signal",
-        "TERM",
-    ]);
+    let gone = signal(&pid, "TERM");
     assert_eq!(gone.status.code(), Some(1));
     assert!(
         text(&gone.stderr).contains("cannot send TERM"),
