@@ -155,6 +155,25 @@ pub fn fuzz_agent_args(data: &[u8]) {
     }
 }
 
+/// The agent's forwarding frames: decoding never panics and stops at the first error; every
+/// frame it decodes encodes back to exactly the bytes it came from.
+pub fn fuzz_agent_proto(data: &[u8]) {
+    use crate::agent::proto::{decode, HEADER_LEN, MAX_PAYLOAD};
+
+    let mut rest = data;
+    while let Ok(Some((frame, used))) = decode(rest) {
+        assert!(
+            (HEADER_LEN..=HEADER_LEN + MAX_PAYLOAD).contains(&used) && used <= rest.len(),
+            "consumed {used} of {}",
+            rest.len()
+        );
+        let mut again = Vec::new();
+        frame.encode(&mut again);
+        assert_eq!(again, &rest[..used], "{frame:?} re-encodes differently");
+        rest = &rest[used..];
+    }
+}
+
 #[cfg(test)]
 mod tests {
     type Harness = fn(&[u8]);
@@ -164,13 +183,14 @@ mod tests {
     #[test]
     fn seed_corpora_pass_their_harnesses() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
-        let targets: [(&str, Harness); 6] = [
+        let targets: [(&str, Harness); 7] = [
             ("config_yaml", super::fuzz_config),
             ("docker_demux", super::fuzz_docker_demux),
             ("go_duration", super::fuzz_go_duration),
             ("split_words", super::fuzz_split_words),
             ("authorized_keys", super::fuzz_authorized_keys),
             ("agent_args", super::fuzz_agent_args),
+            ("agent_proto", super::fuzz_agent_proto),
         ];
         for (target, harness) in targets {
             let seeds = std::fs::read_dir(root.join(target))

@@ -21,6 +21,9 @@ commands:
       Exits with PROG's exit code, or 128+N (and records the signal) when signal N killed it.
   exit-info --pid N
       print the name of the signal that killed console child N (nothing if none), forget it
+  forward-server
+      forward TCP and unix socket streams for the server, framed on stdin/stdout
+      (see docs/agent-protocol.md); exits 0 when stdin ends, 3 on a protocol violation
   signal --pid N --signal NAME
       send signal NAME (TERM, INT, HUP, KILL, USR1, ...) to process N
   wait-signal [--signal NAME]...
@@ -65,6 +68,8 @@ pub enum Command {
         /// Permission bits of the new file.
         mode: u32,
     },
+    /// `forward-server`
+    ForwardServer,
     /// `exit-info`
     ExitInfo {
         /// The console child whose record to print and remove.
@@ -289,6 +294,15 @@ pub fn parse(args: &[OsString]) -> Result<Command, UsageError> {
             }
             let path = path.ok_or_else(|| usage("write-file: PATH is required"))?;
             Command::WriteFile { path, mode }
+        }
+        "forward-server" => {
+            if let Some(arg) = args.next() {
+                return Err(match arg {
+                    Arg::Opt(name, _) => unknown(command, name),
+                    _ => usage("forward-server: unexpected argument"),
+                });
+            }
+            Command::ForwardServer
         }
         "exit-info" => {
             let mut pid = None;
@@ -518,6 +532,14 @@ mod tests {
         ] {
             assert!(p(bad).is_err(), "{bad:?} should fail");
         }
+    }
+
+    #[test]
+    fn forward_server() {
+        assert_eq!(p(&["forward-server"]).unwrap(), Command::ForwardServer);
+        assert!(p(&["forward-server", "x"]).is_err());
+        assert!(p(&["forward-server", "--port", "1"]).is_err());
+        assert!(p(&["forward-server", "--"]).is_err());
     }
 
     #[test]

@@ -22,10 +22,17 @@
 //! when the program ends it exits with the program's code, or with 128+N when signal N killed it,
 //! after recording the signal's name in `EXIT_RECORD_DIRS/EXIT_RECORD_PREFIX<pid>`. `exit-info
 //! --pid <pid>` prints that name and removes the record.
+//!
+//! # `forward-server`: port and socket forwarding
+//! Dials and listens on TCP and unix sockets inside the container for the server, with all
+//! streams multiplexed over stdin/stdout in the frames of [`proto`] (reference:
+//! `docs/agent-protocol.md`). Threads and blocking sockets, no async runtime.
 
 pub mod cli;
 mod console;
 mod exit_record;
+mod forward;
+pub mod proto;
 pub mod signal;
 mod write_file;
 
@@ -114,6 +121,9 @@ pub enum AgentError {
         /// Why.
         source: io::Error,
     },
+    /// `forward-server`: duplicating stdin or stdout failed.
+    #[error("cannot set up stdin and stdout")]
+    Stdio(#[source] io::Error),
     /// `exit-info`: reading or removing the record failed.
     #[error("cannot read the exit record {path}")]
     ExitRecord {
@@ -168,6 +178,7 @@ fn run(command: Command, argv0: Option<OsString>) -> Result<i32, AgentError> {
         Command::WriteFile { path, mode } => {
             write_file::from_stdin(&path, mode, MAX_WRITE_FILE_BYTES).map(|()| 0)
         }
+        Command::ForwardServer => forward::run(),
         Command::ExitInfo { pid } => {
             if let Some(name) = exit_record::take(pid)? {
                 println!("{name}");

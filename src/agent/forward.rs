@@ -1,0 +1,743 @@
+//! `forward-server`: TCP and unix socket forwarding for the server, multiplexed over stdin and
+//! stdout with the framing of [`super::proto`] (the reference is `docs/agent-protocol.md`).
+//!
+//! Plain threads and blocking sockets: the main thread reads frames from stdin and dispatches
+//! them; one writer thread owns stdout and writes whole frames it gets from a channel; each dial
+//! runs in its own thread; each listener has an accept thread; each stream has a socket-reader
+//! thread (socket → `Data`, bounded by the server's credit) and a socket-writer thread (`Data` →
+//! socket, then `Ack`). The process ends when stdin ends (exit 0), stdout fails (exit 0) or the
+//! server breaks the protocol (exit 3); unix sockets and private directories the agent created
+//! are removed first, and the process exit takes the remaining threads down.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::{self, DirBuilder, File};
+use std::io::{self, BufWriter, Read, Write};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs,
+};
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::Duration;
+
+use super::proto::{
+    decode, Frame, AGENT_ID_BASE, INITIAL_CREDIT, MAX_DATA, MAX_LISTENERS, MAX_MESSAGE_LEN,
+    MAX_STREAMS,
+};
+use super::AgentError;
+
+/// How long a `DialTcp` tries one address.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Stack size of every thread the agent starts (a few thousand may run at once).
+const STACK_SIZE: usize = 256 * 1024;
+/// Exit code for a protocol violation by the server.
+const EXIT_VIOLATION: i32 = 3;
+
+/// A connected stream socket.
+enum Sock {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Sock {
+    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => (&*s).read(buf),
+            Sock::Unix(s) => (&*s).read(buf),
+        }
+    }
+
+    fn write_all(&self, buf: &[u8]) -> io::Result<()> {
+        match self {
+            Sock::Tcp(s) => (&*s).write_all(buf),
+            Sock::Unix(s) => (&*s).write_all(buf),
+        }
+    }
+
+    fn shutdown(&self, how: Shutdown) {
+        // ENOTCONN after the peer went away changes nothing.
+        let _ = match self {
+            Sock::Tcp(s) => s.shutdown(how),
+            Sock::Unix(s) => s.shutdown(how),
+        };
+    }
+}
+
+/// What the socket-writer thread of a stream works through.
+enum ToSocket {
+    Data(Vec<u8>),
+    Eof,
+    Stop,
+}
+
+/// The half-close state of a stream.
+#[derive(Default)]
+struct Progress {
+    /// We sent `Eof` (the socket's read side ended).
+    sent_eof: bool,
+    /// The server's `Eof` went through: queue drained, socket write side shut down.
+    peer_eof_done: bool,
+    /// The stream was released; its threads stop quietly.
+    released: bool,
+}
+
+/// One live stream.
+struct Stream {
+    id: u32,
+    sock: Sock,
+    /// Our remaining send credit (bytes of `Data` we may still send un-`Ack`ed).
+    credit: Mutex<u32>,
+    credit_changed: Condvar,
+    /// Bytes of the server's `Data` not yet `Ack`ed by us.
+    unacked: AtomicU32,
+    /// The server sent `Eof`.
+    server_eof: AtomicBool,
+    progress: Mutex<Progress>,
+    queue: Sender<ToSocket>,
+}
+
+/// A stream slot: a dial in progress or a live stream.
+enum Slot {
+    Dialing,
+    Live(Arc<Stream>),
+}
+
+/// One listener. The accept thread owns the socket; this is how to stop it and clean up.
+struct Listener {
+    stopped: Arc<AtomicBool>,
+    /// Where to connect to wake the accept thread.
+    wake: Wake,
+    /// The socket file we created, and the private directory around it.
+    unix_path: Option<PathBuf>,
+    private_dir: Option<PathBuf>,
+}
+
+enum Wake {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+#[derive(Default)]
+struct State {
+    streams: HashMap<u32, Slot>,
+    listeners: HashMap<u32, Listener>,
+    /// The next id for an accepted stream (`None` when exhausted).
+    next_agent_id: Option<u32>,
+}
+
+/// What every thread shares.
+struct Shared {
+    state: Mutex<State>,
+    out: Sender<Frame>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn send(&self, frame: Frame) {
+        // Fails only once the writer is gone, and then the process is exiting.
+        let _ = self.out.send(frame);
+    }
+}
+
+/// Set by the first thread that ends the process; others then wait for the exit.
+static EXITING: AtomicBool = AtomicBool::new(false);
+
+/// Removes what the agent created on disk and exits with `code`.
+fn finish(shared: &Shared, code: i32) -> ! {
+    if EXITING.swap(true, Ordering::SeqCst) {
+        loop {
+            thread::park();
+        }
+    }
+    let listeners: Vec<Listener> = shared.lock().listeners.drain().map(|(_, l)| l).collect();
+    for l in &listeners {
+        remove_files(l);
+    }
+    std::process::exit(code);
+}
+
+fn remove_files(l: &Listener) {
+    if let Some(p) = &l.unix_path {
+        let _ = fs::remove_file(p);
+    }
+    if let Some(d) = &l.private_dir {
+        let _ = fs::remove_dir(d);
+    }
+}
+
+fn violation(shared: &Shared, msg: impl std::fmt::Display) -> ! {
+    eprintln!("containerssh-agent: forward-server: protocol violation: {msg}");
+    finish(shared, EXIT_VIOLATION);
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) {
+    // Failing to start a thread (out of memory or threads) is fatal for the agent anyway.
+    if let Err(e) = thread::Builder::new()
+        .name(name.to_owned())
+        .stack_size(STACK_SIZE)
+        .spawn(f)
+    {
+        eprintln!("containerssh-agent: forward-server: cannot start a thread: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// A `Failed` reply, its message cut to [`MAX_MESSAGE_LEN`] bytes at a character boundary.
+fn failed(id: u32, message: String) -> Frame {
+    let mut message = message;
+    if message.len() > MAX_MESSAGE_LEN {
+        let mut end = MAX_MESSAGE_LEN;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+    }
+    Frame::Failed { id, message }
+}
+
+/// `forward-server`: serves frames from stdin until it ends; returns only on setup failure.
+pub fn run() -> Result<i32, AgentError> {
+    let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned().map(File::from);
+    let mut input = dup(io::stdin().as_fd()).map_err(AgentError::Stdio)?;
+    let output = dup(io::stdout().as_fd()).map_err(AgentError::Stdio)?;
+    let (tx, rx) = mpsc::channel();
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            next_agent_id: Some(AGENT_ID_BASE),
+            ..State::default()
+        }),
+        out: tx,
+    });
+    {
+        let shared = Arc::clone(&shared);
+        spawn("stdout", move || writer(&shared, rx, output));
+    }
+    let mut buf: Vec<u8> = Vec::with_capacity(128 * 1024);
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let n = match input.read(&mut chunk) {
+            Ok(0) => finish(&shared, 0),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => finish(&shared, 0),
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let mut used = 0;
+        loop {
+            match decode(&buf[used..]) {
+                Ok(Some((frame, len))) => {
+                    used += len;
+                    handle(&shared, frame);
+                }
+                Ok(None) => break,
+                Err(e) => violation(&shared, e),
+            }
+        }
+        buf.drain(..used);
+    }
+}
+
+/// The stdout writer: whole frames, flushed when the channel runs dry (during a long burst the
+/// `BufWriter` writes out whenever its buffer fills).
+fn writer(shared: &Shared, rx: Receiver<Frame>, output: File) {
+    let mut out = BufWriter::with_capacity(64 * 1024, output);
+    let mut bytes = Vec::with_capacity(MAX_DATA + 64);
+    while let Ok(mut frame) = rx.recv() {
+        loop {
+            bytes.clear();
+            frame.encode(&mut bytes);
+            if out.write_all(&bytes).is_err() {
+                finish(shared, 0);
+            }
+            match rx.try_recv() {
+                Ok(f) => frame = f,
+                Err(_) => break,
+            }
+        }
+        if out.flush().is_err() {
+            finish(shared, 0);
+        }
+    }
+}
+
+/// Dispatches one frame from the server (main thread).
+fn handle(shared: &Arc<Shared>, frame: Frame) {
+    match frame {
+        Frame::DialTcp { id, .. }
+        | Frame::DialUnix { id, .. }
+        | Frame::ListenTcp { id, .. }
+        | Frame::ListenUnix { id, .. } => {
+            if id >= AGENT_ID_BASE {
+                violation(shared, format!("the server used agent id {id:#x}"));
+            }
+            let mut state = shared.lock();
+            if state.streams.contains_key(&id) || state.listeners.contains_key(&id) {
+                drop(state);
+                violation(shared, format!("id {id} is already in use"));
+            }
+            match frame {
+                Frame::DialTcp { .. } | Frame::DialUnix { .. } => {
+                    if state.streams.len() >= MAX_STREAMS {
+                        drop(state);
+                        shared.send(failed(id, format!("too many streams ({MAX_STREAMS})")));
+                        return;
+                    }
+                    state.streams.insert(id, Slot::Dialing);
+                    drop(state);
+                    let shared = Arc::clone(shared);
+                    spawn("dial", move || dial(&shared, frame));
+                }
+                _ => {
+                    if state.listeners.len() >= MAX_LISTENERS {
+                        drop(state);
+                        shared.send(failed(id, format!("too many listeners ({MAX_LISTENERS})")));
+                        return;
+                    }
+                    drop(state);
+                    listen(shared, frame);
+                }
+            }
+        }
+        Frame::Unlisten { id } => {
+            let Some(l) = shared.lock().listeners.remove(&id) else {
+                return;
+            };
+            l.stopped.store(true, Ordering::SeqCst);
+            // The accept thread is blocked in accept(); a connection wakes it, it sees `stopped`
+            // and drops the listening socket.
+            match &l.wake {
+                Wake::Tcp(addr) => {
+                    let _ = TcpStream::connect_timeout(addr, Duration::from_secs(1));
+                }
+                Wake::Unix(path) => {
+                    let _ = UnixStream::connect(path);
+                }
+            }
+            remove_files(&l);
+        }
+        Frame::Data { id, data } => {
+            let Some(stream) = live(shared, id) else {
+                return;
+            };
+            if stream.server_eof.load(Ordering::SeqCst) {
+                violation(shared, format!("Data after Eof on stream {id}"));
+            }
+            let len = data.len() as u32;
+            let before = stream.unacked.fetch_add(len, Ordering::SeqCst);
+            if u64::from(before) + u64::from(len) > u64::from(INITIAL_CREDIT) {
+                violation(
+                    shared,
+                    format!("Data beyond the credit on stream {id} ({before} + {len} bytes)"),
+                );
+            }
+            let _ = stream.queue.send(ToSocket::Data(data));
+        }
+        Frame::Eof { id } => {
+            if let Some(stream) = live(shared, id) {
+                if !stream.server_eof.swap(true, Ordering::SeqCst) {
+                    let _ = stream.queue.send(ToSocket::Eof);
+                }
+            }
+        }
+        Frame::Close { id } => {
+            let mut state = shared.lock();
+            match state.streams.get(&id) {
+                Some(Slot::Live(stream)) => {
+                    let stream = Arc::clone(stream);
+                    drop(state);
+                    release(shared, &stream, false);
+                }
+                // A dial in progress: its thread finds the slot gone and drops the socket.
+                Some(Slot::Dialing) => {
+                    state.streams.remove(&id);
+                }
+                None => {}
+            }
+        }
+        Frame::Ack { id, bytes } => {
+            let Some(stream) = live(shared, id) else {
+                return;
+            };
+            let mut credit = stream.credit.lock().unwrap_or_else(|e| e.into_inner());
+            match credit.checked_add(bytes) {
+                Some(c) if c <= INITIAL_CREDIT => *credit = c,
+                _ => {
+                    drop(credit);
+                    violation(shared, format!("Ack of more than was sent on stream {id}"));
+                }
+            }
+            stream.credit_changed.notify_all();
+        }
+        Frame::Opened { id, .. } | Frame::Failed { id, .. } | Frame::Accepted { id, .. } => {
+            violation(
+                shared,
+                format!("agent-only frame from the server (id {id})"),
+            );
+        }
+    }
+}
+
+/// The live stream `id`; a dial in progress is a violation for frames that need a stream.
+fn live(shared: &Shared, id: u32) -> Option<Arc<Stream>> {
+    let state = shared.lock();
+    match state.streams.get(&id) {
+        Some(Slot::Live(s)) => Some(Arc::clone(s)),
+        Some(Slot::Dialing) => {
+            drop(state);
+            violation(shared, format!("stream {id} used before Opened"));
+        }
+        None => None,
+    }
+}
+
+/// Host text to an IP for listening.
+fn listen_ip(host: &str) -> Option<IpAddr> {
+    match host {
+        "" | "*" | "0.0.0.0" => Some(Ipv4Addr::UNSPECIFIED.into()),
+        "localhost" => Some(Ipv4Addr::LOCALHOST.into()),
+        _ => strip_brackets(host).parse().ok(),
+    }
+}
+
+fn strip_brackets(host: &str) -> &str {
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
+/// `ListenTcp` and `ListenUnix` (main thread; binding does not block).
+fn listen(shared: &Arc<Shared>, frame: Frame) {
+    let id = frame.id();
+    let stopped = Arc::new(AtomicBool::new(false));
+    let (accept, listener) = match frame {
+        Frame::ListenTcp { port, host, .. } => {
+            let addrs: Vec<SocketAddr> = match listen_ip(&host) {
+                Some(ip) => vec![SocketAddr::new(ip, port)],
+                None => match (host.as_str(), port).to_socket_addrs() {
+                    Ok(a) => a.collect(),
+                    Err(e) => {
+                        shared.send(failed(id, format!("resolve {host}: {e}")));
+                        return;
+                    }
+                },
+            };
+            let sock = match TcpListener::bind(&addrs[..]) {
+                Ok(s) => s,
+                Err(e) => {
+                    shared.send(failed(id, format!("listen {host}:{port}: {e}")));
+                    return;
+                }
+            };
+            let bound = match sock.local_addr() {
+                Ok(a) => a,
+                Err(e) => {
+                    shared.send(failed(id, format!("listen {host}:{port}: {e}")));
+                    return;
+                }
+            };
+            // Waking connects to the address itself, or to loopback for a wildcard.
+            let wake_ip = match bound.ip() {
+                IpAddr::V4(ip) if ip.is_unspecified() => Ipv4Addr::LOCALHOST.into(),
+                IpAddr::V6(ip) if ip.is_unspecified() => Ipv6Addr::LOCALHOST.into(),
+                ip => ip,
+            };
+            let l = Listener {
+                stopped: Arc::clone(&stopped),
+                wake: Wake::Tcp(SocketAddr::new(wake_ip, bound.port())),
+                unix_path: None,
+                private_dir: None,
+            };
+            (Accepting::Tcp(sock, bound.port()), l)
+        }
+        Frame::ListenUnix {
+            private_dir, path, ..
+        } => {
+            let path = PathBuf::from(OsStr::from_bytes(&path));
+            let shown = path.display();
+            let mut dir = None;
+            if private_dir {
+                let parent = match path.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p,
+                    _ => {
+                        shared.send(failed(id, format!("listen {shown}: no parent directory")));
+                        return;
+                    }
+                };
+                if let Err(e) = DirBuilder::new().mode(0o700).create(parent) {
+                    let msg = format!("create directory {}: {e}", parent.display());
+                    shared.send(failed(id, msg));
+                    return;
+                }
+                dir = Some(parent.to_path_buf());
+            }
+            let sock = match UnixListener::bind(&path) {
+                Ok(s) => s,
+                Err(e) => {
+                    if let Some(d) = &dir {
+                        let _ = fs::remove_dir(d);
+                    }
+                    shared.send(failed(id, format!("listen {shown}: {e}")));
+                    return;
+                }
+            };
+            let l = Listener {
+                stopped: Arc::clone(&stopped),
+                wake: Wake::Unix(path.clone()),
+                unix_path: Some(path),
+                private_dir: dir,
+            };
+            (Accepting::Unix(sock), l)
+        }
+        _ => return,
+    };
+    let port = match accept {
+        Accepting::Tcp(_, port) => port,
+        Accepting::Unix(_) => 0,
+    };
+    {
+        let mut state = shared.lock();
+        state.listeners.insert(id, listener);
+        // Opened goes out before any Accepted: the accept thread starts after this.
+        shared.send(Frame::Opened { id, port });
+    }
+    let shared = Arc::clone(shared);
+    spawn("accept", move || accept_loop(&shared, id, accept, &stopped));
+}
+
+enum Accepting {
+    Tcp(TcpListener, u16),
+    Unix(UnixListener),
+}
+
+/// Accepts connections of listener `id` until it is stopped.
+fn accept_loop(shared: &Arc<Shared>, id: u32, listener: Accepting, stopped: &AtomicBool) {
+    loop {
+        let accepted = match &listener {
+            Accepting::Tcp(l, _) => l.accept().map(|(s, peer)| {
+                let _ = s.set_nodelay(true);
+                (Sock::Tcp(s), peer.port(), peer.ip().to_string())
+            }),
+            Accepting::Unix(l) => l.accept().map(|(s, _)| (Sock::Unix(s), 0, String::new())),
+        };
+        if stopped.load(Ordering::SeqCst) {
+            return;
+        }
+        let (sock, peer_port, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => {
+                // Out of descriptors or an aborted connection: retry without spinning.
+                thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let mut state = shared.lock();
+        let Some(stream_id) = state.next_agent_id else {
+            continue; // ids exhausted (2^31 connections): refuse by closing
+        };
+        if state.streams.len() >= MAX_STREAMS {
+            continue; // dropping `sock` closes it at once
+        }
+        state.next_agent_id = stream_id.checked_add(1);
+        shared.send(Frame::Accepted {
+            listener: id,
+            id: stream_id,
+            peer_port,
+            peer,
+        });
+        start_stream(shared, &mut state, stream_id, sock);
+    }
+}
+
+/// `DialTcp`/`DialUnix` in its own thread: connect, then Opened (and the stream starts) or
+/// Failed. If the server closed the id meanwhile, the socket is dropped without a reply.
+fn dial(shared: &Arc<Shared>, frame: Frame) {
+    let id = frame.id();
+    let result = match frame {
+        Frame::DialTcp { port, host, .. } => dial_tcp(&host, port).map(Sock::Tcp),
+        Frame::DialUnix { path, .. } => {
+            let path = Path::new(OsStr::from_bytes(&path));
+            UnixStream::connect(path)
+                .map(Sock::Unix)
+                .map_err(|e| format!("connect {}: {e}", path.display()))
+        }
+        _ => return,
+    };
+    let mut state = shared.lock();
+    if !matches!(state.streams.get(&id), Some(Slot::Dialing)) {
+        return;
+    }
+    match result {
+        Ok(sock) => {
+            shared.send(Frame::Opened { id, port: 0 });
+            start_stream(shared, &mut state, id, sock);
+        }
+        Err(message) => {
+            state.streams.remove(&id);
+            shared.send(failed(id, message));
+        }
+    }
+}
+
+fn dial_tcp(host: &str, port: u16) -> Result<TcpStream, String> {
+    let addrs: Vec<SocketAddr> = match host {
+        "localhost" => vec![SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)],
+        _ => match strip_brackets(host).parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, port)],
+            Err(_) => match (host, port).to_socket_addrs() {
+                Ok(a) => a.collect(),
+                Err(e) => return Err(format!("resolve {host}: {e}")),
+            },
+        },
+    };
+    let mut last = format!("resolve {host}: no addresses");
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) => last = format!("connect {addr}: {e}"),
+        }
+    }
+    Err(last)
+}
+
+/// Makes `id` a live stream and starts its two threads (caller holds the state lock, after
+/// sending Opened/Accepted, so those precede the stream's first Data).
+fn start_stream(shared: &Arc<Shared>, state: &mut State, id: u32, sock: Sock) {
+    let (queue, rx) = mpsc::channel();
+    let stream = Arc::new(Stream {
+        id,
+        sock,
+        credit: Mutex::new(INITIAL_CREDIT),
+        credit_changed: Condvar::new(),
+        unacked: AtomicU32::new(0),
+        server_eof: AtomicBool::new(false),
+        progress: Mutex::new(Progress::default()),
+        queue,
+    });
+    state.streams.insert(id, Slot::Live(Arc::clone(&stream)));
+    {
+        let (shared, stream) = (Arc::clone(shared), Arc::clone(&stream));
+        spawn("sock-read", move || socket_reader(&shared, &stream));
+    }
+    let shared = Arc::clone(shared);
+    spawn("sock-write", move || socket_writer(&shared, &stream, rx));
+}
+
+/// Releases a stream once: forget it, shut the socket down, wake its threads; sends Close
+/// unless the server closed it.
+fn release(shared: &Shared, stream: &Stream, send_close: bool) {
+    {
+        let mut p = stream.progress.lock().unwrap_or_else(|e| e.into_inner());
+        if p.released {
+            return;
+        }
+        p.released = true;
+    }
+    shared.lock().streams.remove(&stream.id);
+    if send_close {
+        shared.send(Frame::Close { id: stream.id });
+    }
+    stream.sock.shutdown(Shutdown::Both);
+    let _ = stream.queue.send(ToSocket::Stop);
+    drop(stream.credit.lock().unwrap_or_else(|e| e.into_inner()));
+    stream.credit_changed.notify_all();
+}
+
+/// Marks one direction done; releases the stream when both are.
+fn half_done(shared: &Shared, stream: &Stream, mark: impl FnOnce(&mut Progress)) {
+    let both = {
+        let mut p = stream.progress.lock().unwrap_or_else(|e| e.into_inner());
+        mark(&mut p);
+        p.sent_eof && p.peer_eof_done && !p.released
+    };
+    if both {
+        release(shared, stream, true);
+    }
+}
+
+fn is_released(stream: &Stream) -> bool {
+    stream
+        .progress
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .released
+}
+
+/// Socket → `Data` frames, within the server's credit; `Eof` at the end, `Close` on error.
+fn socket_reader(shared: &Shared, stream: &Stream) {
+    let mut buf = vec![0u8; MAX_DATA];
+    loop {
+        let allowed = {
+            let mut credit = stream.credit.lock().unwrap_or_else(|e| e.into_inner());
+            while *credit == 0 {
+                if is_released(stream) {
+                    return;
+                }
+                credit = stream
+                    .credit_changed
+                    .wait(credit)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+            (*credit as usize).min(MAX_DATA)
+        };
+        let n = match stream.sock.read(&mut buf[..allowed]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => {
+                release(shared, stream, true);
+                return;
+            }
+        };
+        if is_released(stream) {
+            return;
+        }
+        if n == 0 {
+            shared.send(Frame::Eof { id: stream.id });
+            half_done(shared, stream, |p| p.sent_eof = true);
+            return;
+        }
+        *stream.credit.lock().unwrap_or_else(|e| e.into_inner()) -= n as u32;
+        shared.send(Frame::Data {
+            id: stream.id,
+            data: buf[..n].to_vec(),
+        });
+    }
+}
+
+/// `Data` → socket, then `Ack`; on the server's `Eof`, shuts the socket's write side down.
+fn socket_writer(shared: &Shared, stream: &Stream, rx: Receiver<ToSocket>) {
+    while let Ok(item) = rx.recv() {
+        match item {
+            ToSocket::Data(data) => {
+                if stream.sock.write_all(&data).is_err() {
+                    release(shared, stream, true);
+                    return;
+                }
+                let n = data.len() as u32;
+                stream.unacked.fetch_sub(n, Ordering::SeqCst);
+                shared.send(Frame::Ack {
+                    id: stream.id,
+                    bytes: n,
+                });
+            }
+            ToSocket::Eof => {
+                stream.sock.shutdown(Shutdown::Write);
+                half_done(shared, stream, |p| p.peer_eof_done = true);
+            }
+            ToSocket::Stop => return,
+        }
+    }
+}

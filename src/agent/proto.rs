@@ -1,0 +1,647 @@
+//! The framing of `forward-server`'s stdin/stdout (see `docs/agent-protocol.md`): pure code, no
+//! I/O, shared by the agent and the server side.
+//!
+//! A frame is `u32 len`, `u8 type`, `u32 id`, then `len - 5` bytes of payload; every integer is
+//! big-endian. [`decode`] checks the length before it looks at anything else, so a hostile
+//! length never makes it allocate or wait for more than [`HEADER_LEN`] + [`MAX_PAYLOAD`] bytes.
+
+/// Bytes before the payload: `u32 len`, `u8 type`, `u32 id`.
+pub const HEADER_LEN: usize = 9;
+/// The largest payload of any frame.
+pub const MAX_PAYLOAD: usize = 32 * 1024 + 1024;
+/// The most bytes one `Data` frame carries.
+pub const MAX_DATA: usize = 32 * 1024;
+/// Bytes of `Data` a sender may have un-`Ack`ed per stream and direction.
+pub const INITIAL_CREDIT: u32 = 256 * 1024;
+/// Stream ids the agent allocates (for accepted connections) are `>=` this; the server's own
+/// ids are below it.
+pub const AGENT_ID_BASE: u32 = 0x8000_0000;
+/// Live streams (dials in progress included) per `forward-server`.
+pub const MAX_STREAMS: usize = 1024;
+/// Listeners per `forward-server`.
+pub const MAX_LISTENERS: usize = 64;
+/// The longest host name in `DialTcp`/`ListenTcp` and peer address in `Accepted`.
+pub const MAX_HOST_LEN: usize = 255;
+/// The longest unix socket path in `DialUnix`/`ListenUnix`.
+pub const MAX_PATH_LEN: usize = 1024;
+/// The longest message in `Failed`.
+pub const MAX_MESSAGE_LEN: usize = 512;
+
+/// The smallest valid `len` (type and id, no payload).
+const MIN_LEN: usize = 5;
+
+/// Frame type bytes.
+mod kind {
+    pub const DIAL_TCP: u8 = 1;
+    pub const DIAL_UNIX: u8 = 2;
+    pub const LISTEN_TCP: u8 = 3;
+    pub const LISTEN_UNIX: u8 = 4;
+    pub const UNLISTEN: u8 = 5;
+    pub const OPENED: u8 = 16;
+    pub const FAILED: u8 = 17;
+    pub const ACCEPTED: u8 = 18;
+    pub const DATA: u8 = 32;
+    pub const EOF: u8 = 33;
+    pub const CLOSE: u8 = 34;
+    pub const ACK: u8 = 35;
+}
+
+/// `ListenUnix` flag: the agent creates (and later removes) the socket's parent directory.
+const FLAG_PRIVATE_DIR: u8 = 1;
+
+/// One frame of the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// Server → agent: connect stream `id` to `host:port` over TCP.
+    DialTcp {
+        /// New stream id (below [`AGENT_ID_BASE`]).
+        id: u32,
+        /// Destination port.
+        port: u16,
+        /// Destination host name or IP literal.
+        host: String,
+    },
+    /// Server → agent: connect stream `id` to the unix socket `path`.
+    DialUnix {
+        /// New stream id (below [`AGENT_ID_BASE`]).
+        id: u32,
+        /// Socket path (bytes, not necessarily UTF-8).
+        path: Vec<u8>,
+    },
+    /// Server → agent: listen on `host:port` (port 0: any free port) as listener `id`.
+    ListenTcp {
+        /// New listener id (below [`AGENT_ID_BASE`]).
+        id: u32,
+        /// Port to bind, 0 for any.
+        port: u16,
+        /// Address to bind: "", "*", "0.0.0.0", "localhost", "::" or an IP literal.
+        host: String,
+    },
+    /// Server → agent: listen on the unix socket `path` as listener `id`.
+    ListenUnix {
+        /// New listener id (below [`AGENT_ID_BASE`]).
+        id: u32,
+        /// The agent creates the parent directory (mode 0700, must not exist) and removes it
+        /// when the listener ends.
+        private_dir: bool,
+        /// Socket path.
+        path: Vec<u8>,
+    },
+    /// Server → agent: stop listener `id`; accepted streams go on. No reply.
+    Unlisten {
+        /// The listener.
+        id: u32,
+    },
+    /// Agent → server: a dial or listen succeeded.
+    Opened {
+        /// The stream or listener.
+        id: u32,
+        /// The bound port for `ListenTcp`, else 0.
+        port: u16,
+    },
+    /// Agent → server: a dial or listen failed.
+    Failed {
+        /// The stream or listener.
+        id: u32,
+        /// Why, human readable, at most [`MAX_MESSAGE_LEN`] bytes.
+        message: String,
+    },
+    /// Agent → server: listener `listener` accepted a connection, now stream `id`.
+    Accepted {
+        /// The listener (the frame's id).
+        listener: u32,
+        /// The new stream (`>=` [`AGENT_ID_BASE`]).
+        id: u32,
+        /// The peer's port (0 for unix sockets).
+        peer_port: u16,
+        /// The peer's IP address as text ("" for unix sockets).
+        peer: String,
+    },
+    /// Both ways: bytes of stream `id` (1..=[`MAX_DATA`] of them).
+    Data {
+        /// The stream.
+        id: u32,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// Both ways: the sender sends no more `Data` on stream `id`.
+    Eof {
+        /// The stream.
+        id: u32,
+    },
+    /// Both ways: the sender released stream `id`; the receiver releases it too, no reply.
+    Close {
+        /// The stream.
+        id: u32,
+    },
+    /// Both ways: the sender delivered `bytes` more bytes of stream `id`; credit returns.
+    Ack {
+        /// The stream.
+        id: u32,
+        /// Bytes delivered since the last `Ack`.
+        bytes: u32,
+    },
+}
+
+/// Why bytes are not a valid frame. Every one is a protocol violation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtoError {
+    /// `len` is below 5 or above 5 + [`MAX_PAYLOAD`].
+    #[error("frame length {0} is out of range (5..={max})", max = MIN_LEN + MAX_PAYLOAD)]
+    BadLength(u32),
+    /// The type byte names no frame.
+    #[error("unknown frame type {0}")]
+    UnknownType(u8),
+    /// The payload size does not fit the frame type.
+    #[error("{kind} frame has a payload of {len} bytes, which is invalid for it")]
+    BadPayloadSize {
+        /// Frame type name.
+        kind: &'static str,
+        /// Payload bytes.
+        len: usize,
+    },
+    /// A text field is not UTF-8.
+    #[error("{kind} frame: the {field} is not UTF-8")]
+    BadUtf8 {
+        /// Frame type name.
+        kind: &'static str,
+        /// Field name.
+        field: &'static str,
+    },
+    /// A host, path, peer or message is longer than its limit.
+    #[error("{kind} frame: the {field} is {len} bytes long, more than {max}")]
+    TooLong {
+        /// Frame type name.
+        kind: &'static str,
+        /// Field name.
+        field: &'static str,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// `ListenUnix` has flag bits other than `private_dir`.
+    #[error("ListenUnix frame has unknown flags {0:#04x}")]
+    BadFlags(u8),
+    /// A `Data` frame without bytes.
+    #[error("Data frame is empty")]
+    EmptyData,
+    /// A `Data` frame with more than [`MAX_DATA`] bytes.
+    #[error("Data frame has {0} bytes, more than {MAX_DATA}")]
+    DataTooLarge(usize),
+}
+
+impl Frame {
+    /// The frame's header id: the stream or listener it is about (for `Accepted`, the listener).
+    pub fn id(&self) -> u32 {
+        match self {
+            Frame::DialTcp { id, .. }
+            | Frame::DialUnix { id, .. }
+            | Frame::ListenTcp { id, .. }
+            | Frame::ListenUnix { id, .. }
+            | Frame::Unlisten { id }
+            | Frame::Opened { id, .. }
+            | Frame::Failed { id, .. }
+            | Frame::Data { id, .. }
+            | Frame::Eof { id }
+            | Frame::Close { id }
+            | Frame::Ack { id, .. } => *id,
+            Frame::Accepted { listener, .. } => *listener,
+        }
+    }
+
+    /// Appends the encoded frame to `out`. Fields are written as they are; a frame that
+    /// [`decode`] would reject (oversize host, empty data, ...) encodes to such bytes.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0; 4]);
+        let (ty, id) = (self.type_byte(), self.id());
+        out.push(ty);
+        out.extend_from_slice(&id.to_be_bytes());
+        match self {
+            Frame::DialTcp { port, host, .. } | Frame::ListenTcp { port, host, .. } => {
+                out.extend_from_slice(&port.to_be_bytes());
+                out.extend_from_slice(host.as_bytes());
+            }
+            Frame::DialUnix { path, .. } => out.extend_from_slice(path),
+            Frame::ListenUnix {
+                private_dir, path, ..
+            } => {
+                out.push(if *private_dir { FLAG_PRIVATE_DIR } else { 0 });
+                out.extend_from_slice(path);
+            }
+            Frame::Unlisten { .. } | Frame::Eof { .. } | Frame::Close { .. } => {}
+            Frame::Opened { port, .. } => out.extend_from_slice(&port.to_be_bytes()),
+            Frame::Failed { message, .. } => out.extend_from_slice(message.as_bytes()),
+            Frame::Accepted {
+                id,
+                peer_port,
+                peer,
+                ..
+            } => {
+                out.extend_from_slice(&id.to_be_bytes());
+                out.extend_from_slice(&peer_port.to_be_bytes());
+                out.extend_from_slice(peer.as_bytes());
+            }
+            Frame::Data { data, .. } => out.extend_from_slice(data),
+            Frame::Ack { bytes, .. } => out.extend_from_slice(&bytes.to_be_bytes()),
+        }
+        // Saturates only for frames far beyond anything decode accepts.
+        let len = u32::try_from(out.len() - start - 4).unwrap_or(u32::MAX);
+        out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    }
+
+    fn type_byte(&self) -> u8 {
+        match self {
+            Frame::DialTcp { .. } => kind::DIAL_TCP,
+            Frame::DialUnix { .. } => kind::DIAL_UNIX,
+            Frame::ListenTcp { .. } => kind::LISTEN_TCP,
+            Frame::ListenUnix { .. } => kind::LISTEN_UNIX,
+            Frame::Unlisten { .. } => kind::UNLISTEN,
+            Frame::Opened { .. } => kind::OPENED,
+            Frame::Failed { .. } => kind::FAILED,
+            Frame::Accepted { .. } => kind::ACCEPTED,
+            Frame::Data { .. } => kind::DATA,
+            Frame::Eof { .. } => kind::EOF,
+            Frame::Close { .. } => kind::CLOSE,
+            Frame::Ack { .. } => kind::ACK,
+        }
+    }
+}
+
+fn be16(b: &[u8]) -> u16 {
+    u16::from_be_bytes([b[0], b[1]])
+}
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// Checks a text field's length and encoding.
+fn text(
+    kind: &'static str,
+    field: &'static str,
+    b: &[u8],
+    max: usize,
+) -> Result<String, ProtoError> {
+    if b.len() > max {
+        return Err(ProtoError::TooLong {
+            kind,
+            field,
+            len: b.len(),
+            max,
+        });
+    }
+    match std::str::from_utf8(b) {
+        Ok(s) => Ok(s.to_owned()),
+        Err(_) => Err(ProtoError::BadUtf8 { kind, field }),
+    }
+}
+
+fn path(kind: &'static str, b: &[u8]) -> Result<Vec<u8>, ProtoError> {
+    if b.len() > MAX_PATH_LEN {
+        return Err(ProtoError::TooLong {
+            kind,
+            field: "path",
+            len: b.len(),
+            max: MAX_PATH_LEN,
+        });
+    }
+    Ok(b.to_vec())
+}
+
+/// Decodes the frame at the start of `buf`: `Ok(None)` when `buf` holds only part of it,
+/// `Ok(Some((frame, bytes consumed)))`, or why the bytes are no valid frame. Never panics.
+pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, ProtoError> {
+    let Some(len_bytes) = buf.get(..4) else {
+        return Ok(None);
+    };
+    let len32 = be32(len_bytes);
+    let len = len32 as usize;
+    if !(MIN_LEN..=MIN_LEN + MAX_PAYLOAD).contains(&len) {
+        return Err(ProtoError::BadLength(len32));
+    }
+    let Some(body) = buf.get(4..4 + len) else {
+        return Ok(None);
+    };
+    let (ty, id, p) = (body[0], be32(&body[1..5]), &body[5..]);
+    let size = |kind: &'static str, ok: bool| {
+        if ok {
+            Ok(())
+        } else {
+            Err(ProtoError::BadPayloadSize { kind, len: p.len() })
+        }
+    };
+    let frame = match ty {
+        kind::DIAL_TCP | kind::LISTEN_TCP => {
+            let name = if ty == kind::DIAL_TCP {
+                "DialTcp"
+            } else {
+                "ListenTcp"
+            };
+            size(name, p.len() >= 2)?;
+            let port = be16(p);
+            let host = text(name, "host", &p[2..], MAX_HOST_LEN)?;
+            if ty == kind::DIAL_TCP {
+                Frame::DialTcp { id, port, host }
+            } else {
+                Frame::ListenTcp { id, port, host }
+            }
+        }
+        kind::DIAL_UNIX => Frame::DialUnix {
+            id,
+            path: path("DialUnix", p)?,
+        },
+        kind::LISTEN_UNIX => {
+            size("ListenUnix", !p.is_empty())?;
+            if p[0] & !FLAG_PRIVATE_DIR != 0 {
+                return Err(ProtoError::BadFlags(p[0]));
+            }
+            Frame::ListenUnix {
+                id,
+                private_dir: p[0] & FLAG_PRIVATE_DIR != 0,
+                path: path("ListenUnix", &p[1..])?,
+            }
+        }
+        kind::UNLISTEN => {
+            size("Unlisten", p.is_empty())?;
+            Frame::Unlisten { id }
+        }
+        kind::OPENED => {
+            size("Opened", p.len() == 2)?;
+            Frame::Opened { id, port: be16(p) }
+        }
+        kind::FAILED => Frame::Failed {
+            id,
+            message: text("Failed", "message", p, MAX_MESSAGE_LEN)?,
+        },
+        kind::ACCEPTED => {
+            size("Accepted", p.len() >= 6)?;
+            Frame::Accepted {
+                listener: id,
+                id: be32(p),
+                peer_port: be16(&p[4..]),
+                peer: text("Accepted", "peer", &p[6..], MAX_HOST_LEN)?,
+            }
+        }
+        kind::DATA => {
+            if p.is_empty() {
+                return Err(ProtoError::EmptyData);
+            }
+            if p.len() > MAX_DATA {
+                return Err(ProtoError::DataTooLarge(p.len()));
+            }
+            Frame::Data {
+                id,
+                data: p.to_vec(),
+            }
+        }
+        kind::EOF => {
+            size("Eof", p.is_empty())?;
+            Frame::Eof { id }
+        }
+        kind::CLOSE => {
+            size("Close", p.is_empty())?;
+            Frame::Close { id }
+        }
+        kind::ACK => {
+            size("Ack", p.len() == 4)?;
+            Frame::Ack { id, bytes: be32(p) }
+        }
+        other => return Err(ProtoError::UnknownType(other)),
+    };
+    Ok(Some((frame, 4 + len)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_frames() -> Vec<Frame> {
+        vec![
+            Frame::DialTcp {
+                id: 1,
+                port: 80,
+                host: "example.com".into(),
+            },
+            Frame::DialTcp {
+                id: 2,
+                port: 65535,
+                host: String::new(),
+            },
+            Frame::DialUnix {
+                id: 3,
+                path: b"/run/\xffsock".to_vec(),
+            },
+            Frame::ListenTcp {
+                id: 4,
+                port: 0,
+                host: "::".into(),
+            },
+            Frame::ListenUnix {
+                id: 5,
+                private_dir: true,
+                path: b"/tmp/d/s".to_vec(),
+            },
+            Frame::ListenUnix {
+                id: 6,
+                private_dir: false,
+                path: vec![],
+            },
+            Frame::Unlisten { id: 7 },
+            Frame::Opened { id: 8, port: 4242 },
+            Frame::Failed {
+                id: 9,
+                message: "connect 10.0.0.1:80: Connection refused".into(),
+            },
+            Frame::Accepted {
+                listener: 10,
+                id: AGENT_ID_BASE + 1,
+                peer_port: 55000,
+                peer: "127.0.0.1".into(),
+            },
+            Frame::Data {
+                id: u32::MAX,
+                data: vec![0xab; MAX_DATA],
+            },
+            Frame::Data {
+                id: 11,
+                data: vec![1],
+            },
+            Frame::Eof { id: 12 },
+            Frame::Close { id: 13 },
+            Frame::Ack {
+                id: 14,
+                bytes: INITIAL_CREDIT,
+            },
+        ]
+    }
+
+    fn enc(f: &Frame) -> Vec<u8> {
+        let mut v = Vec::new();
+        f.encode(&mut v);
+        v
+    }
+
+    fn raw(ty: u8, id: u32, payload: &[u8]) -> Vec<u8> {
+        let mut v = ((payload.len() + 5) as u32).to_be_bytes().to_vec();
+        v.push(ty);
+        v.extend_from_slice(&id.to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn round_trip_every_variant() {
+        for f in all_frames() {
+            let bytes = enc(&f);
+            assert_eq!(decode(&bytes), Ok(Some((f.clone(), bytes.len()))), "{f:?}");
+        }
+    }
+
+    #[test]
+    fn wire_layout() {
+        assert_eq!(
+            enc(&Frame::DialTcp {
+                id: 0x0102_0304,
+                port: 0x1f90,
+                host: "h".into()
+            }),
+            [0, 0, 0, 8, 1, 1, 2, 3, 4, 0x1f, 0x90, b'h']
+        );
+        assert_eq!(
+            enc(&Frame::Accepted {
+                listener: 1,
+                id: AGENT_ID_BASE,
+                peer_port: 2,
+                peer: String::new()
+            }),
+            [0, 0, 0, 11, 18, 0, 0, 0, 1, 0x80, 0, 0, 0, 0, 2]
+        );
+        assert_eq!(Frame::Eof { id: 5 }.id(), 5);
+    }
+
+    #[test]
+    fn partial_and_concatenated_input() {
+        let frames = all_frames();
+        let mut stream = Vec::new();
+        for f in &frames {
+            f.encode(&mut stream);
+        }
+        // Every prefix that ends inside a frame asks for more.
+        let first = enc(&frames[0]);
+        for cut in 0..first.len() {
+            assert_eq!(decode(&first[..cut]), Ok(None), "cut {cut}");
+        }
+        // Fed one byte at a time, the stream yields the same frames.
+        let (mut buf, mut got) = (Vec::new(), Vec::new());
+        for &b in &stream {
+            buf.push(b);
+            while let Some((f, n)) = decode(&buf).unwrap() {
+                buf.drain(..n);
+                got.push(f);
+            }
+        }
+        assert!(buf.is_empty());
+        assert_eq!(got, frames);
+    }
+
+    #[test]
+    fn errors() {
+        // Length checked first, before the rest arrives.
+        assert_eq!(decode(&[0, 0, 0, 4]), Err(ProtoError::BadLength(4)));
+        assert_eq!(
+            decode(&[0xff, 0xff, 0xff, 0xff]),
+            Err(ProtoError::BadLength(u32::MAX))
+        );
+        let too_long = (MIN_LEN + MAX_PAYLOAD + 1) as u32;
+        assert_eq!(
+            decode(&too_long.to_be_bytes()),
+            Err(ProtoError::BadLength(too_long))
+        );
+        assert!(matches!(
+            decode(&raw(6, 1, &[])),
+            Err(ProtoError::UnknownType(6))
+        ));
+        assert!(matches!(
+            decode(&raw(0, 1, &[])),
+            Err(ProtoError::UnknownType(0))
+        ));
+        for (ty, payload) in [
+            (1u8, &[0u8][..]),
+            (3, &[]),
+            (4, &[]),
+            (5, &[0]),
+            (16, &[0]),
+            (16, &[0, 0, 0]),
+            (18, &[0, 0, 0, 0, 0]),
+            (33, &[1]),
+            (34, &[1]),
+            (35, &[0, 0, 0]),
+            (35, &[0, 0, 0, 0, 0]),
+        ] {
+            assert!(
+                matches!(
+                    decode(&raw(ty, 1, payload)),
+                    Err(ProtoError::BadPayloadSize { .. })
+                ),
+                "type {ty} payload {payload:?}"
+            );
+        }
+        assert!(matches!(
+            decode(&raw(1, 1, &[0, 80, 0xff])),
+            Err(ProtoError::BadUtf8 { field: "host", .. })
+        ));
+        assert!(matches!(
+            decode(&raw(17, 1, &[0xc3])),
+            Err(ProtoError::BadUtf8 {
+                field: "message",
+                ..
+            })
+        ));
+        assert!(matches!(
+            decode(&raw(18, 1, &[0, 0, 0, 0, 0, 0, 0xff])),
+            Err(ProtoError::BadUtf8 { field: "peer", .. })
+        ));
+        let mut host = vec![0, 80];
+        host.extend_from_slice(&[b'a'; MAX_HOST_LEN + 1]);
+        assert!(matches!(
+            decode(&raw(3, 1, &host)),
+            Err(ProtoError::TooLong { field: "host", .. })
+        ));
+        assert!(matches!(
+            decode(&raw(2, 1, &[b'/'; MAX_PATH_LEN + 1])),
+            Err(ProtoError::TooLong { field: "path", .. })
+        ));
+        let mut lp = vec![1];
+        lp.extend_from_slice(&[b'/'; MAX_PATH_LEN + 1]);
+        assert!(matches!(
+            decode(&raw(4, 1, &lp)),
+            Err(ProtoError::TooLong { field: "path", .. })
+        ));
+        assert!(matches!(
+            decode(&raw(17, 1, &[b'x'; MAX_MESSAGE_LEN + 1])),
+            Err(ProtoError::TooLong {
+                field: "message",
+                ..
+            })
+        ));
+        assert_eq!(decode(&raw(4, 1, &[2, b'/'])), Err(ProtoError::BadFlags(2)));
+        assert_eq!(decode(&raw(32, 1, &[])), Err(ProtoError::EmptyData));
+        assert_eq!(
+            decode(&raw(32, 1, &vec![0; MAX_DATA + 1])),
+            Err(ProtoError::DataTooLarge(MAX_DATA + 1))
+        );
+        // At the limits exactly: accepted.
+        assert!(decode(&raw(32, 1, &vec![0; MAX_DATA])).unwrap().is_some());
+        assert!(decode(&raw(17, 1, &[b'x'; MAX_MESSAGE_LEN]))
+            .unwrap()
+            .is_some());
+        assert!(decode(&raw(2, 1, &[b'/'; MAX_PATH_LEN])).unwrap().is_some());
+        // Errors display as readable text.
+        assert_eq!(
+            ProtoError::BadLength(3).to_string(),
+            format!("frame length 3 is out of range (5..={})", 5 + MAX_PAYLOAD)
+        );
+    }
+}
