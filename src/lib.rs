@@ -14,6 +14,7 @@ pub mod agent;
 pub mod auth;
 pub mod backend;
 pub mod config;
+pub mod forward;
 pub mod limits;
 pub mod log;
 pub mod server;

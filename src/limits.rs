@@ -41,6 +41,26 @@ pub const MAX_STDIN_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 /// that fills this is sending without reading and is disconnected.
 pub const MAX_STDIN_OVERFLOW_BYTES: usize = 56 * 1024 * 1024;
 
+/// Forwarded connections (`-L`, `-R`, X11, agent) open at once on one connection.
+pub const MAX_FORWARD_CHANNELS_PER_CONNECTION: usize = 64;
+
+/// `tcpip-forward`/`streamlocal-forward` listeners, X11 displays and agent sockets per
+/// connection.
+pub const MAX_LISTENERS_PER_CONNECTION: usize = 16;
+
+/// Client data queued per forwarded connection before the reader waits, and the extra
+/// accepted while that connection's output waits on the client (as for stdin).
+pub const MAX_FORWARD_BUFFER_BYTES: usize = 1024 * 1024;
+pub const MAX_FORWARD_OVERFLOW_BYTES: usize = 4 * 1024 * 1024;
+
+/// Bound on setting up forwarding (starting the agent's forward-server, a dial or a listen
+/// inside the container); the client waits on it.
+pub const FORWARD_SETUP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// X11 displays tried inside the container, from `X11_DISPLAY_OFFSET` on (OpenSSH: 10, 1000).
+pub const X11_DISPLAY_OFFSET: u16 = 10;
+pub const X11_MAX_DISPLAYS: u16 = 100;
+
 /// Events (resize, signal, EOF, close) queued per channel before the reader waits.
 pub const CHANNEL_EVENT_QUEUE: usize = 64;
 

@@ -161,7 +161,16 @@ fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
         .password_file
         .clone()
         .map(|p| Arc::new(PasswordFile::new(p)));
-    let docker = DockerBackend::new(&settings.docker, &settings.instance_id)?;
+    let agent = containerssh::backend::agent::locate(&settings.agent)?;
+    if settings.docker.execution.disable_agent {
+        tracing::info!(
+            "the agent is disabled: no signals to exec'd programs, no forwarding, no files"
+        );
+    } else if let Some(a) = &agent {
+        tracing::info!(binary = %a.path.display(), bytes = a.bytes.len(), to = %settings.docker.execution.agent_path, "injecting the agent into containers");
+    }
+    let docker = DockerBackend::new(&settings.docker, &settings.instance_id)?
+        .inject_agent(agent.as_ref())?;
     let ssh_config = ssh::russh_config(&settings, keys)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -5,13 +5,12 @@
 mod support;
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::sync::{mpsc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::{random_hex, run_with_timeout, test_image};
+use support::{random_hex, run_with_timeout, static_agent, test_image};
 
 /// Bound for each docker command.
 const DOCKER_TIMEOUT: Duration = Duration::from_secs(60);
@@ -19,38 +18,6 @@ const DOCKER_TIMEOUT: Duration = Duration::from_secs(60);
 const STATE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Where the agent is mounted in containers.
 const AGENT: &str = "/cssh/agent";
-
-/// The agent built the way it ships (static glibc, release), once per test process.
-fn static_agent() -> PathBuf {
-    static AGENT_PATH: OnceLock<PathBuf> = OnceLock::new();
-    AGENT_PATH
-        .get_or_init(|| {
-            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-            let target_dir = root.join("target/static");
-            let out = Command::new(env!("CARGO"))
-                .current_dir(root)
-                .args([
-                    "build",
-                    "--release",
-                    "--target",
-                    "x86_64-unknown-linux-gnu",
-                    "--bin",
-                    "containerssh-agent",
-                ])
-                .env("RUSTFLAGS", "-C target-feature=+crt-static")
-                .env("CARGO_TARGET_DIR", &target_dir)
-                .stdin(Stdio::null())
-                .output()
-                .expect("run cargo build for the static agent");
-            assert!(
-                out.status.success(),
-                "static agent build failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            target_dir.join("x86_64-unknown-linux-gnu/release/containerssh-agent")
-        })
-        .clone()
-}
 
 fn docker(args: &[&str], stdin: Option<&[u8]>) -> Output {
     run_with_timeout(Command::new("docker").args(args), stdin, DOCKER_TIMEOUT)

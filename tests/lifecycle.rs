@@ -189,9 +189,12 @@ fn generated_host_key_is_stable_across_restarts() {
 fn a_container_that_cannot_start_is_reported_and_removed() {
     for mode in ["connection", "session"] {
         let env = TestEnv::new();
-        let yaml = env
-            .config_yaml(mode)
-            .replace("[\"/bin/sleep\", \"infinity\"]", "[\"/no/such/idle\"]");
+        // Connection mode: the idle command cannot start. Session mode: the program itself,
+        // which only fails the container start without the agent in front of it.
+        let yaml = env.config_yaml(mode).replace(
+            "    shellCommand: [\"/bin/sh\"]\n",
+            "    shellCommand: [\"/bin/sh\"]\n    idleCommand: [\"/no/such/idle\"]\n    disableAgent: true\n",
+        );
         let server = env.start(&yaml);
         let cmd = if mode == "session" {
             "/no/such/program"
@@ -209,6 +212,26 @@ fn a_container_that_cannot_start_is_reported_and_removed() {
         assert!(
             env.wait_no_containers(Duration::from_secs(10)),
             "{mode}: leftovers"
+        );
+    }
+}
+
+#[test]
+fn a_missing_program_under_the_agent_exits_127_with_a_message() {
+    for mode in ["connection", "session"] {
+        let env = TestEnv::new();
+        let server = env.start(&env.config_yaml(mode));
+        let out = run_with_timeout(
+            env.ssh(&server, "alice").arg("/no/such/program"),
+            None,
+            CMD_TIMEOUT,
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(127), "{mode}: {stderr}");
+        assert!(
+            stderr.contains("cannot execute /no/such/program"),
+            "{mode}: stderr: {stderr}\nserver: {}",
+            server.output()
         );
     }
 }

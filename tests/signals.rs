@@ -73,10 +73,11 @@ async fn run_and_signal(channel: &mut Channel<Msg>, command: &str, signal: Sig) 
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn signals_reach_the_program_in_session_mode() {
+/// USR1 to a trap, TERM to a sleeping program (exit-signal TERM, through the agent), KILL, and
+/// a program that merely exits 143 (an exit status, not a signal).
+async fn signals_in_mode(mode: &str) {
     let env = TestEnv::new();
-    let server = env.start_mode("session");
+    let server = env.start_mode(mode);
     let handle = connect(&env, &server).await;
 
     let mut ch = handle.channel_open_session().await.expect("channel");
@@ -89,22 +90,120 @@ async fn signals_reach_the_program_in_session_mode() {
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "ready\ntrapped\n",
-        "{}",
+        "{mode}: {}",
         server.output()
     );
-    assert_eq!(out.status, Some(7));
-    assert_eq!(out.signal, None);
+    assert_eq!(out.status, Some(7), "{mode}");
+    assert_eq!(out.signal, None, "{mode}");
 
     // A program that dies of the signal is reported with exit-signal, not a number.
+    for sig in [Sig::TERM, Sig::KILL] {
+        let mut ch = handle.channel_open_session().await.expect("channel");
+        let out = run_and_signal(&mut ch, "echo ready; exec sleep 60", sig.clone()).await;
+        assert_eq!(
+            out.signal,
+            Some(format!("{sig:?}")),
+            "{mode}: {out:?}\n{}",
+            server.output()
+        );
+        assert_eq!(out.status, None, "{mode}");
+    }
+
+    // 143 = 128 + TERM, but no signal was involved: the agent knows the difference.
     let mut ch = handle.channel_open_session().await.expect("channel");
-    let out = run_and_signal(&mut ch, "echo ready; sleep 60", Sig::KILL).await;
+    ch.exec(true, "exit 143").await.expect("exec");
+    let mut out = Outcome::default();
+    while let Some(msg) = tokio::time::timeout(Duration::from_secs(60), ch.wait())
+        .await
+        .expect("timed out waiting for the channel")
+    {
+        match msg {
+            ChannelMsg::ExitStatus { exit_status } => out.status = Some(exit_status),
+            ChannelMsg::ExitSignal { signal_name, .. } => {
+                out.signal = Some(format!("{signal_name:?}"))
+            }
+            ChannelMsg::Close => break,
+            _ => {}
+        }
+    }
+    assert_eq!((out.status, out.signal), (Some(143), None), "{mode}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_reach_the_program_in_session_mode() {
+    signals_in_mode("session").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_reach_exec_programs_in_connection_mode_through_the_agent() {
+    signals_in_mode("connection").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_reach_exec_programs_in_persistent_mode() {
+    let env = TestEnv::new();
+    let name = format!("containerssh-test-sig-{}", support::random_hex(6));
+    let yaml = env.config_yaml("persistent").replace(
+        "    mode: \"persistent\"\n",
+        &format!("    mode: \"persistent\"\n    containername: {name}\n    createMissingContainer: true\n"),
+    );
+    let server = env.start(&yaml);
+    let handle = connect(&env, &server).await;
+    let mut ch = handle.channel_open_session().await.expect("channel");
+    let out = run_and_signal(&mut ch, "echo ready; exec sleep 60", Sig::TERM).await;
+    let _ = std::process::Command::new("docker")
+        .args(["rm", "-f", &name])
+        .output();
     assert_eq!(
         out.signal.as_deref(),
-        Some("KILL"),
+        Some("TERM"),
         "{out:?}\n{}",
         server.output()
     );
-    assert_eq!(out.status, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_agent_exec_signals_are_refused_and_logged() {
+    let env = TestEnv::new();
+    let yaml = env.config_yaml("connection").replace(
+        "    shellCommand: [\"/bin/sh\"]\n",
+        "    shellCommand: [\"/bin/sh\"]\n    idleCommand: [\"/bin/sleep\", \"infinity\"]\n    disableAgent: true\n",
+    );
+    let server = env.start(&yaml);
+    let handle = connect(&env, &server).await;
+    let mut ch = handle.channel_open_session().await.expect("channel");
+    ch.exec(true, "echo ready; read x; echo still here")
+        .await
+        .expect("exec");
+    let mut stdout = Vec::new();
+    while !stdout.ends_with(b"ready\n") {
+        match tokio::time::timeout(Duration::from_secs(60), ch.wait()).await {
+            Ok(Some(ChannelMsg::Data { data })) => stdout.extend_from_slice(&data),
+            Ok(Some(_)) => {}
+            other => panic!("no ready: {other:?}\n{}", server.output()),
+        }
+    }
+    ch.signal(Sig::TERM).await.expect("signal");
+    assert!(
+        server.wait_for_output("signal not delivered", Duration::from_secs(20)),
+        "{}",
+        server.output()
+    );
+    ch.data(&b"\n"[..]).await.expect("data");
+    let mut out = Outcome::default();
+    while let Some(msg) = tokio::time::timeout(Duration::from_secs(60), ch.wait())
+        .await
+        .expect("timed out")
+    {
+        match msg {
+            ChannelMsg::Data { data } => out.stdout.extend_from_slice(&data),
+            ChannelMsg::ExitStatus { exit_status } => out.status = Some(exit_status),
+            ChannelMsg::Close => break,
+            _ => {}
+        }
+    }
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "still here\n");
+    assert_eq!(out.status, Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,7 @@
 //! stdin, output and control (resize, signal, exit status) inside a container it owns, and
 //! guarantees that what it created is removed.
 
+pub mod agent;
 pub mod docker;
 
 use std::fmt;

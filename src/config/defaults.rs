@@ -56,6 +56,11 @@ pub fn idle_command() -> Vec<String> {
     .to_vec()
 }
 
+/// ContainerSSH's agent location, which its default `idleCommand` names.
+pub fn agent_path() -> String {
+    "/usr/bin/containerssh-agent".into()
+}
+
 /// ContainerSSH's default shell.
 pub fn shell_command() -> Vec<String> {
     vec!["/bin/bash".into()]

@@ -19,6 +19,10 @@ pub struct AppConfig {
     pub backend: BackendName,
     pub docker: DockerConfig,
     pub log: LogConfig,
+    /// The in-container agent this server injects (see `docker.execution.agentPath`).
+    pub agent: AgentConfig,
+    /// What clients may do beyond sessions (so far: forwarding).
+    pub security: SecurityConfig,
     /// Names this server in container labels so that its reaper finds what a crashed run of the
     /// same instance left. Empty means "derive from the host name and listen port".
     pub instance_id: String,
@@ -184,6 +188,11 @@ pub struct DockerExecutionConfig {
     /// Persistent mode: create the named container (running `idleCommand`) when it does not
     /// exist, instead of refusing the login.
     pub create_missing_container: bool,
+    /// Where the agent is inside containers: this server copies its own agent there before
+    /// the container starts (see `agent`), or the image carries it, as with ContainerSSH.
+    pub agent_path: String,
+    /// No agent: no signals to exec'd programs, no forwarding, no files from authentication.
+    pub disable_agent: bool,
 }
 
 impl Default for DockerExecutionConfig {
@@ -201,6 +210,66 @@ impl Default for DockerExecutionConfig {
             subsystems: defaults::subsystems(),
             image_pull_policy: PullPolicy::IfNotPresent,
             create_missing_container: false,
+            agent_path: defaults::agent_path(),
+            disable_agent: false,
+        }
+    }
+}
+
+/// ContainerSSH's `security` block; the forwarding part so far.
+#[derive(Clone, Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct SecurityConfig {
+    pub forwarding: ForwardingConfig,
+}
+
+/// `security.forwarding`: every kind is off unless enabled, as in ContainerSSH.
+#[derive(Clone, Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct ForwardingConfig {
+    /// `ssh -L` (`direct-tcpip`), dialled from inside the container.
+    pub forwarding_mode: SecurityMode,
+    /// `ssh -R` (`tcpip-forward`), listening inside the container.
+    pub reverse_forwarding_mode: SecurityMode,
+    /// `ssh -L` to a unix socket inside the container (`direct-streamlocal@openssh.com`).
+    pub socket_forwarding_mode: SecurityMode,
+    /// `ssh -R` from a unix socket inside the container (`streamlocal-forward@openssh.com`).
+    pub socket_listen_mode: SecurityMode,
+    /// `ssh -X` (`x11-req`).
+    pub x11_forwarding_mode: SecurityMode,
+    /// `ssh -A` (`auth-agent-req@openssh.com`); ContainerSSH has no such setting.
+    pub agent_forwarding_mode: SecurityMode,
+}
+
+/// A ContainerSSH security mode. `filter` is refused at validation for forwarding, as in
+/// ContainerSSH; the empty string means the default.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SecurityMode {
+    #[serde(rename = "")]
+    #[default]
+    Default,
+    Enable,
+    Filter,
+    Disable,
+}
+
+/// The host side of the agent: which binary is copied into containers.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct AgentConfig {
+    /// The static `containerssh-agent` to inject. Empty: the one next to this server's
+    /// executable, when there is one and it is static.
+    pub binary: String,
+    /// `false`: never inject; images must carry the agent at `agentPath` themselves.
+    pub inject: bool,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            binary: String::new(),
+            inject: true,
         }
     }
 }

@@ -4,7 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::model::{AppConfig, DockerConfig, ExecutionMode, LogConfig};
+use super::model::{
+    AgentConfig, AppConfig, DockerConfig, ExecutionMode, ForwardingConfig, LogConfig, SecurityMode,
+};
 use super::ConfigError;
 
 /// Key exchange methods we offer, strongest first: the post-quantum hybrid leads.
@@ -64,8 +66,52 @@ pub struct Settings {
     pub password_file: Option<PathBuf>,
     pub docker: DockerConfig,
     pub log: LogConfig,
+    pub agent: AgentConfig,
+    pub forwarding: Forwarding,
     pub instance_id: String,
     pub state_directory: PathBuf,
+}
+
+/// Which kinds of forwarding clients may use (all off by default).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Forwarding {
+    pub local_tcp: bool,
+    pub remote_tcp: bool,
+    pub local_socket: bool,
+    pub remote_socket: bool,
+    pub x11: bool,
+    pub agent: bool,
+}
+
+impl Forwarding {
+    pub fn any(&self) -> bool {
+        self.local_tcp
+            || self.remote_tcp
+            || self.local_socket
+            || self.remote_socket
+            || self.x11
+            || self.agent
+    }
+}
+
+fn forwarding(file: &str, f: &ForwardingConfig) -> Result<Forwarding, ConfigError> {
+    let mode = |key: &str, m: SecurityMode| match m {
+        SecurityMode::Enable => Ok(true),
+        SecurityMode::Default | SecurityMode::Disable => Ok(false),
+        SecurityMode::Filter => Err(invalid(
+            file,
+            &format!("security.forwarding.{key}"),
+            "filter is not supported for forwarding (use enable or disable)",
+        )),
+    };
+    Ok(Forwarding {
+        local_tcp: mode("forwardingMode", f.forwarding_mode)?,
+        remote_tcp: mode("reverseForwardingMode", f.reverse_forwarding_mode)?,
+        local_socket: mode("socketForwardingMode", f.socket_forwarding_mode)?,
+        remote_socket: mode("socketListenMode", f.socket_listen_mode)?,
+        x11: mode("x11ForwardingMode", f.x11_forwarding_mode)?,
+        agent: mode("agentForwardingMode", f.agent_forwarding_mode)?,
+    })
 }
 
 fn invalid(file: &str, key: &str, message: impl Into<String>) -> ConfigError {
@@ -155,6 +201,18 @@ pub fn default_state_directory() -> PathBuf {
         return PathBuf::from(h).join(".local/state/containerssh");
     }
     PathBuf::from("/var/lib/containerssh")
+}
+
+/// An absolute file path the tar upload can name: `/usr/bin/containerssh-agent`.
+fn agent_path_ok(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    !rest.is_empty()
+        && !path.contains('\0')
+        && rest
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
 }
 
 pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
@@ -286,6 +344,13 @@ pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
             "connection and persistent modes need an idle command",
         ));
     }
+    if !exec.disable_agent && !agent_path_ok(&exec.agent_path) {
+        return Err(invalid(
+            file,
+            "docker.execution.agentPath",
+            "must be an absolute path to a file, without `.` or `..` components",
+        ));
+    }
     if exec.mode == ExecutionMode::Session {
         let restart = exec
             .host
@@ -344,6 +409,8 @@ pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
         password_file,
         docker: cfg.docker,
         log: cfg.log,
+        agent: cfg.agent,
+        forwarding: forwarding(file, &cfg.security.forwarding)?,
         instance_id,
         state_directory,
     })
@@ -406,6 +473,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("createMissingContainer"), "{err}");
+    }
+
+    #[test]
+    fn agent_path_must_be_absolute_and_plain() {
+        for bad in ["agent", "/", "/usr/../agent", "/usr//agent", "/usr/./agent"] {
+            assert!(!agent_path_ok(bad), "{bad}");
+            let y = base() + &format!("docker:\n  execution:\n    agentPath: \"{bad}\"\n");
+            let err = validate("c", parse_yaml("c", &y).unwrap())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("docker.execution.agentPath"), "{err}");
+        }
+        assert!(agent_path_ok("/usr/bin/containerssh-agent"));
+        let y = base() + "docker:\n  execution:\n    disableAgent: true\n    agentPath: x\n";
+        assert!(validate("c", parse_yaml("c", &y).unwrap()).is_ok());
+    }
+
+    #[test]
+    fn forwarding_is_off_by_default_and_filter_is_refused() {
+        let s = validate("c", parse_yaml("c", &base()).unwrap()).unwrap();
+        assert!(!s.forwarding.any());
+        let y = base() + "security:\n  forwarding:\n    forwardingMode: enable\n    x11ForwardingMode: disable\n";
+        let s = validate("c", parse_yaml("c", &y).unwrap()).unwrap();
+        assert!(s.forwarding.local_tcp && !s.forwarding.x11 && !s.forwarding.remote_tcp);
+        let y = base() + "security:\n  forwarding:\n    socketListenMode: filter\n";
+        let err = validate("c", parse_yaml("c", &y).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("security.forwarding.socketListenMode"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -26,9 +26,59 @@ pub const START_FAILED_STATUS: u32 = 1;
 pub enum ChannelEvent {
     Pty(Terminal),
     Env(String),
-    Start { argv: Vec<String>, env: Vec<String> },
-    Resize { cols: u32, rows: u32 },
+    Start {
+        argv: Vec<String>,
+        env: Vec<String>,
+    },
+    Resize {
+        cols: u32,
+        rows: u32,
+    },
     Signal(String),
+    /// `x11-req` accepted: the display listening inside the container and the client's cookie.
+    X11 {
+        display: u16,
+        screen: u32,
+        protocol: String,
+        cookie: Vec<u8>,
+    },
+}
+
+/// Writes the session's Xauthority file into the container through the agent and returns the
+/// environment that points X clients at the forwarded display.
+async fn x11_env(
+    conn: &ConnCtx,
+    display: u16,
+    screen: u32,
+    protocol: &str,
+    cookie: &[u8],
+) -> Result<Vec<String>, String> {
+    let docker = &conn.shared.docker;
+    let agent = docker
+        .agent_path()
+        .ok_or("X11 forwarding needs the in-container agent")?
+        .to_string();
+    let container = conn.container().await.map_err(|e| e.to_string())?;
+    let path = format!("/tmp/.containerssh-Xauthority-{display}");
+    let file = super::forward::xauthority(display, protocol, cookie);
+    let cmd = vec![
+        agent,
+        "write-file".into(),
+        path.clone(),
+        "--mode".into(),
+        "600".into(),
+    ];
+    let out = docker
+        .capture(&container, cmd, Some(&file))
+        .await
+        .map_err(|e| e.to_string())?;
+    if out.code != 0 {
+        return Err(format!("cannot write {path}: {}", out.message()));
+    }
+    Ok(vec![
+        format!("DISPLAY=localhost:{display}.{screen}"),
+        format!("XAUTHORITY={path}"),
+    ])
 }
 
 async fn pump_output(
@@ -108,6 +158,7 @@ pub async fn run(
     // Awaiting: terminal and environment until a program is requested.
     let mut tty: Option<Terminal> = None;
     let mut env = Vec::new();
+    let mut x11 = None;
     let (argv, extra_env) = loop {
         let ev = tokio::select! {
             ev = events.recv() => ev,
@@ -124,9 +175,23 @@ pub async fn run(
                 }
             }
             Some(ChannelEvent::Signal(_)) => {}
+            Some(ChannelEvent::X11 {
+                display,
+                screen,
+                protocol,
+                cookie,
+            }) => x11 = Some((display, screen, protocol, cookie)),
             None => return,
         }
     };
+    if let Some((display, screen, protocol, cookie)) = x11 {
+        match x11_env(&conn, display, screen, &protocol, &cookie).await {
+            Ok(vars) => env.extend(vars),
+            Err(e) => {
+                tracing::warn!(connection_id = %conn.id, error = %e, "X11 forwarding not set up");
+            }
+        }
+    }
     env.extend(extra_env);
     if let Some(t) = &tty {
         env.push(format!("TERM={}", t.term));

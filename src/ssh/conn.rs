@@ -38,6 +38,8 @@ pub struct ConnCtx {
     pub cancel: CancellationToken,
     /// Every task working for this connection (container start, channels).
     pub tasks: TaskTracker,
+    /// Forwarded connections and listeners.
+    pub forwards: super::forward::ConnForwards,
 }
 
 /// 32 hex characters from 16 random bytes, ContainerSSH's connection ID format.
@@ -66,6 +68,7 @@ impl ConnCtx {
             container: watch::channel(ContainerSlot::Starting).0,
             cancel,
             tasks: TaskTracker::new(),
+            forwards: Default::default(),
         })
     }
 

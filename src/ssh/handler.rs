@@ -8,12 +8,13 @@ use std::time::SystemTime;
 
 use russh::keys::PublicKey;
 use russh::server::{Auth, ChannelOpenHandle, Msg, Session, VerifiedPublicKey};
-use russh::{Channel, ChannelId, Pty, Sig};
+use russh::{Channel, ChannelId, ChannelOpenFailure, Pty, Sig};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use super::channel::{self, ChannelEvent};
 use super::conn::{AuthedUser, ConnCtx};
+use super::forward::{self as fwd, DirectTarget};
 use super::program::exec_argv;
 use super::stdin::{self, Overflow, StdinTx};
 use crate::backend::Terminal;
@@ -21,6 +22,9 @@ use crate::limits::{
     CHANNEL_EVENT_QUEUE, MAX_CHANNELS_PER_CONNECTION, MAX_COMMAND_BYTES, MAX_ENV_NAME_BYTES,
     MAX_ENV_VALUE_BYTES, MAX_ENV_VARS, MAX_TERMINAL_DIMENSION, MAX_TERM_BYTES,
 };
+
+/// Longest host name or socket path accepted in a forwarding request.
+const MAX_FORWARD_TARGET_BYTES: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
@@ -37,6 +41,8 @@ struct ChannelEntry {
     closed: CancellationToken,
     started: bool,
     pty: bool,
+    x11: bool,
+    agent: bool,
     env_count: usize,
 }
 
@@ -143,6 +149,18 @@ fn sig_name(sig: &Sig) -> String {
     }
 }
 
+/// Whether a forwarding kind is enabled; logs the refusal when it is not.
+fn allowed(conn: &ConnCtx, enabled: bool, what: &str) -> bool {
+    if !enabled {
+        tracing::info!(connection_id = %conn.id, kind = what, "forwarding refused: disabled in security.forwarding");
+    }
+    enabled
+}
+
+fn target_ok(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_FORWARD_TARGET_BYTES && !s.contains('\0')
+}
+
 fn dims_ok(cols: u32, rows: u32) -> bool {
     cols <= MAX_TERMINAL_DIMENSION && rows <= MAX_TERMINAL_DIMENSION
 }
@@ -243,6 +261,8 @@ impl russh::server::Handler for Handler {
                 closed: closed.clone(),
                 started: false,
                 pty: false,
+                x11: false,
+                agent: false,
                 env_count: 0,
             },
         );
@@ -424,6 +444,11 @@ impl russh::server::Handler for Handler {
                 tracing::warn!(connection_id = %self.conn.id, error = %e, "disconnecting");
                 return Err(e.into());
             }
+        } else if let Some(f) = self.conn.forwards.entry(id) {
+            if let Err(e) = f.stdin.push(data).await {
+                tracing::warn!(connection_id = %self.conn.id, error = %e, "disconnecting");
+                return Err(e.into());
+            }
         }
         Ok(())
     }
@@ -435,6 +460,8 @@ impl russh::server::Handler for Handler {
     ) -> Result<(), Self::Error> {
         if let Some(ch) = self.channels.get(&id) {
             ch.stdin.eof();
+        } else if let Some(f) = self.conn.forwards.entry(id) {
+            f.stdin.eof();
         }
         Ok(())
     }
@@ -447,8 +474,208 @@ impl russh::server::Handler for Handler {
         if let Some(ch) = self.channels.remove(&id) {
             ch.closed.cancel();
             ch.stdin.eof();
+        } else if let Some(f) = self.conn.forwards.remove(id) {
+            f.closed.cancel();
+            f.stdin.eof();
         }
         Ok(())
+    }
+
+    async fn channel_open_confirmation(
+        &mut self,
+        id: ChannelId,
+        _max_packet_size: u32,
+        _window_size: u32,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // Only forwarding opens channels towards the client.
+        self.conn.forwards.confirmed(id);
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let enabled = self.conn.shared.settings.forwarding.local_tcp;
+        let port = u16::try_from(port_to_connect).ok();
+        match port {
+            Some(port)
+                if allowed(&self.conn, enabled, "direct-tcpip") && target_ok(host_to_connect) =>
+            {
+                let target = DirectTarget::Tcp {
+                    host: host_to_connect.to_string(),
+                    port,
+                };
+                fwd::open_direct(&self.conn, session.handle(), channel, reply, target);
+            }
+            _ => {
+                reply
+                    .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                    .await
+            }
+        }
+        Ok(())
+    }
+
+    async fn channel_open_direct_streamlocal(
+        &mut self,
+        channel: Channel<Msg>,
+        socket_path: &str,
+        reply: ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let enabled = self.conn.shared.settings.forwarding.local_socket;
+        if allowed(&self.conn, enabled, "direct-streamlocal") && target_ok(socket_path) {
+            let target = DirectTarget::Unix {
+                path: socket_path.to_string(),
+            };
+            fwd::open_direct(&self.conn, session.handle(), channel, reply, target);
+        } else {
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+        }
+        Ok(())
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let enabled = self.conn.shared.settings.forwarding.remote_tcp;
+        if !allowed(&self.conn, enabled, "tcpip-forward")
+            || address.len() > MAX_FORWARD_TARGET_BYTES
+        {
+            return Ok(false);
+        }
+        match fwd::listen_tcp(&self.conn, &session.handle(), address, *port).await {
+            Ok(bound) => {
+                tracing::info!(connection_id = %self.conn.id, address = %address.escape_debug(), port = bound, "remote forwarding listener opened in the container");
+                *port = bound;
+                Ok(true)
+            }
+            Err(e) => {
+                tracing::info!(connection_id = %self.conn.id, error = %e, "remote forwarding refused");
+                Ok(false)
+            }
+        }
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        Ok(fwd::cancel_tcp(&self.conn, address, port))
+    }
+
+    async fn streamlocal_forward(
+        &mut self,
+        socket_path: &str,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let enabled = self.conn.shared.settings.forwarding.remote_socket;
+        if !allowed(&self.conn, enabled, "streamlocal-forward") || !target_ok(socket_path) {
+            return Ok(false);
+        }
+        match fwd::listen_unix(&self.conn, &session.handle(), socket_path).await {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                tracing::info!(connection_id = %self.conn.id, error = %e, "remote socket forwarding refused");
+                Ok(false)
+            }
+        }
+    }
+
+    async fn cancel_streamlocal_forward(
+        &mut self,
+        socket_path: &str,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        Ok(fwd::cancel_unix(&self.conn, socket_path))
+    }
+
+    async fn x11_request(
+        &mut self,
+        id: ChannelId,
+        _single_connection: bool,
+        x11_auth_protocol: &str,
+        x11_auth_cookie: &str,
+        x11_screen_number: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let enabled = self.conn.shared.settings.forwarding.x11;
+        let cookie = hex::decode(x11_auth_cookie).ok().filter(|c| c.len() <= 256);
+        let fresh = self
+            .channels
+            .get(&id)
+            .is_some_and(|ch| !ch.started && !ch.x11);
+        let (Some(cookie), true, true, true) = (
+            cookie,
+            fresh,
+            allowed(&self.conn, enabled, "x11"),
+            x11_auth_protocol == "MIT-MAGIC-COOKIE-1",
+        ) else {
+            return Ok(session.channel_failure(id)?);
+        };
+        match fwd::listen_x11(&self.conn, &session.handle()).await {
+            Ok(display) => {
+                if let Some(ch) = self.channels.get_mut(&id) {
+                    ch.x11 = true;
+                }
+                let ev = ChannelEvent::X11 {
+                    display,
+                    screen: x11_screen_number.min(1000),
+                    protocol: x11_auth_protocol.to_string(),
+                    cookie,
+                };
+                self.send(id, ev).await;
+                Ok(session.channel_success(id)?)
+            }
+            Err(e) => {
+                tracing::info!(connection_id = %self.conn.id, error = %e, "X11 forwarding refused");
+                Ok(session.channel_failure(id)?)
+            }
+        }
+    }
+
+    async fn agent_request(
+        &mut self,
+        id: ChannelId,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let enabled = self.conn.shared.settings.forwarding.agent;
+        let fresh = self
+            .channels
+            .get(&id)
+            .is_some_and(|ch| !ch.started && !ch.agent);
+        if !fresh || !allowed(&self.conn, enabled, "auth-agent") {
+            return Ok(false);
+        }
+        match fwd::agent_socket(&self.conn, &session.handle()).await {
+            Ok(path) => {
+                if let Some(ch) = self.channels.get_mut(&id) {
+                    ch.agent = true;
+                }
+                self.send(id, ChannelEvent::Env(format!("SSH_AUTH_SOCK={path}")))
+                    .await;
+                Ok(true)
+            }
+            Err(e) => {
+                tracing::info!(connection_id = %self.conn.id, error = %e, "agent forwarding refused");
+                Ok(false)
+            }
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod channel;
 pub mod conn;
+pub mod forward;
 pub mod handler;
 pub mod hostkey;
 pub mod program;

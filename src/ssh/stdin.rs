@@ -18,7 +18,10 @@ use bytes::Bytes;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify, Semaphore, TryAcquireError};
 
-use crate::limits::{MAX_STDIN_BUFFER_BYTES, MAX_STDIN_OVERFLOW_BYTES};
+use crate::limits::{
+    MAX_FORWARD_BUFFER_BYTES, MAX_FORWARD_OVERFLOW_BYTES, MAX_STDIN_BUFFER_BYTES,
+    MAX_STDIN_OVERFLOW_BYTES,
+};
 
 enum StdinMsg {
     Data(Bytes),
@@ -34,6 +37,9 @@ struct Flow {
     output_blocked: AtomicBool,
     output_blocked_changed: Notify,
     eof_sent: AtomicBool,
+    /// The budget's size and the overflow's limit.
+    soft: usize,
+    hard: usize,
 }
 
 /// The SSH side of the queue.
@@ -58,14 +64,26 @@ pub struct Overflow {
     pub limit: usize,
 }
 
+/// A session channel's stdin queue.
 pub fn stdin_queue() -> (StdinTx, StdinRx) {
+    queue(MAX_STDIN_BUFFER_BYTES, MAX_STDIN_OVERFLOW_BYTES)
+}
+
+/// A forwarded connection's queue (smaller: there are more of them).
+pub fn forward_queue() -> (StdinTx, StdinRx) {
+    queue(MAX_FORWARD_BUFFER_BYTES, MAX_FORWARD_OVERFLOW_BYTES)
+}
+
+fn queue(soft: usize, hard: usize) -> (StdinTx, StdinRx) {
     let (tx, rx) = mpsc::unbounded_channel();
     let flow = Arc::new(Flow {
-        budget: Semaphore::new(MAX_STDIN_BUFFER_BYTES),
+        budget: Semaphore::new(soft),
         overflow: AtomicUsize::new(0),
         output_blocked: AtomicBool::new(false),
         output_blocked_changed: Notify::new(),
         eof_sent: AtomicBool::new(false),
+        soft,
+        hard,
     });
     (
         StdinTx {
@@ -83,7 +101,7 @@ impl StdinTx {
         if data.is_empty() || flow.eof_sent.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let n = data.len().min(MAX_STDIN_BUFFER_BYTES);
+        let n = data.len().min(flow.soft);
         let permits = u32::try_from(n).unwrap_or(u32::MAX);
         loop {
             let changed = flow.output_blocked_changed.notified();
@@ -99,9 +117,9 @@ impl StdinTx {
             }
             if flow.output_blocked.load(Ordering::Acquire) {
                 let before = flow.overflow.fetch_add(n, Ordering::AcqRel);
-                if before + n > MAX_STDIN_OVERFLOW_BYTES {
+                if before + n > flow.hard {
                     return Err(Overflow {
-                        limit: MAX_STDIN_BUFFER_BYTES + MAX_STDIN_OVERFLOW_BYTES,
+                        limit: flow.soft + flow.hard,
                     });
                 }
                 break;
@@ -152,6 +170,20 @@ impl StdinRx {
         OutputGauge(Arc::clone(&self.flow))
     }
 
+    /// The next queued chunk (`Some(None)` at EOF, `None` when the client side is gone).
+    /// Call [`Self::release`] with its length once it has been delivered.
+    pub async fn next(&mut self) -> Option<Option<Bytes>> {
+        match self.rx.recv().await? {
+            StdinMsg::Data(b) => Some(Some(b)),
+            StdinMsg::Eof => Some(None),
+        }
+    }
+
+    /// Returns the budget for `n` delivered bytes.
+    pub fn release(&self, n: usize) {
+        self.flow.release(n.min(self.flow.soft));
+    }
+
     /// Copies queued input into the program until EOF (then half-closes) or a write fails.
     pub async fn pump<W: AsyncWrite + Unpin>(mut self, mut writer: W) {
         while let Some(msg) = self.rx.recv().await {
@@ -160,7 +192,7 @@ impl StdinRx {
                     if writer.write_all(&b).await.is_err() {
                         break;
                     }
-                    self.flow.release(b.len().min(MAX_STDIN_BUFFER_BYTES));
+                    self.flow.release(b.len().min(self.flow.soft));
                 }
                 StdinMsg::Eof => {
                     // Half-close: the program sees EOF and can still write its output.

@@ -9,13 +9,15 @@ use std::time::Duration;
 use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
 use serde_json::{json, Map, Value};
-use tokio::io::AsyncReadExt;
-use tokio::sync::OnceCell;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{watch, OnceCell};
 
+use super::archive::{build_tar, ArchiveError, TarData, TarEntry};
 use super::{
     Demuxer, DockerClient, DockerConnection, DockerError, ExecSpec, HijackedReader, HijackedWriter,
     ReadSizer, StreamKind,
 };
+use crate::backend::agent::AgentBinary;
 use crate::backend::{signal_number, ConnMeta, ExitReport, ProgramSpec, StartError};
 use crate::config::model::{DockerConfig, DockerExecutionConfig, DockerTimeouts, PullPolicy};
 
@@ -33,8 +35,29 @@ const CONSOLE_SIZE_API: (u32, u32) = (1, 42);
 /// Exit status reported when the engine cannot tell one (ContainerSSH sends 137 too).
 const UNKNOWN_EXIT_STATUS: u32 = 137;
 
+/// Output kept from a helper exec (`agent signal`, `exit-info`, `write-file`) per stream.
+const MAX_CAPTURE_BYTES: usize = 64 * 1024;
+
 struct ApiLevel {
     console_size: bool,
+}
+
+/// The agent archives uploaded into every container we start.
+struct AgentTars {
+    /// The parent directory of `agentPath`, for the upload that assumes it exists.
+    dir: String,
+    /// Just the file, extracted into `dir`.
+    in_dir: Vec<u8>,
+    /// The file with every parent directory, extracted into `/` when `dir` is missing.
+    from_root: Vec<u8>,
+}
+
+/// How programs reach the agent: `None` in [`DockerBackend`] when `disableAgent` is set.
+struct AgentUse {
+    /// `docker.execution.agentPath`.
+    path: String,
+    /// What we upload; `None` when the image is expected to carry the agent.
+    inject: Option<AgentTars>,
 }
 
 pub struct DockerBackend {
@@ -43,6 +66,79 @@ pub struct DockerBackend {
     timeouts: DockerTimeouts,
     instance: String,
     api: OnceCell<ApiLevel>,
+    agent: Option<AgentUse>,
+}
+
+/// What a helper exec printed and how it exited.
+#[derive(Debug)]
+pub struct Captured {
+    pub code: i64,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl Captured {
+    /// Stderr (or stdout) as one line for error messages.
+    pub fn message(&self) -> String {
+        let text = if self.stderr.is_empty() {
+            &self.stdout
+        } else {
+            &self.stderr
+        };
+        String::from_utf8_lossy(text).trim().to_string()
+    }
+}
+
+/// Runs a short non-interactive exec to completion: optional stdin, output kept up to
+/// [`MAX_CAPTURE_BYTES`] per stream. Unbounded in time; callers wrap it in a timeout.
+pub async fn run_capture(
+    client: &DockerClient,
+    container: &str,
+    cmd: Vec<String>,
+    stdin: Option<&[u8]>,
+    deadline: Duration,
+) -> Result<Captured, DockerError> {
+    let spec = ExecSpec {
+        cmd,
+        ..ExecSpec::default()
+    };
+    let id = client.create_exec(container, &spec).await?;
+    let hijacked = client.start_exec(&id, false).await?;
+    let mut writer = hijacked.writer;
+    let feed = async move {
+        if let Some(data) = stdin {
+            writer.write_all(data).await?;
+        }
+        writer.shutdown().await
+    };
+    let mut demux = Demuxer::new(hijacked.reader);
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let read = async {
+        while let Some((kind, data)) = demux.next_frame().await? {
+            let buf = match kind {
+                StreamKind::Stdout => &mut stdout,
+                StreamKind::Stderr => &mut stderr,
+                _ => continue,
+            };
+            let room = MAX_CAPTURE_BYTES.saturating_sub(buf.len());
+            buf.extend_from_slice(&data[..data.len().min(room)]);
+        }
+        Ok::<(), io::Error>(())
+    };
+    let (fed, read) = tokio::join!(feed, read);
+    read.map_err(|source| DockerError::Stream {
+        op: "exec output",
+        source,
+    })?;
+    if let Err(e) = fed {
+        tracing::debug!(error = %e, "helper exec closed its stdin early");
+    }
+    let code = client.exec_exit_code(&id, deadline).await?;
+    Ok(Captured {
+        code,
+        stdout,
+        stderr,
+    })
 }
 
 /// A started program: its stdin, its output and a handle to control it.
@@ -52,24 +148,67 @@ pub struct Process {
     pub control: ProcessControl,
 }
 
-pub enum ProcessOutput {
+/// A program's output, with the agent's PID report taken off the front.
+pub struct ProcessOutput {
+    stream: OutputStream,
+    /// Set while the 4 PID bytes the agent writes first are still being read.
+    pid: Option<PidReport>,
+}
+
+enum OutputStream {
     /// TTY: one raw stream, all of it stdout.
     Raw(HijackedReader, BytesMut, ReadSizer),
     /// No TTY: the engine's multiplexed stdout/stderr frames.
     Muxed(Demuxer<HijackedReader>),
 }
 
-impl ProcessOutput {
-    /// The next chunk of output; `None` when the program's output has ended.
-    pub async fn next(&mut self) -> io::Result<Option<(StreamKind, Bytes)>> {
+struct PidReport {
+    got: Vec<u8>,
+    tx: watch::Sender<Option<u32>>,
+}
+
+impl OutputStream {
+    async fn next(&mut self) -> io::Result<Option<(StreamKind, Bytes)>> {
         match self {
-            ProcessOutput::Raw(r, buf, sizer) => {
+            OutputStream::Raw(r, buf, sizer) => {
                 sizer.prepare(buf);
                 let n = r.read_buf(buf).await?;
                 sizer.record(n);
                 Ok((n > 0).then(|| (StreamKind::Stdout, buf.split_to(n).freeze())))
             }
-            ProcessOutput::Muxed(d) => d.next_frame().await,
+            OutputStream::Muxed(d) => d.next_frame().await,
+        }
+    }
+}
+
+impl ProcessOutput {
+    /// The next chunk of output; `None` when the program's output has ended.
+    pub async fn next(&mut self) -> io::Result<Option<(StreamKind, Bytes)>> {
+        loop {
+            let item = self.stream.next().await?;
+            let Some(report) = self.pid.as_mut() else {
+                return Ok(item);
+            };
+            match item {
+                Some((StreamKind::Stdout, data)) => {
+                    let take = (4 - report.got.len()).min(data.len());
+                    report.got.extend_from_slice(&data[..take]);
+                    if let Ok(bytes) = <[u8; 4]>::try_from(report.got.as_slice()) {
+                        report.tx.send_replace(Some(u32::from_le_bytes(bytes)));
+                        self.pid = None;
+                    }
+                    let rest = data.slice(take..);
+                    if !rest.is_empty() {
+                        return Ok(Some((StreamKind::Stdout, rest)));
+                    }
+                }
+                None => {
+                    // Ended before the agent reported: dropping the sender tells waiters.
+                    self.pid = None;
+                    return Ok(None);
+                }
+                other => return Ok(other),
+            }
         }
     }
 }
@@ -80,10 +219,22 @@ enum Target {
     Container(String),
 }
 
+/// The agent's view of one program: where to run `agent signal`, and the program's PID.
+#[derive(Clone)]
+struct AgentCtl {
+    path: String,
+    container: String,
+    pid: watch::Receiver<Option<u32>>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("signals to programs started with exec need the in-container agent")]
+    #[error("signals to programs started with exec need the in-container agent (docker.execution.disableAgent is set)")]
     SignalUnsupported,
+    #[error("the agent did not report the program's process ID")]
+    NoPid,
+    #[error("the agent could not deliver the signal: {0}")]
+    Agent(String),
     #[error("unknown signal {0}")]
     UnknownSignal(String),
     #[error(transparent)]
@@ -96,6 +247,7 @@ pub struct ProcessControl {
     client: DockerClient,
     target: Target,
     last_signal: Arc<Mutex<Option<String>>>,
+    agent: Option<AgentCtl>,
     exit_deadline: Duration,
     /// `docker.timeouts.window` and `.signal`.
     resize_timeout: Duration,
@@ -124,13 +276,59 @@ impl ProcessControl {
         .await
     }
 
-    pub async fn signal(&self, name: &str) -> Result<(), ControlError> {
-        let Target::Container(id) = &self.target else {
-            return Err(ControlError::SignalUnsupported);
+    /// The program's PID as the agent reported it, waiting for the report up to `limit`.
+    #[allow(clippy::let_and_return)] // the guard borrowed from `rx` must drop before `rx`
+    async fn pid(&self, limit: Duration) -> Option<u32> {
+        let mut rx = self.agent.as_ref()?.pid.clone();
+        let pid = match tokio::time::timeout(limit, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(pid)) => *pid,
+            _ => None,
         };
+        pid
+    }
+
+    pub async fn signal(&self, name: &str) -> Result<(), ControlError> {
         if signal_number(name).is_none() {
             return Err(ControlError::UnknownSignal(name.into()));
         }
+        if let Some(agent) = &self.agent {
+            let pid = self
+                .pid(self.signal_timeout)
+                .await
+                .ok_or(ControlError::NoPid)?;
+            if let Ok(mut last) = self.last_signal.lock() {
+                *last = Some(name.to_string());
+            }
+            let cmd = [
+                &agent.path,
+                "signal",
+                "--pid",
+                &pid.to_string(),
+                "--signal",
+                name,
+            ]
+            .map(String::from)
+            .to_vec();
+            let out = within(
+                self.signal_timeout,
+                "signal",
+                run_capture(
+                    &self.client,
+                    &agent.container,
+                    cmd,
+                    None,
+                    self.signal_timeout,
+                ),
+            )
+            .await?;
+            if out.code != 0 {
+                return Err(ControlError::Agent(out.message()));
+            }
+            return Ok(());
+        }
+        let Target::Container(id) = &self.target else {
+            return Err(ControlError::SignalUnsupported);
+        };
         if let Ok(mut last) = self.last_signal.lock() {
             *last = Some(name.to_string());
         }
@@ -157,8 +355,12 @@ impl ProcessControl {
                 return ExitReport::Status(UNKNOWN_EXIT_STATUS);
             }
         };
-        // Docker reports death by signal N as 128+N. That is only unambiguous for a signal we
-        // delivered ourselves; anything else stays an exit status.
+        // Docker reports death by signal N as 128+N, the same as `exit 128+N`. The agent knows
+        // which it was while the container runs (exec programs); otherwise it is only
+        // unambiguous for a signal we delivered ourselves.
+        if let (Some(name), Target::Exec(_)) = (self.exit_signal(code).await, &self.target) {
+            return ExitReport::Signal { name };
+        }
         let last = self.last_signal.lock().ok().and_then(|l| l.clone());
         if let Some(name) = last {
             if signal_number(&name).map(|n| 128 + i64::from(n)) == Some(code) {
@@ -167,6 +369,90 @@ impl ProcessControl {
         }
         ExitReport::Status(u32::try_from(code).unwrap_or(UNKNOWN_EXIT_STATUS))
     }
+
+    /// Asks the agent whether an exec'd program that exited with `code` died of a signal.
+    async fn exit_signal(&self, code: i64) -> Option<String> {
+        let agent = self.agent.as_ref()?;
+        if !(129..=128 + 64).contains(&code) || !matches!(self.target, Target::Exec(_)) {
+            return None;
+        }
+        let pid = *agent.pid.borrow();
+        let cmd = [&agent.path, "exit-info", "--pid", &pid?.to_string()]
+            .map(String::from)
+            .to_vec();
+        let run = run_capture(
+            &self.client,
+            &agent.container,
+            cmd,
+            None,
+            self.signal_timeout,
+        );
+        match within(self.signal_timeout, "exit-info", run).await {
+            Ok(out) if out.code == 0 => {
+                let name = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                signal_number(&name).map(|_| name)
+            }
+            Ok(out) => {
+                tracing::debug!(message = %out.message(), "agent exit-info failed");
+                None
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "agent exit-info failed");
+                None
+            }
+        }
+    }
+}
+
+impl AgentTars {
+    fn new(path: &str, binary: &AgentBinary) -> Result<Self, ArchiveError> {
+        let rel = path.trim_start_matches('/');
+        let (dir, name) = match rel.rsplit_once('/') {
+            Some((d, n)) => (d, n),
+            None => ("", rel),
+        };
+        let file = |p| TarEntry {
+            path: p,
+            mode: 0o755,
+            data: TarData::File(&binary.bytes),
+        };
+        let in_dir = build_tar(&[file(name)])?;
+        let mut dirs: Vec<String> = Vec::new();
+        for component in dir.split('/').filter(|c| !c.is_empty()) {
+            let next = match dirs.last() {
+                Some(prev) => format!("{prev}/{component}"),
+                None => component.to_string(),
+            };
+            dirs.push(next);
+        }
+        let mut entries: Vec<TarEntry> = dirs
+            .iter()
+            .map(|d| TarEntry {
+                path: d,
+                mode: 0o755,
+                data: TarData::Dir,
+            })
+            .collect();
+        entries.push(file(rel));
+        Ok(Self {
+            dir: format!("/{dir}"),
+            in_dir,
+            from_root: build_tar(&entries)?,
+        })
+    }
+}
+
+/// The agent's `console` in front of the program: it reports the program's PID first on
+/// stdout and sizes the terminal before the program starts.
+fn agent_argv(agent: &str, spec: &ProgramSpec) -> Vec<String> {
+    let mut argv: Vec<String> = vec![agent.into(), "console".into(), "--pid".into()];
+    if let Some(t) = &spec.tty {
+        let dim = |v: u32| u16::try_from(v).unwrap_or(u16::MAX).to_string();
+        argv.extend(["--rows".into(), dim(t.rows), "--cols".into(), dim(t.cols)]);
+    }
+    argv.push("--".into());
+    argv.extend(spec.argv.iter().cloned());
+    argv
 }
 
 /// The program's argv. Engines before API 1.42 ignore `ConsoleSize` for containers and execs
@@ -227,7 +513,98 @@ impl DockerBackend {
             timeouts: cfg.timeouts.clone(),
             instance: instance.to_string(),
             api: OnceCell::new(),
+            agent: (!cfg.execution.disable_agent).then(|| AgentUse {
+                path: cfg.execution.agent_path.clone(),
+                inject: None,
+            }),
         })
+    }
+
+    /// Copies `binary` into every container before it starts (unless the agent is disabled).
+    pub fn inject_agent(mut self, binary: Option<&AgentBinary>) -> Result<Self, ArchiveError> {
+        if let (Some(agent), Some(binary)) = (self.agent.as_mut(), binary) {
+            agent.inject = Some(AgentTars::new(&agent.path, binary)?);
+        }
+        Ok(self)
+    }
+
+    /// Whether programs run under the agent (signals, forwarding and files need it).
+    pub fn agent_path(&self) -> Option<&str> {
+        self.agent.as_ref().map(|a| a.path.as_str())
+    }
+
+    /// Uploads the agent into a container (created or running), bounded by `containerStart`.
+    async fn put_agent(&self, id: &str) -> Result<(), StartError> {
+        let Some(tars) = self.agent.as_ref().and_then(|a| a.inject.as_ref()) else {
+            return Ok(());
+        };
+        let upload = async {
+            match self
+                .client
+                .put_archive(id, &tars.dir, tars.in_dir.clone())
+                .await
+            {
+                // The directory is missing from the image: create it too.
+                Err(DockerError::Status { status: 404, .. }) => {
+                    self.client
+                        .put_archive(id, "/", tars.from_root.clone())
+                        .await
+                }
+                other => other,
+            }
+        };
+        within(self.timeouts.container_start.0, "agent upload", upload)
+            .await
+            .map_err(|e| {
+                StartError::ContainerFailed(format!(
+                    "cannot copy the agent into the container (a read-only root file system needs the agent in the image and agent.inject: false, or docker.execution.disableAgent): {e}"
+                ))
+            })
+    }
+
+    /// Starts a long-running agent command (`forward-server`) with its stdio attached; it
+    /// ends when its stdin is closed.
+    pub async fn start_agent_command(
+        &self,
+        container: &str,
+        args: &[&str],
+    ) -> Result<(Demuxer<HijackedReader>, HijackedWriter), StartError> {
+        let Some(agent) = &self.agent else {
+            return Err(StartError::ExecFailed(
+                "the in-container agent is disabled (docker.execution.disableAgent)".into(),
+            ));
+        };
+        let mut cmd = vec![agent.path.clone()];
+        cmd.extend(args.iter().map(|a| a.to_string()));
+        let spec = ExecSpec {
+            cmd,
+            ..ExecSpec::default()
+        };
+        let fail = |e: DockerError| StartError::ExecFailed(e.to_string());
+        let limit = self.timeouts.command_start.0;
+        let started = within(limit, "agent exec", async {
+            let id = self.client.create_exec(container, &spec).await?;
+            self.client.start_exec(&id, false).await
+        })
+        .await
+        .map_err(fail)?;
+        Ok((Demuxer::new(started.reader), started.writer))
+    }
+
+    /// Runs a helper exec in a running container, bounded by `docker.timeouts.commandStart`.
+    pub async fn capture(
+        &self,
+        container: &str,
+        cmd: Vec<String>,
+        stdin: Option<&[u8]>,
+    ) -> Result<Captured, DockerError> {
+        let limit = self.timeouts.command_start.0;
+        within(
+            limit,
+            "helper exec",
+            run_capture(&self.client, container, cmd, stdin, limit),
+        )
+        .await
     }
 
     pub fn image(&self) -> String {
@@ -422,6 +799,10 @@ impl DockerBackend {
             self.ensure_image().await?;
             let body = self.create_body(meta, &self.exec.idle_command, None);
             let id = self.create(&body).await?;
+            if let Err(e) = self.put_agent(&id).await {
+                self.discard(&id).await;
+                return Err(e);
+            }
             if let Err(e) = self.client.start_container(&id).await {
                 self.discard(&id).await;
                 return Err(StartError::ContainerFailed(e.to_string()));
@@ -447,9 +828,12 @@ impl DockerBackend {
             let name = self.exec.container_name.clone();
             let failed = |e: DockerError| StartError::ContainerFailed(e.to_string());
             match self.client.inspect_container(&name).await {
-                Ok(info) if info.running => return Ok(name),
-                Ok(_) => {
-                    self.client.start_container(&name).await.map_err(failed)?;
+                Ok(info) => {
+                    // Refreshed every time: the container may predate us or this version.
+                    self.put_agent(&name).await?;
+                    if !info.running {
+                        self.client.start_container(&name).await.map_err(failed)?;
+                    }
                     return Ok(name);
                 }
                 Err(DockerError::NoSuchContainer { .. }) if self.exec.create_missing_container => {}
@@ -478,8 +862,9 @@ impl DockerBackend {
                 .create_container(Some(&name), self.platform().as_deref(), &body)
                 .await
             {
+                Ok(_) => self.put_agent(&name).await?,
                 // 409: another connection created it first; use theirs.
-                Ok(_) | Err(DockerError::Status { status: 409, .. }) => {}
+                Err(DockerError::Status { status: 409, .. }) => {}
                 Err(DockerError::ImageNotFound { .. }) => {
                     return Err(StartError::ImageNotFound(self.image()))
                 }
@@ -504,11 +889,21 @@ impl DockerBackend {
             })
     }
 
-    fn control(&self, target: Target) -> ProcessControl {
+    fn control(
+        &self,
+        target: Target,
+        container: &str,
+        pid: Option<watch::Receiver<Option<u32>>>,
+    ) -> ProcessControl {
         ProcessControl {
             client: self.client.clone(),
             target,
             last_signal: Arc::new(Mutex::new(None)),
+            agent: self.agent.as_ref().zip(pid).map(|(a, pid)| AgentCtl {
+                path: a.path.clone(),
+                container: container.to_string(),
+                pid,
+            }),
             exit_deadline: self.timeouts.command_start.0,
             resize_timeout: self.timeouts.window.0,
             signal_timeout: self.timeouts.signal.0,
@@ -516,9 +911,17 @@ impl DockerBackend {
     }
 
     /// Connection mode: one program as an exec in the connection's container.
+    /// The command a program really runs as: under the agent's `console`, or on its own.
+    fn program_argv(&self, spec: &ProgramSpec, api: &ApiLevel) -> Vec<String> {
+        match &self.agent {
+            Some(a) => agent_argv(&a.path, spec),
+            None => sized_argv(spec, api),
+        }
+    }
+
     pub async fn exec(&self, container: &str, spec: &ProgramSpec) -> Result<Process, StartError> {
         let api = self.ready().await?;
-        let cmd = sized_argv(spec, api);
+        let cmd = self.program_argv(spec, api);
         let exec_spec = ExecSpec {
             cmd,
             env: spec.env.clone(),
@@ -538,9 +941,14 @@ impl DockerBackend {
             .start_exec(&exec_id, exec_spec.tty)
             .await
             .map_err(fail)?;
-        let control = self.control(Target::Exec(exec_id));
         Ok(self
-            .process(hijacked.reader, hijacked.writer, spec, control)
+            .process(
+                hijacked.reader,
+                hijacked.writer,
+                spec,
+                Target::Exec(exec_id),
+                container,
+            )
             .await)
     }
 
@@ -554,8 +962,12 @@ impl DockerBackend {
         self.bounded(async {
             let api = self.ready().await?;
             self.ensure_image().await?;
-            let body = self.create_body(meta, &sized_argv(spec, api), Some(spec));
+            let body = self.create_body(meta, &self.program_argv(spec, api), Some(spec));
             let id = self.create(&body).await?;
+            if let Err(e) = self.put_agent(&id).await {
+                self.discard(&id).await;
+                return Err(e);
+            }
             let started = async {
                 let hijacked = self.client.attach_container(&id).await?;
                 self.client.start_container(&id).await?;
@@ -568,12 +980,16 @@ impl DockerBackend {
                     return Err(StartError::ContainerFailed(e.to_string()));
                 }
             };
-            let control = self.control(Target::Container(id.clone()));
-            Ok((
-                id,
-                self.process(hijacked.reader, hijacked.writer, spec, control)
-                    .await,
-            ))
+            let process = self
+                .process(
+                    hijacked.reader,
+                    hijacked.writer,
+                    spec,
+                    Target::Container(id.clone()),
+                    &id,
+                )
+                .await;
+            Ok((id, process))
         })
         .await
     }
@@ -583,18 +999,34 @@ impl DockerBackend {
         reader: HijackedReader,
         writer: HijackedWriter,
         spec: &ProgramSpec,
-        control: ProcessControl,
+        target: Target,
+        container: &str,
     ) -> Process {
-        let output = match &spec.tty {
+        let (pid, pid_rx) = match &self.agent {
+            Some(_) => {
+                let (tx, rx) = watch::channel(None);
+                (
+                    Some(PidReport {
+                        got: Vec::with_capacity(4),
+                        tx,
+                    }),
+                    Some(rx),
+                )
+            }
+            None => (None, None),
+        };
+        let control = self.control(target, container, pid_rx);
+        let stream = match &spec.tty {
             Some(t) => {
                 // Also resize after start: covers engines that ignore ConsoleSize.
                 if let Err(e) = control.resize(t.rows, t.cols).await {
                     tracing::debug!(error = %e, "initial resize failed");
                 }
-                ProcessOutput::Raw(reader, BytesMut::new(), ReadSizer::default())
+                OutputStream::Raw(reader, BytesMut::new(), ReadSizer::default())
             }
-            None => ProcessOutput::Muxed(Demuxer::new(reader)),
+            None => OutputStream::Muxed(Demuxer::new(reader)),
         };
+        let output = ProcessOutput { stream, pid };
         Process {
             stdin: writer,
             output,
