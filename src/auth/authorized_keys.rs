@@ -175,7 +175,7 @@ impl AuthorizedKeys {
 
 /// Refuses names that could escape the directory in the template or forge
 /// log lines; such a user simply has no keys.
-fn check_user_name(user: &str) -> Result<(), &'static str> {
+pub(crate) fn check_user_name(user: &str) -> Result<(), &'static str> {
     if user.is_empty() {
         Err("empty")
     } else if user.len() > MAX_USERNAME_LEN {

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 pub mod authorized_keys;
 mod key_options;
+pub mod metadata;
 pub mod password;
 
 /// Why an authentication source could not be consulted.

@@ -31,6 +31,8 @@ pub struct ProgramSpec {
     /// `NAME=value` entries from `env` requests (and TERM when a terminal was requested).
     pub env: Vec<String>,
     pub tty: Option<Terminal>,
+    /// What the login brings; its files are written into session containers before start.
+    pub login: std::sync::Arc<crate::auth::metadata::LoginMetadata>,
 }
 
 /// How a program ended, in SSH terms.

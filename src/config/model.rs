@@ -96,6 +96,31 @@ impl<'de> Deserialize<'de> for AlgorithmList {
 pub struct AuthConfig {
     pub public_key: PublicKeyAuthConfig,
     pub password: PasswordAuthConfig,
+    /// Environment and files every login gets (the webhooks add per-user ones later).
+    pub metadata: LoginMetadataConfig,
+}
+
+/// `auth.metadata`: what a login brings into its container besides the user name.
+#[derive(Clone, Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct LoginMetadataConfig {
+    /// Set in every session; overrides what the client sends with `env` requests.
+    pub environment: BTreeMap<String, String>,
+    /// Written into the container (through the agent, as the container's user) before any
+    /// session starts, keyed by absolute path.
+    pub files: BTreeMap<String, LoginFileConfig>,
+}
+
+/// One file from `auth.metadata.files`: inline text, or a file on this host read at login.
+#[derive(Clone, Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct LoginFileConfig {
+    /// The content, as text.
+    pub value: String,
+    /// Or: a path on this host; `%u` is the user name.
+    pub source: String,
+    /// Octal permission bits as a string (default `"0600"`).
+    pub mode: String,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, Default)]

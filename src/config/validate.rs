@@ -68,6 +68,8 @@ pub struct Settings {
     pub log: LogConfig,
     pub agent: AgentConfig,
     pub forwarding: Forwarding,
+    /// `auth.metadata`: environment and files every login gets.
+    pub metadata: crate::auth::metadata::MetadataTemplate,
     pub instance_id: String,
     pub state_directory: PathBuf,
 }
@@ -411,6 +413,8 @@ pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
         log: cfg.log,
         agent: cfg.agent,
         forwarding: forwarding(file, &cfg.security.forwarding)?,
+        metadata: crate::auth::metadata::MetadataTemplate::from_config(&cfg.auth.metadata)
+            .map_err(|e| invalid(file, &format!("auth.metadata.{}", e.key), e.message))?,
         instance_id,
         state_directory,
     })

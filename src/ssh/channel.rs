@@ -196,7 +196,16 @@ pub async fn run(
     if let Some(t) = &tty {
         env.push(format!("TERM={}", t.term));
     }
-    let spec = ProgramSpec { argv, env, tty };
+    let login = conn
+        .user()
+        .map(|u| Arc::clone(&u.metadata))
+        .unwrap_or_default();
+    let spec = ProgramSpec {
+        argv,
+        env,
+        tty,
+        login,
+    };
 
     // Starting: bounded by the backend's own timeouts, not cancelled midway, so a container
     // being created is always known and removed.

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::authorized_keys::KeyOptions;
+use crate::auth::metadata::LoginMetadata;
 use crate::backend::{ConnMeta, StartError};
 use crate::config::model::ExecutionMode;
 use crate::server::Shared;
@@ -18,6 +19,8 @@ pub struct AuthedUser {
     pub name: String,
     /// Present for public-key logins: the matching authorized_keys line's options.
     pub key_options: Option<KeyOptions>,
+    /// Environment and files the login brings.
+    pub metadata: Arc<LoginMetadata>,
 }
 
 /// The connection-mode container as sessions see it.
@@ -108,6 +111,10 @@ impl ConnCtx {
             } else {
                 docker.start_idle_container(&meta).await
             };
+            if let (Ok(id), Some(user)) = (&started, me.user()) {
+                // Before the slot is ready, so no session starts without its files.
+                docker.write_files(id, &user.metadata.files, true).await;
+            }
             let slot = match started {
                 Ok(id) => ContainerSlot::Ready(id),
                 Err(e) => {

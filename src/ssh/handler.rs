@@ -17,10 +17,11 @@ use super::conn::{AuthedUser, ConnCtx};
 use super::forward::{self as fwd, DirectTarget};
 use super::program::exec_argv;
 use super::stdin::{self, Overflow, StdinTx};
+use crate::auth::metadata::{env_name_ok, LoginMetadata};
 use crate::backend::Terminal;
 use crate::limits::{
-    CHANNEL_EVENT_QUEUE, MAX_CHANNELS_PER_CONNECTION, MAX_COMMAND_BYTES, MAX_ENV_NAME_BYTES,
-    MAX_ENV_VALUE_BYTES, MAX_ENV_VARS, MAX_TERMINAL_DIMENSION, MAX_TERM_BYTES,
+    CHANNEL_EVENT_QUEUE, MAX_CHANNELS_PER_CONNECTION, MAX_COMMAND_BYTES, MAX_ENV_VALUE_BYTES,
+    MAX_ENV_VARS, MAX_TERMINAL_DIMENSION, MAX_TERM_BYTES,
 };
 
 /// Longest host name or socket path accepted in a forwarding request.
@@ -77,6 +78,27 @@ impl Handler {
         }
     }
 
+    /// The login's environment and files; `None` (login refused, reason logged) when a file
+    /// cannot be read: a login never starts without what the operator configured for it.
+    async fn metadata(&self, user: &str) -> Option<Arc<LoginMetadata>> {
+        let template = &self.conn.shared.settings.metadata;
+        let resolved = if template.has_files() {
+            let (t, u) = (template.clone(), user.to_string());
+            tokio::task::spawn_blocking(move || t.resolve(&u))
+                .await
+                .unwrap_or_else(|_| Err("file reader failed".into()))
+        } else {
+            template.resolve(user)
+        };
+        match resolved {
+            Ok(m) => Some(Arc::new(m)),
+            Err(e) => {
+                tracing::warn!(connection_id = %self.conn.id, user = %user.escape_debug(), error = %e, "login refused: auth.metadata");
+                None
+            }
+        }
+    }
+
     /// Sends an event to the channel's task; a task that has ended simply drops it.
     async fn send(&self, id: ChannelId, ev: ChannelEvent) {
         if let Some(ch) = self.channels.get(&id) {
@@ -100,8 +122,13 @@ impl Handler {
         }
         ch.started = true;
         let mut env = extra_env;
-        if let Some(opts) = self.conn.user().and_then(|u| u.key_options.as_ref()) {
-            env.extend(opts.environment.iter().map(|(k, v)| format!("{k}={v}")));
+        if let Some(user) = self.conn.user() {
+            if let Some(opts) = &user.key_options {
+                env.extend(opts.environment.iter().map(|(k, v)| format!("{k}={v}")));
+            }
+            // Last, so the operator's values win over the client's.
+            let md = &user.metadata.environment;
+            env.extend(md.iter().map(|(k, v)| format!("{k}={v}")));
         }
         // The queue is empty before a start (only ≤ MAX_ENV_VARS + 2 events precede it).
         if ch
@@ -122,13 +149,6 @@ impl Handler {
             vec![format!("SSH_ORIGINAL_COMMAND={original}")],
         ))
     }
-}
-
-fn env_name_ok(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_ENV_NAME_BYTES
-        && !name.starts_with(|c: char| c.is_ascii_digit())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 fn sig_name(sig: &Sig) -> String {
@@ -189,10 +209,14 @@ impl russh::server::Handler for Handler {
             tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), "public key refused");
             return Ok(Auth::reject());
         };
+        let Some(metadata) = self.metadata(user).await else {
+            return Ok(Auth::reject());
+        };
         tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), method = "publickey", "authenticated");
         self.conn.authenticated(AuthedUser {
             name: user.to_string(),
             key_options: Some(opts),
+            metadata,
         });
         Ok(Auth::Accept)
     }
@@ -207,10 +231,14 @@ impl russh::server::Handler for Handler {
             .map_err(|_| russh::Error::Disconnect)?;
         match ok {
             Ok(true) => {
+                let Some(metadata) = self.metadata(user).await else {
+                    return Ok(Auth::reject());
+                };
                 tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), method = "password", "authenticated");
                 self.conn.authenticated(AuthedUser {
                     name: user.to_string(),
                     key_options: None,
+                    metadata,
                 });
                 Ok(Auth::Accept)
             }

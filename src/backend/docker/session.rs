@@ -17,6 +17,7 @@ use super::{
     Demuxer, DockerClient, DockerConnection, DockerError, ExecSpec, HijackedReader, HijackedWriter,
     ReadSizer, StreamKind,
 };
+use crate::auth::metadata::LoginFile;
 use crate::backend::agent::AgentBinary;
 use crate::backend::{signal_number, ConnMeta, ExitReport, ProgramSpec, StartError};
 use crate::config::model::{DockerConfig, DockerExecutionConfig, DockerTimeouts, PullPolicy};
@@ -562,6 +563,49 @@ impl DockerBackend {
             })
     }
 
+    /// Writes the login's files into a container: through the agent (as the container's user)
+    /// when `running` and the agent is on, else with the archive API (owned by root; the only
+    /// way before a session container starts). Failures are logged, as in ContainerSSH.
+    pub async fn write_files(&self, container: &str, files: &[LoginFile], running: bool) {
+        for f in files {
+            let written = match (&self.agent, running) {
+                (Some(agent), true) => {
+                    let cmd = vec![
+                        agent.path.clone(),
+                        "write-file".into(),
+                        f.path.clone(),
+                        "--mode".into(),
+                        format!("{:o}", f.mode),
+                    ];
+                    match self.capture(container, cmd, Some(&f.data)).await {
+                        Ok(out) if out.code == 0 => Ok(()),
+                        Ok(out) => Err(out.message()),
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+                _ => self.put_file(container, f).await,
+            };
+            if let Err(e) = written {
+                tracing::warn!(container, path = %f.path, error = %e, "cannot write a login file into the container");
+            }
+        }
+    }
+
+    async fn put_file(&self, container: &str, f: &LoginFile) -> Result<(), String> {
+        let (dir, name) = f.path.rsplit_once('/').ok_or("not an absolute path")?;
+        let tar = build_tar(&[TarEntry {
+            path: name,
+            mode: f.mode,
+            data: TarData::File(&f.data),
+        }])
+        .map_err(|e| e.to_string())?;
+        let dir = if dir.is_empty() { "/" } else { dir };
+        let upload = self.client.put_archive(container, dir, tar);
+        within(self.timeouts.container_start.0, "file upload", upload)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     /// Starts a long-running agent command (`forward-server`) with its stdio attached; it
     /// ends when its stdin is closed.
     pub async fn start_agent_command(
@@ -968,6 +1012,7 @@ impl DockerBackend {
                 self.discard(&id).await;
                 return Err(e);
             }
+            self.write_files(&id, &spec.login.files, false).await;
             let started = async {
                 let hijacked = self.client.attach_container(&id).await?;
                 self.client.start_container(&id).await?;
@@ -1077,6 +1122,7 @@ mod tests {
             argv: vec!["sh".into()],
             env: vec!["B=2".into()],
             tty: None,
+            login: Default::default(),
         };
         let body = b.create_body(&meta, &spec.argv, Some(&spec));
         assert_eq!(body["Labels"]["team"], "blue");
