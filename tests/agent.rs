@@ -536,3 +536,46 @@ fn runs_in_an_image_without_a_shell() {
     let info = c.exec(&[AGENT, "exit-info", "--pid", &pid.to_string()]);
     assert_eq!(text(&info.stdout), "KILL\n", "{}", text(&info.stderr));
 }
+
+/// A server login into an image that has no shell and no `/usr/bin`: the injected agent lands
+/// at its default path (directories created), idles as PID 1 and runs the program; and the same
+/// image used with `agent.inject: false` and its own copy at `agentPath`.
+#[test]
+fn server_logins_into_an_image_without_a_shell() {
+    let image = noshell_image();
+    for inject in [true, false] {
+        let env = support::TestEnv::new();
+        let mut yaml = env.config_yaml("connection").replace(&test_image(), &image);
+        if !inject {
+            let binary = format!("  binary: \"{}\"\n", static_agent().display());
+            yaml = yaml
+                .replace(&binary, "  inject: false\n")
+                .replace(
+                    "    shellCommand:",
+                    "    agentPath: /cssh/agent\n    idleCommand: [\"/cssh/agent\", \"wait-signal\"]\n    shellCommand:",
+                );
+        }
+        let server = env.start(&yaml);
+        let agent = if inject {
+            "/usr/bin/containerssh-agent"
+        } else {
+            AGENT
+        };
+        let out = run_with_timeout(
+            env.ssh(&server, "alice").arg(format!("{agent} --version")),
+            None,
+            DOCKER_TIMEOUT,
+        );
+        assert!(
+            text(&out.stdout).starts_with("containerssh-agent "),
+            "inject={inject}: {}",
+            support::describe(&out, &server)
+        );
+        assert_eq!(
+            server.output().contains("injecting the agent"),
+            inject,
+            "{}",
+            server.output()
+        );
+    }
+}

@@ -409,7 +409,7 @@ async fn read_frames<R: AsyncRead + Unpin>(
             }
         }
         if let Some(v) = violation {
-            tracing::warn!(error = %v, "forwarding agent protocol violation; forwarding stopped");
+            tracing::warn!(error = %v, "forwarding stopped: the agent in the container does not speak this server's protocol (an image's own ContainerSSH agent? inject ours with agent.binary)");
             break v;
         }
     };

@@ -445,14 +445,16 @@ impl AgentTars {
 
 /// The agent's `console` in front of the program: it reports the program's PID first on
 /// stdout and sizes the terminal before the program starts.
-fn agent_argv(agent: &str, spec: &ProgramSpec) -> Vec<String> {
+/// `program` is the program's argv: `spec.argv`, or (an image's own agent, which may be
+/// ContainerSSH's and know only `--pid`) the `stty` wrapper that sizes the terminal.
+fn agent_argv(agent: &str, spec: &ProgramSpec, program: Vec<String>, ours: bool) -> Vec<String> {
     let mut argv: Vec<String> = vec![agent.into(), "console".into(), "--pid".into()];
-    if let Some(t) = &spec.tty {
+    if let (Some(t), true) = (&spec.tty, ours) {
         let dim = |v: u32| u16::try_from(v).unwrap_or(u16::MAX).to_string();
         argv.extend(["--rows".into(), dim(t.rows), "--cols".into(), dim(t.cols)]);
     }
     argv.push("--".into());
-    argv.extend(spec.argv.iter().cloned());
+    argv.extend(program);
     argv
 }
 
@@ -570,13 +572,11 @@ impl DockerBackend {
         for f in files {
             let written = match (&self.agent, running) {
                 (Some(agent), true) => {
-                    let cmd = vec![
-                        agent.path.clone(),
-                        "write-file".into(),
-                        f.path.clone(),
-                        "--mode".into(),
-                        format!("{:o}", f.mode),
-                    ];
+                    let mut cmd = vec![agent.path.clone(), "write-file".into(), f.path.clone()];
+                    if agent.inject.is_some() {
+                        // ContainerSSH's agent has no --mode.
+                        cmd.extend(["--mode".into(), format!("{:o}", f.mode)]);
+                    }
                     match self.capture(container, cmd, Some(&f.data)).await {
                         Ok(out) if out.code == 0 => Ok(()),
                         Ok(out) => Err(out.message()),
@@ -958,7 +958,8 @@ impl DockerBackend {
     /// The command a program really runs as: under the agent's `console`, or on its own.
     fn program_argv(&self, spec: &ProgramSpec, api: &ApiLevel) -> Vec<String> {
         match &self.agent {
-            Some(a) => agent_argv(&a.path, spec),
+            Some(a) if a.inject.is_some() => agent_argv(&a.path, spec, spec.argv.clone(), true),
+            Some(a) => agent_argv(&a.path, spec, sized_argv(spec, api), false),
             None => sized_argv(spec, api),
         }
     }
