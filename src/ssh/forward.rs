@@ -236,7 +236,7 @@ async fn open_incoming(conn: Arc<ConnCtx>, handle: Handle, kind: ListenerKind, i
         }
     };
     let id = channel.id();
-    let (_read, write) = channel.split();
+    let write = write_half(channel);
     let Some((rx, closed)) = conn.forwards.take_opened(id).await else {
         let _ = write.close().await;
         return;
@@ -277,7 +277,7 @@ pub fn open_direct(
         match dialled.await {
             Ok(stream) => {
                 reply.accept().await;
-                let (_read, write) = channel.split();
+                let write = write_half(channel);
                 bridge(conn, id, stream, write, rx, closed).await;
             }
             Err(e) => {
@@ -287,6 +287,15 @@ pub fn open_direct(
             }
         }
     });
+}
+
+/// The channel's write half. The read half is dropped at once: data reaches us through the
+/// handler's callbacks, and an unread read half would make russh's session loop wait on it
+/// once its buffer fills, stalling the whole connection.
+fn write_half(channel: Channel<Msg>) -> ChannelWriteHalf<Msg> {
+    let (read, write) = channel.split();
+    drop(read);
+    write
 }
 
 /// Copies between one SSH channel and one mux stream until either side closes.
