@@ -21,7 +21,7 @@ die() { printf 'tests/run.sh: ERROR: %s\n' "$*" >&2; exit 1; }
 # --- 1. packages ---------------------------------------------------------------
 # openssh-server is only needed by the benchmarks (a reference sshd); it is not
 # installed here.
-PACKAGES=(openssh-client busybox-static openssh-sftp-server tmux openssl)
+PACKAGES=(openssh-client busybox-static openssh-sftp-server socat tmux openssl)
 section "checking Debian packages: ${PACKAGES[*]}"
 command -v dpkg-query >/dev/null 2>&1 ||
     die "dpkg-query not found: the tests need a Debian-based host with: ${PACKAGES[*]}"
@@ -64,6 +64,13 @@ echo "CONTAINERSSH_TEST_IMAGE=$CONTAINERSSH_TEST_IMAGE"
 # --- 4. build and test ---------------------------------------------------------
 section "cargo build --bins"
 cargo build --bins
+
+# The agent the test servers inject: static, as it ships (see README).
+section "static agent"
+RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR=target/static \
+    cargo build --release --target x86_64-unknown-linux-gnu --bin containerssh-agent
+export CONTAINERSSH_TEST_AGENT=$PWD/target/static/x86_64-unknown-linux-gnu/release/containerssh-agent
+ls -l "$CONTAINERSSH_TEST_AGENT"
 
 section "cargo test --all-targets"
 test_args=()

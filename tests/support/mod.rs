@@ -81,6 +81,42 @@ pub fn test_image() -> String {
 // ---------------------------------------------------------------------------
 
 /// `n` random bytes from the kernel, as lowercase hex.
+/// The agent built the way it ships (static glibc, release), once per test process:
+/// `$CONTAINERSSH_TEST_AGENT` when set (tests/run.sh builds it first), else built here.
+pub fn static_agent() -> PathBuf {
+    static AGENT_PATH: OnceLock<PathBuf> = OnceLock::new();
+    AGENT_PATH
+        .get_or_init(|| {
+            if let Some(p) = std::env::var_os("CONTAINERSSH_TEST_AGENT") {
+                return PathBuf::from(p);
+            }
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+            let target_dir = root.join("target/static");
+            let out = Command::new(env!("CARGO"))
+                .current_dir(root)
+                .args([
+                    "build",
+                    "--release",
+                    "--target",
+                    "x86_64-unknown-linux-gnu",
+                    "--bin",
+                    "containerssh-agent",
+                ])
+                .env("RUSTFLAGS", "-C target-feature=+crt-static")
+                .env("CARGO_TARGET_DIR", &target_dir)
+                .stdin(Stdio::null())
+                .output()
+                .expect("run cargo build for the static agent");
+            assert!(
+                out.status.success(),
+                "static agent build failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            target_dir.join("x86_64-unknown-linux-gnu/release/containerssh-agent")
+        })
+        .clone()
+}
+
 pub fn random_hex(n: usize) -> String {
     let mut buf = vec![0u8; n];
     std::fs::File::open("/dev/urandom")
@@ -533,7 +569,8 @@ docker:
     mode: {mode}
     imagePullPolicy: Never
     shellCommand: ["/bin/sh"]
-    idleCommand: ["/bin/sleep", "infinity"]
+agent:
+  binary: {agent}
 log:
   level: debug
   format: text
@@ -547,6 +584,7 @@ stateDirectory: {state}
             mode = yaml_str(mode),
             instance = yaml_str(&self.instance),
             state = yaml_str(&format!("{d}/state")),
+            agent = yaml_str(&static_agent().display().to_string()),
         )
     }
 
@@ -873,4 +911,177 @@ pub fn describe(out: &Output, server: &TestServer) -> String {
         String::from_utf8_lossy(&out.stderr),
         server.output()
     )
+}
+
+// ---------------------------------------------------------------------------
+// Forwarding helpers (tests/forwarding.rs)
+// ---------------------------------------------------------------------------
+
+/// Calls `f` until it returns `Some` or `timeout` passes (then `None`), pausing `step`
+/// between attempts: a bounded poll on observable state, for things that give no event.
+pub fn poll_until<T>(
+    timeout: Duration,
+    step: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return None;
+        }
+        thread::sleep(step.min(deadline - now));
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then released).
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// The SHA-256 of `data` as lowercase hex, computed by the host's `sha256sum`.
+pub fn sha256_hex(data: &[u8]) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn sha256sum");
+    let mut stdin = child.stdin.take().expect("sha256sum stdin");
+    let data = data.to_vec();
+    let writer = thread::spawn(move || stdin.write_all(&data));
+    let out = child.wait_with_output().expect("sha256sum output");
+    writer
+        .join()
+        .expect("sha256sum writer")
+        .expect("write to sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// A process running in the background (an `ssh -M -N` master, an ssh session holding a
+/// server in the container, an `ssh-agent`), its stdout and stderr going to files.
+/// Dropping it kills it (SIGKILL) and reaps it.
+pub struct Background {
+    child: Child,
+    pub stdout_file: PathBuf,
+    pub stderr_file: PathBuf,
+}
+
+impl Background {
+    /// Spawns `cmd` (stdin `/dev/null`) with its output in `<dir>/<name>.out` / `.err`.
+    pub fn spawn(cmd: &mut Command, dir: &Path, name: &str) -> Background {
+        let stdout_file = dir.join(format!("{name}.out"));
+        let stderr_file = dir.join(format!("{name}.err"));
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout_file).expect("create stdout file"))
+            .stderr(std::fs::File::create(&stderr_file).expect("create stderr file"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
+        Background {
+            child,
+            stdout_file,
+            stderr_file,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.stdout_file).unwrap_or_default()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_file).unwrap_or_default()
+    }
+
+    /// `Some(status)` once the process has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
+    /// SIGKILL and reap (idempotent).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl TestEnv {
+    /// Starts `ssh -M -N` as `alice` with `extra` options (e.g. `-L`/`-R` specs), control
+    /// socket `<dir>/fwd-<name>`, `ExitOnForwardFailure=yes` and `LogLevel=INFO` (so that
+    /// "Allocated port N" and channel-open failures show in its stderr), and waits (bounded)
+    /// for the control socket. Run commands in the same connection with
+    /// [`TestEnv::ssh_via`]; `ssh -S <ctl> -O forward …` adds forwards.
+    pub fn forwarding_master(
+        &self,
+        server: &TestServer,
+        name: &str,
+        extra: &[&str],
+    ) -> (Background, PathBuf) {
+        let control = self.dir.path().join(format!("fwd-{name}"));
+        let mut cmd = self.ssh_opts(server);
+        cmd.args([
+            "-M",
+            "-N",
+            "-o",
+            "ControlPersist=no",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-o",
+            "LogLevel=INFO",
+            "-S",
+        ])
+        .arg(&control)
+        .args(extra)
+        .arg(self.destination("alice"));
+        let mut master = Background::spawn(&mut cmd, self.dir.path(), &format!("master-{name}"));
+        let up = poll_until(Duration::from_secs(30), Duration::from_millis(20), || {
+            if control.exists() {
+                return Some(true);
+            }
+            master.exited().map(|_| false)
+        });
+        assert_eq!(
+            up,
+            Some(true),
+            "ssh master {name} never came up (exit: {:?})\n--- its stderr ---\n{}\n--- server ---\n{}",
+            master.exited(),
+            master.stderr(),
+            server.output()
+        );
+        (master, control)
+    }
+
+    /// `ssh -S <control> alice@127.0.0.1`, over an existing master; append the command
+    /// (or put `-O forward -L …` before the destination via [`TestEnv::ssh_control`]).
+    pub fn ssh_via(&self, server: &TestServer, control: &Path) -> Command {
+        let mut cmd = self.ssh_control(server, control);
+        cmd.arg(self.destination("alice"));
+        cmd
+    }
+
+    /// `ssh -S <control>` without a destination.
+    pub fn ssh_control(&self, server: &TestServer, control: &Path) -> Command {
+        let mut cmd = self.ssh_opts(server);
+        cmd.arg("-S").arg(control);
+        cmd
+    }
 }

@@ -5,9 +5,10 @@
 #   FROM scratch
 #   + busybox (Debian busybox-static), applets symlinked into /bin
 #     (the same layout as `busybox --install -s /bin`)
-#   + /usr/lib/openssh/sftp-server (openssh-sftp-server) and /usr/bin/scp
-#     (openssh-client), with every shared library ldd lists for them and the
-#     dynamic loader, at their host paths
+#   + /usr/lib/openssh/sftp-server (openssh-sftp-server), /usr/bin/scp and
+#     /usr/bin/ssh-add (openssh-client) and /usr/bin/socat (socat; unix-socket
+#     and TCP servers/clients for the forwarding tests), with every shared
+#     library ldd lists for them and the dynamic loader, at their host paths
 #   + /etc/passwd, /etc/group (root, nobody), /etc/nsswitch.conf, /tmp (1777),
 #     /root
 #
@@ -21,13 +22,13 @@
 # ${CONTAINERSSH_TEST_IMAGE_LOCK:-/tmp/containerssh-test-image.lock}.
 #
 # Needs: docker (an engine that answers), dpkg-query, sha256sum and the Debian
-# packages busybox-static, openssh-sftp-server, openssh-client
+# packages busybox-static, openssh-sftp-server, openssh-client, socat
 # (`bash tests/run.sh` installs them when run as root).
 set -euo pipefail
 
 REPO=containerssh-test
-PACKAGES=(busybox-static openssh-sftp-server openssh-client)
-BINARIES=(/usr/lib/openssh/sftp-server /usr/bin/scp)
+PACKAGES=(busybox-static openssh-sftp-server openssh-client socat)
+BINARIES=(/usr/lib/openssh/sftp-server /usr/bin/scp /usr/bin/ssh-add /usr/bin/socat)
 LOCK=${CONTAINERSSH_TEST_IMAGE_LOCK:-/tmp/containerssh-test-image.lock}
 
 log() { printf 'build.sh: %s\n' "$*" >&2; }
@@ -184,12 +185,20 @@ docker run --rm --network none "$REF" /bin/sh -c '
     for c in sh cat stty sleep sha256sum head dd env; do command -v "$c" >/dev/null; done
     test -x /usr/lib/openssh/sftp-server
     test -x /usr/bin/scp
+    test -x /usr/bin/ssh-add
+    test -x /usr/bin/socat
 ' >&2 || die "the built image $REF fails its smoke check"
 # sftp-server -h prints usage and exits non-zero; it must at least load and run.
 out=$(docker run --rm --network none "$REF" /usr/lib/openssh/sftp-server -h 2>&1 || true)
 [[ $out == *usage* ]] || die "sftp-server does not run in $REF: $out"
 out=$(docker run --rm --network none "$REF" /usr/bin/scp 2>&1 || true)
 [[ $out == *usage* ]] || die "scp does not run in $REF: $out"
+# ssh-add connects to the agent before it parses options: without one it says so
+# and exits non-zero (which proves it loads and runs). socat -V prints its version.
+out=$(docker run --rm --network none "$REF" /usr/bin/ssh-add -l 2>&1 || true)
+[[ $out == *"authentication agent"* ]] || die "ssh-add does not run in $REF: $out"
+out=$(docker run --rm --network none "$REF" /usr/bin/socat -V 2>&1 || true)
+[[ $out == *"socat version"* ]] || die "socat does not run in $REF: $out"
 
 log "built $REF in $(($(date +%s) - start)) s"
 printf '%s\n' "$REF"
