@@ -40,6 +40,9 @@ RUN = os.environ.get("BENCH_RUN") or os.urandom(4).hex()
 IMAGE = os.environ["BENCH_IMAGE"]
 BIN = os.environ["BENCH_BIN"]
 STATIC_BIN = os.environ.get("BENCH_STATIC_BIN", "")
+# The static agent the server injects (built with the static binary); without one the server
+# runs with the agent disabled and `sleep` as the idle command.
+AGENT_BIN = os.environ.get("BENCH_AGENT_BIN", "")
 SSHD = os.environ.get("BENCH_SSHD", "/usr/sbin/sshd")
 USER = os.environ.get("BENCH_USER", "csshbench")
 N_LAT = env_int("BENCH_N", 20)
@@ -218,6 +221,12 @@ class Ours:
         self.log = bench.work / f"ours-{name}.log"
         cfg = bench.work / f"ours-{name}.yaml"
         w = bench.work
+        if AGENT_BIN:
+            agent_yaml, agent_top = "", f'agent:{chr(10)}  binary: "{AGENT_BIN}"{chr(10)}'
+        else:
+            agent_yaml = ('    idleCommand: ["/bin/sleep", "infinity"]' + chr(10)
+                          + '    disableAgent: true' + chr(10))
+            agent_top = ""
         cfg.write_text(f"""ssh:
   listen: 127.0.0.1:{self.port}
   hostkeys:
@@ -239,13 +248,12 @@ docker:
     mode: {mode}
     imagePullPolicy: Never
     shellCommand: ["/bin/sh"]
-    idleCommand: ["/bin/sleep", "infinity"]
-{f'  timeouts:{chr(10)}    http: "{HTTP_TIMEOUT}"{chr(10)}' if HTTP_TIMEOUT else ''}log:
+{agent_yaml}{f'  timeouts:{chr(10)}    http: "{HTTP_TIMEOUT}"{chr(10)}' if HTTP_TIMEOUT else ''}log:
   level: {level}
   format: text
 instanceId: "{self.instance}"
 stateDirectory: "{w}/state-{name}"
-""")
+{agent_top}""")
         env = {k: v for k, v in os.environ.items() if k != "RUST_LOG"}
         env["NO_COLOR"] = "1"
         self.logf = open(self.log, "wb")

@@ -75,7 +75,8 @@ if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
     fi
 fi
 [[ -x $BIN ]] || die "$BIN missing (run without BENCH_SKIP_BUILD=1)"
-[[ ${BENCH_NO_STATIC:-0} == 1 ]] && STATIC_BIN=
+AGENT_BIN=$STATIC_TARGET_DIR/x86_64-unknown-linux-gnu/release/containerssh-agent
+[[ ${BENCH_NO_STATIC:-0} == 1 ]] && STATIC_BIN= && AGENT_BIN=
 
 # --- the offline test image ---------------------------------------------------------------
 IMAGE=$(bash tests/support/image/build.sh | tail -1)
@@ -120,7 +121,7 @@ trap 'exit 143' TERM
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 log "run $RUN; image $IMAGE; report also in $OUT"
-export BENCH_RUN=$RUN BENCH_IMAGE=$IMAGE BENCH_BIN=$BIN BENCH_STATIC_BIN=$STATIC_BIN \
+export BENCH_RUN=$RUN BENCH_IMAGE=$IMAGE BENCH_BIN=$BIN BENCH_STATIC_BIN=$STATIC_BIN BENCH_AGENT_BIN=$AGENT_BIN \
     BENCH_SSHD=$SSHD BENCH_PIDFILE=$PIDFILE BENCH_USER=$USER_NAME
 {
     echo "command: ${0} (cwd $ROOT) $(env | grep -E '^BENCH_(N|TP_N|TP_BYTES|TP_GEN|SESSIONS|PARALLEL|PARALLEL_FC|HTTP_TIMEOUT|BREAKDOWN_N|PHASES)=' | tr '\n' ' ')"
