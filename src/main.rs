@@ -171,6 +171,8 @@ fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
     }
     let docker = DockerBackend::new(&settings.docker, &settings.instance_id)?
         .inject_agent(agent.as_ref())?;
+    // The backend keeps its own archive of it.
+    drop(agent);
     let ssh_config = ssh::russh_config(&settings, keys)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

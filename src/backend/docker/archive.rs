@@ -7,6 +7,7 @@
 //! fit ustar's 100-byte name field, or split at a `/` into a prefix of at
 //! most 155 bytes and a name of at most 100.
 
+use bytes::Bytes;
 use http::{Method, StatusCode};
 
 use super::api::{q, seg};
@@ -28,8 +29,15 @@ impl DockerClient {
     /// Bodies over [`MAX_UPLOAD_BYTES`] fail with
     /// [`DockerError::UploadTooLarge`] before anything is sent. Untimed like
     /// create/start (the engine may be slow under load); bound it from outside.
-    pub async fn put_archive(&self, id: &str, path: &str, tar: Vec<u8>) -> Result<(), DockerError> {
+    pub async fn put_archive(
+        &self,
+        id: &str,
+        path: &str,
+        tar: impl Into<Bytes>,
+    ) -> Result<(), DockerError> {
         const OP: &str = "container archive upload";
+        // Bytes: the agent's archive is shared by every upload, never copied per login.
+        let tar: Bytes = tar.into();
         if tar.len() > MAX_UPLOAD_BYTES {
             return Err(DockerError::UploadTooLarge {
                 op: OP,

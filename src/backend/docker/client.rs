@@ -100,7 +100,7 @@ impl DockerClient {
         op: &'static str,
         method: Method,
         path: &str,
-        body: Option<Vec<u8>>,
+        body: Option<Bytes>,
         headers: &[(&'static str, &str)],
     ) -> Result<Request<Full<Bytes>>, DockerError> {
         let mut b = Request::builder()
@@ -117,7 +117,7 @@ impl DockerClient {
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
-        b.body(Full::new(Bytes::from(body.unwrap_or_default())))
+        b.body(Full::new(body.unwrap_or_default()))
             .map_err(|source| DockerError::BuildRequest { op, source })
     }
 
@@ -184,7 +184,8 @@ impl DockerClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes), DockerError> {
-        self.call_untimed_with(op, method, path, body, &[]).await
+        self.call_untimed_with(op, method, path, body.map(Bytes::from), &[])
+            .await
     }
 
     /// Like [`call_untimed`](Self::call_untimed) with extra request headers;
@@ -194,7 +195,7 @@ impl DockerClient {
         op: &'static str,
         method: Method,
         path: &str,
-        body: Option<Vec<u8>>,
+        body: Option<Bytes>,
         headers: &[(&'static str, &str)],
     ) -> Result<(StatusCode, Bytes), DockerError> {
         let req = self.build(op, method, path, body, headers)?;
@@ -238,7 +239,7 @@ impl DockerClient {
             op,
             Method::POST,
             path,
-            body,
+            body.map(Bytes::from),
             &[("connection", "Upgrade"), ("upgrade", "tcp")],
         )?;
         self.timed(op, async {

@@ -48,9 +48,10 @@ struct AgentTars {
     /// The parent directory of `agentPath`, for the upload that assumes it exists.
     dir: String,
     /// Just the file, extracted into `dir`.
-    in_dir: Vec<u8>,
-    /// The file with every parent directory, extracted into `/` when `dir` is missing.
-    from_root: Vec<u8>,
+    in_dir: Bytes,
+    /// `dir` and its parents, extracted into `/` first when `dir` is missing (small; the
+    /// file is never held twice).
+    dirs: Bytes,
 }
 
 /// How programs reach the agent: `None` in [`DockerBackend`] when `disableAgent` is set.
@@ -412,12 +413,12 @@ impl AgentTars {
             Some((d, n)) => (d, n),
             None => ("", rel),
         };
-        let file = |p| TarEntry {
-            path: p,
+        let in_dir = build_tar(&[TarEntry {
+            path: name,
             mode: 0o755,
             data: TarData::File(&binary.bytes),
-        };
-        let in_dir = build_tar(&[file(name)])?;
+        }])?
+        .into();
         let mut dirs: Vec<String> = Vec::new();
         for component in dir.split('/').filter(|c| !c.is_empty()) {
             let next = match dirs.last() {
@@ -426,7 +427,7 @@ impl AgentTars {
             };
             dirs.push(next);
         }
-        let mut entries: Vec<TarEntry> = dirs
+        let entries: Vec<TarEntry> = dirs
             .iter()
             .map(|d| TarEntry {
                 path: d,
@@ -434,11 +435,10 @@ impl AgentTars {
                 data: TarData::Dir,
             })
             .collect();
-        entries.push(file(rel));
         Ok(Self {
             dir: format!("/{dir}"),
             in_dir,
-            from_root: build_tar(&entries)?,
+            dirs: build_tar(&entries)?.into(),
         })
     }
 }
@@ -547,10 +547,11 @@ impl DockerBackend {
                 .put_archive(id, &tars.dir, tars.in_dir.clone())
                 .await
             {
-                // The directory is missing from the image: create it too.
+                // The directory is missing from the image: create it, then try again.
                 Err(DockerError::Status { status: 404, .. }) => {
+                    self.client.put_archive(id, "/", tars.dirs.clone()).await?;
                     self.client
-                        .put_archive(id, "/", tars.from_root.clone())
+                        .put_archive(id, &tars.dir, tars.in_dir.clone())
                         .await
                 }
                 other => other,
