@@ -57,6 +57,10 @@ pub const MAX_FORWARD_OVERFLOW_BYTES: usize = 4 * 1024 * 1024;
 /// inside the container); the client waits on it.
 pub const FORWARD_SETUP_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How long a forwarded connection the client has closed may take to deliver its last bytes
+/// inside the container before it is cut.
+pub const FORWARD_CLOSE_DRAIN: Duration = Duration::from_secs(5);
+
 /// X11 displays tried inside the container, from `X11_DISPLAY_OFFSET` on (OpenSSH: 10, 1000).
 pub const X11_DISPLAY_OFFSET: u16 = 10;
 pub const X11_MAX_DISPLAYS: u16 = 100;

@@ -20,8 +20,8 @@ use super::stdin::{forward_queue, StdinRx, StdinTx};
 use crate::config::model::ExecutionMode;
 use crate::forward::{ForwardError, Incoming, Mux, MuxStream, StreamEvent};
 use crate::limits::{
-    FORWARD_SETUP_TIMEOUT, MAX_FORWARD_CHANNELS_PER_CONNECTION, MAX_LISTENERS_PER_CONNECTION,
-    X11_DISPLAY_OFFSET, X11_MAX_DISPLAYS,
+    FORWARD_CLOSE_DRAIN, FORWARD_SETUP_TIMEOUT, MAX_FORWARD_CHANNELS_PER_CONNECTION,
+    MAX_LISTENERS_PER_CONNECTION, X11_DISPLAY_OFFSET, X11_MAX_DISPLAYS,
 };
 
 /// What a listener inside the container was opened for; decides the channel type we open
@@ -339,11 +339,20 @@ async fn bridge(
     };
     tokio::pin!(up, down);
     let mut up_done = false;
+    // After the client's close, what it sent just before (data, EOF) still goes through, and
+    // the agent gets the time to write it out and end the stream itself, up to a bound.
+    let drain = tokio::time::sleep(std::time::Duration::MAX);
+    tokio::pin!(drain);
+    let mut client_closed = false;
     loop {
         tokio::select! {
             () = &mut up, if !up_done => up_done = true,
             () = &mut down => break,
-            () = closed.cancelled() => break,
+            () = closed.cancelled(), if !client_closed => {
+                client_closed = true;
+                drain.as_mut().reset(tokio::time::Instant::now() + FORWARD_CLOSE_DRAIN);
+            }
+            () = &mut drain, if client_closed => break,
             () = conn.cancel.cancelled() => break,
         }
     }
