@@ -174,6 +174,143 @@ pub fn fuzz_agent_proto(data: &[u8]) {
     }
 }
 
+/// The Kubernetes channel frames: the input is a sequence of messages, each a big-endian
+/// 16-bit length and that many bytes. Decoding never panics, hands out exactly the payload,
+/// and channel 3 is accumulated within its cap; a collected `Status` gives an exit code of at
+/// most 255 or a failure.
+pub fn fuzz_kube_frames(data: &[u8]) {
+    use crate::backend::kubernetes::wire::{
+        decode, exit_from_status, resize, ErrorChannel, ExecOutcome, Incoming, WireError,
+        MAX_STATUS_BYTES,
+    };
+
+    if let [a, b, c, d, ..] = data {
+        let (cols, rows) = (u16::from_be_bytes([*a, *b]), u16::from_be_bytes([*c, *d]));
+        let msg = resize(cols, rows);
+        let size: serde_json::Value =
+            serde_json::from_slice(&msg[1..]).expect("resize writes JSON");
+        assert_eq!(size["Width"], u64::from(cols));
+        assert_eq!(size["Height"], u64::from(rows));
+    }
+    let mut errors = ErrorChannel::new();
+    let mut total = 0usize;
+    let mut rest = data;
+    while let [hi, lo, tail @ ..] = rest {
+        let len = usize::from(u16::from_be_bytes([*hi, *lo])).min(tail.len());
+        let (msg, after) = tail.split_at(len);
+        rest = after;
+        match decode(msg) {
+            Ok(Incoming::Empty) => assert!(msg.len() == 1 && (1..=3).contains(&msg[0])),
+            Ok(Incoming::Stdout(p)) => assert!(msg[0] == 1 && p == &msg[1..] && !p.is_empty()),
+            Ok(Incoming::Stderr(p)) => assert!(msg[0] == 2 && p == &msg[1..] && !p.is_empty()),
+            Ok(Incoming::Error(p)) => {
+                assert!(msg[0] == 3 && p == &msg[1..] && !p.is_empty());
+                total += p.len();
+                let pushed = errors.push(p);
+                assert_eq!(pushed.is_ok(), total <= MAX_STATUS_BYTES, "{total} bytes");
+            }
+            Err(WireError::EmptyMessage) => assert!(msg.is_empty()),
+            Err(WireError::UnexpectedChannel(ch)) => {
+                assert!(msg[0] == ch && !(1..=3).contains(&ch))
+            }
+            Err(e) => panic!("decode gave {e:?}"),
+        }
+        assert!(errors.bytes().len() <= MAX_STATUS_BYTES);
+    }
+    match errors.status() {
+        Ok(Some(status)) => match exit_from_status(&status) {
+            ExecOutcome::Exited(code) => assert!(code <= 255, "exit code {code}"),
+            ExecOutcome::Failed { reason, .. } => assert!(!reason.is_empty()),
+        },
+        Ok(None) => assert!(errors.bytes().iter().all(u8::is_ascii_whitespace)),
+        Err(WireError::StatusTooLarge) => assert!(total > MAX_STATUS_BYTES),
+        Err(_) => {}
+    }
+}
+
+/// Kubernetes `Status` bodies and watch streams: the input is read as a `Status` (for exec
+/// exit codes and REST errors) and as a watch body, cut into lines in chunks of the size the
+/// first byte gives. No panic, lines within their limit, and the pod state of every decoded
+/// pod agrees with its container's exit code.
+pub fn fuzz_kube_status(data: &[u8]) {
+    use crate::backend::kubernetes::wire::{
+        decode_event, evaluate, exit_from_status, terminated_exit_code, ApiError, ExecOutcome,
+        LineSplitter, PodState, Status, WatchEvent, MAX_ERROR_MESSAGE_CHARS, MAX_WATCH_LINE_BYTES,
+    };
+
+    if let Ok(status) = Status::from_json(data) {
+        if let ExecOutcome::Exited(code) = exit_from_status(&status) {
+            assert!(code <= 255, "exit code {code}");
+        }
+    }
+    for http in [200, 404, 410, 500] {
+        let e = ApiError::new(http, data);
+        let shown = e.to_string();
+        assert!(
+            shown.chars().count() <= MAX_ERROR_MESSAGE_CHARS + 128,
+            "{} chars",
+            shown.len()
+        );
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        let _ = (
+            e.is_not_found(),
+            e.is_conflict(),
+            e.is_gone(),
+            e.is_unauthorized(),
+        );
+    }
+
+    let chunk = usize::from(data.first().copied().unwrap_or(1)).max(1);
+    let mut splitter = LineSplitter::new();
+    let mut lines = Vec::new();
+    for piece in data.chunks(chunk) {
+        match splitter.push(piece) {
+            Ok(mut complete) => lines.append(&mut complete),
+            Err(_) => return,
+        }
+        assert!(splitter.buffered() <= MAX_WATCH_LINE_BYTES);
+    }
+    if let Ok(Some(last)) = splitter.finish() {
+        lines.push(last);
+    }
+    for line in lines {
+        assert!(line.len() <= MAX_WATCH_LINE_BYTES && !line.contains(&b'\n'));
+        let pod = match decode_event(&line) {
+            Ok(WatchEvent::Added(pod) | WatchEvent::Modified(pod) | WatchEvent::Deleted(pod)) => {
+                pod
+            }
+            Ok(WatchEvent::Bookmark { resource_version }) => {
+                assert!(!resource_version.is_empty());
+                continue;
+            }
+            Ok(WatchEvent::Error(status)) => {
+                let _ = ApiError::from_status(200, status).to_string();
+                continue;
+            }
+            Err(_) => continue,
+        };
+        let names = pod.spec.containers.iter().map(|c| c.name.as_str());
+        for name in names.chain(["shell"]) {
+            match evaluate(&pod, name) {
+                PodState::Terminated { exit_code } => {
+                    assert_eq!(terminated_exit_code(&pod, name), Some(exit_code))
+                }
+                PodState::Ready => {
+                    assert_eq!(pod.status.phase.as_deref(), Some("Running"));
+                    assert!(pod.metadata.deletion_timestamp.is_none());
+                }
+                PodState::Failed { reason, .. } => assert!(!reason.is_empty()),
+                PodState::Pending => {}
+            }
+        }
+    }
+}
+
+/// Kubeconfig text: parsing and context selection never panic and never read host files.
+pub fn fuzz_kubeconfig(data: &[u8]) {
+    crate::backend::kubernetes::kubeconfig::fuzz_kubeconfig(data);
+}
+
 #[cfg(test)]
 mod tests {
     type Harness = fn(&[u8]);
@@ -183,7 +320,7 @@ mod tests {
     #[test]
     fn seed_corpora_pass_their_harnesses() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
-        let targets: [(&str, Harness); 7] = [
+        let targets: [(&str, Harness); 10] = [
             ("config_yaml", super::fuzz_config),
             ("docker_demux", super::fuzz_docker_demux),
             ("go_duration", super::fuzz_go_duration),
@@ -191,6 +328,9 @@ mod tests {
             ("authorized_keys", super::fuzz_authorized_keys),
             ("agent_args", super::fuzz_agent_args),
             ("agent_proto", super::fuzz_agent_proto),
+            ("kube_frames", super::fuzz_kube_frames),
+            ("kube_status", super::fuzz_kube_status),
+            ("kubeconfig", super::fuzz_kubeconfig),
         ];
         for (target, harness) in targets {
             let seeds = std::fs::read_dir(root.join(target))

@@ -142,6 +142,10 @@ fn main() -> ExitCode {
 }
 
 fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
+    if settings.backend == containerssh::config::model::BackendName::Kubernetes {
+        // The configuration is accepted and checked; serving it is the backend still being built.
+        return Err("backend: kubernetes is validated but cannot serve logins yet in this version; use backend: docker".into());
+    }
     // Bind before anything else privileged-looking happens, so a busy port fails fast.
     let listener = std::net::TcpListener::bind(settings.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;

@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod docker;
+pub mod kubernetes;
 
 use std::fmt;
 

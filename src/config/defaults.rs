@@ -70,3 +70,40 @@ pub fn shell_command() -> Vec<String> {
 pub fn subsystems() -> BTreeMap<String, String> {
     BTreeMap::from([("sftp".into(), "/usr/lib/openssh/sftp-server".into())])
 }
+
+/// ContainerSSH's `kubernetes.connection.host`: the API server's in-cluster DNS name.
+pub fn kubernetes_host() -> String {
+    "kubernetes.default.svc".into()
+}
+
+/// ContainerSSH's `kubernetes.connection.path`: client-go's core API path.
+pub fn kubernetes_path() -> String {
+    "/api".into()
+}
+
+/// client-go's default client-side rate limit, which ContainerSSH keeps.
+pub fn kubernetes_qps() -> f32 {
+    5.0
+}
+
+pub fn kubernetes_burst() -> u32 {
+    10
+}
+
+/// ContainerSSH's `kubernetes.pod.metadata` default.
+pub fn kubernetes_metadata() -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("namespace".into(), json!("default"));
+    m.insert("generateName".into(), json!("containerssh-"));
+    m
+}
+
+/// ContainerSSH's `kubernetes.pod.spec` default: one container, the guest image.
+pub fn kubernetes_spec() -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert(
+        "containers".into(),
+        json!([{"name": "shell", "image": DEFAULT_IMAGE}]),
+    );
+    m
+}

@@ -18,6 +18,7 @@ pub struct AppConfig {
     pub auth: AuthConfig,
     pub backend: BackendName,
     pub docker: DockerConfig,
+    pub kubernetes: KubernetesConfig,
     pub log: LogConfig,
     /// The in-container agent this server injects (see `docker.execution.agentPath`).
     pub agent: AgentConfig,
@@ -157,6 +158,7 @@ pub struct PasswordFileConfig {
 pub enum BackendName {
     #[default]
     Docker,
+    Kubernetes,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, Default)]
@@ -335,6 +337,193 @@ impl Default for DockerTimeouts {
         Self {
             container_start: GoDuration::from_secs(60),
             container_stop: GoDuration::from_secs(60),
+            command_start: GoDuration::from_secs(60),
+            signal: GoDuration::from_secs(60),
+            window: GoDuration::from_secs(60),
+            http: GoDuration::from_secs(15),
+        }
+    }
+}
+
+/// ContainerSSH's `kubernetes` block (0.6 layout), plus our `connection.kubeconfig`,
+/// `connection.context`, `connection.inCluster` and `pod.agentInitImage`.
+#[derive(Clone, Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct KubernetesConfig {
+    pub connection: KubernetesConnectionConfig,
+    pub pod: KubernetesPodConfig,
+    pub timeouts: KubernetesTimeouts,
+}
+
+/// Where the cluster is and how to authenticate. Which source is used (explicit fields, a
+/// kubeconfig file, the in-cluster service account) is decided by
+/// `backend::kubernetes::connection::resolve`, documented there.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct KubernetesConnectionConfig {
+    /// `host`, `host:port`, `[v6]:port` or `https://host[:port][/prefix]` (port 443 if absent).
+    pub host: String,
+    /// The core API path; `/api` (the default) means no prefix before `/api/v1/...`.
+    pub path: String,
+    /// HTTP basic authentication (removed from kube-apiserver in 1.19; kept for compatibility).
+    pub username: String,
+    pub password: String,
+    /// The name to verify the server's certificate against instead of the host's.
+    pub server_name: String,
+    /// PEM files: client certificate, its key, the CA bundle.
+    pub cert_file: String,
+    pub key_file: String,
+    pub cacert_file: String,
+    /// Inline PEM text (each excludes its `…File` twin).
+    pub cert: String,
+    pub key: String,
+    pub cacert: String,
+    pub bearer_token: String,
+    /// Re-read periodically and after a 401 (service-account tokens rotate).
+    pub bearer_token_file: String,
+    /// Client-side request rate (client-go's throttle); 0 means the default.
+    pub qps: f32,
+    pub burst: u32,
+    /// Ours: a kubeconfig file; `""` = `$KUBECONFIG` when nothing explicit is configured.
+    pub kubeconfig: String,
+    /// Ours: the kubeconfig context to use; `""` = its `current-context`.
+    pub context: String,
+    /// Ours: use the pod's service account (`true`), never (`false`) or when nothing else is
+    /// configured and the process runs in a cluster (`auto`).
+    pub in_cluster: InClusterMode,
+}
+
+impl Default for KubernetesConnectionConfig {
+    fn default() -> Self {
+        Self {
+            host: defaults::kubernetes_host(),
+            path: defaults::kubernetes_path(),
+            username: String::new(),
+            password: String::new(),
+            server_name: String::new(),
+            cert_file: String::new(),
+            key_file: String::new(),
+            cacert_file: String::new(),
+            cert: String::new(),
+            key: String::new(),
+            cacert: String::new(),
+            bearer_token: String::new(),
+            bearer_token_file: String::new(),
+            qps: defaults::kubernetes_qps(),
+            burst: defaults::kubernetes_burst(),
+            kubeconfig: String::new(),
+            context: String::new(),
+            in_cluster: InClusterMode::Auto,
+        }
+    }
+}
+
+/// `inCluster: true | false | auto`; written as a YAML boolean or a string.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum InClusterMode {
+    True,
+    False,
+    #[default]
+    Auto,
+}
+
+impl Serialize for InClusterMode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            InClusterMode::True => s.serialize_bool(true),
+            InClusterMode::False => s.serialize_bool(false),
+            InClusterMode::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for InClusterMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Bool(bool),
+            Text(String),
+        }
+        match Form::deserialize(d)? {
+            Form::Bool(true) => Ok(InClusterMode::True),
+            Form::Bool(false) => Ok(InClusterMode::False),
+            Form::Text(t) => match t.as_str() {
+                "true" => Ok(InClusterMode::True),
+                "false" => Ok(InClusterMode::False),
+                "auto" | "" => Ok(InClusterMode::Auto),
+                _ => Err(serde::de::Error::custom("expected true, false or auto")),
+            },
+        }
+    }
+}
+
+/// `kubernetes.pod`: the pod to create (or, in persistent mode, to exec into).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct KubernetesPodConfig {
+    /// Kubernetes `ObjectMeta` (camelCase JSON names). No namespace: the connection's
+    /// (kubeconfig context, in-cluster namespace file), else `default`. Neither `name` nor
+    /// `generateName`: `generateName: containerssh-`.
+    pub metadata: Map<String, Value>,
+    /// Kubernetes `PodSpec`; checked for the essentials at validation.
+    pub spec: Map<String, Value>,
+    /// Which of `spec.containers` runs the shell.
+    pub console_container_number: usize,
+    pub mode: ExecutionMode,
+    /// Persistent mode: create the pod named by `metadata.name` when it does not exist.
+    pub create_missing_pods: bool,
+    pub idle_command: Vec<String>,
+    pub shell_command: Vec<String>,
+    pub agent_path: String,
+    pub disable_agent: bool,
+    pub subsystems: BTreeMap<String, String>,
+    /// Authentication metadata name → environment variable / label / annotation name.
+    pub expose_auth_metadata_as_env: BTreeMap<String, String>,
+    pub expose_auth_metadata_as_labels: BTreeMap<String, String>,
+    pub expose_auth_metadata_as_annotations: BTreeMap<String, String>,
+    /// Ours: the image of the init container that copies the agent into an `emptyDir`.
+    /// Empty: this project's own image (decided by the backend).
+    pub agent_init_image: String,
+}
+
+impl Default for KubernetesPodConfig {
+    fn default() -> Self {
+        Self {
+            metadata: defaults::kubernetes_metadata(),
+            spec: defaults::kubernetes_spec(),
+            console_container_number: 0,
+            mode: ExecutionMode::Connection,
+            create_missing_pods: false,
+            idle_command: defaults::idle_command(),
+            shell_command: defaults::shell_command(),
+            agent_path: defaults::agent_path(),
+            disable_agent: false,
+            subsystems: defaults::subsystems(),
+            expose_auth_metadata_as_env: BTreeMap::new(),
+            expose_auth_metadata_as_labels: BTreeMap::new(),
+            expose_auth_metadata_as_annotations: BTreeMap::new(),
+            agent_init_image: String::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct KubernetesTimeouts {
+    pub pod_start: GoDuration,
+    pub pod_stop: GoDuration,
+    pub command_start: GoDuration,
+    pub signal: GoDuration,
+    pub window: GoDuration,
+    pub http: GoDuration,
+}
+
+impl Default for KubernetesTimeouts {
+    fn default() -> Self {
+        Self {
+            pod_start: GoDuration::from_secs(60),
+            pod_stop: GoDuration::from_secs(60),
             command_start: GoDuration::from_secs(60),
             signal: GoDuration::from_secs(60),
             window: GoDuration::from_secs(60),

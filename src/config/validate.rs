@@ -4,8 +4,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use serde_json::{Map, Value};
+
 use super::model::{
-    AgentConfig, AppConfig, DockerConfig, ExecutionMode, ForwardingConfig, LogConfig, SecurityMode,
+    AgentConfig, AppConfig, BackendName, DockerConfig, ExecutionMode, ForwardingConfig,
+    KubernetesConfig, LogConfig, SecurityMode,
 };
 use super::ConfigError;
 
@@ -64,7 +67,12 @@ pub struct Settings {
     pub login_grace_time: Duration,
     pub authorized_keys: Option<String>,
     pub password_file: Option<PathBuf>,
+    /// Which backend runs the containers; only its block is validated.
+    pub backend: BackendName,
     pub docker: DockerConfig,
+    /// The raw `kubernetes` block; the backend resolves `connection` when it starts
+    /// (`backend::kubernetes::connection::resolve`, which needs the environment and files).
+    pub kubernetes: KubernetesConfig,
     pub log: LogConfig,
     pub agent: AgentConfig,
     pub forwarding: Forwarding,
@@ -217,6 +225,398 @@ fn agent_path_ok(path: &str) -> bool {
             .all(|c| !c.is_empty() && c != "." && c != "..")
 }
 
+fn validate_docker(file: &str, docker: &DockerConfig) -> Result<(), ConfigError> {
+    let exec = &docker.execution;
+    if !has_key_ci(&exec.container, "image") {
+        return Err(invalid(
+            file,
+            "docker.execution.container.image",
+            "required",
+        ));
+    }
+    if exec.shell_command.is_empty() {
+        return Err(invalid(
+            file,
+            "docker.execution.shellCommand",
+            "must not be empty",
+        ));
+    }
+    if exec.mode == ExecutionMode::Persistent && exec.container_name.is_empty() {
+        return Err(invalid(
+            file,
+            "docker.execution.containername",
+            "persistent mode needs the name of the container to exec into",
+        ));
+    }
+    if exec.mode != ExecutionMode::Persistent && exec.create_missing_container {
+        return Err(invalid(
+            file,
+            "docker.execution.createMissingContainer",
+            "only meaningful in persistent mode",
+        ));
+    }
+    if exec.mode != ExecutionMode::Session && exec.idle_command.is_empty() {
+        return Err(invalid(
+            file,
+            "docker.execution.idleCommand",
+            "connection and persistent modes need an idle command",
+        ));
+    }
+    if !exec.disable_agent && !agent_path_ok(&exec.agent_path) {
+        return Err(invalid(
+            file,
+            "docker.execution.agentPath",
+            "must be an absolute path to a file, without `.` or `..` components",
+        ));
+    }
+    if exec.mode == ExecutionMode::Session {
+        let restart = exec
+            .host
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("restartpolicy"))
+            .and_then(|(_, v)| v.as_object())
+            .and_then(|o| o.iter().find(|(k, _)| k.eq_ignore_ascii_case("name")))
+            .and_then(|(_, v)| v.as_str())
+            .unwrap_or("");
+        if !(restart.is_empty() || restart == "no") {
+            return Err(invalid(
+                file,
+                "docker.execution.host.restartpolicy",
+                "session mode cannot use a restart policy",
+            ));
+        }
+    }
+    let host = &docker.connection.host;
+    if !(host.starts_with("unix://") || host.starts_with("tcp://")) {
+        return Err(invalid(
+            file,
+            "docker.connection.host",
+            "must start with unix:// or tcp://",
+        ));
+    }
+    Ok(())
+}
+
+/// `ObjectMeta` fields (Kubernetes JSON names); ContainerSSH parses `pod.metadata` strictly.
+const OBJECT_META_FIELDS: &[&str] = &[
+    "name",
+    "generateName",
+    "namespace",
+    "selfLink",
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "labels",
+    "annotations",
+    "ownerReferences",
+    "finalizers",
+    "managedFields",
+];
+
+/// `PodSpec` fields (Kubernetes 1.35).
+const POD_SPEC_FIELDS: &[&str] = &[
+    "activeDeadlineSeconds",
+    "affinity",
+    "automountServiceAccountToken",
+    "containers",
+    "dnsConfig",
+    "dnsPolicy",
+    "enableServiceLinks",
+    "ephemeralContainers",
+    "hostAliases",
+    "hostIPC",
+    "hostNetwork",
+    "hostPID",
+    "hostUsers",
+    "hostname",
+    "hostnameOverride",
+    "imagePullSecrets",
+    "initContainers",
+    "nodeName",
+    "nodeSelector",
+    "os",
+    "overhead",
+    "preemptionPolicy",
+    "priority",
+    "priorityClassName",
+    "readinessGates",
+    "resourceClaims",
+    "resources",
+    "restartPolicy",
+    "runtimeClassName",
+    "schedulerName",
+    "schedulingGates",
+    "securityContext",
+    "serviceAccount",
+    "serviceAccountName",
+    "setHostnameAsFQDN",
+    "shareProcessNamespace",
+    "subdomain",
+    "terminationGracePeriodSeconds",
+    "tolerations",
+    "topologySpreadConstraints",
+    "volumes",
+    "workloadRef",
+];
+
+/// `Container` fields (Kubernetes 1.35).
+const CONTAINER_FIELDS: &[&str] = &[
+    "args",
+    "command",
+    "env",
+    "envFrom",
+    "image",
+    "imagePullPolicy",
+    "lifecycle",
+    "livenessProbe",
+    "name",
+    "ports",
+    "readinessProbe",
+    "resizePolicy",
+    "resources",
+    "restartPolicy",
+    "restartPolicyRules",
+    "securityContext",
+    "startupProbe",
+    "stdin",
+    "stdinOnce",
+    "terminationMessagePath",
+    "terminationMessagePolicy",
+    "tty",
+    "volumeDevices",
+    "volumeMounts",
+    "workingDir",
+];
+
+fn known_fields(
+    file: &str,
+    key: &str,
+    map: &Map<String, Value>,
+    known: &[&str],
+) -> Result<(), ConfigError> {
+    match map.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(k) => Err(invalid(
+            file,
+            &format!("{key}.{k}"),
+            "unknown field (Kubernetes JSON names are case-sensitive camelCase)",
+        )),
+        None => Ok(()),
+    }
+}
+
+fn string_field<'a>(
+    file: &str,
+    key: &str,
+    map: &'a Map<String, Value>,
+    field: &str,
+) -> Result<&'a str, ConfigError> {
+    match map.get(field) {
+        None | Some(Value::Null) => Ok(""),
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(invalid(file, &format!("{key}.{field}"), "must be a string")),
+    }
+}
+
+fn string_map(
+    file: &str,
+    key: &str,
+    map: &Map<String, Value>,
+    field: &str,
+) -> Result<(), ConfigError> {
+    match map.get(field) {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::Object(o)) if o.values().all(Value::is_string) => Ok(()),
+        Some(_) => Err(invalid(
+            file,
+            &format!("{key}.{field}"),
+            "must be a map of strings",
+        )),
+    }
+}
+
+/// The containers of `spec.<field>`: a list of objects with known fields and a name each.
+fn containers<'a>(
+    file: &str,
+    spec: &'a Map<String, Value>,
+    field: &str,
+) -> Result<Vec<&'a Map<String, Value>>, ConfigError> {
+    let key = format!("kubernetes.pod.spec.{field}");
+    let list = match spec.get(field) {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(invalid(file, &key, "must be a list of containers")),
+    };
+    let mut out = Vec::new();
+    let mut names = Vec::new();
+    for (i, c) in list.iter().enumerate() {
+        let ckey = format!("{key}[{i}]");
+        let c = c
+            .as_object()
+            .ok_or_else(|| invalid(file, &ckey, "must be a container object"))?;
+        known_fields(file, &ckey, c, CONTAINER_FIELDS)?;
+        let name = string_field(file, &ckey, c, "name")?;
+        if name.is_empty() {
+            return Err(invalid(file, &format!("{ckey}.name"), "required"));
+        }
+        if names.contains(&name) {
+            return Err(invalid(
+                file,
+                &format!("{ckey}.name"),
+                format!("duplicate container name {name:?}"),
+            ));
+        }
+        names.push(name);
+        string_field(file, &ckey, c, "image")?;
+        out.push(c);
+    }
+    Ok(out)
+}
+
+fn validate_kubernetes(file: &str, k: &KubernetesConfig) -> Result<(), ConfigError> {
+    use crate::backend::kubernetes::connection::{check, ConnectionError};
+    check(&k.connection).map_err(|e| match e {
+        ConnectionError::Invalid { key, message } => {
+            invalid(file, &format!("kubernetes.connection.{key}"), message)
+        }
+        other => invalid(file, "kubernetes.connection", other.to_string()),
+    })?;
+
+    let pod = &k.pod;
+    let meta = &pod.metadata;
+    known_fields(file, "kubernetes.pod.metadata", meta, OBJECT_META_FIELDS)?;
+    let name = string_field(file, "kubernetes.pod.metadata", meta, "name")?;
+    string_field(file, "kubernetes.pod.metadata", meta, "generateName")?;
+    string_field(file, "kubernetes.pod.metadata", meta, "namespace")?;
+    string_map(file, "kubernetes.pod.metadata", meta, "labels")?;
+    string_map(file, "kubernetes.pod.metadata", meta, "annotations")?;
+
+    let spec = &pod.spec;
+    known_fields(file, "kubernetes.pod.spec", spec, POD_SPEC_FIELDS)?;
+    let main = containers(file, spec, "containers")?;
+    containers(file, spec, "initContainers")?;
+    if main.is_empty() {
+        return Err(invalid(
+            file,
+            "kubernetes.pod.spec.containers",
+            "at least one container is required",
+        ));
+    }
+    for (i, c) in main.iter().enumerate() {
+        if string_field(file, "", c, "image")?.is_empty() {
+            return Err(invalid(
+                file,
+                &format!("kubernetes.pod.spec.containers[{i}].image"),
+                "required",
+            ));
+        }
+    }
+    if pod.console_container_number >= main.len() {
+        return Err(invalid(
+            file,
+            "kubernetes.pod.consoleContainerNumber",
+            format!(
+                "{} is out of range: spec.containers has {} container(s)",
+                pod.console_container_number,
+                main.len()
+            ),
+        ));
+    }
+    let restart = string_field(file, "kubernetes.pod.spec", spec, "restartPolicy")?;
+    if pod.mode == ExecutionMode::Session && !(restart.is_empty() || restart == "Never") {
+        return Err(invalid(
+            file,
+            "kubernetes.pod.spec.restartPolicy",
+            "session mode needs restartPolicy Never (or unset)",
+        ));
+    }
+    if pod.mode == ExecutionMode::Persistent && name.is_empty() {
+        return Err(invalid(
+            file,
+            "kubernetes.pod.metadata.name",
+            "persistent mode needs the name of the pod to exec into",
+        ));
+    }
+    if pod.mode != ExecutionMode::Persistent && pod.create_missing_pods {
+        return Err(invalid(
+            file,
+            "kubernetes.pod.createMissingPods",
+            "only meaningful in persistent mode",
+        ));
+    }
+    if pod.shell_command.is_empty() {
+        return Err(invalid(
+            file,
+            "kubernetes.pod.shellCommand",
+            "must not be empty",
+        ));
+    }
+    if pod.mode != ExecutionMode::Session && pod.idle_command.is_empty() {
+        return Err(invalid(
+            file,
+            "kubernetes.pod.idleCommand",
+            "connection and persistent modes need an idle command",
+        ));
+    }
+    if !pod.disable_agent && !agent_path_ok(&pod.agent_path) {
+        return Err(invalid(
+            file,
+            "kubernetes.pod.agentPath",
+            "must be an absolute path to a file, without `.` or `..` components",
+        ));
+    }
+    if pod
+        .agent_init_image
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(invalid(
+            file,
+            "kubernetes.pod.agentInitImage",
+            "must be an image reference",
+        ));
+    }
+    for (key, map) in [
+        ("exposeAuthMetadataAsEnv", &pod.expose_auth_metadata_as_env),
+        (
+            "exposeAuthMetadataAsLabels",
+            &pod.expose_auth_metadata_as_labels,
+        ),
+        (
+            "exposeAuthMetadataAsAnnotations",
+            &pod.expose_auth_metadata_as_annotations,
+        ),
+    ] {
+        if let Some((m, _)) = map.iter().find(|(m, v)| m.is_empty() || v.is_empty()) {
+            return Err(invalid(
+                file,
+                &format!("kubernetes.pod.{key}"),
+                format!("empty name in entry {m:?}"),
+            ));
+        }
+    }
+    let t = &k.timeouts;
+    for (key, d) in [
+        ("podStart", t.pod_start),
+        ("podStop", t.pod_stop),
+        ("commandStart", t.command_start),
+        ("signal", t.signal),
+        ("window", t.window),
+        ("http", t.http),
+    ] {
+        if d.is_zero() {
+            return Err(invalid(
+                file,
+                &format!("kubernetes.timeouts.{key}"),
+                "must be more than 0",
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
     let listen: SocketAddr = cfg.ssh.listen.parse().map_err(|_| {
         invalid(
@@ -310,73 +710,9 @@ pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
         ));
     }
 
-    let exec = &cfg.docker.execution;
-    if !has_key_ci(&exec.container, "image") {
-        return Err(invalid(
-            file,
-            "docker.execution.container.image",
-            "required",
-        ));
-    }
-    if exec.shell_command.is_empty() {
-        return Err(invalid(
-            file,
-            "docker.execution.shellCommand",
-            "must not be empty",
-        ));
-    }
-    if exec.mode == ExecutionMode::Persistent && exec.container_name.is_empty() {
-        return Err(invalid(
-            file,
-            "docker.execution.containername",
-            "persistent mode needs the name of the container to exec into",
-        ));
-    }
-    if exec.mode != ExecutionMode::Persistent && exec.create_missing_container {
-        return Err(invalid(
-            file,
-            "docker.execution.createMissingContainer",
-            "only meaningful in persistent mode",
-        ));
-    }
-    if exec.mode != ExecutionMode::Session && exec.idle_command.is_empty() {
-        return Err(invalid(
-            file,
-            "docker.execution.idleCommand",
-            "connection and persistent modes need an idle command",
-        ));
-    }
-    if !exec.disable_agent && !agent_path_ok(&exec.agent_path) {
-        return Err(invalid(
-            file,
-            "docker.execution.agentPath",
-            "must be an absolute path to a file, without `.` or `..` components",
-        ));
-    }
-    if exec.mode == ExecutionMode::Session {
-        let restart = exec
-            .host
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case("restartpolicy"))
-            .and_then(|(_, v)| v.as_object())
-            .and_then(|o| o.iter().find(|(k, _)| k.eq_ignore_ascii_case("name")))
-            .and_then(|(_, v)| v.as_str())
-            .unwrap_or("");
-        if !(restart.is_empty() || restart == "no") {
-            return Err(invalid(
-                file,
-                "docker.execution.host.restartpolicy",
-                "session mode cannot use a restart policy",
-            ));
-        }
-    }
-    let host = &cfg.docker.connection.host;
-    if !(host.starts_with("unix://") || host.starts_with("tcp://")) {
-        return Err(invalid(
-            file,
-            "docker.connection.host",
-            "must start with unix:// or tcp://",
-        ));
+    match cfg.backend {
+        BackendName::Docker => validate_docker(file, &cfg.docker)?,
+        BackendName::Kubernetes => validate_kubernetes(file, &cfg.kubernetes)?,
     }
 
     let instance_id = if cfg.instance_id.is_empty() {
@@ -409,7 +745,9 @@ pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
         login_grace_time: cfg.ssh.login_grace_time.0,
         authorized_keys,
         password_file,
+        backend: cfg.backend,
         docker: cfg.docker,
+        kubernetes: cfg.kubernetes,
         log: cfg.log,
         agent: cfg.agent,
         forwarding: forwarding(file, &cfg.security.forwarding)?,
@@ -529,5 +867,117 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("restartpolicy"), "{err}");
+    }
+
+    fn kube(extra: &str) -> Result<Settings, ConfigError> {
+        let y = base() + "backend: kubernetes\nkubernetes:\n" + extra;
+        validate("c", parse_yaml("c", &y)?)
+    }
+
+    #[test]
+    fn kubernetes_defaults_validate() {
+        let s = kube("  timeouts:\n    http: 5s\n").unwrap();
+        assert_eq!(s.backend, BackendName::Kubernetes);
+        let k = &s.kubernetes;
+        assert_eq!(k.connection.host, "kubernetes.default.svc");
+        assert_eq!(k.connection.path, "/api");
+        assert_eq!((k.connection.qps, k.connection.burst), (5.0, 10));
+        assert_eq!(k.pod.metadata["generateName"], "containerssh-");
+        assert_eq!(k.pod.metadata["namespace"], "default");
+        assert_eq!(
+            k.pod.spec["containers"][0]["image"],
+            "containerssh/containerssh-guest-image"
+        );
+        assert_eq!(k.timeouts.pod_start.0, Duration::from_secs(60));
+        assert_eq!(k.timeouts.http.0, Duration::from_secs(5));
+        assert_eq!(
+            k.connection.in_cluster,
+            crate::config::model::InClusterMode::Auto
+        );
+        // The docker block is not checked when the backend is kubernetes.
+        let y =
+            base() + "backend: kubernetes\ndocker:\n  execution:\n    container: {env: [A=1]}\n";
+        assert!(validate("c", parse_yaml("c", &y).unwrap()).is_ok());
+    }
+
+    #[test]
+    fn kubernetes_errors_name_the_key() {
+        let cases = [
+            ("  pod:\n    spec: {}\n", "kubernetes.pod.spec.containers"),
+            (
+                "  pod:\n    spec: {containers: [{name: a}]}\n",
+                "kubernetes.pod.spec.containers[0].image",
+            ),
+            (
+                "  pod:\n    spec: {containers: [{image: a}]}\n",
+                "kubernetes.pod.spec.containers[0].name",
+            ),
+            (
+                "  pod:\n    consoleContainerNumber: 1\n",
+                "kubernetes.pod.consoleContainerNumber",
+            ),
+            (
+                "  pod:\n    mode: session\n    spec: {restartPolicy: Always, containers: [{name: a, image: b}]}\n",
+                "kubernetes.pod.spec.restartPolicy",
+            ),
+            ("  pod:\n    mode: persistent\n", "kubernetes.pod.metadata.name"),
+            ("  pod:\n    createMissingPods: true\n", "kubernetes.pod.createMissingPods"),
+            (
+                "  pod:\n    spec: {containers: [{name: a, image: b}], hostnetwork: true}\n",
+                "kubernetes.pod.spec.hostnetwork",
+            ),
+            (
+                "  pod:\n    spec: {containers: [{name: a, image: b, Image: c}]}\n",
+                "kubernetes.pod.spec.containers[0].Image",
+            ),
+            ("  pod:\n    metadata: {nam: x}\n", "kubernetes.pod.metadata.nam"),
+            (
+                "  connection:\n    cert: x\n    certFile: y\n",
+                "kubernetes.connection.cert",
+            ),
+            ("  connection:\n    host: http://h\n", "kubernetes.connection.host"),
+            ("  connection:\n    path: /apis\n", "kubernetes.connection.path"),
+            (
+                "  connection:\n    host: h\n    kubeconfig: /k\n",
+                "kubernetes.connection.kubeconfig",
+            ),
+            ("  timeouts:\n    podStart: 0s\n", "kubernetes.timeouts.podStart"),
+        ];
+        for (extra, key) in cases {
+            let err = kube(extra).unwrap_err().to_string();
+            assert!(err.contains(&format!("{key}:")), "{extra}: {err}");
+        }
+        // Unknown keys in the block itself are parse errors naming the path.
+        let err = kube("  pod:\n    agentInitImag: x\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("kubernetes.pod") && err.contains("agentInitImag"),
+            "{err}"
+        );
+        let err = kube("  connection:\n    inCluster: maybe\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("kubernetes.connection.inCluster"), "{err}");
+    }
+
+    #[test]
+    fn kubernetes_full_block_parses_and_round_trips() {
+        let block = "  connection:\n    host: https://k.example:6443\n    cacert: \"-----BEGIN CERTIFICATE-----\\nx\\n-----END CERTIFICATE-----\\n\"\n    bearerTokenFile: /t\n    qps: 20\n    burst: 40\n    inCluster: false\n  pod:\n    metadata: {name: lab, namespace: ns}\n    spec:\n      containers:\n      - {name: shell, image: img}\n      - {name: side, image: img2}\n    consoleContainerNumber: 1\n    mode: persistent\n    createMissingPods: true\n    exposeAuthMetadataAsEnv: {GITHUB_LOGIN: GH_USER}\n    exposeAuthMetadataAsLabels: {a: b}\n    exposeAuthMetadataAsAnnotations: {c: d}\n    agentInitImage: registry/agent:1\n  timeouts: {podStart: 2m, podStop: 10s, commandStart: 1s, signal: 1s, window: 1s, http: 3s}\n";
+        let s = kube(block).unwrap();
+        assert_eq!(s.kubernetes.pod.console_container_number, 1);
+        assert_eq!(s.kubernetes.connection.qps, 20.0);
+        let y = base() + "backend: kubernetes\nkubernetes:\n" + block;
+        let cfg: AppConfig = parse_yaml("c", &y).unwrap();
+        let dumped = serde_yaml::to_string(&cfg).unwrap();
+        assert!(dumped.contains("backend: kubernetes"), "{dumped}");
+        let again: AppConfig = parse_yaml("d", &dumped).unwrap();
+        assert_eq!(serde_yaml::to_string(&again).unwrap(), dumped);
+        assert!(validate("d", again).is_ok());
+        // The defaults dump and reload too (inCluster: auto as a string).
+        let dumped = serde_yaml::to_string(&AppConfig::default()).unwrap();
+        assert!(dumped.contains("inCluster: auto"), "{dumped}");
+        let again: AppConfig = parse_yaml("d", &dumped).unwrap();
+        assert_eq!(serde_yaml::to_string(&again).unwrap(), dumped);
     }
 }
