@@ -11,7 +11,9 @@ use std::path::PathBuf;
 
 pub mod client;
 pub mod connection;
+pub mod exec;
 pub mod kubeconfig;
+pub mod pods;
 pub mod wire;
 pub mod ws;
 
