@@ -579,3 +579,26 @@ fn server_logins_into_an_image_without_a_shell() {
         );
     }
 }
+
+/// `install` copies the agent (e.g. from an init container into a shared volume) as an
+/// executable that runs.
+#[test]
+fn install_copies_a_runnable_agent() {
+    let out = run(
+        &[],
+        &[
+            "/bin/sh",
+            "-c",
+            "mkdir /tmp/shared && /cssh/agent install /tmp/shared/agent && stat -c %a /tmp/shared/agent && /tmp/shared/agent --version && /cssh/agent install /no/dir/agent",
+        ],
+        None,
+    );
+    let stdout = text(&out.stdout);
+    assert!(stdout.starts_with("755\ncontainerssh-agent "), "{stdout}");
+    assert!(
+        text(&out.stderr).contains("/no/dir/agent: the parent directory does not exist"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1));
+}

@@ -21,6 +21,9 @@ commands:
       Exits with PROG's exit code, or 128+N (and records the signal) when signal N killed it.
   exit-info --pid N
       print the name of the signal that killed console child N (nothing if none), forget it
+  install PATH
+      copy this agent to PATH (mode 0755, atomically), e.g. from an init container into a
+      volume the other containers of a pod mount
   forward-server
       forward TCP and unix socket streams for the server, framed on stdin/stdout
       (see docs/agent-protocol.md); exits 0 when stdin ends, 3 on a protocol violation
@@ -67,6 +70,11 @@ pub enum Command {
         path: PathBuf,
         /// Permission bits of the new file.
         mode: u32,
+    },
+    /// `install`
+    Install {
+        /// Where to copy the agent.
+        path: PathBuf,
     },
     /// `forward-server`
     ForwardServer,
@@ -294,6 +302,20 @@ pub fn parse(args: &[OsString]) -> Result<Command, UsageError> {
             }
             let path = path.ok_or_else(|| usage("write-file: PATH is required"))?;
             Command::WriteFile { path, mode }
+        }
+        "install" => {
+            let mut path = None;
+            while let Some(arg) = args.next() {
+                match arg {
+                    Arg::Opt(name, _) => return Err(unknown(command, name)),
+                    Arg::DashDash => return Err(usage("install: unexpected --")),
+                    Arg::Word(w) if path.is_none() => path = Some(PathBuf::from(w)),
+                    Arg::Word(_) => return Err(usage("install: more than one PATH")),
+                }
+            }
+            Command::Install {
+                path: path.ok_or_else(|| usage("install: PATH is required"))?,
+            }
         }
         "forward-server" => {
             if let Some(arg) = args.next() {
@@ -540,6 +562,19 @@ mod tests {
         assert!(p(&["forward-server", "x"]).is_err());
         assert!(p(&["forward-server", "--port", "1"]).is_err());
         assert!(p(&["forward-server", "--"]).is_err());
+    }
+
+    #[test]
+    fn install() {
+        assert_eq!(
+            p(&["install", "/cssh/agent"]).unwrap(),
+            Command::Install {
+                path: PathBuf::from("/cssh/agent")
+            }
+        );
+        assert!(p(&["install"]).is_err());
+        assert!(p(&["install", "/a", "/b"]).is_err());
+        assert!(p(&["install", "--mode", "7", "/a"]).is_err());
     }
 
     #[test]

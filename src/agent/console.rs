@@ -31,7 +31,7 @@ const FORWARDED: &[Signal] = &[
 const FROM_TERMINAL: &[Signal] = &[Signal::INT, Signal::QUIT];
 
 /// The agent's own executable, to start the trampoline from.
-fn self_exe(argv0: Option<OsString>) -> Result<PathBuf, AgentError> {
+pub(super) fn self_exe(argv0: Option<OsString>) -> Result<PathBuf, AgentError> {
     std::env::current_exe().or_else(|e| match argv0 {
         Some(a) if a.to_string_lossy().contains('/') => Ok(PathBuf::from(a)),
         _ => Err(AgentError::SelfExe(e)),

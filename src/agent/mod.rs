@@ -46,6 +46,9 @@ use cli::{Command, USAGE};
 /// bound keeps a runaway sender from filling the container's disk through us.
 pub const MAX_WRITE_FILE_BYTES: u64 = 16 * 1024 * 1024;
 
+/// `install` refuses to copy an executable larger than this (the agent is about 1.6 MiB).
+pub const MAX_INSTALL_BYTES: u64 = 32 * 1024 * 1024;
+
 /// `write-file`'s mode when `--mode` is absent: files from authentication are often credentials.
 pub const DEFAULT_FILE_MODE: u32 = 0o600;
 
@@ -175,6 +178,11 @@ fn run(command: Command, argv0: Option<OsString>) -> Result<i32, AgentError> {
         Command::ExecChild { report_pid, argv } => console::exec_child(report_pid, &argv),
         Command::Signal { pid, signal } => signal::send(pid, signal).map(|()| 0),
         Command::WaitSignal { signals } => signal::wait_signal(&signals).map(|()| 0),
+        Command::Install { path } => {
+            let exe = console::self_exe(argv0)?;
+            let mut file = std::fs::File::open(&exe).map_err(AgentError::SelfExe)?;
+            write_file::atomic(&path, 0o755, &mut file, MAX_INSTALL_BYTES).map(|()| 0)
+        }
         Command::WriteFile { path, mode } => {
             write_file::from_stdin(&path, mode, MAX_WRITE_FILE_BYTES).map(|()| 0)
         }
