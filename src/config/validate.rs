@@ -215,14 +215,7 @@ pub fn default_state_directory() -> PathBuf {
 
 /// An absolute file path the tar upload can name: `/usr/bin/containerssh-agent`.
 fn agent_path_ok(path: &str) -> bool {
-    let Some(rest) = path.strip_prefix('/') else {
-        return false;
-    };
-    !rest.is_empty()
-        && !path.contains('\0')
-        && rest
-            .split('/')
-            .all(|c| !c.is_empty() && c != "." && c != "..")
+    crate::auth::metadata::container_path_ok(path)
 }
 
 fn validate_docker(file: &str, docker: &DockerConfig) -> Result<(), ConfigError> {

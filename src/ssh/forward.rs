@@ -84,10 +84,11 @@ impl ConnForwards {
         lock(&self.channels).remove(&id)
     }
 
-    /// A queue for a new forwarded channel; `None` beyond the per-connection limit.
-    fn register(&self, id: ChannelId) -> Option<(StdinRx, CancellationToken)> {
+    /// A queue for a new forwarded channel; `None` beyond the per-connection limit unless
+    /// `always` (channels we opened were counted before we opened them).
+    fn register(&self, id: ChannelId, always: bool) -> Option<(StdinRx, CancellationToken)> {
         let mut channels = lock(&self.channels);
-        if channels.len() >= MAX_FORWARD_CHANNELS_PER_CONNECTION {
+        if !always && channels.len() >= MAX_FORWARD_CHANNELS_PER_CONNECTION {
             return None;
         }
         let (tx, rx) = forward_queue();
@@ -108,19 +109,10 @@ impl ConnForwards {
 
     /// The client confirmed a channel we opened (all of ours are forwarding channels).
     pub fn confirmed(&self, id: ChannelId) {
-        let mut channels = lock(&self.channels);
-        let (tx, rx) = forward_queue();
-        let closed = CancellationToken::new();
-        channels.insert(
-            id,
-            ForwardEntry {
-                stdin: Arc::new(tx),
-                closed: closed.clone(),
-            },
-        );
-        drop(channels);
-        lock(&self.opened).insert(id, (rx, closed));
-        self.opened_changed.notify_waiters();
+        if let Some(queue) = self.register(id, true) {
+            lock(&self.opened).insert(id, queue);
+            self.opened_changed.notify_waiters();
+        }
     }
 
     async fn take_opened(&self, id: ChannelId) -> Option<(StdinRx, CancellationToken)> {
@@ -254,7 +246,7 @@ pub fn open_direct(
     target: DirectTarget,
 ) {
     let id = channel.id();
-    let Some((rx, closed)) = conn.forwards.register(id) else {
+    let Some((rx, closed)) = conn.forwards.register(id, false) else {
         conn.tasks
             .spawn(reply.reject(ChannelOpenFailure::ResourceShortage));
         return;
