@@ -15,7 +15,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use support::{
     describe, free_tcp_port, poll_until, random_hex, run_with_timeout, sha256_hex, Background,
-    TestEnv, TestServer,
+    RemoveByName, TestEnv, TestServer,
 };
 
 const CMD_TIMEOUT: Duration = Duration::from_secs(90);
@@ -288,19 +288,6 @@ impl ClientSideServer {
 // ---------------------------------------------------------------------------
 // Persistent mode
 // ---------------------------------------------------------------------------
-
-/// Removes the named container at the end (it carries no instance label).
-struct RemoveByName(String);
-
-impl Drop for RemoveByName {
-    fn drop(&mut self) {
-        let _ = Command::new("docker")
-            .args(["rm", "-f", &self.0])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
 
 // ---------------------------------------------------------------------------
 // Tests

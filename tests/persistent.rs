@@ -2,26 +2,12 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use support::{describe, run_with_timeout, TestEnv};
+use support::{describe, run_with_timeout, RemoveByName, TestEnv};
 
 const CMD_TIMEOUT: Duration = Duration::from_secs(90);
-
-/// Removes the named container at the end: it carries no instance label, so the harness's
-/// own cleanup (by instance) does not see it — by design.
-struct RemoveByName(String);
-
-impl Drop for RemoveByName {
-    fn drop(&mut self) {
-        let _ = Command::new("docker")
-            .args(["rm", "-f", &self.0])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
 
 fn persistent_yaml(env: &TestEnv, name: &str, create: bool) -> String {
     let yaml = env.config_yaml("persistent");

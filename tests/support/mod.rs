@@ -1417,3 +1417,17 @@ impl Drop for KubeFake {
         self.remove_leftovers();
     }
 }
+
+/// Removes the named container when dropped: persistent-mode containers carry no instance
+/// label, so the harness's own cleanup (by instance) does not see them, by design.
+pub struct RemoveByName(pub String);
+
+impl Drop for RemoveByName {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["rm", "-f", &self.0])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
