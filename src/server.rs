@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::authorized_keys::AuthorizedKeys;
 use crate::auth::password::PasswordFile;
-use crate::backend::docker::session::DockerBackend;
+use crate::backend::Backend;
 use crate::config::Settings;
 use crate::limits::{
     ACCEPT_ERROR_BACKOFF, MAX_CONNECTIONS, MAX_UNAUTHENTICATED_CONNECTIONS, SHUTDOWN_DRAIN,
@@ -26,7 +26,7 @@ pub struct Shared {
     pub ssh: Arc<russh::server::Config>,
     pub authorized_keys: Option<AuthorizedKeys>,
     pub passwords: Option<Arc<PasswordFile>>,
-    pub docker: DockerBackend,
+    pub backend: Backend,
     /// Cancelled on SIGTERM/SIGINT.
     pub shutdown: CancellationToken,
 }

@@ -9,7 +9,8 @@ use std::process::Command;
 
 use rustix::process::Signal;
 use rustix::termios::{
-    isatty, tcgetattr, tcsetattr, tcsetwinsize, OptionalActions, OutputModes, Winsize,
+    isatty, tcgetattr, tcsetattr, tcsetwinsize, LocalModes, OptionalActions, OutputModes,
+    SpecialCodeIndex, Winsize,
 };
 
 use super::cli::Console;
@@ -38,17 +39,34 @@ pub(super) fn self_exe(argv0: Option<OsString>) -> Result<PathBuf, AgentError> {
     })
 }
 
-fn read_start_byte() -> Result<(), AgentError> {
-    let mut byte = [0u8; 1];
-    loop {
-        // Unbuffered: the bytes after the start byte belong to the program.
-        match rustix::io::read(io::stdin(), &mut byte) {
-            Ok(1) => return Ok(()),
-            Ok(_) => return Err(AgentError::StartByte(io::ErrorKind::UnexpectedEof.into())),
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(AgentError::StartByte(e.into())),
-        }
+fn read_start_byte(tty: bool) -> Result<(), AgentError> {
+    // On a terminal the byte must neither wait for a line nor be echoed into the program's
+    // first output: the terminal is put in non-canonical, no-echo mode for the read.
+    let stdin = io::stdin();
+    let saved = if tty { tcgetattr(&stdin).ok() } else { None };
+    if let Some(t) = &saved {
+        let mut quiet = t.clone();
+        quiet
+            .local_modes
+            .remove(LocalModes::ICANON | LocalModes::ECHO);
+        quiet.special_codes[SpecialCodeIndex::VMIN] = 1;
+        quiet.special_codes[SpecialCodeIndex::VTIME] = 0;
+        let _ = tcsetattr(&stdin, OptionalActions::Now, &quiet);
     }
+    let mut byte = [0u8; 1];
+    let read = loop {
+        // Unbuffered: the bytes after the start byte belong to the program.
+        match rustix::io::read(&stdin, &mut byte) {
+            Ok(1) => break Ok(()),
+            Ok(_) => break Err(AgentError::StartByte(io::ErrorKind::UnexpectedEof.into())),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => break Err(AgentError::StartByte(e.into())),
+        }
+    };
+    if let Some(t) = &saved {
+        let _ = tcsetattr(&stdin, OptionalActions::Now, t);
+    }
+    read
 }
 
 /// `console`: returns the exit code the agent should exit with.
@@ -65,7 +83,7 @@ pub fn run(c: &Console, argv0: Option<OsString>) -> Result<i32, AgentError> {
         tcsetwinsize(&stdin, size).map_err(|e| AgentError::WindowSize(e.into()))?;
     }
     if c.wait {
-        read_start_byte()?;
+        read_start_byte(tty)?;
     }
     let forwarded: Vec<Signal> = FORWARDED
         .iter()

@@ -3,10 +3,14 @@
 //! guarantees that what it created is removed.
 
 pub mod agent;
+mod dispatch;
 pub mod docker;
 pub mod kubernetes;
+pub mod process;
 
 use std::fmt;
+
+pub use dispatch::{AgentStreams, Backend, Target};
 
 /// Who a container is for; written into labels so cleanup can find it again.
 #[derive(Clone, Debug)]

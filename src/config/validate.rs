@@ -82,6 +82,40 @@ pub struct Settings {
     pub state_directory: PathBuf,
 }
 
+impl Settings {
+    /// The execution mode of the configured backend.
+    pub fn mode(&self) -> crate::config::model::ExecutionMode {
+        match self.backend {
+            BackendName::Docker => self.docker.execution.mode,
+            BackendName::Kubernetes => self.kubernetes.pod.mode,
+        }
+    }
+
+    /// The program a shell request runs.
+    pub fn shell_command(&self) -> &[String] {
+        match self.backend {
+            BackendName::Docker => &self.docker.execution.shell_command,
+            BackendName::Kubernetes => &self.kubernetes.pod.shell_command,
+        }
+    }
+
+    /// The program a subsystem request runs.
+    pub fn subsystem(&self, name: &str) -> Option<&String> {
+        match self.backend {
+            BackendName::Docker => self.docker.execution.subsystems.get(name),
+            BackendName::Kubernetes => self.kubernetes.pod.subsystems.get(name),
+        }
+    }
+
+    /// How long a connection's cleanup may take.
+    pub fn stop_timeout(&self) -> std::time::Duration {
+        match self.backend {
+            BackendName::Docker => self.docker.timeouts.container_stop.0,
+            BackendName::Kubernetes => self.kubernetes.timeouts.pod_stop.0,
+        }
+    }
+}
+
 /// Which kinds of forwarding clients may use (all off by default).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Forwarding {

@@ -12,12 +12,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::proto::{self, Frame, AGENT_ID_BASE, INITIAL_CREDIT, MAX_DATA};
-use crate::backend::docker::{Demuxer, StreamKind};
+use crate::backend::docker::StreamKind;
+use crate::backend::process::OutputSource;
 
 /// Largest stderr line from the agent copied into our log.
 const MAX_AGENT_LOG_BYTES: usize = 1024;
@@ -105,13 +106,12 @@ struct StreamGuard {
 impl Mux {
     /// Runs the protocol over a started `forward-server` exec. `cancel` ends it (closing the
     /// agent's stdin, which makes it exit and remove its sockets).
-    pub fn start<R, W>(
-        output: Demuxer<R>,
+    pub fn start<W>(
+        output: OutputSource,
         input: W,
         cancel: CancellationToken,
     ) -> (Arc<Mux>, mpsc::UnboundedReceiver<Incoming>)
     where
-        R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let (out, out_rx) = mpsc::unbounded_channel();
@@ -372,14 +372,14 @@ async fn write_frames<W: AsyncWrite + Unpin>(
     let _ = input.shutdown().await;
 }
 
-async fn read_frames<R: AsyncRead + Unpin>(
+async fn read_frames(
     mux: Arc<Mux>,
-    mut output: Demuxer<R>,
+    mut output: OutputSource,
     incoming: mpsc::UnboundedSender<Incoming>,
 ) {
     let mut buf = BytesMut::new();
     let why = loop {
-        let chunk = match output.next_frame().await {
+        let chunk = match output.next().await {
             Ok(Some((StreamKind::Stdout, data))) => data,
             Ok(Some((StreamKind::Stderr, data))) => {
                 let text = String::from_utf8_lossy(&data[..data.len().min(MAX_AGENT_LOG_BYTES)]);

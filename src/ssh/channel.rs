@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::conn::ConnCtx;
 use super::stdin::{OutputGauge, StdinRx};
-use crate::backend::docker::session::{Process, ProcessOutput};
 use crate::backend::docker::StreamKind;
+use crate::backend::process::{Process, ProcessOutput};
 use crate::backend::{ExitReport, ProgramSpec, StartError, Terminal};
 use crate::config::model::ExecutionMode;
 
@@ -53,12 +53,11 @@ async fn x11_env(
     protocol: &str,
     cookie: &[u8],
 ) -> Result<Vec<String>, String> {
-    let docker = &conn.shared.docker;
-    let agent = docker
-        .agent_path()
-        .ok_or("X11 forwarding needs the in-container agent")?
-        .to_string();
+    let backend = &conn.shared.backend;
     let container = conn.container().await.map_err(|e| e.to_string())?;
+    let agent = backend
+        .agent_in(&container)
+        .ok_or("X11 forwarding needs the in-container agent")?;
     let path = format!("/tmp/.containerssh-Xauthority-{display}");
     let file = super::forward::xauthority(display, protocol, cookie);
     let cmd = vec![
@@ -68,10 +67,7 @@ async fn x11_env(
         "--mode".into(),
         "600".into(),
     ];
-    let out = docker
-        .capture(&container, cmd, Some(&file))
-        .await
-        .map_err(|e| e.to_string())?;
+    let out = backend.capture(&container, cmd, Some(&file)).await?;
     if out.code != 0 {
         return Err(format!("cannot write {path}: {}", out.message()));
     }
@@ -103,14 +99,14 @@ async fn start(
     conn: &ConnCtx,
     spec: &ProgramSpec,
 ) -> Result<(Option<String>, Process), StartError> {
-    let docker = &conn.shared.docker;
-    match conn.shared.settings.docker.execution.mode {
+    let backend = &conn.shared.backend;
+    match backend.mode() {
         ExecutionMode::Connection | ExecutionMode::Persistent => {
             let container = conn.container().await?;
-            Ok((None, docker.exec(&container, spec).await?))
+            Ok((None, backend.exec(&container, spec).await?))
         }
         ExecutionMode::Session => {
-            let (id, p) = docker.run_session_container(&conn.meta(), spec).await?;
+            let (id, p) = backend.run_session(&conn.meta(), spec).await?;
             Ok((Some(id), p))
         }
     }
@@ -276,8 +272,6 @@ pub async fn run(
     }
     stdin_task.abort();
     if let Some(id) = session_container {
-        if let Err(e) = conn.shared.docker.remove_container(&id).await {
-            tracing::warn!(connection_id = %conn.id, container = %id, error = %e, "cannot remove session container");
-        }
+        conn.shared.backend.remove_session(&id).await;
     }
 }

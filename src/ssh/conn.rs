@@ -10,7 +10,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::authorized_keys::KeyOptions;
 use crate::auth::metadata::LoginMetadata;
-use crate::backend::{ConnMeta, StartError};
+use crate::backend::{ConnMeta, StartError, Target};
 use crate::config::model::ExecutionMode;
 use crate::server::Shared;
 
@@ -23,11 +23,11 @@ pub struct AuthedUser {
     pub metadata: Arc<LoginMetadata>,
 }
 
-/// The connection-mode container as sessions see it.
+/// The connection-mode container or pod as sessions see it.
 #[derive(Clone, Debug)]
 pub enum ContainerSlot {
     Starting,
-    Ready(String),
+    Ready(Target),
     Failed(Arc<str>),
 }
 
@@ -97,26 +97,25 @@ impl ConnCtx {
         if self.user.set(user).is_err() {
             return;
         }
-        let mode = self.shared.settings.docker.execution.mode;
-        if mode == ExecutionMode::Session {
+        if self.shared.backend.mode() == ExecutionMode::Session {
             return;
         }
         let me = Arc::clone(self);
         self.tasks.spawn(async move {
             let meta = me.meta();
+            let files = me
+                .user()
+                .map(|u| Arc::clone(&u.metadata))
+                .unwrap_or_default();
             // Not cancelled midway: a create in flight must finish so cleanup can find it.
-            let docker = &me.shared.docker;
-            let started = if mode == ExecutionMode::Persistent {
-                docker.find_persistent_container(&meta).await
-            } else {
-                docker.start_idle_container(&meta).await
-            };
-            if let (Ok(id), Some(user)) = (&started, me.user()) {
-                // Before the slot is ready, so no session starts without its files.
-                docker.write_files(id, &user.metadata.files, true).await;
-            }
+            // The files are written before the slot is ready, so no session starts without them.
+            let started = me
+                .shared
+                .backend
+                .start_connection(&meta, &files.files)
+                .await;
             let slot = match started {
-                Ok(id) => ContainerSlot::Ready(id),
+                Ok(t) => ContainerSlot::Ready(t),
                 Err(e) => {
                     tracing::warn!(connection_id = %me.id, error = %e, "container start failed");
                     ContainerSlot::Failed(Arc::from(e.to_string()))
@@ -126,8 +125,8 @@ impl ConnCtx {
         });
     }
 
-    /// Waits for the connection's container (connection and persistent modes).
-    pub async fn container(&self) -> Result<String, StartError> {
+    /// Waits for the connection's container or pod (connection and persistent modes).
+    pub async fn container(&self) -> Result<Target, StartError> {
         let mut rx = self.container.subscribe();
         let slot = tokio::select! {
             r = rx.wait_for(|s| !matches!(s, ContainerSlot::Starting)) => {
@@ -147,14 +146,14 @@ impl ConnCtx {
     pub async fn close(&self) {
         self.cancel.cancel();
         self.tasks.close();
-        let stop = self.shared.settings.docker.timeouts.container_stop.0;
+        let stop = self.shared.settings.stop_timeout();
         if tokio::time::timeout(stop, self.tasks.wait()).await.is_err() {
             tracing::warn!(connection_id = %self.id, "connection tasks did not finish in time");
         }
         if !self.is_authenticated() {
             return;
         }
-        match self.shared.docker.remove_connection(&self.id).await {
+        match self.shared.backend.remove_connection(&self.id).await {
             Ok(n) => {
                 tracing::debug!(connection_id = %self.id, removed = n, "connection cleaned up")
             }

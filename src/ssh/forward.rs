@@ -146,17 +146,18 @@ async fn forwarder(conn: &Arc<ConnCtx>, handle: &Handle) -> Result<Arc<Forwarder
 }
 
 async fn start(conn: &Arc<ConnCtx>, handle: &Handle) -> Result<Arc<Forwarder>, String> {
-    let docker = &conn.shared.docker;
-    if docker.agent_path().is_none() {
-        return Err(
-            "forwarding needs the in-container agent (docker.execution.disableAgent is set)".into(),
-        );
+    let backend = &conn.shared.backend;
+    if !backend.has_agent() {
+        return Err(format!(
+            "forwarding needs the in-container agent ({} is set)",
+            backend.disable_agent_key()
+        ));
     }
-    if conn.shared.settings.docker.execution.mode == ExecutionMode::Session {
+    if backend.mode() == ExecutionMode::Session {
         return Err("forwarding does not work in session mode".into());
     }
     let container = conn.container().await.map_err(|e| e.to_string())?;
-    let (output, input) = docker
+    let (output, input) = backend
         .start_agent_command(&container, &["forward-server"])
         .await
         .map_err(|e| e.to_string())?;

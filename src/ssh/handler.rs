@@ -370,13 +370,7 @@ impl russh::server::Handler for Handler {
     ) -> Result<(), Self::Error> {
         let (argv, env) = self.forced("").unwrap_or_else(|| {
             (
-                self.conn
-                    .shared
-                    .settings
-                    .docker
-                    .execution
-                    .shell_command
-                    .clone(),
+                self.conn.shared.settings.shell_command().to_vec(),
                 Vec::new(),
             )
         });
@@ -410,15 +404,7 @@ impl russh::server::Handler for Handler {
         if let Some((argv, env)) = self.forced(name) {
             return self.start(id, argv, env, session);
         }
-        let path = self
-            .conn
-            .shared
-            .settings
-            .docker
-            .execution
-            .subsystems
-            .get(name)
-            .cloned();
+        let path = self.conn.shared.settings.subsystem(name).cloned();
         match path {
             Some(p) => self.start(id, vec![p], Vec::new(), session),
             None => {

@@ -19,6 +19,10 @@ use super::{
 };
 use crate::auth::metadata::LoginFile;
 use crate::backend::agent::AgentBinary;
+use crate::backend::process::{
+    console_argv, keep, pid_channel, reported_pid, Captured, ControlError, OutputSource, Process,
+    ProcessOutput,
+};
 use crate::backend::{signal_number, ConnMeta, ExitReport, ProgramSpec, StartError};
 use crate::config::model::{DockerConfig, DockerExecutionConfig, DockerTimeouts, PullPolicy};
 
@@ -35,9 +39,6 @@ const CONSOLE_SIZE_API: (u32, u32) = (1, 42);
 
 /// Exit status reported when the engine cannot tell one (ContainerSSH sends 137 too).
 const UNKNOWN_EXIT_STATUS: u32 = 137;
-
-/// Output kept from a helper exec (`agent signal`, `exit-info`, `write-file`) per stream.
-const MAX_CAPTURE_BYTES: usize = 64 * 1024;
 
 struct ApiLevel {
     console_size: bool,
@@ -71,26 +72,6 @@ pub struct DockerBackend {
     agent: Option<AgentUse>,
 }
 
-/// What a helper exec printed and how it exited.
-#[derive(Debug)]
-pub struct Captured {
-    pub code: i64,
-    pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
-}
-
-impl Captured {
-    /// Stderr (or stdout) as one line for error messages.
-    pub fn message(&self) -> String {
-        let text = if self.stderr.is_empty() {
-            &self.stdout
-        } else {
-            &self.stderr
-        };
-        String::from_utf8_lossy(text).trim().to_string()
-    }
-}
-
 /// Runs a short non-interactive exec to completion: optional stdin, output kept up to
 /// [`MAX_CAPTURE_BYTES`] per stream. Unbounded in time; callers wrap it in a timeout.
 pub async fn run_capture(
@@ -122,8 +103,7 @@ pub async fn run_capture(
                 StreamKind::Stderr => &mut stderr,
                 _ => continue,
             };
-            let room = MAX_CAPTURE_BYTES.saturating_sub(buf.len());
-            buf.extend_from_slice(&data[..data.len().min(room)]);
+            keep(buf, &data);
         }
         Ok::<(), io::Error>(())
     };
@@ -143,34 +123,16 @@ pub async fn run_capture(
     })
 }
 
-/// A started program: its stdin, its output and a handle to control it.
-pub struct Process {
-    pub stdin: HijackedWriter,
-    pub output: ProcessOutput,
-    pub control: ProcessControl,
-}
-
-/// A program's output, with the agent's PID report taken off the front.
-pub struct ProcessOutput {
-    stream: OutputStream,
-    /// Set while the 4 PID bytes the agent writes first are still being read.
-    pid: Option<PidReport>,
-}
-
-enum OutputStream {
+/// A Docker program's output stream.
+pub enum OutputStream {
     /// TTY: one raw stream, all of it stdout.
     Raw(HijackedReader, BytesMut, ReadSizer),
-    /// No TTY: the engine's multiplexed stdout/stderr frames.
+    /// No TTY (and agent commands): the engine's multiplexed stdout/stderr frames.
     Muxed(Demuxer<HijackedReader>),
 }
 
-struct PidReport {
-    got: Vec<u8>,
-    tx: watch::Sender<Option<u32>>,
-}
-
 impl OutputStream {
-    async fn next(&mut self) -> io::Result<Option<(StreamKind, Bytes)>> {
+    pub(crate) async fn next(&mut self) -> io::Result<Option<(StreamKind, Bytes)>> {
         match self {
             OutputStream::Raw(r, buf, sizer) => {
                 sizer.prepare(buf);
@@ -179,38 +141,6 @@ impl OutputStream {
                 Ok((n > 0).then(|| (StreamKind::Stdout, buf.split_to(n).freeze())))
             }
             OutputStream::Muxed(d) => d.next_frame().await,
-        }
-    }
-}
-
-impl ProcessOutput {
-    /// The next chunk of output; `None` when the program's output has ended.
-    pub async fn next(&mut self) -> io::Result<Option<(StreamKind, Bytes)>> {
-        loop {
-            let item = self.stream.next().await?;
-            let Some(report) = self.pid.as_mut() else {
-                return Ok(item);
-            };
-            match item {
-                Some((StreamKind::Stdout, data)) => {
-                    let take = (4 - report.got.len()).min(data.len());
-                    report.got.extend_from_slice(&data[..take]);
-                    if let Ok(bytes) = <[u8; 4]>::try_from(report.got.as_slice()) {
-                        report.tx.send_replace(Some(u32::from_le_bytes(bytes)));
-                        self.pid = None;
-                    }
-                    let rest = data.slice(take..);
-                    if !rest.is_empty() {
-                        return Ok(Some((StreamKind::Stdout, rest)));
-                    }
-                }
-                None => {
-                    // Ended before the agent reported: dropping the sender tells waiters.
-                    self.pid = None;
-                    return Ok(None);
-                }
-                other => return Ok(other),
-            }
         }
     }
 }
@@ -227,20 +157,6 @@ struct AgentCtl {
     path: String,
     container: String,
     pid: watch::Receiver<Option<u32>>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ControlError {
-    #[error("signals to programs started with exec need the in-container agent (docker.execution.disableAgent is set)")]
-    SignalUnsupported,
-    #[error("the agent did not report the program's process ID")]
-    NoPid,
-    #[error("the agent could not deliver the signal: {0}")]
-    Agent(String),
-    #[error("unknown signal {0}")]
-    UnknownSignal(String),
-    #[error(transparent)]
-    Engine(#[from] DockerError),
 }
 
 /// Resize, signal and wait for a started program.
@@ -279,14 +195,8 @@ impl ProcessControl {
     }
 
     /// The program's PID as the agent reported it, waiting for the report up to `limit`.
-    #[allow(clippy::let_and_return)] // the guard borrowed from `rx` must drop before `rx`
     async fn pid(&self, limit: Duration) -> Option<u32> {
-        let mut rx = self.agent.as_ref()?.pid.clone();
-        let pid = match tokio::time::timeout(limit, rx.wait_for(Option::is_some)).await {
-            Ok(Ok(pid)) => *pid,
-            _ => None,
-        };
-        pid
+        reported_pid(&Some(self.agent.as_ref()?.pid.clone()), limit).await
     }
 
     pub async fn signal(&self, name: &str) -> Result<(), ControlError> {
@@ -322,14 +232,17 @@ impl ProcessControl {
                     self.signal_timeout,
                 ),
             )
-            .await?;
+            .await
+            .map_err(|e| ControlError::Backend(e.to_string()))?;
             if out.code != 0 {
                 return Err(ControlError::Agent(out.message()));
             }
             return Ok(());
         }
         let Target::Container(id) = &self.target else {
-            return Err(ControlError::SignalUnsupported);
+            return Err(ControlError::SignalUnsupported(
+                "docker.execution.disableAgent",
+            ));
         };
         if let Ok(mut last) = self.last_signal.lock() {
             *last = Some(name.to_string());
@@ -340,7 +253,8 @@ impl ProcessControl {
             "signal",
             self.client.kill_container(id, &sig),
         )
-        .await?;
+        .await
+        .map_err(|e| ControlError::Backend(e.to_string()))?;
         Ok(())
     }
 
@@ -443,21 +357,6 @@ impl AgentTars {
     }
 }
 
-/// The agent's `console` in front of the program: it reports the program's PID first on
-/// stdout and sizes the terminal before the program starts.
-/// `program` is the program's argv: `spec.argv`, or (an image's own agent, which may be
-/// ContainerSSH's and know only `--pid`) the `stty` wrapper that sizes the terminal.
-fn agent_argv(agent: &str, spec: &ProgramSpec, program: Vec<String>, ours: bool) -> Vec<String> {
-    let mut argv: Vec<String> = vec![agent.into(), "console".into(), "--pid".into()];
-    if let (Some(t), true) = (&spec.tty, ours) {
-        let dim = |v: u32| u16::try_from(v).unwrap_or(u16::MAX).to_string();
-        argv.extend(["--rows".into(), dim(t.rows), "--cols".into(), dim(t.cols)]);
-    }
-    argv.push("--".into());
-    argv.extend(program);
-    argv
-}
-
 /// The program's argv. Engines before API 1.42 ignore `ConsoleSize` for containers and execs
 /// alike, and a resize can only follow the start, racing the program's first look at its
 /// terminal; so there the terminal is sized from inside before the program is exec'd.
@@ -529,6 +428,10 @@ impl DockerBackend {
             agent.inject = Some(AgentTars::new(&agent.path, binary)?);
         }
         Ok(self)
+    }
+
+    pub fn mode(&self) -> crate::config::model::ExecutionMode {
+        self.exec.mode
     }
 
     /// Whether programs run under the agent (signals, forwarding and files need it).
@@ -959,8 +862,22 @@ impl DockerBackend {
     /// The command a program really runs as: under the agent's `console`, or on its own.
     fn program_argv(&self, spec: &ProgramSpec, api: &ApiLevel) -> Vec<String> {
         match &self.agent {
-            Some(a) if a.inject.is_some() => agent_argv(&a.path, spec, spec.argv.clone(), true),
-            Some(a) => agent_argv(&a.path, spec, sized_argv(spec, api), false),
+            Some(a) if a.inject.is_some() => console_argv(
+                &a.path,
+                spec.tty.as_ref(),
+                &[],
+                false,
+                spec.argv.clone(),
+                true,
+            ),
+            Some(a) => console_argv(
+                &a.path,
+                spec.tty.as_ref(),
+                &[],
+                false,
+                sized_argv(spec, api),
+                false,
+            ),
             None => sized_argv(spec, api),
         }
     }
@@ -1049,19 +966,7 @@ impl DockerBackend {
         target: Target,
         container: &str,
     ) -> Process {
-        let (pid, pid_rx) = match &self.agent {
-            Some(_) => {
-                let (tx, rx) = watch::channel(None);
-                (
-                    Some(PidReport {
-                        got: Vec::with_capacity(4),
-                        tx,
-                    }),
-                    Some(rx),
-                )
-            }
-            None => (None, None),
-        };
+        let (pid, pid_rx) = pid_channel(self.agent.is_some());
         let control = self.control(target, container, pid_rx);
         let stream = match &spec.tty {
             Some(t) => {
@@ -1073,11 +978,10 @@ impl DockerBackend {
             }
             None => OutputStream::Muxed(Demuxer::new(reader)),
         };
-        let output = ProcessOutput { stream, pid };
         Process {
-            stdin: writer,
-            output,
-            control,
+            stdin: Box::new(writer),
+            output: ProcessOutput::new(OutputSource::Docker(stream), pid),
+            control: crate::backend::process::ProcessControl::Docker(control),
         }
     }
 }

@@ -72,6 +72,29 @@ pub fn exec_path(
     p
 }
 
+/// The `…/attach` path and query.
+pub fn attach_path(namespace: &str, pod: &str, container: &str, tty: bool) -> String {
+    format!(
+        "/api/v1/namespaces/{}/pods/{}/attach?container={}&stdin=true&stdout=true&stderr={}&tty={tty}",
+        encode_query(namespace),
+        encode_query(pod),
+        encode_query(container),
+        !tty
+    )
+}
+
+/// Attaches to the main process of `container` in `pod` (session mode). The stream carries
+/// no exit status: read it from the pod afterwards.
+pub async fn attach(
+    client: &KubeClient,
+    namespace: &str,
+    pod: &str,
+    container: &str,
+    tty: bool,
+) -> Result<ExecSession, ExecError> {
+    open(client, &attach_path(namespace, pod, container, tty)).await
+}
+
 /// Starts `argv` in `container` of `pod`. With `tty`, stderr is merged into stdout.
 pub async fn exec(
     client: &KubeClient,
@@ -82,8 +105,15 @@ pub async fn exec(
     tty: bool,
     stdin: bool,
 ) -> Result<ExecSession, ExecError> {
-    let path = exec_path(namespace, pod, container, argv, tty, stdin);
-    let (ws, chosen) = client.upgrade(&path, wire::OFFER).await?;
+    open(
+        client,
+        &exec_path(namespace, pod, container, argv, tty, stdin),
+    )
+    .await
+}
+
+async fn open(client: &KubeClient, path: &str) -> Result<ExecSession, ExecError> {
+    let (ws, chosen) = client.upgrade(path, wire::OFFER).await?;
     let protocol = Protocol::from_header(&chosen).ok_or(ExecError::Protocol(chosen))?;
     let (tx, rx) = ws.split();
     Ok(ExecSession {

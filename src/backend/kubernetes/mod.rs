@@ -9,11 +9,13 @@
 
 use std::path::PathBuf;
 
+pub mod backend;
 pub mod client;
 pub mod connection;
 pub mod exec;
 pub mod kubeconfig;
 pub mod pods;
+pub mod session;
 pub mod wire;
 pub mod ws;
 

@@ -300,7 +300,7 @@ fn container_image(body: &Value, container: &str) -> Option<String> {
 fn gone(name: &str) -> PodError {
     PodError::NotReady {
         reason: "Deleted".into(),
-        message: format!("the pod {name} was deleted before it was ready"),
+        message: format!("the pod {name} was deleted"),
     }
 }
 
@@ -311,6 +311,67 @@ async fn wait_ready(
     container: &str,
     body: &Value,
 ) -> Result<Pod, PodError> {
+    watch_pod(client, ns, name, |pod, raw| {
+        match judge(pod, raw, container, body) {
+            Verdict::Ready(p) => Some(Ok(*p)),
+            Verdict::Fail(e) => Some(Err(e)),
+            Verdict::Wait => None,
+        }
+    })
+    .await
+}
+
+/// Waits until the existing pod `name` is ready for exec into `container` (persistent mode,
+/// a pod another connection is starting), up to `timeout`. It is never deleted here.
+pub async fn wait_ready_existing(
+    client: &KubeClient,
+    ns: &str,
+    name: &str,
+    container: &str,
+    timeout: Duration,
+) -> Result<Pod, PodError> {
+    let wait = wait_ready(client, ns, name, container, &Value::Null);
+    tokio::time::timeout(timeout, wait)
+        .await
+        .unwrap_or_else(|_| {
+            Err(PodError::Timeout {
+                pod: name.to_string(),
+                timeout,
+            })
+        })
+}
+
+/// Waits until `container` of pod `name` has terminated and returns its exit code (session
+/// mode's exit status, `shared/docs/kubernetes.md` §1.3), up to `timeout`.
+pub async fn wait_exit(
+    client: &KubeClient,
+    ns: &str,
+    name: &str,
+    container: &str,
+    timeout: Duration,
+) -> Result<i32, PodError> {
+    let wait = watch_pod(client, ns, name, |pod, _| {
+        wire::terminated_exit_code(&pod, container).map(Ok)
+    });
+    tokio::time::timeout(timeout, wait)
+        .await
+        .unwrap_or_else(|_| {
+            Err(PodError::Timeout {
+                pod: name.to_string(),
+                timeout,
+            })
+        })
+}
+
+/// Looks at pod `name` (a list with its name as field selector, then a watch from the list's
+/// `resourceVersion`, restarted when it ends and listed again after a 410) until `decide`
+/// returns a result. A deleted pod is an error.
+async fn watch_pod<T>(
+    client: &KubeClient,
+    ns: &str,
+    name: &str,
+    mut decide: impl FnMut(Pod, Option<&Value>) -> Option<Result<T, PodError>>,
+) -> Result<T, PodError> {
     let base = format!(
         "/api/v1/namespaces/{}/pods?fieldSelector={}",
         seg(ns),
@@ -324,10 +385,8 @@ async fn wait_ready(
         };
         let pod: Pod = serde_json::from_value(raw.clone())
             .map_err(|e| PodError::Protocol(format!("decoding the pod: {e}")))?;
-        match judge(pod, Some(&raw), container, body) {
-            Verdict::Ready(p) => return Ok(*p),
-            Verdict::Fail(e) => return Err(e),
-            Verdict::Wait => {}
+        if let Some(r) = decide(pod, Some(&raw)) {
+            return r;
         }
         let mut rv = list["metadata"]["resourceVersion"]
             .as_str()
@@ -376,10 +435,8 @@ async fn wait_ready(
                 let raw = serde_json::from_slice::<Value>(&line)
                     .ok()
                     .map(|mut v| v["object"].take());
-                match judge(*pod, raw.as_ref(), container, body) {
-                    Verdict::Ready(p) => return Ok(*p),
-                    Verdict::Fail(e) => return Err(e),
-                    Verdict::Wait => {}
+                if let Some(r) = decide(*pod, raw.as_ref()) {
+                    return r;
                 }
             }
             // The watch ended (timeoutSeconds, a dropped connection): watch again from `rv`.
@@ -416,10 +473,32 @@ pub async fn reap(client: &KubeClient, namespace: &str, instance: &str) -> Resul
     let Some(value) = label_value(instance) else {
         return Ok(0);
     };
+    delete_selected(client, namespace, &format!("{LABEL_INSTANCE}={value}")).await
+}
+
+/// Deletes (grace 0) every pod of one connection of this instance; returns how many.
+pub async fn delete_connection(
+    client: &KubeClient,
+    namespace: &str,
+    instance: &str,
+    connection_id: &str,
+) -> Result<usize, PodError> {
+    let mut selector = format!("{LABEL_CONNECTION_ID}={connection_id}");
+    if let Some(value) = label_value(instance) {
+        selector.push_str(&format!(",{LABEL_INSTANCE}={value}"));
+    }
+    delete_selected(client, namespace, &selector).await
+}
+
+async fn delete_selected(
+    client: &KubeClient,
+    namespace: &str,
+    selector: &str,
+) -> Result<usize, PodError> {
     let path = format!(
         "/api/v1/namespaces/{}/pods?labelSelector={}",
         seg(namespace),
-        encode_query(&format!("{LABEL_INSTANCE}={value}"))
+        encode_query(selector)
     );
     let list: Value = client.get_json(&path).await?;
     let mut n = 0;

@@ -601,10 +601,12 @@ pub struct ObjectMeta {
 
 /// `spec`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(default)]
+#[serde(default, rename_all = "camelCase")]
 pub struct PodSpec {
     #[serde(deserialize_with = "nullable")]
     pub containers: Vec<Container>,
+    #[serde(deserialize_with = "nullable")]
+    pub init_containers: Vec<Container>,
 }
 
 /// `spec.containers[i]`.

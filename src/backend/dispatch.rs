@@ -1,0 +1,180 @@
+//! The configured backend behind one interface for the SSH side: start the connection's
+//! container or pod, run programs, run session containers or pods, helper programs through
+//! the agent, and cleanup.
+
+use tokio::io::AsyncWrite;
+
+use super::docker::session::DockerBackend;
+use super::docker::session::OutputStream;
+use super::kubernetes::backend::{KubeBackend, KubeTarget};
+use super::process::{Captured, OutputSource, Process};
+use super::{ConnMeta, ProgramSpec, StartError};
+use crate::auth::metadata::LoginFile;
+use crate::config::model::ExecutionMode;
+
+pub enum Backend {
+    Docker(Box<DockerBackend>),
+    Kubernetes(Box<KubeBackend>),
+}
+
+/// The connection's container (Docker) or pod (Kubernetes).
+#[derive(Clone, Debug)]
+pub enum Target {
+    Docker(String),
+    Kube(KubeTarget),
+}
+
+/// An agent command's output and stdin.
+pub type AgentStreams = (OutputSource, Box<dyn AsyncWrite + Send + Unpin>);
+
+impl Backend {
+    pub fn mode(&self) -> ExecutionMode {
+        match self {
+            Backend::Docker(d) => d.mode(),
+            Backend::Kubernetes(k) => k.mode(),
+        }
+    }
+
+    /// The configuration key that turns the agent off, for messages.
+    pub fn disable_agent_key(&self) -> &'static str {
+        match self {
+            Backend::Docker(_) => "docker.execution.disableAgent",
+            Backend::Kubernetes(_) => "kubernetes.pod.disableAgent",
+        }
+    }
+
+    /// The agent's path in `target`, when programs there run under the agent.
+    pub fn agent_in(&self, target: &Target) -> Option<String> {
+        match (self, target) {
+            (Backend::Docker(d), _) => d.agent_path().map(str::to_string),
+            (Backend::Kubernetes(_), Target::Kube(t)) => t.agent.as_ref().map(|a| a.0.clone()),
+            (Backend::Kubernetes(_), Target::Docker(_)) => None,
+        }
+    }
+
+    /// Whether programs run under the agent at all (before any target exists).
+    pub fn has_agent(&self) -> bool {
+        match self {
+            Backend::Docker(d) => d.agent_path().is_some(),
+            Backend::Kubernetes(k) => k.agent_path().is_some(),
+        }
+    }
+
+    /// Connection and persistent modes: the connection's container or pod, ready, with the
+    /// login's files written into it.
+    pub async fn start_connection(
+        &self,
+        meta: &ConnMeta,
+        files: &[LoginFile],
+    ) -> Result<Target, StartError> {
+        let persistent = self.mode() == ExecutionMode::Persistent;
+        match self {
+            Backend::Docker(d) => {
+                let id = if persistent {
+                    d.find_persistent_container(meta).await?
+                } else {
+                    d.start_idle_container(meta).await?
+                };
+                d.write_files(&id, files, true).await;
+                Ok(Target::Docker(id))
+            }
+            Backend::Kubernetes(k) => {
+                let t = if persistent {
+                    k.find_persistent_pod(meta).await?
+                } else {
+                    k.start_idle_pod(meta).await?
+                };
+                k.write_files(&t, files).await;
+                Ok(Target::Kube(t))
+            }
+        }
+    }
+
+    /// One program in the connection's container or pod.
+    pub async fn exec(&self, target: &Target, spec: &ProgramSpec) -> Result<Process, StartError> {
+        match (self, target) {
+            (Backend::Docker(d), Target::Docker(id)) => d.exec(id, spec).await,
+            (Backend::Kubernetes(k), Target::Kube(t)) => k.exec(t, spec).await,
+            _ => Err(StartError::ExecFailed("backend mismatch".into())),
+        }
+    }
+
+    /// Session mode: a container or pod of the program's own; remove it with
+    /// [`Self::remove_session`].
+    pub async fn run_session(
+        &self,
+        meta: &ConnMeta,
+        spec: &ProgramSpec,
+    ) -> Result<(String, Process), StartError> {
+        match self {
+            Backend::Docker(d) => d.run_session_container(meta, spec).await,
+            Backend::Kubernetes(k) => k.run_session_pod(meta, spec).await,
+        }
+    }
+
+    pub async fn remove_session(&self, id: &str) {
+        match self {
+            Backend::Docker(d) => {
+                if let Err(e) = d.remove_container(id).await {
+                    tracing::warn!(container = %id, error = %e, "cannot remove session container");
+                }
+            }
+            Backend::Kubernetes(k) => k.remove_pod(id).await,
+        }
+    }
+
+    /// Removes everything of one connection (found by label); how many were removed.
+    pub async fn remove_connection(&self, connection_id: &str) -> Result<usize, String> {
+        match self {
+            Backend::Docker(d) => d
+                .remove_connection(connection_id)
+                .await
+                .map_err(|e| e.to_string()),
+            Backend::Kubernetes(k) => k
+                .remove_connection(connection_id)
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Removes what a crashed run of this instance left behind.
+    pub async fn reap(&self) -> Result<usize, String> {
+        match self {
+            Backend::Docker(d) => d.reap().await.map_err(|e| e.to_string()),
+            Backend::Kubernetes(k) => k.reap().await.map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Runs a helper program (`agent write-file`, ...) in the target to completion.
+    pub async fn capture(
+        &self,
+        target: &Target,
+        argv: Vec<String>,
+        stdin: Option<&[u8]>,
+    ) -> Result<Captured, String> {
+        match (self, target) {
+            (Backend::Docker(d), Target::Docker(id)) => {
+                d.capture(id, argv, stdin).await.map_err(|e| e.to_string())
+            }
+            (Backend::Kubernetes(k), Target::Kube(t)) => k.capture(t, &argv, stdin).await,
+            _ => Err("backend mismatch".into()),
+        }
+    }
+
+    /// Starts a long-running agent command (`forward-server`); it ends when its stdin closes.
+    pub async fn start_agent_command(
+        &self,
+        target: &Target,
+        args: &[&str],
+    ) -> Result<AgentStreams, StartError> {
+        match (self, target) {
+            (Backend::Docker(d), Target::Docker(id)) => {
+                let (out, input) = d.start_agent_command(id, args).await?;
+                let out = OutputSource::Docker(OutputStream::Muxed(out));
+                Ok((out, Box::new(input)))
+            }
+            (Backend::Kubernetes(k), Target::Kube(t)) => k.start_agent_command(t, args).await,
+            _ => Err(StartError::ExecFailed("backend mismatch".into())),
+        }
+    }
+}

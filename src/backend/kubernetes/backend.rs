@@ -1,0 +1,660 @@
+//! The Kubernetes backend proper: turns `kubernetes.pod` into pods (one per connection, one
+//! per session, or an existing named one), runs programs in them over exec or attach, brings
+//! the agent in through an init container, and deletes what it created.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
+
+use super::client::KubeClient;
+use super::connection;
+use super::exec;
+use super::pods::{self, PodError};
+use super::session::{self, capture, Limits, PodRef};
+use super::wire::{self, Pod, PodState};
+use crate::auth::metadata::LoginFile;
+use crate::backend::process::{
+    console_argv, pid_channel, Captured, OutputSource, Process, ProcessControl, ProcessOutput,
+};
+use crate::backend::{ConnMeta, ProgramSpec, StartError};
+use crate::config::model::{
+    AgentConfig, ExecutionMode, KubernetesConfig, KubernetesPodConfig, KubernetesTimeouts,
+};
+
+/// Where the init container puts the agent; an `emptyDir` mounted read-only into every
+/// container of the pod.
+pub const AGENT_DIR: &str = "/.containerssh";
+/// The injected agent's path inside the pod's containers.
+pub const INJECTED_AGENT_PATH: &str = "/.containerssh/containerssh-agent";
+/// The `emptyDir` volume and the init container that fills it.
+pub const AGENT_VOLUME: &str = "containerssh-agent";
+pub const AGENT_INIT_CONTAINER: &str = "containerssh-agent";
+/// `kubernetes.pod.agentInitImage` when empty: this project's own image, which carries the
+/// agent at `kubernetes.pod.agentPath` (`/usr/bin/containerssh-agent`).
+pub const DEFAULT_AGENT_INIT_IMAGE: &str = concat!(
+    "ghcr.io/containerssh-rs/containerssh:",
+    env!("CARGO_PKG_VERSION")
+);
+/// Marks a persistent-mode pod we created; it carries no instance or connection label, so
+/// neither the reaper nor connection cleanup ever deletes it.
+pub const LABEL_PERSISTENT: &str = "containerssh_persistent";
+/// Grace period of the delete at disconnect: the program gets TERM, then the pod goes.
+const DISCONNECT_GRACE_SECONDS: u32 = 2;
+
+/// How programs reach the agent.
+struct Agent {
+    /// The agent's path in pods we create.
+    path: String,
+    /// `Some(image)` when an init container copies the agent in; `None`: images carry it.
+    init_image: Option<String>,
+    /// The agent's path in the init image (`kubernetes.pod.agentPath`).
+    source: String,
+}
+
+/// The connection's pod and how to reach the agent in it.
+#[derive(Clone, Debug)]
+pub struct KubeTarget {
+    pub pod: String,
+    /// The agent's path in this pod, and whether it is ours (all flags) or the image's own.
+    pub agent: Option<(String, bool)>,
+}
+
+pub struct KubeBackend {
+    client: KubeClient,
+    /// `kubernetes.pod` with `metadata.namespace` filled in.
+    pod: KubernetesPodConfig,
+    namespace: String,
+    console: String,
+    timeouts: KubernetesTimeouts,
+    instance: String,
+    agent: Option<Agent>,
+}
+
+/// A one-line start failure from a pod error.
+fn start_error(e: PodError) -> StartError {
+    match e {
+        PodError::Timeout { timeout, .. } => StartError::Timeout(timeout),
+        PodError::Api(e) => StartError::EngineUnreachable(e.to_string()),
+        other => StartError::ContainerFailed(other.to_string()),
+    }
+}
+
+fn exec_error(e: exec::ExecError) -> StartError {
+    StartError::ExecFailed(e.to_string())
+}
+
+impl KubeBackend {
+    /// Resolves where the cluster is and builds the client; no network traffic.
+    pub fn new(
+        cfg: &KubernetesConfig,
+        agent: &AgentConfig,
+        instance: &str,
+    ) -> Result<Self, Box<dyn std::error::Error>> {
+        let conn = connection::resolve(&cfg.connection, &|k| std::env::var(k).ok())?;
+        let client = KubeClient::new(&conn, cfg.timeouts.http.0)?;
+        let mut pod = cfg.pod.clone();
+        let configured = pod
+            .metadata
+            .get("namespace")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string);
+        let namespace = configured
+            .or(conn.namespace.clone())
+            .unwrap_or_else(|| "default".into());
+        pod.metadata.insert("namespace".into(), json!(namespace));
+        let console = pods::console_container_name(&pod)
+            .ok_or("kubernetes.pod.spec: the console container has no name")?;
+        let agent = (!pod.disable_agent).then(|| {
+            if agent.inject {
+                let image = if pod.agent_init_image.is_empty() {
+                    DEFAULT_AGENT_INIT_IMAGE.to_string()
+                } else {
+                    pod.agent_init_image.clone()
+                };
+                Agent {
+                    path: INJECTED_AGENT_PATH.into(),
+                    init_image: Some(image),
+                    source: pod.agent_path.clone(),
+                }
+            } else {
+                Agent {
+                    path: pod.agent_path.clone(),
+                    init_image: None,
+                    source: pod.agent_path.clone(),
+                }
+            }
+        });
+        tracing::info!(server = %client.server(), namespace = %namespace, connection = ?conn, "Kubernetes backend");
+        Ok(Self {
+            client,
+            pod,
+            namespace,
+            console,
+            timeouts: cfg.timeouts.clone(),
+            instance: instance.to_string(),
+            agent,
+        })
+    }
+
+    pub fn mode(&self) -> ExecutionMode {
+        self.pod.mode
+    }
+
+    /// Whether programs run under the agent (signals, forwarding and files need it).
+    pub fn agent_path(&self) -> Option<&str> {
+        self.agent.as_ref().map(|a| a.path.as_str())
+    }
+
+    fn at(&self, pod: &str) -> PodRef {
+        PodRef {
+            namespace: self.namespace.clone(),
+            pod: pod.to_string(),
+            container: self.console.clone(),
+        }
+    }
+
+    fn limits(&self) -> Limits {
+        let t = &self.timeouts;
+        Limits {
+            signal: t.signal.0,
+            window: t.window.0,
+            exit: t.pod_stop.0,
+        }
+    }
+
+    /// The idle command with the agent's path in the image replaced by the injected one.
+    fn idle_command(&self) -> Vec<String> {
+        let mut cmd = self.pod.idle_command.clone();
+        if let (Some(a), Some(first)) = (&self.agent, cmd.first_mut()) {
+            if a.init_image.is_some() && *first == a.source {
+                first.clone_from(&a.path);
+            }
+        }
+        cmd
+    }
+
+    /// The pod for one connection or session: the configured pod with our labels, the agent's
+    /// init container and volume, and (session mode) the console container set up for attach.
+    fn body(&self, meta: &ConnMeta, command: &[String], session: Option<&ProgramSpec>) -> Value {
+        let mut body = pods::pod_body(&self.pod, meta, &self.instance, Some(command), &[]);
+        if let Some(image) = self
+            .agent
+            .as_ref()
+            .and_then(|a| a.init_image.as_ref().map(|i| (i.clone(), a.source.clone())))
+        {
+            add_agent(&mut body, &image.0, &image.1);
+        }
+        if let Some(spec) = session {
+            body["spec"]["restartPolicy"] = json!("Never");
+            if let Some(c) = body["spec"]["containers"]
+                .as_array_mut()
+                .and_then(|a| a.get_mut(self.pod.console_container_number))
+            {
+                c["stdin"] = json!(true);
+                c["stdinOnce"] = json!(true);
+                c["tty"] = json!(spec.tty.is_some());
+            }
+        }
+        body
+    }
+
+    async fn create(&self, body: &Value) -> Result<String, StartError> {
+        let pod = pods::create_and_wait(&self.client, body, &self.console, self.start_timeout())
+            .await
+            .map_err(start_error)?;
+        pod.metadata
+            .name
+            .ok_or_else(|| StartError::ContainerFailed("the pod has no name".into()))
+    }
+
+    fn start_timeout(&self) -> Duration {
+        self.timeouts.pod_start.0
+    }
+
+    fn target(&self, pod: &str, spec: Option<&wire::PodSpec>) -> KubeTarget {
+        let agent = self.agent.as_ref().map(|a| {
+            let injected = a.init_image.is_some()
+                && spec.is_none_or(|s| {
+                    s.init_containers
+                        .iter()
+                        .any(|c| c.name == AGENT_INIT_CONTAINER)
+                });
+            if injected {
+                (a.path.clone(), true)
+            } else {
+                (a.source.clone(), false)
+            }
+        });
+        KubeTarget {
+            pod: pod.to_string(),
+            agent,
+        }
+    }
+
+    /// Connection mode: the per-connection pod running the idle command.
+    pub async fn start_idle_pod(&self, meta: &ConnMeta) -> Result<KubeTarget, StartError> {
+        let body = self.body(meta, &self.idle_command(), None);
+        let name = self.create(&body).await?;
+        tracing::debug!(pod = %name, connection_id = %meta.connection_id, "pod started");
+        Ok(self.target(&name, None))
+    }
+
+    /// Persistent mode: the pod named by `metadata.name`, created (running the idle command,
+    /// without instance or connection labels) when missing and `createMissingPods` allows.
+    pub async fn find_persistent_pod(&self, meta: &ConnMeta) -> Result<KubeTarget, StartError> {
+        let name = self
+            .pod
+            .metadata
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let path = format!(
+            "/api/v1/namespaces/{}/pods/{}",
+            pods::encode_query(&self.namespace),
+            pods::encode_query(&name)
+        );
+        match self.client.get_json::<Pod>(&path).await {
+            Ok(pod) => return self.persistent_ready(&name, pod).await,
+            Err(e) if e.http_code() == Some(404) && self.pod.create_missing_pods => {}
+            Err(e) if e.http_code() == Some(404) => {
+                return Err(StartError::ContainerFailed(format!(
+                    "pod {name} does not exist in namespace {}",
+                    self.namespace
+                )))
+            }
+            Err(e) => return Err(StartError::EngineUnreachable(e.to_string())),
+        }
+        let mut body = self.body(meta, &self.idle_command(), None);
+        if let Some(labels) = body["metadata"]["labels"].as_object_mut() {
+            labels.remove(pods::LABEL_INSTANCE);
+            labels.remove(pods::LABEL_CONNECTION_ID);
+            labels.insert(LABEL_PERSISTENT.into(), json!("1"));
+        }
+        match pods::create_and_wait(&self.client, &body, &self.console, self.start_timeout()).await
+        {
+            Ok(pod) => {
+                tracing::info!(pod = %name, "created persistent pod");
+                Ok(self.target(&name, Some(&pod.spec)))
+            }
+            // Another connection created it first: use theirs once it is ready.
+            Err(PodError::Api(e)) if e.http_code() == Some(409) => {
+                let pod = self
+                    .client
+                    .get_json::<Pod>(&path)
+                    .await
+                    .map_err(|e| StartError::EngineUnreachable(e.to_string()))?;
+                self.persistent_ready(&name, pod).await
+            }
+            Err(e) => Err(start_error(e)),
+        }
+    }
+
+    async fn persistent_ready(&self, name: &str, pod: Pod) -> Result<KubeTarget, StartError> {
+        match wire::evaluate(&pod, &self.console) {
+            PodState::Ready => Ok(self.target(name, Some(&pod.spec))),
+            PodState::Pending => {
+                let ready = pods::wait_ready_existing(
+                    &self.client,
+                    &self.namespace,
+                    name,
+                    &self.console,
+                    self.start_timeout(),
+                )
+                .await
+                .map_err(start_error)?;
+                Ok(self.target(name, Some(&ready.spec)))
+            }
+            PodState::Failed { reason, message } => Err(StartError::ContainerFailed(format!(
+                "pod {name}: {reason}: {message}"
+            ))),
+            PodState::Terminated { exit_code } => Err(StartError::ContainerFailed(format!(
+                "pod {name} has terminated (exit code {exit_code})"
+            ))),
+        }
+    }
+
+    /// The command a program runs as: under the agent's `console` (which also sets the
+    /// environment, as exec has none of its own), else through `env`.
+    fn program_argv(
+        &self,
+        agent: Option<&(String, bool)>,
+        spec: &ProgramSpec,
+        wait: bool,
+    ) -> Vec<String> {
+        match agent {
+            Some((path, true)) => console_argv(
+                path,
+                spec.tty.as_ref(),
+                &spec.env,
+                wait,
+                spec.argv.clone(),
+                true,
+            ),
+            Some((path, false)) => console_argv(path, None, &[], wait, with_env(spec), false),
+            None => with_env(spec),
+        }
+    }
+
+    /// Connection and persistent modes: one program as an exec in the connection's pod.
+    pub async fn exec(
+        &self,
+        target: &KubeTarget,
+        spec: &ProgramSpec,
+    ) -> Result<Process, StartError> {
+        let argv = self.program_argv(target.agent.as_ref(), spec, false);
+        let tty = spec.tty.is_some();
+        let at = self.at(&target.pod);
+        let started = tokio::time::timeout(
+            self.timeouts.command_start.0,
+            exec::exec(
+                &self.client,
+                &at.namespace,
+                &at.pod,
+                &at.container,
+                &argv,
+                tty,
+                true,
+            ),
+        )
+        .await
+        .map_err(|_| StartError::Timeout(self.timeouts.command_start.0))?
+        .map_err(exec_error)?;
+        Ok(self
+            .process(started, at, false, target.agent.as_ref(), spec)
+            .await)
+    }
+
+    async fn process(
+        &self,
+        started: exec::ExecSession,
+        at: PodRef,
+        attach: bool,
+        agent: Option<&(String, bool)>,
+        spec: &ProgramSpec,
+    ) -> Process {
+        let (pid_tx, pid_rx) = pid_channel(agent.is_some());
+        let parts = session::split(
+            started,
+            &self.client,
+            at,
+            attach,
+            agent.map(|a| a.0.as_str()),
+            pid_rx,
+            self.limits(),
+        );
+        let control = ProcessControl::Kube(parts.control);
+        if let Some(t) = &spec.tty {
+            if let Err(e) = control.resize(t.rows, t.cols).await {
+                tracing::debug!(error = %e, "initial resize failed");
+            }
+        }
+        Process {
+            stdin: Box::new(parts.stdin),
+            output: ProcessOutput::new(OutputSource::Kube(parts.output), pid_tx),
+            control,
+        }
+    }
+
+    /// Session mode: a pod whose console container runs the program under `agent console
+    /// --wait`, attached before the start byte is sent so that no output is lost. The caller
+    /// deletes it with [`Self::remove_pod`].
+    pub async fn run_session_pod(
+        &self,
+        meta: &ConnMeta,
+        spec: &ProgramSpec,
+    ) -> Result<(String, Process), StartError> {
+        let target = self.target("", None);
+        let agent = target.agent.as_ref();
+        let argv = self.program_argv(agent, spec, agent.is_some());
+        let body = self.body(meta, &argv, Some(spec));
+        let name = self.create(&body).await?;
+        let target = KubeTarget {
+            pod: name.clone(),
+            ..target
+        };
+        match self.attach_session(&target, spec).await {
+            Ok(p) => Ok((name, p)),
+            Err(e) => {
+                self.remove_pod(&name).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn attach_session(
+        &self,
+        target: &KubeTarget,
+        spec: &ProgramSpec,
+    ) -> Result<Process, StartError> {
+        self.write_files(target, &spec.login.files).await;
+        let at = self.at(&target.pod);
+        let limit = self.timeouts.command_start.0;
+        let tty = spec.tty.is_some();
+        let started = tokio::time::timeout(
+            limit,
+            exec::attach(&self.client, &at.namespace, &at.pod, &at.container, tty),
+        )
+        .await
+        .map_err(|_| StartError::Timeout(limit))?
+        .map_err(exec_error)?;
+        let mut process = self
+            .process(started, at, true, target.agent.as_ref(), spec)
+            .await;
+        if target.agent.is_some() {
+            // `console --wait` starts the program on this byte, now that we are attached.
+            process
+                .stdin
+                .write_all(b"\n")
+                .await
+                .map_err(|e| StartError::ExecFailed(format!("cannot start the program: {e}")))?;
+        }
+        Ok(process)
+    }
+
+    /// Deletes one pod (short grace), bounded by `podStop`.
+    pub async fn remove_pod(&self, name: &str) {
+        let limit = self.timeouts.pod_stop.0;
+        let del = pods::delete(
+            &self.client,
+            &self.namespace,
+            name,
+            Some(DISCONNECT_GRACE_SECONDS),
+        );
+        match tokio::time::timeout(limit, del).await {
+            Ok(Ok(())) => tracing::debug!(pod = %name, "pod deleted"),
+            Ok(Err(e)) => tracing::warn!(pod = %name, error = %e, "cannot delete pod"),
+            Err(_) => tracing::warn!(pod = %name, "deleting the pod timed out"),
+        }
+    }
+
+    /// Deletes every pod of one connection, found by label.
+    pub async fn remove_connection(&self, connection_id: &str) -> Result<usize, PodError> {
+        let limit = self.timeouts.pod_stop.0;
+        let del =
+            pods::delete_connection(&self.client, &self.namespace, &self.instance, connection_id);
+        tokio::time::timeout(limit, del).await.unwrap_or_else(|_| {
+            Err(PodError::Timeout {
+                pod: format!("(connection {connection_id})"),
+                timeout: limit,
+            })
+        })
+    }
+
+    /// Deletes every pod this instance labelled: what a crashed run left behind.
+    pub async fn reap(&self) -> Result<usize, PodError> {
+        pods::reap(&self.client, &self.namespace, &self.instance).await
+    }
+
+    /// Runs a helper program in the connection's pod, bounded by `commandStart`.
+    pub async fn capture(
+        &self,
+        target: &KubeTarget,
+        argv: &[String],
+        stdin: Option<&[u8]>,
+    ) -> Result<Captured, String> {
+        let at = self.at(&target.pod);
+        capture(
+            &self.client,
+            &at,
+            argv,
+            stdin,
+            self.timeouts.command_start.0,
+        )
+        .await
+    }
+
+    /// Writes the login's files through the agent. Failures are logged, as in ContainerSSH.
+    pub async fn write_files(&self, target: &KubeTarget, files: &[LoginFile]) {
+        for f in files {
+            let written = match &target.agent {
+                Some((path, ours)) => {
+                    let mut argv = vec![path.clone(), "write-file".into(), f.path.clone()];
+                    if *ours {
+                        argv.extend(["--mode".into(), format!("{:o}", f.mode)]);
+                    }
+                    match self.capture(target, &argv, Some(&f.data)).await {
+                        Ok(out) if out.code == 0 => Ok(()),
+                        Ok(out) => Err(out.message()),
+                        Err(e) => Err(e),
+                    }
+                }
+                None => Err("files need the agent (kubernetes.pod.disableAgent is set)".into()),
+            };
+            if let Err(e) = written {
+                tracing::warn!(pod = %target.pod, path = %f.path, error = %e, "cannot write a login file into the pod");
+            }
+        }
+    }
+
+    /// Starts a long-running agent command (`forward-server`) with its stdin and stdout; its
+    /// stderr goes to the log. It ends when its stdin is closed or the stream ends.
+    pub async fn start_agent_command(
+        &self,
+        target: &KubeTarget,
+        args: &[&str],
+    ) -> Result<crate::backend::AgentStreams, StartError> {
+        let Some((path, _)) = &target.agent else {
+            return Err(StartError::ExecFailed(
+                "the in-pod agent is disabled (kubernetes.pod.disableAgent)".into(),
+            ));
+        };
+        let mut argv = vec![path.clone()];
+        argv.extend(args.iter().map(|a| a.to_string()));
+        let at = self.at(&target.pod);
+        let limit = self.timeouts.command_start.0;
+        let started = tokio::time::timeout(
+            limit,
+            exec::exec(
+                &self.client,
+                &at.namespace,
+                &at.pod,
+                &at.container,
+                &argv,
+                false,
+                true,
+            ),
+        )
+        .await
+        .map_err(|_| StartError::Timeout(limit))?
+        .map_err(exec_error)?;
+        let parts = session::split(started, &self.client, at, false, None, None, self.limits());
+        Ok((OutputSource::Kube(parts.output), Box::new(parts.stdin)))
+    }
+}
+
+/// The program's argv with the environment set through `env` (exec has no environment).
+fn with_env(spec: &ProgramSpec) -> Vec<String> {
+    if spec.env.is_empty() {
+        return spec.argv.clone();
+    }
+    let mut argv = vec!["env".to_string()];
+    argv.extend(spec.env.iter().cloned());
+    argv.extend(spec.argv.iter().cloned());
+    argv
+}
+
+/// Adds the agent's volume, the init container that copies the agent into it, and the
+/// read-only mount of it in every container.
+fn add_agent(body: &mut Value, image: &str, source: &str) {
+    let spec = &mut body["spec"];
+    let mount = json!({"name": AGENT_VOLUME, "mountPath": AGENT_DIR, "readOnly": true});
+    if let Some(list) = spec["containers"].as_array_mut() {
+        for c in list.iter_mut().filter(|c| c.is_object()) {
+            if !c["volumeMounts"].is_array() {
+                c["volumeMounts"] = json!([]);
+            }
+            if let Some(m) = c["volumeMounts"].as_array_mut() {
+                m.push(mount.clone());
+            }
+        }
+    }
+    if !spec["volumes"].is_array() {
+        spec["volumes"] = json!([]);
+    }
+    if let Some(v) = spec["volumes"].as_array_mut() {
+        v.push(json!({"name": AGENT_VOLUME, "emptyDir": {}}));
+    }
+    let init = json!({
+        "name": AGENT_INIT_CONTAINER,
+        "image": image,
+        "command": [source, "install", INJECTED_AGENT_PATH],
+        "volumeMounts": [{"name": AGENT_VOLUME, "mountPath": AGENT_DIR}],
+        "securityContext": {
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]}
+        }
+    });
+    if !spec["initContainers"].is_array() {
+        spec["initContainers"] = json!([]);
+    }
+    if let Some(list) = spec["initContainers"].as_array_mut() {
+        // First: later init containers may already use the agent.
+        list.insert(0, init);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_init_container_and_mounts() {
+        let mut body = json!({"spec": {"containers": [
+            {"name": "shell", "image": "img"},
+            {"name": "side", "image": "s", "volumeMounts": [{"name": "x", "mountPath": "/x"}]}
+        ], "initContainers": [{"name": "theirs", "image": "i"}]}});
+        add_agent(&mut body, "agent:1", "/usr/bin/containerssh-agent");
+        let spec = &body["spec"];
+        assert_eq!(spec["initContainers"][0]["name"], AGENT_INIT_CONTAINER);
+        assert_eq!(
+            spec["initContainers"][0]["command"],
+            json!([
+                "/usr/bin/containerssh-agent",
+                "install",
+                INJECTED_AGENT_PATH
+            ])
+        );
+        assert_eq!(spec["initContainers"][1]["name"], "theirs");
+        assert_eq!(spec["volumes"][0]["emptyDir"], json!({}));
+        assert_eq!(
+            spec["containers"][0]["volumeMounts"][0]["mountPath"],
+            AGENT_DIR
+        );
+        assert_eq!(spec["containers"][1]["volumeMounts"][1]["readOnly"], true);
+    }
+
+    #[test]
+    fn env_without_the_agent_goes_through_env() {
+        let spec = ProgramSpec {
+            argv: vec!["sh".into(), "-c".into(), "x".into()],
+            env: vec!["A=1".into()],
+            tty: None,
+            login: Default::default(),
+        };
+        assert_eq!(with_env(&spec), ["env", "A=1", "sh", "-c", "x"]);
+    }
+}
