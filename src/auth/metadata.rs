@@ -36,6 +36,9 @@ impl std::fmt::Debug for LoginFile {
 pub struct LoginMetadata {
     pub environment: Vec<(String, String)>,
     pub files: Vec<LoginFile>,
+    /// Named values about the login (the auth webhook's `metadata`), which the Kubernetes
+    /// backend exposes as env, labels or annotations (`exposeAuthMetadataAs*`).
+    pub values: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug)]
@@ -180,6 +183,7 @@ impl MetadataTemplate {
             });
         }
         Ok(LoginMetadata {
+            values: Default::default(),
             environment: self.environment.clone(),
             files,
         })

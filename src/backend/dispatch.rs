@@ -9,7 +9,7 @@ use super::docker::session::OutputStream;
 use super::kubernetes::backend::{KubeBackend, KubeTarget};
 use super::process::{Captured, OutputSource, Process};
 use super::{ConnMeta, ProgramSpec, StartError};
-use crate::auth::metadata::LoginFile;
+use crate::auth::metadata::LoginMetadata;
 use crate::config::model::ExecutionMode;
 
 pub enum Backend {
@@ -65,7 +65,7 @@ impl Backend {
     pub async fn start_connection(
         &self,
         meta: &ConnMeta,
-        files: &[LoginFile],
+        login: &LoginMetadata,
     ) -> Result<Target, StartError> {
         let persistent = self.mode() == ExecutionMode::Persistent;
         match self {
@@ -75,16 +75,16 @@ impl Backend {
                 } else {
                     d.start_idle_container(meta).await?
                 };
-                d.write_files(&id, files, true).await;
+                d.write_files(&id, &login.files, true).await;
                 Ok(Target::Docker(id))
             }
             Backend::Kubernetes(k) => {
                 let t = if persistent {
-                    k.find_persistent_pod(meta).await?
+                    k.find_persistent_pod(meta, login).await?
                 } else {
-                    k.start_idle_pod(meta).await?
+                    k.start_idle_pod(meta, login).await?
                 };
-                k.write_files(&t, files).await;
+                k.write_files(&t, &login.files).await;
                 Ok(Target::Kube(t))
             }
         }

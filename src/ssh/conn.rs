@@ -103,17 +103,13 @@ impl ConnCtx {
         let me = Arc::clone(self);
         self.tasks.spawn(async move {
             let meta = me.meta();
-            let files = me
+            let login = me
                 .user()
                 .map(|u| Arc::clone(&u.metadata))
                 .unwrap_or_default();
             // Not cancelled midway: a create in flight must finish so cleanup can find it.
             // The files are written before the slot is ready, so no session starts without them.
-            let started = me
-                .shared
-                .backend
-                .start_connection(&meta, &files.files)
-                .await;
+            let started = me.shared.backend.start_connection(&meta, &login).await;
             let slot = match started {
                 Ok(t) => ContainerSlot::Ready(t),
                 Err(e) => {

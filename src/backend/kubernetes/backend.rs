@@ -13,7 +13,7 @@ use super::exec;
 use super::pods::{self, PodError};
 use super::session::{self, capture, Limits, PodRef};
 use super::wire::{self, Pod, PodState};
-use crate::auth::metadata::LoginFile;
+use crate::auth::metadata::{LoginFile, LoginMetadata};
 use crate::backend::process::{
     console_argv, pid_channel, Captured, OutputSource, Process, ProcessControl, ProcessOutput,
 };
@@ -93,16 +93,31 @@ impl KubeBackend {
     ) -> Result<Self, Box<dyn std::error::Error>> {
         let conn = connection::resolve(&cfg.connection, &|k| std::env::var(k).ok())?;
         let client = KubeClient::new(&conn, cfg.timeouts.http.0)?;
+        tracing::info!(server = %client.server(), connection = ?conn, "Kubernetes API");
+        Self::with_client(client, conn.namespace, cfg, agent, instance)
+    }
+
+    /// [`Self::new`] with the client made; `namespace` is the connection's suggestion, used
+    /// when `kubernetes.pod.metadata.namespace` is empty.
+    pub fn with_client(
+        client: KubeClient,
+        namespace: Option<String>,
+        cfg: &KubernetesConfig,
+        agent: &AgentConfig,
+        instance: &str,
+    ) -> Result<Self, Box<dyn std::error::Error>> {
         let mut pod = cfg.pod.clone();
+        // ContainerSSH's default metadata names `default`; left as it is, the connection's
+        // namespace (kubeconfig context, in-cluster namespace file) is the better guess.
+        let defaulted = pod.metadata == crate::config::defaults::kubernetes_metadata();
         let configured = pod
             .metadata
             .get("namespace")
+            .filter(|_| !defaulted)
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
             .map(str::to_string);
-        let namespace = configured
-            .or(conn.namespace.clone())
-            .unwrap_or_else(|| "default".into());
+        let namespace = configured.or(namespace).unwrap_or_else(|| "default".into());
         pod.metadata.insert("namespace".into(), json!(namespace));
         let console = pods::console_container_name(&pod)
             .ok_or("kubernetes.pod.spec: the console container has no name")?;
@@ -126,7 +141,7 @@ impl KubeBackend {
                 }
             }
         });
-        tracing::info!(server = %client.server(), namespace = %namespace, connection = ?conn, "Kubernetes backend");
+        tracing::info!(namespace = %namespace, "pods are created in this namespace");
         Ok(Self {
             client,
             pod,
@@ -177,8 +192,26 @@ impl KubeBackend {
 
     /// The pod for one connection or session: the configured pod with our labels, the agent's
     /// init container and volume, and (session mode) the console container set up for attach.
-    fn body(&self, meta: &ConnMeta, command: &[String], session: Option<&ProgramSpec>) -> Value {
-        let mut body = pods::pod_body(&self.pod, meta, &self.instance, Some(command), &[]);
+    fn body(
+        &self,
+        meta: &ConnMeta,
+        login: &LoginMetadata,
+        command: &[String],
+        session: Option<&ProgramSpec>,
+    ) -> Value {
+        let mut env = login.environment.clone();
+        env.extend(exposed(&self.pod.expose_auth_metadata_as_env, login));
+        let mut body = pods::pod_body(&self.pod, meta, &self.instance, Some(command), &env);
+        let labels = exposed(&self.pod.expose_auth_metadata_as_labels, login);
+        for (k, v) in labels {
+            if let Some(v) = pods::label_value(&v) {
+                body["metadata"]["labels"][k] = json!(v);
+            }
+        }
+        let annotations = exposed(&self.pod.expose_auth_metadata_as_annotations, login);
+        for (k, v) in annotations {
+            body["metadata"]["annotations"][k] = json!(v);
+        }
         if let Some(image) = self
             .agent
             .as_ref()
@@ -234,8 +267,12 @@ impl KubeBackend {
     }
 
     /// Connection mode: the per-connection pod running the idle command.
-    pub async fn start_idle_pod(&self, meta: &ConnMeta) -> Result<KubeTarget, StartError> {
-        let body = self.body(meta, &self.idle_command(), None);
+    pub async fn start_idle_pod(
+        &self,
+        meta: &ConnMeta,
+        login: &LoginMetadata,
+    ) -> Result<KubeTarget, StartError> {
+        let body = self.body(meta, login, &self.idle_command(), None);
         let name = self.create(&body).await?;
         tracing::debug!(pod = %name, connection_id = %meta.connection_id, "pod started");
         Ok(self.target(&name, None))
@@ -243,7 +280,11 @@ impl KubeBackend {
 
     /// Persistent mode: the pod named by `metadata.name`, created (running the idle command,
     /// without instance or connection labels) when missing and `createMissingPods` allows.
-    pub async fn find_persistent_pod(&self, meta: &ConnMeta) -> Result<KubeTarget, StartError> {
+    pub async fn find_persistent_pod(
+        &self,
+        meta: &ConnMeta,
+        login: &LoginMetadata,
+    ) -> Result<KubeTarget, StartError> {
         let name = self
             .pod
             .metadata
@@ -267,7 +308,7 @@ impl KubeBackend {
             }
             Err(e) => return Err(StartError::EngineUnreachable(e.to_string())),
         }
-        let mut body = self.body(meta, &self.idle_command(), None);
+        let mut body = self.body(meta, login, &self.idle_command(), None);
         if let Some(labels) = body["metadata"]["labels"].as_object_mut() {
             labels.remove(pods::LABEL_INSTANCE);
             labels.remove(pods::LABEL_CONNECTION_ID);
@@ -409,7 +450,7 @@ impl KubeBackend {
         let target = self.target("", None);
         let agent = target.agent.as_ref();
         let argv = self.program_argv(agent, spec, agent.is_some());
-        let body = self.body(meta, &argv, Some(spec));
+        let body = self.body(meta, &spec.login, &argv, Some(spec));
         let name = self.create(&body).await?;
         let target = KubeTarget {
             pod: name.clone(),
@@ -565,6 +606,16 @@ impl KubeBackend {
     }
 }
 
+/// `(name, value)` for each configured `metadata name → name` whose metadata the login has.
+fn exposed(
+    map: &std::collections::BTreeMap<String, String>,
+    login: &LoginMetadata,
+) -> Vec<(String, String)> {
+    map.iter()
+        .filter_map(|(from, to)| Some((to.clone(), login.values.get(from)?.clone())))
+        .collect()
+}
+
 /// The program's argv with the environment set through `env` (exec has no environment).
 fn with_env(spec: &ProgramSpec) -> Vec<String> {
     if spec.env.is_empty() {
@@ -645,6 +696,138 @@ mod tests {
             AGENT_DIR
         );
         assert_eq!(spec["containers"][1]["volumeMounts"][1]["readOnly"], true);
+    }
+
+    fn backend(pod: serde_json::Value, inject: bool) -> KubeBackend {
+        static CA: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        let ca = CA.get_or_init(|| super::super::client::testing::certs().ca.clone());
+        let conn = crate::backend::kubernetes::ClusterConnection {
+            server: "https://127.0.0.1:6443".into(),
+            ca_pem: Some(ca.clone()),
+            ..Default::default()
+        };
+        let client = KubeClient::new(&conn, Duration::from_secs(1)).unwrap();
+        let cfg = KubernetesConfig {
+            pod: serde_json::from_value(pod).unwrap(),
+            ..Default::default()
+        };
+        let agent = AgentConfig {
+            inject,
+            ..Default::default()
+        };
+        KubeBackend::with_client(client, Some("from-context".into()), &cfg, &agent, "inst").unwrap()
+    }
+
+    fn meta() -> ConnMeta {
+        ConnMeta {
+            connection_id: "c0ffee".into(),
+            username: "alice".into(),
+            remote_ip: "10.1.2.3".into(),
+        }
+    }
+
+    #[test]
+    fn pod_body_carries_metadata_env_labels_annotations_and_the_agent() {
+        let k = backend(
+            json!({
+                "spec": {"containers": [{"name": "shell", "image": "img"}, {"name": "side", "image": "s"}]},
+                "exposeAuthMetadataAsEnv": {"GITHUB_USER": "GH_USER"},
+                "exposeAuthMetadataAsLabels": {"team": "example.com/team"},
+                "exposeAuthMetadataAsAnnotations": {"note": "example.com/note", "missing": "x"},
+                "agentInitImage": "agent:1"
+            }),
+            true,
+        );
+        let mut login = LoginMetadata {
+            environment: vec![("LAB".into(), "7".into())],
+            ..Default::default()
+        };
+        login.values.insert("GITHUB_USER".into(), "octo".into());
+        login.values.insert("team".into(), "blue team".into());
+        login.values.insert("note".into(), "free text: ok".into());
+        let body = k.body(&meta(), &login, &k.idle_command(), None);
+        assert_eq!(body["metadata"]["namespace"], "from-context");
+        assert_eq!(body["metadata"]["labels"]["example.com/team"], "blue-team");
+        assert_eq!(
+            body["metadata"]["annotations"]["example.com/note"],
+            "free text: ok"
+        );
+        assert!(body["metadata"]["annotations"].get("x").is_none());
+        for c in body["spec"]["containers"].as_array().unwrap() {
+            assert_eq!(
+                c["env"],
+                json!([{"name": "LAB", "value": "7"}, {"name": "GH_USER", "value": "octo"}])
+            );
+            assert_eq!(c["volumeMounts"][0]["mountPath"], AGENT_DIR);
+        }
+        // The idle command runs the injected agent.
+        assert_eq!(
+            body["spec"]["containers"][0]["command"][0],
+            INJECTED_AGENT_PATH
+        );
+        assert_eq!(body["spec"]["initContainers"][0]["image"], "agent:1");
+        assert!(body["spec"].get("restartPolicy").is_none());
+    }
+
+    #[test]
+    fn session_pod_is_set_up_for_attach() {
+        let k = backend(
+            json!({"metadata": {"namespace": "labs"}, "spec": {"containers": [{"name": "shell", "image": "img"}]}, "mode": "session"}),
+            true,
+        );
+        let spec = ProgramSpec {
+            argv: vec!["sh".into()],
+            env: vec!["A=1".into()],
+            tty: Some(crate::backend::Terminal {
+                term: "xterm".into(),
+                cols: 80,
+                rows: 24,
+            }),
+            login: Default::default(),
+        };
+        let target = k.target("", None);
+        let argv = k.program_argv(target.agent.as_ref(), &spec, true);
+        assert_eq!(
+            argv,
+            [
+                INJECTED_AGENT_PATH,
+                "console",
+                "--pid",
+                "--wait",
+                "--rows",
+                "24",
+                "--cols",
+                "80",
+                "--env",
+                "A=1",
+                "--",
+                "sh"
+            ]
+        );
+        let body = k.body(&meta(), &spec.login, &argv, Some(&spec));
+        assert_eq!(body["metadata"]["namespace"], "labs");
+        assert_eq!(body["spec"]["restartPolicy"], "Never");
+        let c = &body["spec"]["containers"][0];
+        assert_eq!(
+            (&c["stdin"], &c["stdinOnce"], &c["tty"]),
+            (&json!(true), &json!(true), &json!(true))
+        );
+        assert_eq!(c["command"], json!(argv));
+    }
+
+    #[test]
+    fn without_injection_the_images_agent_is_used() {
+        let k = backend(
+            json!({"spec": {"containers": [{"name": "shell", "image": "img"}]}}),
+            false,
+        );
+        let body = k.body(&meta(), &LoginMetadata::default(), &k.idle_command(), None);
+        assert!(body["spec"].get("initContainers").is_none());
+        assert_eq!(
+            body["spec"]["containers"][0]["command"][0],
+            "/usr/bin/containerssh-agent"
+        );
+        assert_eq!(body["metadata"]["namespace"], "from-context");
     }
 
     #[test]
