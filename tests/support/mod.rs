@@ -1431,3 +1431,136 @@ impl Drop for RemoveByName {
             .status();
     }
 }
+
+// ---------------------------------------------------------------------------
+// Kubernetes backend configuration (tests/kube_ssh.rs)
+// ---------------------------------------------------------------------------
+
+/// The agent init image for the Kubernetes backend: `FROM scratch` plus the static agent
+/// ([`static_agent`]) at `/usr/bin/containerssh-agent` (the default `agentPath`), built
+/// offline with `docker build` once per test process and tagged
+/// `containerssh-agent-init:<first 12 hex digits of the agent's sha256>`, so an existing
+/// image for the same agent bytes is reused.
+pub fn agent_init_image() -> String {
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let agent = static_agent();
+            let bytes = std::fs::read(&agent).unwrap_or_else(|e| {
+                panic!("cannot read the static agent {}: {e}", agent.display())
+            });
+            let tag = format!("containerssh-agent-init:{}", &sha256_hex(&bytes)[..12]);
+            let exists = Command::new("docker")
+                .args(["image", "inspect", &tag])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if exists {
+                return tag;
+            }
+            let ctx = tempfile::Builder::new()
+                .prefix("containerssh-agent-init-")
+                .tempdir()
+                .expect("temp dir for the agent init image");
+            let dst = ctx.path().join("containerssh-agent");
+            std::fs::write(&dst, &bytes).expect("copy the agent into the build context");
+            must_run(Command::new("chmod").arg("0755").arg(&dst));
+            std::fs::write(
+                ctx.path().join("Dockerfile"),
+                "FROM scratch\n\
+                 COPY containerssh-agent /usr/bin/containerssh-agent\n\
+                 LABEL containerssh_test_image=\"1\"\n",
+            )
+            .expect("write Dockerfile");
+            // The legacy builder needs nothing from a registry for FROM scratch.
+            must_run(
+                Command::new("docker")
+                    .env("DOCKER_BUILDKIT", "0")
+                    .args(["build", "--rm", "--force-rm", "-q", "-t", &tag])
+                    .arg(ctx.path()),
+            );
+            tag
+        })
+        .clone()
+}
+
+impl KubeFake {
+    /// The lines under `kubernetes.connection:` (4-space indented) for this fake: its URL,
+    /// its CA file and its (initial) bearer token.
+    pub fn connection_yaml(&self) -> String {
+        format!(
+            "    host: {}\n    cacertFile: {}\n    bearerToken: {}\n",
+            yaml_str(&self.url),
+            yaml_str(&self.ca_cert.display().to_string()),
+            yaml_str(&self.token)
+        )
+    }
+}
+
+impl TestEnv {
+    /// [`TestEnv::config_yaml`] with the `backend: docker` + `docker:` block replaced by
+    /// `backend: kubernetes` against `fake` (see [`TestEnv::kube_config_yaml_with`]).
+    pub fn kube_config_yaml(&self, fake: &KubeFake, mode: &str, pod_extra: &str) -> String {
+        self.kube_config_yaml_with(&fake.connection_yaml(), mode, pod_extra)
+    }
+
+    /// [`TestEnv::config_yaml`] with the Docker backend replaced by
+    ///
+    /// ```yaml
+    /// backend: kubernetes
+    /// kubernetes:
+    ///   connection:
+    ///     <connection: lines, 4-space indented>
+    ///   pod:
+    ///     metadata: {namespace: default, labels: {containerssh_test: "1"}}
+    ///     spec: {containers: [{name: shell, image: <test image>}]}
+    ///     mode: <mode>
+    ///     shellCommand: ["/bin/sh"]
+    ///     agentInitImage: <agent_init_image()>
+    ///     <pod_extra: lines, 4-space indented>
+    /// ```
+    ///
+    /// Everything else (ssh, auth, agent, log, instanceId, stateDirectory) is kept.
+    pub fn kube_config_yaml_with(&self, connection: &str, mode: &str, pod_extra: &str) -> String {
+        let base = self.config_yaml(mode);
+        let start = base
+            .find("backend: docker\n")
+            .expect("config_yaml has `backend: docker`");
+        let end = base.find("agent:\n").expect("config_yaml has `agent:`");
+        assert!(start < end, "config_yaml layout changed");
+        let mut connection = connection.to_string();
+        if !connection.is_empty() && !connection.ends_with('\n') {
+            connection.push('\n');
+        }
+        let mut pod_extra = pod_extra.to_string();
+        if !pod_extra.is_empty() && !pod_extra.ends_with('\n') {
+            pod_extra.push('\n');
+        }
+        let kube = format!(
+            "backend: kubernetes\n\
+             kubernetes:\n\
+             \x20 connection:\n\
+             {connection}\
+             \x20 pod:\n\
+             \x20   metadata:\n\
+             \x20     namespace: default\n\
+             \x20     labels:\n\
+             \x20       containerssh_test: \"1\"\n\
+             \x20   spec:\n\
+             \x20     containers:\n\
+             \x20       - name: shell\n\
+             \x20         image: {image}\n\
+             \x20   mode: {mode}\n\
+             \x20   shellCommand: [\"/bin/sh\"]\n\
+             \x20   agentInitImage: {init}\n\
+             {pod_extra}",
+            image = yaml_str(&test_image()),
+            mode = yaml_str(mode),
+            init = yaml_str(&agent_init_image()),
+        );
+        format!("{}{kube}{}", &base[..start], &base[end..])
+    }
+}

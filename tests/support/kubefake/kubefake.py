@@ -42,6 +42,7 @@ DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 LABEL_NAME = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 HISTORY = 1000  # watch events kept; older resourceVersions get 410 Expired
+STDIN_BUFFER = 1 << 20  # exec/attach stdin bytes held for Docker before the client is paused
 
 
 def log(msg):
@@ -1348,18 +1349,41 @@ class Handler(BaseHTTPRequestHandler):
             docker_open = False
         client_open = True
         stdin_open = True
+        # Stdin for Docker is buffered and written when the socket is writable: a blocking
+        # write while the program is blocked on its own output (which only this loop reads)
+        # would deadlock. Reading from the client pauses while STDIN_BUFFER bytes wait.
+        pending = bytearray()
+        eof_after_pending = False
+        dsock.setblocking(False)
         while docker_open:
             r = [dsock]
-            if client_open:
+            take_client = client_open and len(pending) < STDIN_BUFFER
+            if take_client:
                 r.append(ws.sock)
-            ready = []
-            if client_open and isinstance(ws.sock, ssl.SSLSocket) and ws.sock.pending():
+            w = [dsock] if pending else []
+            ready, writable = [], []
+            if take_client and isinstance(ws.sock, ssl.SSLSocket) and ws.sock.pending():
                 ready = [ws.sock]
             else:
-                ready, _, _ = select.select(r, [], [], 1.0)
+                ready, writable, _ = select.select(r, w, [], 1.0)
             if SHUTDOWN.is_set():
                 break
-            if not ready and container_gone():
+            if dsock in writable:
+                try:
+                    n = dsock.send(pending)
+                    del pending[:n]
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    pending.clear()
+                    stdin_open = False
+                if not pending and eof_after_pending:
+                    eof_after_pending = False
+                    try:
+                        dsock.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
+            if not ready and not writable and container_gone():
                 # Drain what Docker still has, then end.
                 dsock.settimeout(0.5)
                 try:
@@ -1374,13 +1398,15 @@ class Handler(BaseHTTPRequestHandler):
             if dsock in ready:
                 try:
                     data = dsock.recv(65536)
+                except BlockingIOError:
+                    continue
                 except OSError:
                     data = b""
                 if not data:
                     docker_open = False
                 else:
                     docker_data(data)
-            if client_open and ws.sock in ready:
+            if take_client and ws.sock in ready:
                 try:
                     data = ws.sock.recv(65536)
                 except ssl.SSLWantReadError:
@@ -1398,16 +1424,19 @@ class Handler(BaseHTTPRequestHandler):
                     _, ch, payload = ev
                     if ch == 0 and stdin_open:
                         if payload:
-                            dsock.sendall(payload)
+                            pending += payload
                     elif ch == 4:
                         self.resize(resize_path, payload)
                     elif ch == 255 and v5 and len(payload) == 1:
                         if payload[0] == 0 and stdin_open:
                             stdin_open = False
-                            try:
-                                dsock.shutdown(socket.SHUT_WR)
-                            except OSError:
-                                pass
+                            if pending:
+                                eof_after_pending = True
+                            else:
+                                try:
+                                    dsock.shutdown(socket.SHUT_WR)
+                                except OSError:
+                                    pass
                 if not client_open:
                     break
         if not client_open:
