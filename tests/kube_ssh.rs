@@ -1405,3 +1405,51 @@ fn sigterm_drains_sessions_and_deletes_pods() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// Login files and environment (auth.metadata), as tests/metadata.rs for Docker
+// ---------------------------------------------------------------------------
+
+/// `auth.metadata` files are written into the pod (through the agent, before any session
+/// starts; in session mode while `console --wait` holds the program) with their modes, and
+/// the operator's environment wins over the client's, in all three modes.
+#[test]
+fn login_files_and_environment_reach_every_session() {
+    for mode in MODES {
+        let env = TestEnv::new();
+        let fake = KubeFake::start();
+        let secrets = env.path().join("secrets");
+        std::fs::create_dir_all(&secrets).unwrap();
+        std::fs::write(secrets.join("alice"), "alice's token\n").unwrap();
+        let block = format!(
+            "auth:\n  metadata:\n    environment:\n      LAB_NAME: lab-1\n    files:\n      /tmp/welcome.txt:\n        value: \"hello from the operator\\n\"\n        mode: \"0644\"\n      /tmp/token:\n        source: \"{}/%u\"\n",
+            secrets.display()
+        );
+        let yaml = mode_yaml(&env, &fake, mode, "")
+            .0
+            .replacen("auth:\n", &block, 1);
+        let server = env.start(&yaml);
+        let out = run_with_timeout(
+            env.ssh(&server, "alice")
+                .args(["-o", "SetEnv=LAB_NAME=client CLIENT_VAR=kept"])
+                .arg("cat /tmp/welcome.txt /tmp/token; stat -c %a /tmp/welcome.txt /tmp/token; echo $LAB_NAME $CLIENT_VAR"),
+            None,
+            CMD_TIMEOUT,
+        );
+        assert_eq!(
+            text(&out.stdout),
+            "hello from the operator\nalice's token\n644\n600\nlab-1 kept\n",
+            "{mode}: {}",
+            ctx(&out, &server, &fake)
+        );
+        assert!(
+            out.status.success(),
+            "{mode}: {}",
+            ctx(&out, &server, &fake)
+        );
+        assert!(
+            !server.output().contains("alice's token"),
+            "{mode}: a file's content reached the log"
+        );
+    }
+}
