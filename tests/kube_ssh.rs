@@ -952,12 +952,22 @@ fn local_and_remote_tcp_forwarding_in_connection_mode() {
 #[test]
 fn an_image_that_cannot_be_pulled_is_reported_quickly_and_cleaned_up() {
     let fake = KubeFake::start();
-    for mode in ["connection", "session"] {
+    // The console container's image, then the agent's init image (whose failure shows only
+    // in initContainerStatuses while the containers wait in PodInitializing).
+    let cases = [
+        ("console", support::test_image()),
+        ("agent init", support::agent_init_image()),
+    ];
+    for ((which, replaced), mode) in cases
+        .iter()
+        .flat_map(|c| ["connection", "session"].map(|m| (c, m)))
+    {
+        let label = format!("{mode} ({which} image)");
         let env = TestEnv::new();
         let image = "kubefake.invalid/does-not-exist:1";
         let yaml = env
             .kube_config_yaml(&fake, mode, "")
-            .replace(&support::test_image(), image);
+            .replace(replaced.as_str(), image);
         assert!(yaml.contains(image), "test setup");
         let server = env.start(&yaml);
         let t0 = Instant::now();
@@ -965,26 +975,26 @@ fn an_image_that_cannot_be_pulled_is_reported_quickly_and_cleaned_up() {
         let took = t0.elapsed();
         let info = ctx(&out, &server, &fake);
         let stderr = text(&out.stderr);
-        assert_ne!(out.status.code(), Some(0), "{mode}: {info}");
-        assert!(out.stdout.is_empty(), "{mode}: {info}");
+        assert_ne!(out.status.code(), Some(0), "{label}: {info}");
+        assert!(out.stdout.is_empty(), "{label}: {info}");
         assert!(
             stderr.contains(image) || stderr.to_lowercase().contains("pull"),
-            "{mode}: the message must name the image or the pull: {info}"
+            "{label}: the message must name the image or the pull: {info}"
         );
         // The default pod start timeout is 60 s; the pull error must end it far sooner.
         assert!(
             took < Duration::from_secs(20),
-            "{mode}: took {took:?}; {info}"
+            "{label}: took {took:?}; {info}"
         );
         assert!(
             wait_no_instance_pods(&fake, &env.instance, true),
-            "{mode}: pods left: {:?}, containers: {:?}\n{}",
+            "{label}: pods left: {:?}, containers: {:?}\n{}",
             instance_pods(&fake, &env.instance),
             fake.docker_containers(None),
             logs(&server, &fake)
         );
         eprintln!(
-            "{mode}: pull error reported after {took:?}: {}",
+            "{label}: pull error reported after {took:?}: {}",
             stderr.trim()
         );
     }

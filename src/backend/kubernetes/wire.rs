@@ -629,6 +629,8 @@ pub struct PodStatus {
     pub conditions: Vec<PodCondition>,
     #[serde(deserialize_with = "nullable")]
     pub container_statuses: Vec<ContainerStatus>,
+    #[serde(deserialize_with = "nullable")]
+    pub init_container_statuses: Vec<ContainerStatus>,
 }
 
 /// `status.conditions[i]`.
@@ -749,6 +751,9 @@ pub fn evaluate(pod: &Pod, container: &str) -> PodState {
         if let Some(exit_code) = terminated_exit_code(pod, container) {
             return PodState::Terminated { exit_code };
         }
+        if let Some(failed) = failed_init(pod) {
+            return failed;
+        }
         return PodState::Failed {
             reason: status
                 .reason
@@ -765,6 +770,9 @@ pub fn evaluate(pod: &Pod, container: &str) -> PodState {
             reason: "Terminating".to_owned(),
             message: "the pod is being deleted".to_owned(),
         };
+    }
+    if let Some(failed) = failed_init(pod) {
+        return failed;
     }
     let others = status
         .container_statuses
@@ -802,6 +810,37 @@ pub fn evaluate(pod: &Pod, container: &str) -> PodState {
     } else {
         PodState::Pending
     }
+}
+
+/// An init container that will not complete: waiting for a fatal reason (its image cannot be
+/// pulled, it crash-loops) or terminated with a non-zero exit code. The pod's containers wait
+/// in `PodInitializing` meanwhile, which alone would look like progress.
+fn failed_init(pod: &Pod) -> Option<PodState> {
+    for cs in &pod.status.init_container_statuses {
+        if let Some(waiting) = &cs.state.waiting {
+            let reason = waiting.reason.as_deref().unwrap_or_default();
+            if FATAL_WAITING_REASONS.contains(&reason) {
+                return Some(PodState::Failed {
+                    reason: reason.to_owned(),
+                    message: format!(
+                        "init container {:?}: {}",
+                        cs.name,
+                        waiting.message.as_deref().unwrap_or(reason)
+                    ),
+                });
+            }
+        }
+        if let Some(t) = cs.state.terminated.as_ref().filter(|t| t.exit_code != 0) {
+            return Some(PodState::Failed {
+                reason: "InitContainerFailed".to_owned(),
+                message: format!(
+                    "init container {:?} exited with code {}",
+                    cs.name, t.exit_code
+                ),
+            });
+        }
+    }
+    None
 }
 
 /// The exit code of `container` if it has terminated (attach's exit code, §1.3).
@@ -1259,6 +1298,37 @@ mod tests {
                 message: "no".into()
             }
         );
+    }
+
+    #[test]
+    fn a_failing_init_container_fails_the_pod() {
+        // The agent's init image cannot be pulled: the containers only say PodInitializing.
+        let p = pod(
+            r#"{"status":{"phase":"Pending","initContainerStatuses":[{"name":"containerssh-agent","state":{"waiting":{"reason":"ErrImagePull","message":"not found"}}}],"containerStatuses":[{"name":"c","state":{"waiting":{"reason":"PodInitializing"}}}]}}"#,
+        );
+        assert_eq!(
+            evaluate(&p, "c"),
+            PodState::Failed {
+                reason: "ErrImagePull".into(),
+                message: "init container \"containerssh-agent\": not found".into()
+            }
+        );
+        // An init container that exited non-zero, while running or after the phase is final.
+        for phase in ["Pending", "Failed"] {
+            let p = pod(&format!(
+                r#"{{"status":{{"phase":"{phase}","initContainerStatuses":[{{"name":"i","state":{{"terminated":{{"exitCode":3}}}}}}]}}}}"#
+            ));
+            let PodState::Failed { reason, message } = evaluate(&p, "c") else {
+                panic!("{phase}");
+            };
+            assert_eq!(reason, "InitContainerFailed");
+            assert!(message.contains("code 3"), "{message}");
+        }
+        // Completed init containers and a running one are progress.
+        let p = pod(
+            r#"{"status":{"phase":"Pending","initContainerStatuses":[{"name":"a","state":{"terminated":{"exitCode":0}}},{"name":"b","state":{"running":{}}}]}}"#,
+        );
+        assert_eq!(evaluate(&p, "c"), PodState::Pending);
     }
 
     const RUNNING: &str = r#"{"metadata":{"name":"x"},"status":{"phase":"Running","conditions":[{"type":"PodScheduled","status":"True"},{"type":"Ready","status":"True"}],"containerStatuses":[{"name":"shell","ready":true,"started":true,"state":{"running":{"startedAt":"t"}}}]}}"#;
