@@ -338,3 +338,50 @@ async fn exec_falls_back_to_v4() {
     );
     eprintln!("exec_falls_back_to_v4: {:?}", t0.elapsed());
 }
+
+/// In-cluster configuration end to end: a service-account directory (token, ca.crt,
+/// namespace) and `KUBERNETES_SERVICE_HOST`/`_PORT` resolve into a client that lists pods on
+/// the fake, in the namespace the directory names; the token is read from the file.
+#[tokio::test(flavor = "multi_thread")]
+async fn in_cluster_service_account_reaches_the_api() {
+    use containerssh::backend::kubernetes::connection::resolve_with;
+    use containerssh::config::model::{InClusterMode, KubernetesConnectionConfig};
+    let fake = KubeFake::start();
+    let sa = tempfile::tempdir().expect("temp dir");
+    std::fs::write(sa.path().join("token"), format!("{}\n", fake.token)).unwrap();
+    std::fs::copy(&fake.ca_cert, sa.path().join("ca.crt")).unwrap();
+    std::fs::write(sa.path().join("namespace"), "default").unwrap();
+    let port = fake.port.to_string();
+    let env = |k: &str| match k {
+        "KUBERNETES_SERVICE_HOST" => Some("127.0.0.1".to_string()),
+        "KUBERNETES_SERVICE_PORT" => Some(port.clone()),
+        _ => None,
+    };
+    let cfg = KubernetesConnectionConfig {
+        in_cluster: InClusterMode::True,
+        ..Default::default()
+    };
+    let conn = resolve_with(&cfg, &env, sa.path()).expect("in-cluster resolution");
+    assert_eq!(conn.namespace.as_deref(), Some("default"));
+    assert!(matches!(conn.token, Some(TokenSource::File(_))), "{conn:?}");
+    let client = KubeClient::new(&conn, Duration::from_secs(20)).expect("client");
+    let list: Value = within(
+        "list pods",
+        client.get_json("/api/v1/namespaces/default/pods"),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("list through the service account: {e}\n{}", fake.log()));
+    assert_eq!(list["kind"], "PodList", "{list}");
+
+    // A wrong token in the file is refused: the credentials really come from the directory.
+    std::fs::write(sa.path().join("token"), "not-the-token\n").unwrap();
+    let conn = resolve_with(&cfg, &env, sa.path()).expect("in-cluster resolution");
+    let client = KubeClient::new(&conn, Duration::from_secs(20)).expect("client");
+    let err = within(
+        "list pods",
+        client.get_json::<Value>("/api/v1/namespaces/default/pods"),
+    )
+    .await
+    .expect_err("a wrong token must be refused");
+    assert_eq!(err.http_code(), Some(401), "{err}");
+}
