@@ -1140,7 +1140,23 @@ fn exec_works_on_a_v4_only_cluster() {
     let fake = KubeFake::start_with(&["--max-subprotocol", "v4"]);
     for mode in ["connection", "session"] {
         let env = TestEnv::new();
-        let server = start_mode(&env, &fake, mode);
+        // A login file: written through the agent's stdin, which v4 cannot close (the agent
+        // is told the size instead).
+        let block = "auth:\n  metadata:\n    files:\n      /tmp/motd:\n        value: \"written on v4\\n\"\n";
+        let yaml = mode_yaml(&env, &fake, mode, "")
+            .0
+            .replacen("auth:\n", block, 1);
+        let server = env.start(&yaml);
+        let t0 = Instant::now();
+        let out = run_with_timeout(
+            env.ssh(&server, "alice").arg("cat /tmp/motd"),
+            None,
+            CMD_TIMEOUT,
+        );
+        let info = ctx(&out, &server, &fake);
+        assert_eq!(text(&out.stdout), "written on v4\n", "{mode}: {info}");
+        // Well under commandStart (60 s), which a file waiting for EOF would run into.
+        assert!(t0.elapsed() < Duration::from_secs(20), "{mode}: {info}");
         let out = run_with_timeout(
             env.ssh(&server, "alice")
                 .arg("echo hi; echo err >&2; exit 4"),

@@ -31,7 +31,7 @@ commands:
       send signal NAME (TERM, INT, HUP, KILL, USR1, ...) to process N
   wait-signal [--signal NAME]...
       wait for one of the signals (default INT and TERM), reaping children meanwhile
-  write-file PATH [--mode OCTAL]
+  write-file PATH [--mode OCTAL] [--size BYTES]
       replace PATH atomically with stdin (mode default 0600, at most 16 MiB)
   --help, --version
 ";
@@ -70,6 +70,9 @@ pub enum Command {
         path: PathBuf,
         /// Permission bits of the new file.
         mode: u32,
+        /// `--size`: exactly this many bytes are read (no EOF needed: exec streams that
+        /// cannot close stdin); fewer is an error and the file is untouched.
+        size: Option<u64>,
     },
     /// `install`
     Install {
@@ -290,10 +293,20 @@ pub fn parse(args: &[OsString]) -> Result<Command, UsageError> {
             Command::WaitSignal { signals }
         }
         "write-file" => {
-            let (mut path, mut mode) = (None, DEFAULT_FILE_MODE);
+            let (mut path, mut mode, mut size) = (None, DEFAULT_FILE_MODE, None);
             while let Some(arg) = args.next() {
                 match arg {
                     Arg::Opt("--mode", v) => mode = parse_mode(args.text("--mode", v)?)?,
+                    Arg::Opt("--size", v) => {
+                        let text = args.text("--size", v)?;
+                        if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+                            return Err(usage(format!("--size: {text:?} is not a byte count")));
+                        }
+                        size =
+                            Some(text.parse::<u64>().map_err(|_| {
+                                usage(format!("--size: {text:?} is not a byte count"))
+                            })?);
+                    }
                     Arg::Opt(name, _) => return Err(unknown(command, name)),
                     Arg::DashDash => return Err(usage("write-file: unexpected --")),
                     Arg::Word(w) if path.is_none() => path = Some(PathBuf::from(w)),
@@ -301,7 +314,7 @@ pub fn parse(args: &[OsString]) -> Result<Command, UsageError> {
                 }
             }
             let path = path.ok_or_else(|| usage("write-file: PATH is required"))?;
-            Command::WriteFile { path, mode }
+            Command::WriteFile { path, mode, size }
         }
         "install" => {
             let mut path = None;
@@ -526,21 +539,32 @@ mod tests {
             p(&["write-file", "/a/b"]).unwrap(),
             Command::WriteFile {
                 path: "/a/b".into(),
-                mode: 0o600
+                mode: 0o600,
+                size: None
             }
         );
         assert_eq!(
             p(&["write-file", "--mode", "0755", "/a/b"]).unwrap(),
             Command::WriteFile {
                 path: "/a/b".into(),
-                mode: 0o755
+                mode: 0o755,
+                size: None
             }
         );
         assert_eq!(
             p(&["write-file", "/a/b", "--mode=644"]).unwrap(),
             Command::WriteFile {
                 path: "/a/b".into(),
-                mode: 0o644
+                mode: 0o644,
+                size: None
+            }
+        );
+        assert_eq!(
+            p(&["write-file", "/a/b", "--size", "12"]).unwrap(),
+            Command::WriteFile {
+                path: "/a/b".into(),
+                mode: 0o600,
+                size: Some(12)
             }
         );
         for bad in [
@@ -551,6 +575,9 @@ mod tests {
             &["write-file", "/a", "--mode", ""],
             &["write-file", "/a", "--mode", "+7"],
             &["write-file", "/a", "--mode"],
+            &["write-file", "/a", "--size", "-1"],
+            &["write-file", "/a", "--size", "1k"],
+            &["write-file", "/a", "--size", ""],
         ] {
             assert!(p(bad).is_err(), "{bad:?} should fail");
         }

@@ -114,6 +114,16 @@ pub enum AgentError {
         /// The limit.
         max: u64,
     },
+    /// `write-file --size N`: stdin ended before N bytes.
+    #[error("{path}: input ended after {got} of {size} bytes")]
+    ShortInput {
+        /// Destination.
+        path: PathBuf,
+        /// `--size`.
+        size: u64,
+        /// What arrived.
+        got: u64,
+    },
     /// `write-file`: an I/O step failed.
     #[error("{path}: cannot {step}")]
     WriteFile {
@@ -183,8 +193,8 @@ fn run(command: Command, argv0: Option<OsString>) -> Result<i32, AgentError> {
             let mut file = std::fs::File::open(&exe).map_err(AgentError::SelfExe)?;
             write_file::atomic(&path, 0o755, &mut file, MAX_INSTALL_BYTES).map(|()| 0)
         }
-        Command::WriteFile { path, mode } => {
-            write_file::from_stdin(&path, mode, MAX_WRITE_FILE_BYTES).map(|()| 0)
+        Command::WriteFile { path, mode, size } => {
+            write_file::from_stdin(&path, mode, MAX_WRITE_FILE_BYTES, size).map(|()| 0)
         }
         Command::ForwardServer => forward::run(),
         Command::ExitInfo { pid } => {

@@ -14,14 +14,53 @@ fn err(path: &Path, step: &'static str) -> impl FnOnce(io::Error) -> AgentError 
     move |source| AgentError::WriteFile { path, step, source }
 }
 
-/// `write-file PATH --mode MODE` with stdin as the content.
-pub fn from_stdin(path: &Path, mode: u32, max: u64) -> Result<(), AgentError> {
-    atomic(path, mode, &mut io::stdin().lock(), max)
+/// `write-file PATH --mode MODE [--size N]` with stdin as the content.
+pub fn from_stdin(path: &Path, mode: u32, max: u64, size: Option<u64>) -> Result<(), AgentError> {
+    let mut stdin = io::stdin().lock();
+    match size {
+        None => atomic(path, mode, &mut stdin, max),
+        Some(n) => exactly(path, mode, &mut stdin, max, n),
+    }
+}
+
+/// Writes exactly `size` bytes of `content` (not reading past them); fewer is
+/// [`AgentError::ShortInput`] and `path` is untouched.
+pub fn exactly(
+    path: &Path,
+    mode: u32,
+    content: &mut dyn Read,
+    max: u64,
+    size: u64,
+) -> Result<(), AgentError> {
+    if size > max {
+        return Err(AgentError::TooLarge {
+            path: path.to_path_buf(),
+            max,
+        });
+    }
+    atomic_checked(path, mode, &mut content.take(size), max, |got| {
+        (got == size).then_some(()).ok_or(AgentError::ShortInput {
+            path: path.to_path_buf(),
+            size,
+            got,
+        })
+    })
 }
 
 /// Writes at most `max` bytes of `content` to `path` with exactly `mode` (not masked by the
 /// umask), via a temporary file next to it; on any failure `path` is untouched.
 pub fn atomic(path: &Path, mode: u32, content: &mut dyn Read, max: u64) -> Result<(), AgentError> {
+    atomic_checked(path, mode, content, max, |_| Ok(()))
+}
+
+/// [`atomic`], with `check(bytes written)` deciding before the rename whether to keep it.
+fn atomic_checked(
+    path: &Path,
+    mode: u32,
+    content: &mut dyn Read,
+    max: u64,
+    check: impl FnOnce(u64) -> Result<(), AgentError>,
+) -> Result<(), AgentError> {
     let name = path
         .file_name()
         .ok_or_else(|| err(path, "use it as a file name")(io::ErrorKind::InvalidInput.into()))?;
@@ -53,6 +92,7 @@ pub fn atomic(path: &Path, mode: u32, content: &mut dyn Read, max: u64) -> Resul
                 max,
             });
         }
+        check(written)?;
         file.set_permissions(Permissions::from_mode(mode))
             .map_err(err(&tmp, "set the mode"))?;
         file.sync_all()
@@ -95,6 +135,33 @@ mod tests {
         let e = atomic(&p, 0o600, &mut &b"eleven byte"[..], 10).unwrap_err();
         assert!(matches!(e, AgentError::TooLarge { .. }), "{e}");
         assert_eq!(fs::read(&p).unwrap(), b"exactly10!");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn exact_size_reads_no_further_and_short_input_leaves_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        // Bytes after the size are not read: no EOF is needed.
+        let mut input = &b"abcdef-not-read"[..];
+        exactly(&p, 0o600, &mut input, 10, 6).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"abcdef");
+        assert_eq!(input, b"-not-read");
+        let e = exactly(&p, 0o600, &mut &b"xyz"[..], 10, 6).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AgentError::ShortInput {
+                    size: 6,
+                    got: 3,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(fs::read(&p).unwrap(), b"abcdef", "untouched");
+        let e = exactly(&p, 0o600, &mut &b""[..], 10, 11).unwrap_err();
+        assert!(matches!(e, AgentError::TooLarge { .. }), "{e}");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 

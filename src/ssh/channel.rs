@@ -66,6 +66,8 @@ async fn x11_env(
         path.clone(),
         "--mode".into(),
         "600".into(),
+        "--size".into(),
+        file.len().to_string(),
     ];
     let out = backend.capture(&container, cmd, Some(&file)).await?;
     if out.code != 0 {

@@ -478,8 +478,14 @@ impl DockerBackend {
                 (Some(agent), true) => {
                     let mut cmd = vec![agent.path.clone(), "write-file".into(), f.path.clone()];
                     if agent.inject.is_some() {
-                        // ContainerSSH's agent has no --mode.
-                        cmd.extend(["--mode".into(), format!("{:o}", f.mode)]);
+                        // ContainerSSH's agent has neither --mode nor --size (with which a
+                        // cut-off upload leaves the file untouched).
+                        cmd.extend([
+                            "--mode".into(),
+                            format!("{:o}", f.mode),
+                            "--size".into(),
+                            f.data.len().to_string(),
+                        ]);
                     }
                     match self.capture(container, cmd, Some(&f.data)).await {
                         Ok(out) if out.code == 0 => Ok(()),

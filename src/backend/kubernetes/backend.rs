@@ -554,7 +554,13 @@ impl KubeBackend {
                 Some((path, ours)) => {
                     let mut argv = vec![path.clone(), "write-file".into(), f.path.clone()];
                     if *ours {
-                        argv.extend(["--mode".into(), format!("{:o}", f.mode)]);
+                        // --size: the agent needs no stdin EOF, which v4 exec cannot send.
+                        argv.extend([
+                            "--mode".into(),
+                            format!("{:o}", f.mode),
+                            "--size".into(),
+                            f.data.len().to_string(),
+                        ]);
                     }
                     match self.capture(target, &argv, Some(&f.data)).await {
                         Ok(out) if out.code == 0 => Ok(()),
