@@ -228,6 +228,12 @@ pub fn fuzz_kube_frames(data: &[u8]) {
     }
 }
 
+/// Auth webhook answers: decoded, merged (names, paths, base64 files and sizes checked) and
+/// applied to a login's metadata without a panic.
+pub fn fuzz_auth_response(data: &[u8]) {
+    crate::auth::webhook::fuzz_auth_response(data);
+}
+
 /// Kubernetes `Status` bodies and watch streams: the input is read as a `Status` (for exec
 /// exit codes and REST errors) and as a watch body, cut into lines in chunks of the size the
 /// first byte gives. No panic, lines within their limit, and the pod state of every decoded
@@ -320,7 +326,7 @@ mod tests {
     #[test]
     fn seed_corpora_pass_their_harnesses() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
-        let targets: [(&str, Harness); 10] = [
+        let targets: [(&str, Harness); 11] = [
             ("config_yaml", super::fuzz_config),
             ("docker_demux", super::fuzz_docker_demux),
             ("go_duration", super::fuzz_go_duration),
@@ -331,6 +337,7 @@ mod tests {
             ("kube_frames", super::fuzz_kube_frames),
             ("kube_status", super::fuzz_kube_status),
             ("kubeconfig", super::fuzz_kubeconfig),
+            ("auth_response", super::fuzz_auth_response),
         ];
         for (target, harness) in targets {
             let seeds = std::fs::read_dir(root.join(target))

@@ -5,7 +5,8 @@
 //! - [`config`]: the ContainerSSH-compatible config file, strict parsing, validation.
 //! - [`server`]: accept loop, per-connection lifecycle, drain on shutdown.
 //! - [`ssh`]: russh configuration, the thin handler, per-channel tasks, host keys.
-//! - [`auth`]: embedded authentication (`authorized_keys` files, password hashes).
+//! - [`auth`]: authentication (`authorized_keys` files, password hashes, the auth webhook).
+//! - [`webhook`]: the HTTP client of the auth and config webhooks.
 //! - [`backend`]: container backends; [`backend::docker`] talks to the Docker engine.
 //! - [`limits`]: every bound on what clients and containers can make us hold.
 #![deny(unsafe_code)]
@@ -19,6 +20,7 @@ pub mod limits;
 pub mod log;
 pub mod server;
 pub mod ssh;
+pub mod webhook;
 
 #[doc(hidden)]
 pub mod fuzzing;

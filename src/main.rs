@@ -165,6 +165,7 @@ fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
         .clone()
         .map(|p| Arc::new(PasswordFile::new(p)));
     let backend = build_backend(&settings)?;
+    let webhooks = containerssh::server::AuthWebhooks::new(&settings)?;
     let ssh_config = ssh::russh_config(&settings, keys)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -179,6 +180,7 @@ fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
             authorized_keys,
             passwords,
             backend,
+            webhooks,
             shutdown: tokio_util::sync::CancellationToken::new(),
         });
         match shared.backend.reap().await {

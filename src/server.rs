@@ -19,6 +19,8 @@ use crate::limits::{
 };
 use crate::ssh::conn::ConnCtx;
 use crate::ssh::handler::Handler;
+use crate::ssh::version::VersionRecorder;
+use crate::webhook::Webhook;
 
 /// What every connection shares.
 pub struct Shared {
@@ -27,8 +29,30 @@ pub struct Shared {
     pub authorized_keys: Option<AuthorizedKeys>,
     pub passwords: Option<Arc<PasswordFile>>,
     pub backend: Backend,
+    pub webhooks: AuthWebhooks,
     /// Cancelled on SIGTERM/SIGINT.
     pub shutdown: CancellationToken,
+}
+
+/// The auth webhooks configured (`auth.{password,publicKey,authz}.method: webhook`).
+#[derive(Default)]
+pub struct AuthWebhooks {
+    pub password: Option<Webhook>,
+    pub public_key: Option<Webhook>,
+    pub authz: Option<Webhook>,
+}
+
+impl AuthWebhooks {
+    pub fn new(settings: &Settings) -> Result<Self, String> {
+        let make = |key: &str, cfg: &Option<crate::config::model::WebhookConfig>| {
+            cfg.as_ref().map(|c| Webhook::new(key, c)).transpose()
+        };
+        Ok(Self {
+            password: make("auth.password.webhook", &settings.password_webhook)?,
+            public_key: make("auth.publicKey.webhook", &settings.pubkey_webhook)?,
+            authz: make("auth.authz.webhook", &settings.authz_webhook)?,
+        })
+    }
 }
 
 /// Serves until `shared.shutdown` is cancelled, then drains.
@@ -99,7 +123,11 @@ async fn connection(
     let handler = Handler::new(Arc::clone(&conn), preauth);
     let grace = shared.settings.login_grace_time;
     let session = tokio::select! {
-        r = russh::server::run_stream(Arc::clone(&shared.ssh), stream, handler) => r,
+        r = russh::server::run_stream(
+            Arc::clone(&shared.ssh),
+            VersionRecorder::new(stream, Arc::clone(&conn.client_version)),
+            handler,
+        ) => r,
         () = tokio::time::sleep(grace) => {
             tracing::info!(connection_id = %conn.id, "no SSH handshake within the login grace time");
             return;

@@ -12,6 +12,7 @@ pub mod authorized_keys;
 mod key_options;
 pub mod metadata;
 pub mod password;
+pub mod webhook;
 
 /// Why an authentication source could not be consulted.
 ///

@@ -97,6 +97,8 @@ impl<'de> Deserialize<'de> for AlgorithmList {
 pub struct AuthConfig {
     pub public_key: PublicKeyAuthConfig,
     pub password: PasswordAuthConfig,
+    /// After any successful authentication: may refuse the login or add metadata.
+    pub authz: AuthzConfig,
     /// Environment and files every login gets (the webhooks add per-user ones later).
     pub metadata: LoginMetadataConfig,
 }
@@ -127,9 +129,60 @@ pub struct LoginFileConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct PublicKeyAuthConfig {
-    /// `""` (off) or `authorizedKeys`.
+    /// `""` (off), `authorizedKeys` or `webhook`.
     pub method: String,
     pub authorized_keys: AuthorizedKeysConfig,
+    pub webhook: WebhookConfig,
+}
+
+/// `auth.authz`: `method: webhook` calls `{url}/authz` after each successful authentication.
+#[derive(Clone, Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct AuthzConfig {
+    /// `""` (off) or `webhook`.
+    pub method: String,
+    pub webhook: WebhookConfig,
+}
+
+/// ContainerSSH's HTTP client block for webhooks.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct WebhookConfig {
+    /// `http://` or `https://` base URL (auth: `/password`, `/pubkey`, `/authz` are appended).
+    pub url: String,
+    /// One HTTP call.
+    pub timeout: GoDuration,
+    /// All attempts of one login step together (soft failures are retried inside it).
+    pub auth_timeout: GoDuration,
+    pub allow_redirects: bool,
+    /// PEM text or a file name: the CA that signs the server's certificate.
+    pub cacert: String,
+    /// PEM text or file names: a client certificate and key (mTLS).
+    pub cert: String,
+    pub key: String,
+    /// Minimum TLS version: `"1.3"` (default) or `"1.2"`.
+    pub tls_version: String,
+    /// Key exchange groups and cipher suites (ContainerSSH's names).
+    #[serde(alias = "curve")]
+    pub curves: AlgorithmList,
+    pub cipher: AlgorithmList,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            timeout: GoDuration::from_secs(2),
+            auth_timeout: GoDuration::from_secs(60),
+            allow_redirects: false,
+            cacert: String::new(),
+            cert: String::new(),
+            key: String::new(),
+            tls_version: "1.3".into(),
+            curves: AlgorithmList::default(),
+            cipher: AlgorithmList::default(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, Default)]
@@ -142,9 +195,10 @@ pub struct AuthorizedKeysConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct PasswordAuthConfig {
-    /// `""` (off) or `passwordFile`.
+    /// `""` (off), `passwordFile` or `webhook`.
     pub method: String,
     pub password_file: PasswordFileConfig,
+    pub webhook: WebhookConfig,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, Default)]

@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 
 use super::model::{
     AgentConfig, AppConfig, BackendName, DockerConfig, ExecutionMode, ForwardingConfig,
-    KubernetesConfig, LogConfig, SecurityMode,
+    KubernetesConfig, LogConfig, SecurityMode, WebhookConfig,
 };
 use super::ConfigError;
 
@@ -67,6 +67,11 @@ pub struct Settings {
     pub login_grace_time: Duration,
     pub authorized_keys: Option<String>,
     pub password_file: Option<PathBuf>,
+    /// `auth.password.webhook`, `auth.publicKey.webhook`, `auth.authz.webhook` when their
+    /// method is `webhook` (checked: URL, TLS files).
+    pub password_webhook: Option<WebhookConfig>,
+    pub pubkey_webhook: Option<WebhookConfig>,
+    pub authz_webhook: Option<WebhookConfig>,
     /// Which backend runs the containers; only its block is validated.
     pub backend: BackendName,
     pub docker: DockerConfig,
@@ -156,6 +161,29 @@ fn forwarding(file: &str, f: &ForwardingConfig) -> Result<Forwarding, ConfigErro
         x11: mode("x11ForwardingMode", f.x11_forwarding_mode)?,
         agent: mode("agentForwardingMode", f.agent_forwarding_mode)?,
     })
+}
+
+/// A webhook block when `method` is `webhook`: the URL is required, and the URL and TLS
+/// settings are checked by building the client once.
+fn webhook(
+    file: &str,
+    block: &str,
+    method: &str,
+    cfg: &WebhookConfig,
+) -> Result<Option<WebhookConfig>, ConfigError> {
+    if method != "webhook" {
+        return Ok(None);
+    }
+    let key = format!("{block}.webhook");
+    if cfg.url.is_empty() {
+        return Err(invalid(file, &format!("{key}.url"), "required"));
+    }
+    crate::webhook::Webhook::new(&key, cfg).map_err(|message| {
+        // The message starts with the key it is about.
+        let (k, m) = message.split_once(": ").unwrap_or((&key, &message));
+        invalid(file, k, m)
+    })?;
+    Ok(Some(cfg.clone()))
 }
 
 fn invalid(file: &str, key: &str, message: impl Into<String>) -> ConfigError {
@@ -687,21 +715,21 @@ pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
             }
             Some(p)
         }
-        "webhook" => {
-            return Err(invalid(
-                file,
-                "auth.publicKey.method",
-                "webhook authentication is not available in this version",
-            ))
-        }
+        "webhook" => None,
         other => {
             return Err(invalid(
                 file,
                 "auth.publicKey.method",
-                format!("unknown method {other:?}; expected authorizedKeys"),
+                format!("unknown method {other:?}; expected authorizedKeys or webhook"),
             ))
         }
     };
+    let pubkey_webhook = webhook(
+        file,
+        "auth.publicKey",
+        &cfg.auth.public_key.method,
+        &cfg.auth.public_key.webhook,
+    )?;
     let password_file = match cfg.auth.password.method.as_str() {
         "" => None,
         "passwordFile" => {
@@ -711,25 +739,44 @@ pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
             }
             Some(PathBuf::from(p))
         }
-        "webhook" | "kerberos" => {
+        "webhook" => None,
+        "kerberos" => {
             return Err(invalid(
                 file,
                 "auth.password.method",
-                format!(
-                    "{} authentication is not available in this version",
-                    cfg.auth.password.method
-                ),
+                "kerberos authentication is not available in this version",
             ))
         }
         other => {
             return Err(invalid(
                 file,
                 "auth.password.method",
-                format!("unknown method {other:?}; expected passwordFile"),
+                format!("unknown method {other:?}; expected passwordFile or webhook"),
             ))
         }
     };
-    if authorized_keys.is_none() && password_file.is_none() {
+    let password_webhook = webhook(
+        file,
+        "auth.password",
+        &cfg.auth.password.method,
+        &cfg.auth.password.webhook,
+    )?;
+    let authz_webhook = match cfg.auth.authz.method.as_str() {
+        "" => None,
+        "webhook" => webhook(file, "auth.authz", "webhook", &cfg.auth.authz.webhook)?,
+        other => {
+            return Err(invalid(
+                file,
+                "auth.authz.method",
+                format!("unknown method {other:?}; expected webhook"),
+            ))
+        }
+    };
+    if authorized_keys.is_none()
+        && password_file.is_none()
+        && pubkey_webhook.is_none()
+        && password_webhook.is_none()
+    {
         return Err(invalid(
             file,
             "auth",
@@ -772,6 +819,9 @@ pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
         login_grace_time: cfg.ssh.login_grace_time.0,
         authorized_keys,
         password_file,
+        password_webhook,
+        pubkey_webhook,
+        authz_webhook,
         backend: cfg.backend,
         docker: cfg.docker,
         kubernetes: cfg.kubernetes,
@@ -874,6 +924,29 @@ mod tests {
             err.contains("security.forwarding.socketListenMode"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn webhook_blocks_are_checked_with_their_keys() {
+        let hook = |block: &str| {
+            format!("ssh:\n  hostkeys: [/k]\nauth:\n{block}docker:\n  execution:\n    container:\n      image: img\n")
+        };
+        let ok = hook("  password:\n    method: webhook\n    webhook:\n      url: http://127.0.0.1:8080\n      timeout: 1s\n      authTimeout: 5s\n  authz:\n    method: webhook\n    webhook:\n      url: http://127.0.0.1:8080\n");
+        let s = validate("c", parse_yaml("c", &ok).unwrap()).unwrap();
+        assert_eq!(s.password_webhook.as_ref().unwrap().timeout.0.as_secs(), 1);
+        assert!(s.authz_webhook.is_some() && s.pubkey_webhook.is_none());
+        for (block, key) in [
+            ("  publicKey:\n    method: webhook\n", "auth.publicKey.webhook.url"),
+            ("  password:\n    method: webhook\n    webhook:\n      url: ftp://x\n", "auth.password.webhook.url"),
+            ("  password:\n    method: webhook\n    webhook:\n      url: https://x\n      cacert: /does/not/exist\n", "auth.password.webhook.cacert"),
+            ("  password:\n    method: webhook\n    webhook:\n      url: http://x\n      curve: [x25519]\n      timeout: 0s\n", "auth.password.webhook"),
+            ("  password:\n    method: passwordFile\n    passwordFile: {path: /p}\n  authz:\n    method: ldap\n", "auth.authz.method"),
+        ] {
+            let err = validate("c", parse_yaml("c", &hook(block)).unwrap())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct ConnCtx {
     pub tasks: TaskTracker,
     /// Forwarded connections and listeners.
     pub forwards: super::forward::ConnForwards,
+    /// The client's identification line, once read.
+    pub client_version: Arc<OnceLock<String>>,
 }
 
 /// 32 hex characters from 16 random bytes, ContainerSSH's connection ID format.
@@ -72,6 +74,7 @@ impl ConnCtx {
             cancel,
             tasks: TaskTracker::new(),
             forwards: Default::default(),
+            client_version: Arc::new(OnceLock::new()),
         })
     }
 

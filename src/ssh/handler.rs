@@ -17,7 +17,9 @@ use super::conn::{AuthedUser, ConnCtx};
 use super::forward::{self as fwd, DirectTarget};
 use super::program::exec_argv;
 use super::stdin::{self, Overflow, StdinTx};
+use crate::auth::authorized_keys::KeyOptions;
 use crate::auth::metadata::{env_name_ok, LoginMetadata};
+use crate::auth::webhook::{self as auth_webhook, LoginState, Peer, Verdict};
 use crate::backend::Terminal;
 use crate::limits::{
     CHANNEL_EVENT_QUEUE, MAX_CHANNELS_PER_CONNECTION, MAX_COMMAND_BYTES, MAX_ENV_VALUE_BYTES,
@@ -26,6 +28,8 @@ use crate::limits::{
 
 /// Longest host name or socket path accepted in a forwarding request.
 const MAX_FORWARD_TARGET_BYTES: usize = 1024;
+/// Public keys whose webhook answer is kept between the offer and the signed attempt.
+const MAX_PUBKEY_ANSWERS: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
@@ -52,6 +56,9 @@ pub struct Handler {
     /// Held until authentication succeeds: bounds unauthenticated connections server-wide.
     preauth: Option<OwnedSemaphorePermit>,
     channels: HashMap<ChannelId, ChannelEntry>,
+    /// The auth webhook's answers for public keys offered on this connection (`None`:
+    /// refused), so that the signed attempt after an offer costs no second call.
+    pubkey_answers: HashMap<String, Option<LoginState>>,
 }
 
 impl Handler {
@@ -60,14 +67,89 @@ impl Handler {
             conn,
             preauth: Some(preauth),
             channels: HashMap::new(),
+            pubkey_answers: HashMap::new(),
         }
     }
 
-    fn check_key(
-        &self,
+    fn peer(&self) -> Peer {
+        Peer {
+            connection_id: self.conn.id.clone(),
+            remote_address: self.conn.peer.to_string(),
+            client_version: self.conn.client_version.get().cloned().unwrap_or_default(),
+        }
+    }
+
+    /// Asks the public-key webhook (once per user and key on this connection).
+    async fn webhook_key(&mut self, user: &str, key: &PublicKey) -> Option<LoginState> {
+        let hook = self.conn.shared.webhooks.public_key.clone()?;
+        let Ok(text) = key.to_openssh() else {
+            return None;
+        };
+        // authorized_keys form without a comment.
+        let text: String = text.split(' ').take(2).collect::<Vec<_>>().join(" ");
+        let cache_key = format!("{user}\0{text}");
+        if let Some(answer) = self.pubkey_answers.get(&cache_key) {
+            return answer.clone();
+        }
+        let answer = match auth_webhook::public_key(&hook, user, &text, &self.peer()).await {
+            Ok(Verdict::Allowed(state)) => Some(state),
+            Ok(Verdict::Denied) => {
+                tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), "public key refused by the auth webhook");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(connection_id = %self.conn.id, user = %user.escape_debug(), error = %e, "auth webhook failed: public key refused");
+                None
+            }
+        };
+        if self.pubkey_answers.len() < MAX_PUBKEY_ANSWERS {
+            self.pubkey_answers.insert(cache_key, answer.clone());
+        }
+        answer
+    }
+
+    /// After a successful authentication: the authz webhook (when configured), then the
+    /// login's metadata; the connection is authenticated as the webhook's
+    /// `authenticatedUsername` when it names one.
+    async fn finish_login(
+        &mut self,
         user: &str,
-        key: &PublicKey,
-    ) -> Option<crate::auth::authorized_keys::KeyOptions> {
+        key_options: Option<KeyOptions>,
+        mut state: LoginState,
+        method: &'static str,
+    ) -> Auth {
+        if let Some(hook) = self.conn.shared.webhooks.authz.clone() {
+            match auth_webhook::authz(&hook, user, state, &self.peer()).await {
+                Ok(Verdict::Allowed(s)) => state = s,
+                Ok(Verdict::Denied) => {
+                    tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), method, "login refused by the authz webhook");
+                    return Auth::reject();
+                }
+                Err(e) => {
+                    tracing::warn!(connection_id = %self.conn.id, user = %user.escape_debug(), error = %e, "authz webhook failed: login refused");
+                    return Auth::reject();
+                }
+            }
+        }
+        let name = if state.authenticated_username.is_empty() {
+            user.to_string()
+        } else {
+            state.authenticated_username.clone()
+        };
+        let Some(base) = self.metadata(&name).await else {
+            return Auth::reject();
+        };
+        let metadata = Arc::new(state.apply(&base));
+        tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), authenticated_as = %name.escape_debug(), method, "authenticated");
+        self.conn.authenticated(AuthedUser {
+            name,
+            key_options,
+            metadata,
+        });
+        Auth::Accept
+    }
+
+    fn check_key(&self, user: &str, key: &PublicKey) -> Option<KeyOptions> {
         let ak = self.conn.shared.authorized_keys.as_ref()?;
         match ak.find(user, key, self.conn.peer.ip(), SystemTime::now()) {
             Ok(found) => found,
@@ -193,10 +275,16 @@ impl russh::server::Handler for Handler {
         user: &str,
         offer: russh::server::PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
-        Ok(if self.check_key(user, offer.public_key).is_some() {
-            Auth::Accept
-        } else {
-            Auth::reject()
+        if self.conn.shared.authorized_keys.is_some() {
+            return Ok(if self.check_key(user, offer.public_key).is_some() {
+                Auth::Accept
+            } else {
+                Auth::reject()
+            });
+        }
+        Ok(match self.webhook_key(user, offer.public_key).await {
+            Some(_) => Auth::Accept,
+            None => Auth::reject(),
         })
     }
 
@@ -205,43 +293,51 @@ impl russh::server::Handler for Handler {
         user: &str,
         key: VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
-        let Some(opts) = self.check_key(user, key.public_key) else {
-            tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), "public key refused");
+        if self.conn.shared.authorized_keys.is_some() {
+            let Some(opts) = self.check_key(user, key.public_key) else {
+                tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), "public key refused");
+                return Ok(Auth::reject());
+            };
+            return Ok(self
+                .finish_login(user, Some(opts), LoginState::default(), "publickey")
+                .await);
+        }
+        let Some(state) = self.webhook_key(user, key.public_key).await else {
             return Ok(Auth::reject());
         };
-        let Some(metadata) = self.metadata(user).await else {
-            return Ok(Auth::reject());
-        };
-        tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), method = "publickey", "authenticated");
-        self.conn.authenticated(AuthedUser {
-            name: user.to_string(),
-            key_options: Some(opts),
-            metadata,
-        });
-        Ok(Auth::Accept)
+        Ok(self.finish_login(user, None, state, "publickey").await)
     }
 
     async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
         let Some(pf) = self.conn.shared.passwords.clone() else {
-            return Ok(Auth::reject());
+            let Some(hook) = self.conn.shared.webhooks.password.clone() else {
+                return Ok(Auth::reject());
+            };
+            let pw = zeroize_string(password);
+            let verdict = auth_webhook::password(&hook, user, pw.as_bytes(), &self.peer()).await;
+            drop(pw);
+            return Ok(match verdict {
+                Ok(Verdict::Allowed(state)) => {
+                    self.finish_login(user, None, state, "password").await
+                }
+                Ok(Verdict::Denied) => {
+                    tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), "password refused by the auth webhook");
+                    Auth::reject()
+                }
+                Err(e) => {
+                    tracing::warn!(connection_id = %self.conn.id, user = %user.escape_debug(), error = %e, "auth webhook failed: password refused");
+                    Auth::reject()
+                }
+            });
         };
         let (u, p) = (user.to_string(), zeroize_string(password));
         let ok = tokio::task::spawn_blocking(move || pf.verify(&u, p.as_bytes()))
             .await
             .map_err(|_| russh::Error::Disconnect)?;
         match ok {
-            Ok(true) => {
-                let Some(metadata) = self.metadata(user).await else {
-                    return Ok(Auth::reject());
-                };
-                tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), method = "password", "authenticated");
-                self.conn.authenticated(AuthedUser {
-                    name: user.to_string(),
-                    key_options: None,
-                    metadata,
-                });
-                Ok(Auth::Accept)
-            }
+            Ok(true) => Ok(self
+                .finish_login(user, None, LoginState::default(), "password")
+                .await),
             Ok(false) => {
                 tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), "password refused");
                 Ok(Auth::reject())

@@ -9,6 +9,7 @@ pub mod handler;
 pub mod hostkey;
 pub mod program;
 pub mod stdin;
+pub mod version;
 
 use std::borrow::Cow;
 use std::sync::Arc;

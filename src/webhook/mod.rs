@@ -1,0 +1,469 @@
+//! The HTTP client both webhooks (auth and config) use, with ContainerSSH's transport rules
+//! (`containerssh-reference.md` §2.1): `POST` JSON, each call bounded by `timeout`, any
+//! non-200 answer, transport error or undecodable body a *soft* failure retried (with
+//! backoff, not a fixed 10 s) until `authTimeout` runs out, redirects refused unless
+//! `allowRedirects`, https with a configured CA, optional client certificate, TLS 1.3 unless
+//! `tlsVersion: "1.2"`. Response bodies are capped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::config::model::WebhookConfig;
+
+/// Largest response body accepted (login files travel base64-encoded in it).
+pub const MAX_WEBHOOK_RESPONSE_BYTES: usize = 4 << 20;
+/// Redirects followed when `allowRedirects` is set.
+const MAX_REDIRECTS: usize = 5;
+/// First pause between attempts; doubled each time up to [`MAX_RETRY_PAUSE`].
+const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(200);
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(5);
+/// Where system CA certificates are looked for when `https` has no `cacert`.
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Why one attempt failed; every one is a soft failure until the overall timeout.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("{url}: {reason}")]
+    Transport { url: String, reason: String },
+    #[error("{url}: HTTP status {status}")]
+    Status { url: String, status: u16 },
+    #[error("{url}: redirect to {location:?} refused (allowRedirects is false)")]
+    Redirect { url: String, location: String },
+    #[error("{url}: no answer within {timeout:?}")]
+    Timeout { url: String, timeout: Duration },
+    #[error("{url}: response body larger than {MAX_WEBHOOK_RESPONSE_BYTES} bytes")]
+    TooLarge { url: String },
+    #[error("{url}: cannot decode the response: {reason}")]
+    Decode { url: String, reason: String },
+    #[error("{what}: gave up after {attempts} attempt(s) within {within:?}; last error: {last}")]
+    GaveUp {
+        what: String,
+        attempts: u32,
+        within: Duration,
+        last: Box<WebhookError>,
+    },
+}
+
+/// A webhook endpoint as configured.
+#[derive(Clone)]
+pub struct Webhook {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// The configuration key, for messages (`auth.password.webhook`).
+    key: String,
+    base: String,
+    timeout: Duration,
+    auth_timeout: Duration,
+    allow_redirects: bool,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhook")
+            .field("key", &self.inner.key)
+            .field("url", &self.inner.base)
+            .finish_non_exhaustive()
+    }
+}
+
+/// PEM given inline or as a file name.
+fn pem(key: &str, field: &str, value: &str) -> Result<Option<Vec<u8>>, String> {
+    if value.trim().is_empty() {
+        return Ok(None);
+    }
+    if value.trim_start().starts_with("-----BEGIN") {
+        return Ok(Some(value.as_bytes().to_vec()));
+    }
+    std::fs::read(value)
+        .map(Some)
+        .map_err(|e| format!("{key}.{field}: cannot read {value}: {e}"))
+}
+
+fn kx_group(name: &str) -> Option<Option<&'static dyn rustls::crypto::SupportedKxGroup>> {
+    use rustls::crypto::ring::kx_group;
+    Some(match name {
+        "x25519" | "X25519" => Some(kx_group::X25519),
+        "secp256r1" | "P-256" => Some(kx_group::SECP256R1),
+        "secp384r1" | "P-384" => Some(kx_group::SECP384R1),
+        // Named by ContainerSSH's defaults, not offered by this TLS stack: skipped.
+        "secp521r1" | "P-521" => None,
+        _ => return None,
+    })
+}
+
+fn cipher_suite(name: &str) -> Option<rustls::SupportedCipherSuite> {
+    use rustls::crypto::ring::cipher_suite as cs;
+    Some(match name {
+        "TLS_AES_128_GCM_SHA256" => cs::TLS13_AES_128_GCM_SHA256,
+        "TLS_AES_256_GCM_SHA384" => cs::TLS13_AES_256_GCM_SHA384,
+        "TLS_CHACHA20_POLY1305_SHA256" => cs::TLS13_CHACHA20_POLY1305_SHA256,
+        "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256" => cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384" => cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256" => cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384" => cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256" => {
+            cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256
+        }
+        "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256" => {
+            cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+        }
+        _ => return None,
+    })
+}
+
+fn tls_config(key: &str, cfg: &WebhookConfig) -> Result<rustls::ClientConfig, String> {
+    let ca = match pem(key, "cacert", &cfg.cacert)? {
+        Some(ca) => ca,
+        None => std::fs::read(SYSTEM_CA_BUNDLE).map_err(|e| {
+            format!("{key}.cacert: required for https (no {SYSTEM_CA_BUNDLE}: {e})")
+        })?,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&ca) {
+        let c = c.map_err(|e| format!("{key}.cacert: {e}"))?;
+        roots.add(c).map_err(|e| format!("{key}.cacert: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{key}.cacert: no certificate in the PEM data"));
+    }
+    let mut provider = rustls::crypto::ring::default_provider();
+    if !cfg.curves.0.is_empty() {
+        let mut groups = Vec::new();
+        for name in &cfg.curves.0 {
+            match kx_group(name) {
+                Some(Some(g)) => groups.push(g),
+                Some(None) => {}
+                None => return Err(format!("{key}.curves: unknown curve {name:?}")),
+            }
+        }
+        if groups.is_empty() {
+            return Err(format!("{key}.curves: none of these curves is supported"));
+        }
+        provider.kx_groups = groups;
+    }
+    if !cfg.cipher.0.is_empty() {
+        provider.cipher_suites = cfg
+            .cipher
+            .0
+            .iter()
+            .map(|n| cipher_suite(n).ok_or_else(|| format!("{key}.cipher: unknown cipher {n:?}")))
+            .collect::<Result<_, _>>()?;
+    }
+    let versions: &[&rustls::SupportedProtocolVersion] = match cfg.tls_version.as_str() {
+        "" | "1.3" => &[&rustls::version::TLS13],
+        "1.2" => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        other => {
+            return Err(format!(
+                "{key}.tlsVersion: {other:?} is not supported; use \"1.3\" or \"1.2\""
+            ))
+        }
+    };
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(versions)
+        .map_err(|e| format!("{key}: TLS settings: {e}"))?
+        .with_root_certificates(roots);
+    let mut config = match (pem(key, "cert", &cfg.cert)?, pem(key, "key", &cfg.key)?) {
+        (Some(cert), Some(k)) => {
+            let chain = CertificateDer::pem_slice_iter(&cert)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("{key}.cert: {e}"))?;
+            if chain.is_empty() {
+                return Err(format!("{key}.cert: no certificate in the PEM data"));
+            }
+            let k = PrivateKeyDer::from_pem_slice(&k).map_err(|e| format!("{key}.key: {e}"))?;
+            builder
+                .with_client_auth_cert(chain, k)
+                .map_err(|e| format!("{key}.cert: {e}"))?
+        }
+        (None, None) => builder.with_no_client_auth(),
+        _ => return Err(format!("{key}: cert and key must be given together")),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+impl Webhook {
+    /// Checks the URL and builds the TLS settings; `key` names the block in messages.
+    pub fn new(key: &str, cfg: &WebhookConfig) -> Result<Self, String> {
+        let base = cfg.url.trim_end_matches('/').to_string();
+        let uri: Uri = base
+            .parse()
+            .map_err(|e| format!("{key}.url: {:?} is not a URL: {e}", cfg.url))?;
+        let tls = match uri.scheme_str() {
+            Some("http") => None,
+            Some("https") => Some(Arc::new(tls_config(key, cfg)?)),
+            _ => return Err(format!("{key}.url: must start with http:// or https://")),
+        };
+        if uri.host().is_none_or(str::is_empty) {
+            return Err(format!("{key}.url: no host in {:?}", cfg.url));
+        }
+        if cfg.timeout.0.is_zero() || cfg.auth_timeout.0.is_zero() {
+            return Err(format!(
+                "{key}: timeout and authTimeout must be more than 0"
+            ));
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                key: key.to_string(),
+                base,
+                timeout: cfg.timeout.0,
+                auth_timeout: cfg.auth_timeout.0,
+                allow_redirects: cfg.allow_redirects,
+                tls,
+            }),
+        })
+    }
+
+    /// `POST {url}{path}` with `body`, retried on soft failures with backoff until
+    /// `authTimeout`; the decoded 200 answer.
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &Req,
+    ) -> Result<Resp, WebhookError> {
+        let url = format!("{}{path}", self.inner.base);
+        let json = serde_json::to_vec(body).map_err(|e| WebhookError::Decode {
+            url: url.clone(),
+            reason: format!("encoding the request: {e}"),
+        })?;
+        let json = Bytes::from(json);
+        let deadline = Instant::now() + self.inner.auth_timeout;
+        let mut pause = FIRST_RETRY_PAUSE;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let limit = self.inner.timeout.min(left);
+            let result = match tokio::time::timeout(limit, self.attempt(&url, json.clone())).await {
+                Ok(r) => r,
+                Err(_) => Err(WebhookError::Timeout {
+                    url: url.clone(),
+                    timeout: limit,
+                }),
+            };
+            let err = match result {
+                Ok(bytes) => match serde_json::from_slice::<Resp>(&bytes) {
+                    Ok(v) => return Ok(v),
+                    Err(e) => WebhookError::Decode {
+                        url: url.clone(),
+                        reason: e.to_string(),
+                    },
+                },
+                Err(e) => e,
+            };
+            tracing::info!(webhook = %self.inner.key, attempt = attempts, error = %err, "webhook call failed; retrying within authTimeout");
+            let now = Instant::now();
+            if now + pause >= deadline {
+                return Err(WebhookError::GaveUp {
+                    what: self.inner.key.clone(),
+                    attempts,
+                    within: self.inner.auth_timeout,
+                    last: Box::new(err),
+                });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(MAX_RETRY_PAUSE);
+        }
+    }
+
+    /// One POST (following allowed redirects): the 200 body.
+    async fn attempt(&self, url: &str, body: Bytes) -> Result<Bytes, WebhookError> {
+        let mut target = url.to_string();
+        for _ in 0..=MAX_REDIRECTS {
+            let (status, location, bytes) = self.post_once(&target, body.clone()).await?;
+            if status == StatusCode::OK {
+                return Ok(bytes);
+            }
+            if status.is_redirection() {
+                let location = location.unwrap_or_default();
+                if !self.inner.allow_redirects {
+                    return Err(WebhookError::Redirect {
+                        url: target,
+                        location,
+                    });
+                }
+                target = resolve_location(&target, &location).ok_or(WebhookError::Transport {
+                    url: target.clone(),
+                    reason: format!("unusable redirect location {location:?}"),
+                })?;
+                continue;
+            }
+            return Err(WebhookError::Status {
+                url: target,
+                status: status.as_u16(),
+            });
+        }
+        Err(WebhookError::Transport {
+            url: url.to_string(),
+            reason: format!("more than {MAX_REDIRECTS} redirects"),
+        })
+    }
+
+    async fn post_once(
+        &self,
+        url: &str,
+        body: Bytes,
+    ) -> Result<(StatusCode, Option<String>, Bytes), WebhookError> {
+        let transport = |reason: String| WebhookError::Transport {
+            url: url.to_string(),
+            reason,
+        };
+        let uri: Uri = url.parse().map_err(|e| transport(format!("{e}")))?;
+        let https = uri.scheme_str() == Some("https");
+        let host = uri.host().unwrap_or_default().to_string();
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let bare = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let tcp = TcpStream::connect((bare.as_str(), port))
+            .await
+            .map_err(|e| transport(format!("connect: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        let authority = uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .unwrap_or_default();
+        let path = uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header(http::header::HOST, authority)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::ACCEPT, "application/json")
+            .header(http::header::USER_AGENT, "containerssh")
+            .body(Full::new(body))
+            .map_err(|e| transport(format!("request: {e}")))?;
+        let response = if https {
+            let Some(tls) = self.inner.tls.clone() else {
+                return Err(transport(
+                    "https after a redirect from http is not set up".into(),
+                ));
+            };
+            let name = ServerName::try_from(bare.clone())
+                .map_err(|_| transport(format!("{bare:?} is not a TLS server name")))?;
+            let stream = tokio_rustls::TlsConnector::from(tls)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| transport(format!("TLS: {e}")))?;
+            send(TokioIo::new(stream), request).await
+        } else {
+            send(TokioIo::new(tcp), request).await
+        }
+        .map_err(transport)?;
+        let status = response.status();
+        let location = response
+            .headers()
+            .get(http::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let mut body = response.into_body();
+        let mut buf = BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| transport(format!("reading the body: {e}")))?;
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > MAX_WEBHOOK_RESPONSE_BYTES {
+                    return Err(WebhookError::TooLarge {
+                        url: url.to_string(),
+                    });
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+        Ok((status, location, buf.freeze()))
+    }
+}
+
+async fn send<T>(
+    io: T,
+    request: Request<Full<Bytes>>,
+) -> Result<http::Response<hyper::body::Incoming>, String>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| format!("HTTP: {e}"))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "webhook connection ended with an error");
+        }
+    });
+    sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("HTTP: {e}"))
+}
+
+/// An absolute `Location`, or a path on the same origin.
+fn resolve_location(current: &str, location: &str) -> Option<String> {
+    if location.starts_with("http://") || location.starts_with("https://") {
+        return Some(location.to_string());
+    }
+    if !location.starts_with('/') {
+        return None;
+    }
+    let uri: Uri = current.parse().ok()?;
+    Some(format!(
+        "{}://{}{location}",
+        uri.scheme_str()?,
+        uri.authority()?.as_str()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_and_tls_settings_are_checked() {
+        let cfg = |url: &str| WebhookConfig {
+            url: url.into(),
+            ..Default::default()
+        };
+        assert!(Webhook::new("k", &cfg("http://127.0.0.1:8080")).is_ok());
+        let e = Webhook::new("auth.password.webhook", &cfg("ftp://x")).unwrap_err();
+        assert!(e.starts_with("auth.password.webhook.url"), "{e}");
+        assert!(Webhook::new("k", &cfg("not a url")).is_err());
+        let mut c = cfg("https://auth.example:8443");
+        c.cacert = "-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n".into();
+        assert!(Webhook::new("k", &c).unwrap_err().contains("k.cacert"));
+        let mut c = cfg("http://x");
+        c.tls_version = "1.1".into();
+        // Plain http never builds TLS settings.
+        assert!(Webhook::new("k", &c).is_ok());
+        assert!(kx_group("x25519").is_some() && kx_group("nope").is_none());
+        assert!(cipher_suite("TLS_AES_128_GCM_SHA256").is_some());
+        assert!(cipher_suite("TLS_RSA_WITH_RC4").is_none());
+    }
+
+    #[test]
+    fn redirect_locations() {
+        assert_eq!(
+            resolve_location("http://h:1/a", "/b").as_deref(),
+            Some("http://h:1/b")
+        );
+        assert_eq!(
+            resolve_location("http://h:1/a", "https://o/c").as_deref(),
+            Some("https://o/c")
+        );
+        assert_eq!(resolve_location("http://h:1/a", "rel"), None);
+    }
+}
