@@ -28,6 +28,8 @@ const MAX_REDIRECTS: usize = 5;
 /// First pause between attempts; doubled each time up to [`MAX_RETRY_PAUSE`].
 const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(200);
 const MAX_RETRY_PAUSE: Duration = Duration::from_secs(5);
+/// The shortest attempt still made before `authTimeout` runs out.
+const MIN_LAST_ATTEMPT: Duration = Duration::from_millis(100);
 /// Where system CA certificates are looked for when `https` has no `cacert`.
 const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
@@ -266,8 +268,10 @@ impl Webhook {
                 Err(e) => e,
             };
             tracing::info!(webhook = %self.inner.key, attempt = attempts, error = %err, "webhook call failed; retrying within authTimeout");
-            let now = Instant::now();
-            if now + pause >= deadline {
+            // The whole authTimeout is used: the last pause is cut short so that one more
+            // attempt of at least MIN_LAST_ATTEMPT fits.
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left <= MIN_LAST_ATTEMPT {
                 return Err(WebhookError::GaveUp {
                     what: self.inner.key.clone(),
                     attempts,
@@ -275,7 +279,7 @@ impl Webhook {
                     last: Box::new(err),
                 });
             }
-            tokio::time::sleep(pause).await;
+            tokio::time::sleep(pause.min(left - MIN_LAST_ATTEMPT)).await;
             pause = (pause * 2).min(MAX_RETRY_PAUSE);
         }
     }

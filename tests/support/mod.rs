@@ -23,6 +23,9 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// The test server for the authentication webhooks (tests/webhook_auth.rs).
+pub mod webhook;
+
 /// How long [`TestEnv::start`] waits for the server's `listening on ADDR` line.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 
