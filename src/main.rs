@@ -7,10 +7,7 @@ use std::sync::Arc;
 
 use containerssh::auth::authorized_keys::AuthorizedKeys;
 use containerssh::auth::password::{hash_password_argon2id, PasswordFile};
-use containerssh::backend::docker::session::DockerBackend;
-use containerssh::backend::kubernetes::backend::{KubeBackend, DEFAULT_AGENT_INIT_IMAGE};
 use containerssh::backend::Backend;
-use containerssh::config::model::BackendName;
 use containerssh::config::{self, Settings};
 use containerssh::server::{self, Shared};
 use containerssh::ssh;
@@ -164,7 +161,7 @@ fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
         .password_file
         .clone()
         .map(|p| Arc::new(PasswordFile::new(p)));
-    let backend = build_backend(&settings)?;
+    let backend = std::sync::Arc::new(Backend::build(&settings)?);
     let webhooks = containerssh::server::AuthWebhooks::new(&settings)?;
     let ssh_config = ssh::russh_config(&settings, keys)?;
 
@@ -194,42 +191,6 @@ fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
         tracing::info!("stopped");
         Ok::<(), Box<dyn std::error::Error>>(())
     })
-}
-
-/// The configured backend, with the agent it injects.
-fn build_backend(settings: &Settings) -> Result<Backend, Box<dyn std::error::Error>> {
-    if settings.backend == BackendName::Kubernetes {
-        let k = &settings.kubernetes.pod;
-        let backend =
-            KubeBackend::new(&settings.kubernetes, &settings.agent, &settings.instance_id)?;
-        match backend.agent_path() {
-            None => tracing::info!(
-                "the agent is disabled: no signals to exec'd programs, no forwarding, no files"
-            ),
-            Some(p) if settings.agent.inject => {
-                let image = if k.agent_init_image.is_empty() {
-                    DEFAULT_AGENT_INIT_IMAGE
-                } else {
-                    &k.agent_init_image
-                };
-                tracing::info!(%image, path = %p, "pods get the agent from an init container");
-            }
-            Some(p) => tracing::info!(path = %p, "pods' images carry the agent"),
-        }
-        return Ok(Backend::Kubernetes(Box::new(backend)));
-    }
-    let agent = containerssh::backend::agent::locate(&settings.agent)?;
-    if settings.docker.execution.disable_agent {
-        tracing::info!(
-            "the agent is disabled: no signals to exec'd programs, no forwarding, no files"
-        );
-    } else if let Some(a) = &agent {
-        tracing::info!(binary = %a.path.display(), bytes = a.bytes.len(), to = %settings.docker.execution.agent_path, "injecting the agent into containers");
-    }
-    // The backend keeps its own archive of the agent.
-    let docker = DockerBackend::new(&settings.docker, &settings.instance_id)?
-        .inject_agent(agent.as_ref())?;
-    Ok(Backend::Docker(Box::new(docker)))
 }
 
 fn spawn_signal_handler(token: tokio_util::sync::CancellationToken) -> std::io::Result<()> {

@@ -28,7 +28,7 @@ pub struct Shared {
     pub ssh: Arc<russh::server::Config>,
     pub authorized_keys: Option<AuthorizedKeys>,
     pub passwords: Option<Arc<PasswordFile>>,
-    pub backend: Backend,
+    pub backend: Arc<Backend>,
     pub webhooks: AuthWebhooks,
     /// Cancelled on SIGTERM/SIGINT.
     pub shutdown: CancellationToken,
@@ -40,6 +40,8 @@ pub struct AuthWebhooks {
     pub password: Option<Webhook>,
     pub public_key: Option<Webhook>,
     pub authz: Option<Webhook>,
+    /// `configserver.url`.
+    pub config: Option<Webhook>,
 }
 
 impl AuthWebhooks {
@@ -51,6 +53,7 @@ impl AuthWebhooks {
             password: make("auth.password.webhook", &settings.password_webhook)?,
             public_key: make("auth.publicKey.webhook", &settings.pubkey_webhook)?,
             authz: make("auth.authz.webhook", &settings.authz_webhook)?,
+            config: make("configserver", &settings.config_webhook)?,
         })
     }
 }

@@ -308,6 +308,48 @@ pub async fn authz(
     verdict(resp, state)
 }
 
+/// The config webhook's answer: the per-login configuration and more metadata.
+#[derive(Deserialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct ConfigResponse {
+    #[serde(default)]
+    config: Option<serde_json::Value>,
+    #[serde(default)]
+    metadata: Option<BTreeMap<String, Value>>,
+    #[serde(default)]
+    environment: Option<BTreeMap<String, Value>>,
+    #[serde(default)]
+    files: Option<BTreeMap<String, FileValue>>,
+}
+
+/// `POST <configserver.url>` (exactly) with the login so far; sensitive values only when
+/// `transmitSensitiveMetadata` is set. Returns the grown state and the answer's `config`
+/// (`None` when it brings none).
+pub async fn config(
+    hook: &Webhook,
+    username: &str,
+    mut state: LoginState,
+    peer: &Peer,
+    sensitive: bool,
+) -> Result<(LoginState, Option<serde_json::Value>), AuthWebhookError> {
+    let resp: ConfigResponse = hook
+        .call("", &state.request(username, peer, sensitive))
+        .await?;
+    state
+        .merge(AuthResponse {
+            success: true,
+            authenticated_username: None,
+            metadata: resp.metadata,
+            environment: resp.environment,
+            files: resp.files,
+        })
+        .map_err(AuthWebhookError::Invalid)?;
+    let config = resp
+        .config
+        .filter(|c| !c.is_null() && c.as_object().is_none_or(|o| !o.is_empty()));
+    Ok((state, config))
+}
+
 /// Fuzz entry: decoding and merging an arbitrary response never panics.
 pub fn fuzz_auth_response(data: &[u8]) {
     if let Ok(resp) = serde_json::from_slice::<AuthResponse>(data) {

@@ -2,15 +2,23 @@
 //! container or pod, run programs, run session containers or pods, helper programs through
 //! the agent, and cleanup.
 
+use std::sync::Arc;
+
 use tokio::io::AsyncWrite;
 
 use super::docker::session::DockerBackend;
 use super::docker::session::OutputStream;
-use super::kubernetes::backend::{KubeBackend, KubeTarget};
+use super::kubernetes::backend::{KubeBackend, KubeTarget, DEFAULT_AGENT_INIT_IMAGE};
 use super::process::{Captured, OutputSource, Process};
 use super::{ConnMeta, ProgramSpec, StartError};
 use crate::auth::metadata::LoginMetadata;
-use crate::config::model::ExecutionMode;
+use crate::config::model::{BackendName, ExecutionMode};
+use crate::config::Settings;
+
+/// Two configuration blocks with the same JSON form.
+fn same<T: serde::Serialize>(a: &T, b: &T) -> bool {
+    serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
+}
 
 pub enum Backend {
     Docker(Box<DockerBackend>),
@@ -28,6 +36,67 @@ pub enum Target {
 pub type AgentStreams = (OutputSource, Box<dyn AsyncWrite + Send + Unpin>);
 
 impl Backend {
+    /// The configured backend, with the agent it injects.
+    pub fn build(settings: &Settings) -> Result<Backend, Box<dyn std::error::Error>> {
+        if settings.backend == BackendName::Kubernetes {
+            let k = &settings.kubernetes.pod;
+            let backend =
+                KubeBackend::new(&settings.kubernetes, &settings.agent, &settings.instance_id)?;
+            match backend.agent_path() {
+                None => tracing::info!(
+                    "the agent is disabled: no signals to exec'd programs, no forwarding, no files"
+                ),
+                Some(p) if settings.agent.inject => {
+                    let image = if k.agent_init_image.is_empty() {
+                        DEFAULT_AGENT_INIT_IMAGE
+                    } else {
+                        &k.agent_init_image
+                    };
+                    tracing::info!(%image, path = %p, "pods get the agent from an init container");
+                }
+                Some(p) => tracing::info!(path = %p, "pods' images carry the agent"),
+            }
+            return Ok(Backend::Kubernetes(Box::new(backend)));
+        }
+        let agent = super::agent::locate(&settings.agent)?;
+        if settings.docker.execution.disable_agent {
+            tracing::info!(
+                "the agent is disabled: no signals to exec'd programs, no forwarding, no files"
+            );
+        } else if let Some(a) = &agent {
+            tracing::info!(binary = %a.path.display(), bytes = a.bytes.len(), to = %settings.docker.execution.agent_path, "injecting the agent into containers");
+        }
+        // The backend keeps its own archive of the agent.
+        let docker = DockerBackend::new(&settings.docker, &settings.instance_id)?
+            .inject_agent(agent.as_ref())?;
+        Ok(Backend::Docker(Box::new(docker)))
+    }
+
+    /// The backend for a login whose merged settings are `login` (`base`: the file's): this
+    /// one when the backend blocks are unchanged; a Docker backend sharing the engine client
+    /// and agent archive when only the execution changed; else one built for the login.
+    pub fn for_login(
+        self: &Arc<Self>,
+        base: &Settings,
+        login: &Settings,
+    ) -> Result<Arc<Backend>, String> {
+        if base.backend == login.backend
+            && same(&base.docker, &login.docker)
+            && same(&base.kubernetes, &login.kubernetes)
+        {
+            return Ok(Arc::clone(self));
+        }
+        if let (Backend::Docker(d), BackendName::Docker) = (self.as_ref(), login.backend) {
+            let same_conn = same(&base.docker.connection, &login.docker.connection);
+            if let Some(derived) = d.derive(&login.docker, same_conn) {
+                return Ok(Arc::new(Backend::Docker(Box::new(derived))));
+            }
+        }
+        Backend::build(login)
+            .map(Arc::new)
+            .map_err(|e| format!("cannot set up the login's backend: {e}"))
+    }
+
     pub fn mode(&self) -> ExecutionMode {
         match self {
             Backend::Docker(d) => d.mode(),

@@ -4,6 +4,7 @@
 pub mod defaults;
 pub mod duration;
 pub mod load;
+pub mod merge;
 pub mod model;
 pub mod validate;
 

@@ -16,6 +16,8 @@ use super::duration::GoDuration;
 pub struct AppConfig {
     pub ssh: SshConfig,
     pub auth: AuthConfig,
+    /// The config webhook: per-login configuration merged onto this file's.
+    pub configserver: ConfigServerConfig,
     pub backend: BackendName,
     pub docker: DockerConfig,
     pub kubernetes: KubernetesConfig,
@@ -142,6 +144,60 @@ pub struct AuthzConfig {
     /// `""` (off) or `webhook`.
     pub method: String,
     pub webhook: WebhookConfig,
+}
+
+/// `configserver`: ContainerSSH's config webhook (`url` exactly, no path appended).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct ConfigServerConfig {
+    pub url: String,
+    pub timeout: GoDuration,
+    pub allow_redirects: bool,
+    pub cacert: String,
+    pub cert: String,
+    pub key: String,
+    pub tls_version: String,
+    #[serde(alias = "curve")]
+    pub curves: AlgorithmList,
+    pub cipher: AlgorithmList,
+    /// Send metadata marked `sensitive` to the config webhook too (off: left out).
+    pub transmit_sensitive_metadata: bool,
+}
+
+impl Default for ConfigServerConfig {
+    fn default() -> Self {
+        let w = WebhookConfig::default();
+        Self {
+            url: String::new(),
+            timeout: w.timeout,
+            allow_redirects: false,
+            cacert: String::new(),
+            cert: String::new(),
+            key: String::new(),
+            tls_version: w.tls_version,
+            curves: w.curves,
+            cipher: w.cipher,
+            transmit_sensitive_metadata: false,
+        }
+    }
+}
+
+impl ConfigServerConfig {
+    /// As a webhook block; ContainerSSH gives the config webhook 60 s in all.
+    pub fn webhook(&self) -> WebhookConfig {
+        WebhookConfig {
+            url: self.url.clone(),
+            timeout: self.timeout,
+            auth_timeout: GoDuration::from_secs(60),
+            allow_redirects: self.allow_redirects,
+            cacert: self.cacert.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            tls_version: self.tls_version.clone(),
+            curves: self.curves.clone(),
+            cipher: self.cipher.clone(),
+        }
+    }
 }
 
 /// ContainerSSH's HTTP client block for webhooks.

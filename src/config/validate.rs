@@ -72,6 +72,11 @@ pub struct Settings {
     pub password_webhook: Option<WebhookConfig>,
     pub pubkey_webhook: Option<WebhookConfig>,
     pub authz_webhook: Option<WebhookConfig>,
+    /// `configserver` when its `url` is set, and whether sensitive metadata goes to it.
+    pub config_webhook: Option<WebhookConfig>,
+    pub transmit_sensitive_metadata: bool,
+    /// The configuration these settings came from: the base of per-login merges.
+    pub file: std::sync::Arc<AppConfig>,
     /// Which backend runs the containers; only its block is validated.
     pub backend: BackendName,
     pub docker: DockerConfig,
@@ -167,20 +172,19 @@ fn forwarding(file: &str, f: &ForwardingConfig) -> Result<Forwarding, ConfigErro
 /// settings are checked by building the client once.
 fn webhook(
     file: &str,
-    block: &str,
+    key: &str,
     method: &str,
     cfg: &WebhookConfig,
 ) -> Result<Option<WebhookConfig>, ConfigError> {
     if method != "webhook" {
         return Ok(None);
     }
-    let key = format!("{block}.webhook");
     if cfg.url.is_empty() {
         return Err(invalid(file, &format!("{key}.url"), "required"));
     }
-    crate::webhook::Webhook::new(&key, cfg).map_err(|message| {
+    crate::webhook::Webhook::new(key, cfg).map_err(|message| {
         // The message starts with the key it is about.
-        let (k, m) = message.split_once(": ").unwrap_or((&key, &message));
+        let (k, m) = message.split_once(": ").unwrap_or((key, &message));
         invalid(file, k, m)
     })?;
     Ok(Some(cfg.clone()))
@@ -673,6 +677,12 @@ fn validate_kubernetes(file: &str, k: &KubernetesConfig) -> Result<(), ConfigErr
 }
 
 pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
+    let source = std::sync::Arc::new(cfg.clone());
+    let config_webhook = if cfg.configserver.url.is_empty() {
+        None
+    } else {
+        webhook(file, "configserver", "webhook", &cfg.configserver.webhook())?
+    };
     let listen: SocketAddr = cfg.ssh.listen.parse().map_err(|_| {
         invalid(
             file,
@@ -726,7 +736,7 @@ pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
     };
     let pubkey_webhook = webhook(
         file,
-        "auth.publicKey",
+        "auth.publicKey.webhook",
         &cfg.auth.public_key.method,
         &cfg.auth.public_key.webhook,
     )?;
@@ -757,13 +767,18 @@ pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
     };
     let password_webhook = webhook(
         file,
-        "auth.password",
+        "auth.password.webhook",
         &cfg.auth.password.method,
         &cfg.auth.password.webhook,
     )?;
     let authz_webhook = match cfg.auth.authz.method.as_str() {
         "" => None,
-        "webhook" => webhook(file, "auth.authz", "webhook", &cfg.auth.authz.webhook)?,
+        "webhook" => webhook(
+            file,
+            "auth.authz.webhook",
+            "webhook",
+            &cfg.auth.authz.webhook,
+        )?,
         other => {
             return Err(invalid(
                 file,
@@ -822,6 +837,9 @@ pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
         password_webhook,
         pubkey_webhook,
         authz_webhook,
+        config_webhook,
+        transmit_sensitive_metadata: cfg.configserver.transmit_sensitive_metadata,
+        file: source,
         backend: cfg.backend,
         docker: cfg.docker,
         kubernetes: cfg.kubernetes,

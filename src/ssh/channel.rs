@@ -53,7 +53,7 @@ async fn x11_env(
     protocol: &str,
     cookie: &[u8],
 ) -> Result<Vec<String>, String> {
-    let backend = &conn.shared.backend;
+    let backend = conn.backend();
     let container = conn.container().await.map_err(|e| e.to_string())?;
     let agent = backend
         .agent_in(&container)
@@ -101,7 +101,7 @@ async fn start(
     conn: &ConnCtx,
     spec: &ProgramSpec,
 ) -> Result<(Option<String>, Process), StartError> {
-    let backend = &conn.shared.backend;
+    let backend = conn.backend();
     match backend.mode() {
         ExecutionMode::Connection | ExecutionMode::Persistent => {
             let container = conn.container().await?;
@@ -274,6 +274,6 @@ pub async fn run(
     }
     stdin_task.abort();
     if let Some(id) = session_container {
-        conn.shared.backend.remove_session(&id).await;
+        conn.backend().remove_session(&id).await;
     }
 }

@@ -10,8 +10,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::authorized_keys::KeyOptions;
 use crate::auth::metadata::LoginMetadata;
-use crate::backend::{ConnMeta, StartError, Target};
+use crate::backend::{Backend, ConnMeta, StartError, Target};
 use crate::config::model::ExecutionMode;
+use crate::config::Settings;
 use crate::server::Shared;
 
 #[derive(Clone, Debug)]
@@ -45,6 +46,8 @@ pub struct ConnCtx {
     pub forwards: super::forward::ConnForwards,
     /// The client's identification line, once read.
     pub client_version: Arc<OnceLock<String>>,
+    /// The login's own settings and backend (from the config webhook), once known.
+    profile: OnceLock<(Arc<Settings>, Arc<Backend>)>,
 }
 
 /// 32 hex characters from 16 random bytes, ContainerSSH's connection ID format.
@@ -75,7 +78,29 @@ impl ConnCtx {
             tasks: TaskTracker::new(),
             forwards: Default::default(),
             client_version: Arc::new(OnceLock::new()),
+            profile: OnceLock::new(),
         })
+    }
+
+    /// The settings this connection runs with: the login's own, or the file's.
+    pub fn settings(&self) -> &Settings {
+        self.profile
+            .get()
+            .map(|p| p.0.as_ref())
+            .unwrap_or(&self.shared.settings)
+    }
+
+    /// The backend this connection's containers or pods come from.
+    pub fn backend(&self) -> &Backend {
+        self.profile
+            .get()
+            .map(|p| p.1.as_ref())
+            .unwrap_or(self.shared.backend.as_ref())
+    }
+
+    /// Sets the login's own settings and backend (before [`Self::authenticated`]).
+    pub fn set_profile(&self, settings: Arc<Settings>, backend: Arc<Backend>) {
+        let _ = self.profile.set((settings, backend));
     }
 
     pub fn user(&self) -> Option<&AuthedUser> {
@@ -100,7 +125,7 @@ impl ConnCtx {
         if self.user.set(user).is_err() {
             return;
         }
-        if self.shared.backend.mode() == ExecutionMode::Session {
+        if self.backend().mode() == ExecutionMode::Session {
             return;
         }
         let me = Arc::clone(self);
@@ -112,7 +137,7 @@ impl ConnCtx {
                 .unwrap_or_default();
             // Not cancelled midway: a create in flight must finish so cleanup can find it.
             // The files are written before the slot is ready, so no session starts without them.
-            let started = me.shared.backend.start_connection(&meta, &login).await;
+            let started = me.backend().start_connection(&meta, &login).await;
             let slot = match started {
                 Ok(t) => ContainerSlot::Ready(t),
                 Err(e) => {
@@ -145,14 +170,14 @@ impl ConnCtx {
     pub async fn close(&self) {
         self.cancel.cancel();
         self.tasks.close();
-        let stop = self.shared.settings.stop_timeout();
+        let stop = self.settings().stop_timeout();
         if tokio::time::timeout(stop, self.tasks.wait()).await.is_err() {
             tracing::warn!(connection_id = %self.id, "connection tasks did not finish in time");
         }
         if !self.is_authenticated() {
             return;
         }
-        match self.shared.backend.remove_connection(&self.id).await {
+        match self.backend().remove_connection(&self.id).await {
             Ok(n) => {
                 tracing::debug!(connection_id = %self.id, removed = n, "connection cleaned up")
             }

@@ -146,7 +146,7 @@ async fn forwarder(conn: &Arc<ConnCtx>, handle: &Handle) -> Result<Arc<Forwarder
 }
 
 async fn start(conn: &Arc<ConnCtx>, handle: &Handle) -> Result<Arc<Forwarder>, String> {
-    let backend = &conn.shared.backend;
+    let backend = conn.backend();
     if !backend.has_agent() {
         return Err(format!(
             "forwarding needs the in-container agent ({} is set)",

@@ -108,6 +108,20 @@ impl Handler {
         answer
     }
 
+    /// Merges the config webhook's configuration onto the file's and gives the connection the
+    /// resulting settings and backend.
+    fn apply_login_config(&self, user: &str, overlay: &serde_json::Value) -> Result<(), String> {
+        let shared = &self.conn.shared;
+        let label = format!("config webhook answer for {}", user.escape_debug());
+        let settings = crate::config::merge::merge(&label, &shared.settings.file, overlay)
+            .map_err(|e| e.to_string())?;
+        let settings = Arc::new(settings);
+        let backend = shared.backend.for_login(&shared.settings, &settings)?;
+        tracing::debug!(connection_id = %self.conn.id, backend = ?settings.backend, mode = ?settings.mode(), "per-login configuration");
+        self.conn.set_profile(settings, backend);
+        Ok(())
+    }
+
     /// After a successful authentication: the authz webhook (when configured), then the
     /// login's metadata; the connection is authenticated as the webhook's
     /// `authenticatedUsername` when it names one.
@@ -127,6 +141,24 @@ impl Handler {
                 }
                 Err(e) => {
                     tracing::warn!(connection_id = %self.conn.id, user = %user.escape_debug(), error = %e, "authz webhook failed: login refused");
+                    return Auth::reject();
+                }
+            }
+        }
+        if let Some(hook) = self.conn.shared.webhooks.config.clone() {
+            let sensitive = self.conn.shared.settings.transmit_sensitive_metadata;
+            match auth_webhook::config(&hook, user, state, &self.peer(), sensitive).await {
+                Ok((s, overlay)) => {
+                    state = s;
+                    if let Some(overlay) = overlay {
+                        if let Err(e) = self.apply_login_config(user, &overlay) {
+                            tracing::warn!(connection_id = %self.conn.id, user = %user.escape_debug(), error = %e, "login refused: the config webhook's configuration cannot be used");
+                            return Auth::reject();
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(connection_id = %self.conn.id, user = %user.escape_debug(), error = %e, "config webhook failed: login refused");
                     return Auth::reject();
                 }
             }
@@ -464,12 +496,9 @@ impl russh::server::Handler for Handler {
         id: ChannelId,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let (argv, env) = self.forced("").unwrap_or_else(|| {
-            (
-                self.conn.shared.settings.shell_command().to_vec(),
-                Vec::new(),
-            )
-        });
+        let (argv, env) = self
+            .forced("")
+            .unwrap_or_else(|| (self.conn.settings().shell_command().to_vec(), Vec::new()));
         self.start(id, argv, env, session)
     }
 
@@ -500,7 +529,7 @@ impl russh::server::Handler for Handler {
         if let Some((argv, env)) = self.forced(name) {
             return self.start(id, argv, env, session);
         }
-        let path = self.conn.shared.settings.subsystem(name).cloned();
+        let path = self.conn.settings().subsystem(name).cloned();
         match path {
             Some(p) => self.start(id, vec![p], Vec::new(), session),
             None => {
@@ -613,7 +642,7 @@ impl russh::server::Handler for Handler {
         reply: ChannelOpenHandle,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let enabled = self.conn.shared.settings.forwarding.local_tcp;
+        let enabled = self.conn.settings().forwarding.local_tcp;
         let port = u16::try_from(port_to_connect).ok();
         match port {
             Some(port)
@@ -641,7 +670,7 @@ impl russh::server::Handler for Handler {
         reply: ChannelOpenHandle,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let enabled = self.conn.shared.settings.forwarding.local_socket;
+        let enabled = self.conn.settings().forwarding.local_socket;
         if allowed(&self.conn, enabled, "direct-streamlocal") && target_ok(socket_path) {
             let target = DirectTarget::Unix {
                 path: socket_path.to_string(),
@@ -661,7 +690,7 @@ impl russh::server::Handler for Handler {
         port: &mut u32,
         session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        let enabled = self.conn.shared.settings.forwarding.remote_tcp;
+        let enabled = self.conn.settings().forwarding.remote_tcp;
         if !allowed(&self.conn, enabled, "tcpip-forward")
             || address.len() > MAX_FORWARD_TARGET_BYTES
         {
@@ -694,7 +723,7 @@ impl russh::server::Handler for Handler {
         socket_path: &str,
         session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        let enabled = self.conn.shared.settings.forwarding.remote_socket;
+        let enabled = self.conn.settings().forwarding.remote_socket;
         if !allowed(&self.conn, enabled, "streamlocal-forward") || !target_ok(socket_path) {
             return Ok(false);
         }
@@ -724,7 +753,7 @@ impl russh::server::Handler for Handler {
         x11_screen_number: u32,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let enabled = self.conn.shared.settings.forwarding.x11;
+        let enabled = self.conn.settings().forwarding.x11;
         let cookie = hex::decode(x11_auth_cookie).ok().filter(|c| c.len() <= 256);
         let fresh = self
             .channels
@@ -764,7 +793,7 @@ impl russh::server::Handler for Handler {
         id: ChannelId,
         session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        let enabled = self.conn.shared.settings.forwarding.agent;
+        let enabled = self.conn.settings().forwarding.agent;
         let fresh = self
             .channels
             .get(&id)

@@ -45,6 +45,7 @@ struct ApiLevel {
 }
 
 /// The agent archives uploaded into every container we start.
+#[derive(Clone)]
 struct AgentTars {
     /// The parent directory of `agentPath`, for the upload that assumes it exists.
     dir: String,
@@ -56,6 +57,7 @@ struct AgentTars {
 }
 
 /// How programs reach the agent: `None` in [`DockerBackend`] when `disableAgent` is set.
+#[derive(Clone)]
 struct AgentUse {
     /// `docker.execution.agentPath`.
     path: String,
@@ -432,6 +434,22 @@ impl DockerBackend {
 
     pub fn mode(&self) -> crate::config::model::ExecutionMode {
         self.exec.mode
+    }
+
+    /// This backend with a login's own `docker` block (the config webhook's), sharing the
+    /// engine client and the agent archive; `None` when the block names another engine or
+    /// moves or disables the agent (then a backend of its own is needed).
+    pub fn derive(&self, cfg: &DockerConfig, same_connection: bool) -> Option<DockerBackend> {
+        let same_agent = self.agent.as_ref().map(|a| a.path.as_str())
+            == (!cfg.execution.disable_agent).then_some(cfg.execution.agent_path.as_str());
+        (same_connection && same_agent).then(|| DockerBackend {
+            client: self.client.clone(),
+            exec: cfg.execution.clone(),
+            timeouts: cfg.timeouts.clone(),
+            instance: self.instance.clone(),
+            api: OnceCell::new(),
+            agent: self.agent.clone(),
+        })
     }
 
     /// Whether programs run under the agent (signals, forwarding and files need it).
