@@ -353,11 +353,64 @@ impl Default for DockerExecutionConfig {
     }
 }
 
-/// ContainerSSH's `security` block; the forwarding part so far.
-#[derive(Clone, Debug, Deserialize, Serialize, Default)]
+/// ContainerSSH's `security` block: which requests clients may make.
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct SecurityConfig {
+    /// The mode of every request kind left at `""` (forwarding excepted: off unless enabled).
+    pub default_mode: SecurityMode,
     pub forwarding: ForwardingConfig,
+    /// `env` requests: `filter` allows only `allow`, `enable` all but `deny`.
+    pub env: SecurityListConfig,
+    /// `exec` requests: `filter` allows only the exact commands in `allow`.
+    pub command: SecurityListConfig,
+    /// `shell` requests (`filter` means `disable`).
+    pub shell: SecurityModeConfig,
+    /// `subsystem` requests, by name.
+    pub subsystem: SecurityListConfig,
+    /// `pty-req` (`filter` means `disable`).
+    pub tty: SecurityModeConfig,
+    /// `signal` requests, by name (`TERM`, `USR1`, …).
+    pub signal: SecurityListConfig,
+    /// Runs instead of every shell, exec and subsystem request; the original in
+    /// `SSH_ORIGINAL_COMMAND`, as OpenSSH's ForceCommand.
+    pub force_command: String,
+    /// Session channels open at once per connection; `-1` (default) or `0`: no limit beyond
+    /// the server's own.
+    pub max_sessions: i64,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        Self {
+            default_mode: SecurityMode::Default,
+            forwarding: ForwardingConfig::default(),
+            env: SecurityListConfig::default(),
+            command: SecurityListConfig::default(),
+            shell: SecurityModeConfig::default(),
+            subsystem: SecurityListConfig::default(),
+            tty: SecurityModeConfig::default(),
+            signal: SecurityListConfig::default(),
+            force_command: String::new(),
+            max_sessions: -1,
+        }
+    }
+}
+
+/// A security mode with allow and deny lists.
+#[derive(Clone, Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct SecurityListConfig {
+    pub mode: SecurityMode,
+    pub allow: Vec<String>,
+    pub deny: Vec<String>,
+}
+
+/// A security mode alone.
+#[derive(Clone, Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct SecurityModeConfig {
+    pub mode: SecurityMode,
 }
 
 /// `security.forwarding`: every kind is off unless enabled, as in ContainerSSH.

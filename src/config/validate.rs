@@ -86,6 +86,8 @@ pub struct Settings {
     pub log: LogConfig,
     pub agent: AgentConfig,
     pub forwarding: Forwarding,
+    /// `security`: which requests clients may make.
+    pub policy: Policy,
     /// `auth.metadata`: environment and files every login gets.
     pub metadata: crate::auth::metadata::MetadataTemplate,
     pub instance_id: String,
@@ -146,6 +148,110 @@ impl Forwarding {
             || self.x11
             || self.agent
     }
+}
+
+/// One request kind's rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rule {
+    /// Everything but these.
+    Enable {
+        deny: Vec<String>,
+    },
+    /// Only these.
+    Filter {
+        allow: Vec<String>,
+    },
+    Disable,
+}
+
+impl Rule {
+    pub fn allows(&self, name: &str) -> bool {
+        match self {
+            Rule::Enable { deny } => !deny.iter().any(|d| d == name),
+            Rule::Filter { allow } => allow.iter().any(|a| a == name),
+            Rule::Disable => false,
+        }
+    }
+}
+
+/// The `security` block, resolved: every mode left at `""` takes `defaultMode`, and `enable`
+/// when that is empty too. ContainerSSH's signal rule read the shell's mode; here each kind
+/// reads its own.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub env: Rule,
+    pub command: Rule,
+    pub shell: bool,
+    pub subsystem: Rule,
+    pub tty: bool,
+    pub signal: Rule,
+    pub force_command: Option<String>,
+    /// Session channels open at once per connection.
+    pub max_sessions: Option<usize>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        let all = Rule::Enable { deny: Vec::new() };
+        Self {
+            env: all.clone(),
+            command: all.clone(),
+            shell: true,
+            subsystem: all.clone(),
+            tty: true,
+            signal: all,
+            force_command: None,
+            max_sessions: None,
+        }
+    }
+}
+
+fn policy(file: &str, s: &crate::config::model::SecurityConfig) -> Result<Policy, ConfigError> {
+    let mode = |m: SecurityMode| match (m, s.default_mode) {
+        (SecurityMode::Default, SecurityMode::Default) => SecurityMode::Enable,
+        (SecurityMode::Default, d) => d,
+        (m, _) => m,
+    };
+    let list = |key: &str, l: &crate::config::model::SecurityListConfig, deny_ok: bool| {
+        if !deny_ok && !l.deny.is_empty() {
+            return Err(invalid(
+                file,
+                &format!("security.{key}.deny"),
+                "not supported: use mode filter with allow",
+            ));
+        }
+        Ok(match mode(l.mode) {
+            SecurityMode::Enable | SecurityMode::Default => Rule::Enable {
+                deny: l.deny.clone(),
+            },
+            SecurityMode::Filter => Rule::Filter {
+                allow: l.allow.clone(),
+            },
+            SecurityMode::Disable => Rule::Disable,
+        })
+    };
+    let on = |m: SecurityMode| matches!(mode(m), SecurityMode::Enable | SecurityMode::Default);
+    let max_sessions = match s.max_sessions {
+        n if n < -1 => {
+            return Err(invalid(
+                file,
+                "security.maxSessions",
+                "must be -1 (no limit) or a positive number",
+            ))
+        }
+        -1 | 0 => None,
+        n => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+    };
+    Ok(Policy {
+        env: list("env", &s.env, true)?,
+        command: list("command", &s.command, false)?,
+        shell: on(s.shell.mode),
+        subsystem: list("subsystem", &s.subsystem, true)?,
+        tty: on(s.tty.mode),
+        signal: list("signal", &s.signal, true)?,
+        force_command: (!s.force_command.is_empty()).then(|| s.force_command.clone()),
+        max_sessions,
+    })
 }
 
 fn forwarding(file: &str, f: &ForwardingConfig) -> Result<Forwarding, ConfigError> {
@@ -846,6 +952,7 @@ pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
         log: cfg.log,
         agent: cfg.agent,
         forwarding: forwarding(file, &cfg.security.forwarding)?,
+        policy: policy(file, &cfg.security)?,
         metadata: crate::auth::metadata::MetadataTemplate::from_config(&cfg.auth.metadata)
             .map_err(|e| invalid(file, &format!("auth.metadata.{}", e.key), e.message))?,
         instance_id,
@@ -963,6 +1070,46 @@ mod tests {
             let err = validate("c", parse_yaml("c", &hook(block)).unwrap())
                 .unwrap_err()
                 .to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn security_policy_modes_lists_and_defaults() {
+        let p = |sec: &str| {
+            let y = base() + "security:\n" + sec;
+            validate("c", parse_yaml("c", &y).unwrap()).map(|s| s.policy)
+        };
+        // Nothing set: everything enabled, no forced command, no session limit.
+        let all = p("  maxSessions: -1\n").unwrap();
+        assert!(all.shell && all.tty && all.signal.allows("TERM") && all.env.allows("X"));
+        assert_eq!(all.max_sessions, None);
+        // defaultMode fills what is left empty; each kind reads its own mode (ContainerSSH's
+        // signal rule read the shell's).
+        let q = p("  defaultMode: disable\n  shell:\n    mode: enable\n  signal:\n    mode: filter\n    allow: [INT]\n").unwrap();
+        assert!(q.shell && !q.tty && !q.env.allows("X") && !q.command.allows("id"));
+        assert!(q.signal.allows("INT") && !q.signal.allows("TERM"));
+        let q =
+            p("  signal:\n    deny: [KILL]\n  tty:\n    mode: filter\n  maxSessions: 3\n").unwrap();
+        assert!(!q.signal.allows("KILL") && q.signal.allows("TERM") && !q.tty);
+        assert_eq!(q.max_sessions, Some(3));
+        assert_eq!(
+            p("  forceCommand: /bin/true\n")
+                .unwrap()
+                .force_command
+                .as_deref(),
+            Some("/bin/true")
+        );
+        for (sec, key) in [
+            ("  maxSessions: -2\n", "security.maxSessions"),
+            ("  command:\n    deny: [id]\n", "security.command.deny"),
+            ("  env:\n    mode: sometimes\n", "security.env"),
+        ] {
+            let y = base() + "security:\n" + sec;
+            let err = match parse_yaml::<AppConfig>("c", &y) {
+                Ok(cfg) => validate("c", cfg).unwrap_err().to_string(),
+                Err(e) => e.to_string(),
+            };
             assert!(err.contains(key), "{key}: {err}");
         }
     }

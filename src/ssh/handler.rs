@@ -255,9 +255,13 @@ impl Handler {
         Ok(session.channel_success(id)?)
     }
 
-    /// `command=` from authorized_keys replaces whatever the client asked, as in OpenSSH.
+    /// `security.forceCommand`, else `command=` from authorized_keys, replaces whatever the
+    /// client asked, as ForceCommand and `command=` do in OpenSSH (ForceCommand wins).
     fn forced(&self, original: &str) -> Option<(Vec<String>, Vec<String>)> {
-        let cmd = self.conn.user()?.key_options.as_ref()?.command.clone()?;
+        let cmd = match &self.conn.settings().policy.force_command {
+            Some(c) => c.clone(),
+            None => self.conn.user()?.key_options.as_ref()?.command.clone()?,
+        };
         Some((
             vec!["/bin/sh".into(), "-c".into(), cmd],
             vec![format!("SSH_ORIGINAL_COMMAND={original}")],
@@ -402,6 +406,16 @@ impl russh::server::Handler for Handler {
                 .await;
             return Ok(());
         }
+        // A parallel limit: closed sessions give their place back (ContainerSSH counted all).
+        if let Some(max) = self.conn.settings().policy.max_sessions {
+            if self.channels.len() >= max {
+                tracing::info!(connection_id = %self.conn.id, max, "session refused: security.maxSessions");
+                reply
+                    .reject(russh::ChannelOpenFailure::ResourceShortage)
+                    .await;
+                return Ok(());
+            }
+        }
         let id = channel.id();
         // Requests and data reach us through the callbacks below; the read half is dropped so
         // russh never blocks on it.
@@ -457,6 +471,10 @@ impl russh::server::Handler for Handler {
         if no_pty || ch.started || ch.pty || term.len() > MAX_TERM_BYTES || !dims_ok(cols, rows) {
             return Ok(session.channel_failure(id)?);
         }
+        if !self.conn.settings().policy.tty {
+            tracing::info!(connection_id = %self.conn.id, "terminal refused: security.tty");
+            return Ok(session.channel_failure(id)?);
+        }
         ch.pty = true;
         let t = Terminal {
             term: term.to_string(),
@@ -485,6 +503,10 @@ impl russh::server::Handler for Handler {
         {
             return Ok(session.channel_failure(id)?);
         }
+        if !self.conn.settings().policy.env.allows(name) {
+            tracing::info!(connection_id = %self.conn.id, name = %name.escape_debug(), "environment variable refused: security.env");
+            return Ok(session.channel_failure(id)?);
+        }
         ch.env_count += 1;
         self.send(id, ChannelEvent::Env(format!("{name}={value}")))
             .await;
@@ -496,10 +518,15 @@ impl russh::server::Handler for Handler {
         id: ChannelId,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let (argv, env) = self
-            .forced("")
-            .unwrap_or_else(|| (self.conn.settings().shell_command().to_vec(), Vec::new()));
-        self.start(id, argv, env, session)
+        if let Some((argv, env)) = self.forced("") {
+            return self.start(id, argv, env, session);
+        }
+        if !self.conn.settings().policy.shell {
+            tracing::info!(connection_id = %self.conn.id, "shell refused: security.shell");
+            return Ok(session.channel_failure(id)?);
+        }
+        let argv = self.conn.settings().shell_command().to_vec();
+        self.start(id, argv, Vec::new(), session)
     }
 
     async fn exec_request(
@@ -514,10 +541,14 @@ impl russh::server::Handler for Handler {
         if data.len() > MAX_COMMAND_BYTES || command.contains('\0') {
             return Ok(session.channel_failure(id)?);
         }
-        let (argv, env) = self
-            .forced(command)
-            .unwrap_or_else(|| (exec_argv(command), Vec::new()));
-        self.start(id, argv, env, session)
+        if let Some((argv, env)) = self.forced(command) {
+            return self.start(id, argv, env, session);
+        }
+        if !self.conn.settings().policy.command.allows(command) {
+            tracing::info!(connection_id = %self.conn.id, command = %command.escape_debug(), "command refused: security.command");
+            return Ok(session.channel_failure(id)?);
+        }
+        self.start(id, exec_argv(command), Vec::new(), session)
     }
 
     async fn subsystem_request(
@@ -528,6 +559,10 @@ impl russh::server::Handler for Handler {
     ) -> Result<(), Self::Error> {
         if let Some((argv, env)) = self.forced(name) {
             return self.start(id, argv, env, session);
+        }
+        if !self.conn.settings().policy.subsystem.allows(name) {
+            tracing::info!(connection_id = %self.conn.id, subsystem = %name.escape_debug(), "subsystem refused: security.subsystem");
+            return Ok(session.channel_failure(id)?);
         }
         let path = self.conn.settings().subsystem(name).cloned();
         match path {
@@ -568,7 +603,12 @@ impl russh::server::Handler for Handler {
         signal: Sig,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.send(id, ChannelEvent::Signal(sig_name(&signal))).await;
+        let name = sig_name(&signal);
+        if !self.conn.settings().policy.signal.allows(&name) {
+            tracing::info!(connection_id = %self.conn.id, signal = %name.escape_debug(), "signal refused: security.signal");
+            return Ok(());
+        }
+        self.send(id, ChannelEvent::Signal(name)).await;
         Ok(())
     }
 
