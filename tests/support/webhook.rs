@@ -1,5 +1,6 @@
 //! A strict test server for ContainerSSH's authentication webhooks (`/password`, `/pubkey`,
-//! `/authz`), over plain HTTP or HTTPS (rustls), optionally requiring client certificates.
+//! `/authz`) and its config webhook (a path ending in `/config`, decoded like `/authz`), over
+//! plain HTTP or HTTPS (rustls), optionally requiring client certificates.
 //!
 //! Strict the way the Go server is: only `POST` with `Content-Type: application/json`, and
 //! request bodies decoded into the 0.5/0.6 shapes with unknown fields rejected
@@ -7,7 +8,8 @@
 //! [`WebhookServer::errors`], which a test asserts empty at its end. Every request is
 //! recorded ([`WebhookServer::requests`]); answers come from a script: per path a queue of
 //! [`Reply`]s ([`WebhookServer::push`]) and a default ([`WebhookServer::set_default`]).
-//! [`success`] / [`failure`] build the canonical response bodies.
+//! [`success`] / [`failure`] build the canonical response bodies, [`config_reply`] the config
+//! webhook's. [`WebhookServer::set_for_user`] answers by the request's `username`.
 //!
 //! The server runs in its own thread with its own Tokio runtime, so the (synchronous) tests
 //! only ever call blocking methods. Dropping it stops the runtime.
@@ -96,6 +98,10 @@ pub struct AuthzRequest {
     pub files: Option<BTreeMap<String, FileValue>>,
 }
 
+/// `POST <configserver.url>` (the test server expects a path ending in `/config`): the same
+/// shape as the authz request (reference §2.2).
+pub type ConfigRequest = AuthzRequest;
+
 fn b64() -> base64::engine::GeneralPurpose {
     base64::engine::general_purpose::STANDARD
 }
@@ -119,8 +125,8 @@ fn check_base64(what: &str, v: &str) -> Result<(), String> {
         .map_err(|e| format!("{what} is not standard base64: {e}"))
 }
 
-/// Decodes `body` strictly according to the last path segment: `password`, `pubkey` or
-/// `authz` get their struct (unknown fields, missing required fields, wrong types, bad base64
+/// Decodes `body` strictly according to the last path segment: `password`, `pubkey`,
+/// `authz` or `config` (the authz shape) get their struct (unknown fields, missing required fields, wrong types, bad base64
 /// and a bad `remoteAddress` are errors); any other path only needs a JSON value.
 fn validate(path: &str, body: &[u8]) -> Result<Value, String> {
     let kind = path.rsplit('/').next().unwrap_or("");
@@ -137,7 +143,7 @@ fn validate(path: &str, body: &[u8]) -> Result<Value, String> {
             let r: PubkeyRequest = parse(kind, body)?;
             check_remote_address(&r.remote_address)?;
         }
-        "authz" => {
+        "authz" | "config" => {
             let r: AuthzRequest = parse(kind, body)?;
             check_remote_address(&r.remote_address)?;
             for (k, f) in r.files.iter().flatten() {
@@ -288,6 +294,95 @@ impl From<&AuthReply> for Reply {
     }
 }
 
+/// A config webhook response body (reference §2.2): `{"config": {...}, "metadata": {...},
+/// "environment": {...}, "files": {...}}`, built with [`config_reply`]. The maps are omitted
+/// when empty unless [`ConfigReply::with_empty_maps`] asks for them as `{}`.
+#[derive(Clone, Debug)]
+pub struct ConfigReply {
+    config: Option<Value>,
+    metadata: Map<String, Value>,
+    environment: Map<String, Value>,
+    files: Map<String, Value>,
+    empty_maps: bool,
+}
+
+/// `{"config": config}`; `Value::Null` leaves `config` out altogether.
+pub fn config_reply(config: Value) -> ConfigReply {
+    ConfigReply {
+        config: (!config.is_null()).then_some(config),
+        metadata: Map::new(),
+        environment: Map::new(),
+        files: Map::new(),
+        empty_maps: false,
+    }
+}
+
+impl ConfigReply {
+    pub fn metadata(mut self, key: &str, value: &str, sensitive: bool) -> ConfigReply {
+        self.metadata.insert(
+            key.to_string(),
+            json!({"value": value, "sensitive": sensitive}),
+        );
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str, sensitive: bool) -> ConfigReply {
+        self.environment.insert(
+            key.to_string(),
+            json!({"value": value, "sensitive": sensitive}),
+        );
+        self
+    }
+
+    /// A file for the container; `content` is sent base64-encoded.
+    pub fn file(mut self, path: &str, content: &[u8], sensitive: bool) -> ConfigReply {
+        self.files.insert(
+            path.to_string(),
+            json!({"value": base64(content), "sensitive": sensitive}),
+        );
+        self
+    }
+
+    /// Sends empty `metadata`, `environment` and `files` as `{}` instead of leaving them out.
+    pub fn with_empty_maps(mut self) -> ConfigReply {
+        self.empty_maps = true;
+        self
+    }
+
+    pub fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        if let Some(c) = &self.config {
+            m.insert("config".into(), c.clone());
+        }
+        for (k, v) in [
+            ("metadata", &self.metadata),
+            ("environment", &self.environment),
+            ("files", &self.files),
+        ] {
+            if self.empty_maps || !v.is_empty() {
+                m.insert(k.into(), Value::Object(v.clone()));
+            }
+        }
+        Value::Object(m)
+    }
+
+    pub fn reply(&self) -> Reply {
+        Reply::json(&self.to_json())
+    }
+}
+
+impl From<ConfigReply> for Reply {
+    fn from(r: ConfigReply) -> Reply {
+        r.reply()
+    }
+}
+
+impl From<&ConfigReply> for Reply {
+    fn from(r: &ConfigReply) -> Reply {
+        r.reply()
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Recorded requests and shared state
 // ---------------------------------------------------------------------------
@@ -322,6 +417,8 @@ struct Inner {
     errors: Vec<String>,
     tls_errors: Vec<String>,
     queues: HashMap<String, VecDeque<Reply>>,
+    /// Per (path, username): used after the queue, before the default.
+    by_user: HashMap<(String, String), Reply>,
     defaults: HashMap<String, Reply>,
 }
 
@@ -556,6 +653,16 @@ impl WebhookServer {
         });
     }
 
+    /// The answer for `path` when the (valid) request's `username` is `user`: after the
+    /// path's queue, before its default.
+    pub fn set_for_user(&self, path: &str, user: &str, reply: impl Into<Reply>) {
+        let reply = reply.into();
+        self.state.update(|i| {
+            i.by_user
+                .insert((path.to_string(), user.to_string()), reply);
+        });
+    }
+
     /// Every request so far, valid or not, in arrival order.
     pub fn all_requests(&self) -> Vec<Recorded> {
         self.state.inner.lock().unwrap().requests.clone()
@@ -775,11 +882,13 @@ async fn handle(
                 ));
                 None
             }
-            Ok(_) => {
+            Ok(v) => {
+                let user = v.get("username").and_then(Value::as_str).unwrap_or("");
                 let next = i
                     .queues
                     .get_mut(&path)
                     .and_then(VecDeque::pop_front)
+                    .or_else(|| i.by_user.get(&(path.clone(), user.to_string())).cloned())
                     .or_else(|| i.defaults.get(&path).cloned());
                 if next.is_none() {
                     i.errors
