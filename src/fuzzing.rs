@@ -228,6 +228,12 @@ pub fn fuzz_kube_frames(data: &[u8]) {
     }
 }
 
+/// Certificate critical options and extensions: checking them never panics and keeps a
+/// forced command verbatim.
+pub fn fuzz_cert_options(data: &[u8]) {
+    crate::auth::certificate::fuzz_cert_options(data);
+}
+
 /// Auth webhook answers: decoded, merged (names, paths, base64 files and sizes checked) and
 /// applied to a login's metadata without a panic.
 pub fn fuzz_auth_response(data: &[u8]) {
@@ -326,7 +332,7 @@ mod tests {
     #[test]
     fn seed_corpora_pass_their_harnesses() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
-        let targets: [(&str, Harness); 11] = [
+        let targets: [(&str, Harness); 12] = [
             ("config_yaml", super::fuzz_config),
             ("docker_demux", super::fuzz_docker_demux),
             ("go_duration", super::fuzz_go_duration),
@@ -338,6 +344,7 @@ mod tests {
             ("kube_status", super::fuzz_kube_status),
             ("kubeconfig", super::fuzz_kubeconfig),
             ("auth_response", super::fuzz_auth_response),
+            ("cert_options", super::fuzz_cert_options),
         ];
         for (target, harness) in targets {
             let seeds = std::fs::read_dir(root.join(target))

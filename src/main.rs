@@ -163,6 +163,11 @@ fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
         .map(|p| Arc::new(PasswordFile::new(p)));
     let backend = std::sync::Arc::new(Backend::build(&settings)?);
     let webhooks = containerssh::server::AuthWebhooks::new(&settings)?;
+    let trusted_cas = settings
+        .trusted_user_ca_keys
+        .as_deref()
+        .map(containerssh::auth::certificate::TrustedCas::load)
+        .transpose()?;
     let ssh_config = ssh::russh_config(&settings, keys)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -175,6 +180,7 @@ fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
             settings,
             ssh: ssh_config,
             authorized_keys,
+            trusted_cas,
             passwords,
             backend,
             webhooks,

@@ -27,6 +27,8 @@ pub struct Shared {
     pub settings: Settings,
     pub ssh: Arc<russh::server::Config>,
     pub authorized_keys: Option<AuthorizedKeys>,
+    /// `auth.publicKey.trustedUserCAKeys`, loaded.
+    pub trusted_cas: Option<crate::auth::certificate::TrustedCas>,
     pub passwords: Option<Arc<PasswordFile>>,
     pub backend: Arc<Backend>,
     pub webhooks: AuthWebhooks,

@@ -9,6 +9,7 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 pub mod authorized_keys;
+pub mod certificate;
 mod key_options;
 pub mod metadata;
 pub mod password;

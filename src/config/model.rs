@@ -135,6 +135,10 @@ pub struct PublicKeyAuthConfig {
     pub method: String,
     pub authorized_keys: AuthorizedKeysConfig,
     pub webhook: WebhookConfig,
+    /// Ours: a file of CA public keys (as sshd's TrustedUserCAKeys); OpenSSH user
+    /// certificates they signed log in the users named among their principals.
+    #[serde(rename = "trustedUserCAKeys")]
+    pub trusted_user_ca_keys: String,
 }
 
 /// `auth.authz`: `method: webhook` calls `{url}/authz` after each successful authentication.

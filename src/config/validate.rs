@@ -1,7 +1,7 @@
 //! Raw config → checked settings. Every error names the key path it is about.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Map, Value};
@@ -72,6 +72,8 @@ pub struct Settings {
     pub password_webhook: Option<WebhookConfig>,
     pub pubkey_webhook: Option<WebhookConfig>,
     pub authz_webhook: Option<WebhookConfig>,
+    /// `auth.publicKey.trustedUserCAKeys`, checked to hold CA keys.
+    pub trusted_user_ca_keys: Option<PathBuf>,
     /// `configserver` when its `url` is set, and whether sensitive metadata goes to it.
     pub config_webhook: Option<WebhookConfig>,
     pub transmit_sensitive_metadata: bool,
@@ -893,10 +895,19 @@ pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
             ))
         }
     };
+    let trusted_user_ca_keys = match cfg.auth.public_key.trusted_user_ca_keys.as_str() {
+        "" => None,
+        p => {
+            crate::auth::certificate::TrustedCas::load(Path::new(p))
+                .map_err(|e| invalid(file, "auth.publicKey.trustedUserCAKeys", e))?;
+            Some(PathBuf::from(p))
+        }
+    };
     if authorized_keys.is_none()
         && password_file.is_none()
         && pubkey_webhook.is_none()
         && password_webhook.is_none()
+        && trusted_user_ca_keys.is_none()
     {
         return Err(invalid(
             file,
@@ -943,6 +954,7 @@ pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
         password_webhook,
         pubkey_webhook,
         authz_webhook,
+        trusted_user_ca_keys,
         config_webhook,
         transmit_sensitive_metadata: cfg.configserver.transmit_sensitive_metadata,
         file: source,

@@ -311,6 +311,11 @@ impl russh::server::Handler for Handler {
         user: &str,
         offer: russh::server::PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
+        if self.conn.shared.trusted_cas.is_some() {
+            // A certificate's offer carries only its key: the decision waits for the signed
+            // attempt, where russh tells a certificate from a plain key.
+            return Ok(Auth::Accept);
+        }
         if self.conn.shared.authorized_keys.is_some() {
             return Ok(if self.check_key(user, offer.public_key).is_some() {
                 Auth::Accept
@@ -329,6 +334,13 @@ impl russh::server::Handler for Handler {
         user: &str,
         key: VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
+        if self.conn.shared.authorized_keys.is_none()
+            && self.conn.shared.webhooks.public_key.is_none()
+        {
+            // Only certificates are accepted.
+            tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), "public key refused: only certificates are trusted");
+            return Ok(Auth::reject());
+        }
         if self.conn.shared.authorized_keys.is_some() {
             let Some(opts) = self.check_key(user, key.public_key) else {
                 tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), "public key refused");
@@ -342,6 +354,44 @@ impl russh::server::Handler for Handler {
             return Ok(Auth::reject());
         };
         Ok(self.finish_login(user, None, state, "publickey").await)
+    }
+
+    async fn auth_openssh_certificate(
+        &mut self,
+        user: &str,
+        certificate: &russh::keys::Certificate,
+    ) -> Result<Auth, Self::Error> {
+        let Some(cas) = &self.conn.shared.trusted_cas else {
+            return Ok(Auth::reject());
+        };
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        let login = match cas.check(certificate, user, self.conn.peer.ip(), now) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), key_id = %certificate.key_id().escape_debug(), reason = %e, "certificate refused");
+                return Ok(Auth::reject());
+            }
+        };
+        // The webhooks see which certificate it was.
+        let mut state = LoginState::default();
+        let value = |v: String| auth_webhook::Value {
+            value: v,
+            sensitive: false,
+        };
+        state
+            .metadata
+            .insert("sshCertificateKeyId".into(), value(login.key_id.clone()));
+        state.metadata.insert(
+            "sshCertificatePrincipals".into(),
+            value(login.principals.join(",")),
+        );
+        tracing::debug!(connection_id = %self.conn.id, key_id = %login.key_id.escape_debug(), "certificate accepted");
+        Ok(self
+            .finish_login(user, Some(login.options), state, "publickey-certificate")
+            .await)
     }
 
     async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
