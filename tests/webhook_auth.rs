@@ -520,6 +520,41 @@ fn environment_and_files_from_the_webhook_reach_the_container() {
     assert_no_violations(&hook, &server);
 }
 
+/// `docker.execution.exposeAuthMetadataAsEnv: true` (ContainerSSH's bool): the webhook's
+/// metadata values become variables of the same name; off (the default), they do not.
+#[test]
+fn docker_exposes_auth_metadata_as_env_when_asked() {
+    for expose in [true, false] {
+        let env = TestEnv::new();
+        let hook = WebhookServer::http();
+        hook.set_default(
+            "/password",
+            success("alice").metadata("GITHUB_LOGIN", "octo", false),
+        );
+        let mut yaml = config(&env, &[Hook::new("password", &hook.url)]);
+        if expose {
+            yaml = yaml.replacen(
+                "docker:\n  execution:\n",
+                "docker:\n  execution:\n    exposeAuthMetadataAsEnv: true\n",
+                1,
+            );
+            assert!(yaml.contains("exposeAuthMetadataAsEnv"), "test setup");
+        }
+        let server = env.start(&yaml);
+        let out = run(env
+            .ssh_password(&server, "alice", PASSWORD)
+            .arg("echo \"[$GITHUB_LOGIN]\""));
+        let want = if expose { "[octo]\n" } else { "[]\n" };
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            want,
+            "expose={expose}: {}",
+            ctx(&out, &server, &hook)
+        );
+        assert_no_violations(&hook, &server);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 9: HTTPS
 // ---------------------------------------------------------------------------

@@ -334,6 +334,9 @@ pub struct DockerExecutionConfig {
     pub agent_path: String,
     /// No agent: no signals to exec'd programs, no forwarding, no files from authentication.
     pub disable_agent: bool,
+    /// Every authentication metadata value (the webhooks') as an environment variable of the
+    /// same name in each session (ContainerSSH's bool; Kubernetes maps names instead).
+    pub expose_auth_metadata_as_env: bool,
 }
 
 impl Default for DockerExecutionConfig {
@@ -353,6 +356,7 @@ impl Default for DockerExecutionConfig {
             create_missing_container: false,
             agent_path: defaults::agent_path(),
             disable_agent: false,
+            expose_auth_metadata_as_env: false,
         }
     }
 }
