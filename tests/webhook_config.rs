@@ -23,6 +23,8 @@ use support::{
 const CMD_TIMEOUT: Duration = Duration::from_secs(90);
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL_STEP: Duration = Duration::from_millis(100);
+/// Bound for a pod to disappear after a disconnect.
+const GONE_TIMEOUT: Duration = Duration::from_secs(30);
 const PASSWORD: &str = "Correct-Horse 42!";
 /// The marker file of [`bob_image`], and the command that prints it (or `no-marker`).
 const MARKER: &str = "/etc/containerssh-test-which";
@@ -844,4 +846,64 @@ fn the_test_webhook_decodes_config_requests_strictly() {
         assert_eq!(hook.errors().len(), before + 1, "{}", hook.describe());
     }
     assert_eq!(hook.requests("/config").len(), 2);
+}
+
+// ---------------------------------------------------------------------------
+// Per-user backend: one user on Docker, another on Kubernetes
+// ---------------------------------------------------------------------------
+
+/// The config webhook moves bob to the Kubernetes backend (the Docker-backed fake API server,
+/// connection block and pod spec all in the answer); alice stays on the file's Docker
+/// backend. Bob's session runs in a pod (its hostname is the pod's name) that is deleted
+/// when he disconnects.
+#[test]
+fn the_webhook_moves_a_user_to_kubernetes() {
+    let fake = support::KubeFake::start();
+    let env = TestEnv::new();
+    let hook = WebhookServer::http();
+    let ca = std::fs::read_to_string(&fake.ca_cert).expect("the fake's CA");
+    let kube = json!({
+        "backend": "kubernetes",
+        "kubernetes": {
+            "connection": {"host": fake.url, "cacert": ca, "bearerToken": fake.token},
+            "pod": {
+                "metadata": {"namespace": "default", "labels": {"containerssh_test": "1"}},
+                "spec": {"containers": [{"name": "shell", "image": test_image()}]},
+                "shellCommand": ["/bin/sh"],
+                "agentInitImage": support::agent_init_image()
+            }
+        }
+    });
+    hook.set_for_user("/config", "alice", config_reply(Value::Null));
+    hook.set_for_user("/config", "bob", config_reply(kube));
+    let server = env.start(&keys_config(&env, &hook));
+
+    let bob = run_ok(env.ssh(&server, "bob").arg("hostname"), &server, &hook);
+    assert!(
+        bob.starts_with("containerssh-"),
+        "bob's hostname {bob:?} is not a pod's generated name\n--- fake ---\n{}",
+        fake.log()
+    );
+    assert!(
+        fake.log().contains(&format!("exec default/{}", bob.trim())),
+        "the fake never ran bob's exec: {}",
+        fake.log()
+    );
+    let alice = run_ok(env.ssh(&server, "alice").arg("hostname"), &server, &hook);
+    assert!(
+        alice.trim().len() == 12 && alice.trim().chars().all(|c| c.is_ascii_hexdigit()),
+        "alice's hostname {alice:?} is not a Docker container's"
+    );
+    // Bob's pod goes when he disconnects.
+    let gone = poll_until(GONE_TIMEOUT, POLL_STEP, || {
+        fake.docker_containers(Some(bob.trim()))
+            .is_empty()
+            .then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "bob's pod is still there: {}",
+        server.output()
+    );
+    assert_no_violations(&hook, &server);
 }
