@@ -1,10 +1,19 @@
-//! Logging set-up: ContainerSSH's levels and formats on top of `tracing`.
+//! Logging set-up: ContainerSSH's levels and formats on top of `tracing`, with a per-login
+//! level (the config webhook's `log.level`) for the events of that login's connection.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use tracing::field::{Field, Visit};
 use tracing::level_filters::LevelFilter;
+use tracing::{Event, Subscriber};
+use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::model::{LogConfig, LogFormat, LogLevel};
 
-fn filter(level: LogLevel) -> LevelFilter {
+pub fn filter(level: LogLevel) -> LevelFilter {
     match level {
         LogLevel::Debug => LevelFilter::DEBUG,
         // tracing has no "notice"; connection-level events are INFO and belong at the default.
@@ -16,15 +25,104 @@ fn filter(level: LogLevel) -> LevelFilter {
     }
 }
 
+/// Connection ID → that login's level, for connections whose level differs from the file's.
+fn overrides() -> &'static Mutex<HashMap<String, LevelFilter>> {
+    static MAP: OnceLock<Mutex<HashMap<String, LevelFilter>>> = OnceLock::new();
+    MAP.get_or_init(Default::default)
+}
+
+/// Set while any override exists: events are only searched for a connection ID then.
+static ANY_OVERRIDE: AtomicBool = AtomicBool::new(false);
+
+/// Logs the events of one connection at `level` (until [`clear_connection_level`]).
+pub fn set_connection_level(connection_id: &str, level: LogLevel) {
+    let mut map = overrides().lock().unwrap_or_else(|e| e.into_inner());
+    map.insert(connection_id.to_string(), filter(level));
+    ANY_OVERRIDE.store(true, Ordering::Release);
+}
+
+pub fn clear_connection_level(connection_id: &str) {
+    let mut map = overrides().lock().unwrap_or_else(|e| e.into_inner());
+    if map.remove(connection_id).is_some() && map.is_empty() {
+        ANY_OVERRIDE.store(false, Ordering::Release);
+    }
+}
+
+/// Finds an event's `connection_id` field.
+#[derive(Default)]
+struct ConnectionId(Option<String>);
+
+impl Visit for ConnectionId {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "connection_id" {
+            self.0 = Some(value.to_string());
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "connection_id" {
+            self.0 = Some(format!("{value:?}").trim_matches('"').to_string());
+        }
+    }
+}
+
+/// Lets an event through at the file's level, or at its connection's own level.
+struct Levels {
+    base: LevelFilter,
+    /// The most verbose level any login may ask for.
+    most: LevelFilter,
+}
+
+impl<S: Subscriber> Layer<S> for Levels {
+    fn event_enabled(&self, event: &Event<'_>, _ctx: Context<'_, S>) -> bool {
+        let level = *event.metadata().level();
+        if level <= self.base {
+            return true;
+        }
+        if !ANY_OVERRIDE.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut id = ConnectionId::default();
+        event.record(&mut id);
+        let Some(id) = id.0 else {
+            return false;
+        };
+        let map = overrides().lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&id).is_some_and(|l| level <= *l)
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Some(self.most.max(self.base))
+    }
+}
+
 /// Installs the global subscriber. Logs go to stdout, as ContainerSSH's `destination: stdout`.
-pub fn init(cfg: &LogConfig) {
-    let builder = tracing_subscriber::fmt()
-        .with_max_level(filter(cfg.level))
-        .with_writer(std::io::stdout)
-        .with_target(false);
+/// `per_login` (a config webhook is configured): logins may log more verbosely than the file.
+pub fn init(cfg: &LogConfig, per_login: bool) {
+    let base = filter(cfg.level);
+    let levels = Levels {
+        base,
+        most: if per_login { LevelFilter::DEBUG } else { base },
+    };
+    let registry = tracing_subscriber::registry().with(levels);
     // A second init (tests) is harmless: the first subscriber stays.
     let _ = match cfg.format {
-        LogFormat::Ljson => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.with_ansi(false).try_init(),
+        LogFormat::Ljson => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_writer(std::io::stdout)
+                    .with_target(false),
+            )
+            .try_init(),
+        LogFormat::Text => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(std::io::stdout)
+                    .with_target(false),
+            )
+            .try_init(),
     };
 }

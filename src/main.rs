@@ -131,7 +131,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    containerssh::log::init(&settings.log);
+    containerssh::log::init(&settings.log, settings.config_webhook.is_some());
     match run(settings) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

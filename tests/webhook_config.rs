@@ -907,3 +907,62 @@ fn the_webhook_moves_a_user_to_kubernetes() {
     );
     assert_no_violations(&hook, &server);
 }
+
+// ---------------------------------------------------------------------------
+// Per-user log level
+// ---------------------------------------------------------------------------
+
+/// The file logs at `info`; the webhook gives bob `log.level: debug`. Bob's connection's
+/// debug events are logged (the program's end, his container's start), alice's are not.
+#[test]
+fn the_webhook_raises_the_log_level_of_one_login() {
+    let env = TestEnv::new();
+    let hook = WebhookServer::http();
+    hook.set_for_user("/config", "alice", config_reply(Value::Null));
+    hook.set_for_user(
+        "/config",
+        "bob",
+        config_reply(json!({"log": {"level": "debug"}})),
+    );
+    let yaml =
+        keys_config(&env, &hook).replacen("log:\n  level: debug\n", "log:\n  level: info\n", 1);
+    assert!(yaml.contains("level: info"), "test setup");
+    let server = env.start(&yaml);
+    for user in ["alice", "bob"] {
+        let out = run_ok(env.ssh(&server, user).arg("echo hi"), &server, &hook);
+        assert_eq!(out, "hi\n");
+    }
+    let ids: Vec<String> = hook
+        .requests("/config")
+        .iter()
+        .map(|r| str_field(r, "connectionId").to_string())
+        .collect();
+    assert_eq!(ids.len(), 2, "{}", hook.describe());
+    let debug_lines = |id: &str| -> Vec<String> {
+        server
+            .output()
+            .lines()
+            .filter(|l| l.contains("DEBUG") && l.contains(id))
+            .map(str::to_string)
+            .collect()
+    };
+    // Bob's "program ended" (DEBUG) is written once his session is over.
+    let bob = poll_until(Duration::from_secs(10), POLL_STEP, || {
+        let lines = debug_lines(&ids[1]);
+        lines
+            .iter()
+            .any(|l| l.contains("program ended"))
+            .then_some(lines)
+    });
+    assert!(
+        bob.is_some(),
+        "bob's connection logged no debug events:\n{}",
+        server.output()
+    );
+    assert!(
+        debug_lines(&ids[0]).is_empty(),
+        "alice's connection logged debug events at the file's info level:\n{}",
+        server.output()
+    );
+    assert_no_violations(&hook, &server);
+}

@@ -50,6 +50,15 @@ pub struct ConnCtx {
     profile: OnceLock<(Arc<Settings>, Arc<Backend>)>,
 }
 
+/// Drops a connection's own log level when its cleanup is done.
+struct LevelReset<'a>(&'a str);
+
+impl Drop for LevelReset<'_> {
+    fn drop(&mut self) {
+        crate::log::clear_connection_level(self.0);
+    }
+}
+
 /// 32 hex characters from 16 random bytes, ContainerSSH's connection ID format.
 pub fn new_connection_id() -> String {
     let mut b = [0u8; 16];
@@ -169,6 +178,8 @@ impl ConnCtx {
     /// container labelled with this connection's ID.
     pub async fn close(&self) {
         self.cancel.cancel();
+        // After the cleanup below is logged at the login's level.
+        let _level = LevelReset(&self.id);
         self.tasks.close();
         let stop = self.settings().stop_timeout();
         if tokio::time::timeout(stop, self.tasks.wait()).await.is_err() {

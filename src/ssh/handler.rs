@@ -117,6 +117,9 @@ impl Handler {
             .map_err(|e| e.to_string())?;
         let settings = Arc::new(settings);
         let backend = shared.backend.for_login(&shared.settings, &settings)?;
+        if settings.log.level != shared.settings.log.level {
+            crate::log::set_connection_level(&self.conn.id, settings.log.level);
+        }
         tracing::debug!(connection_id = %self.conn.id, backend = ?settings.backend, mode = ?settings.mode(), "per-login configuration");
         self.conn.set_profile(settings, backend);
         Ok(())
