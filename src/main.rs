@@ -132,6 +132,9 @@ fn main() -> ExitCode {
         }
     };
     containerssh::log::init(&settings.log, settings.config_webhook.is_some());
+    for w in &settings.warnings {
+        tracing::warn!("deprecated configuration: {w}");
+    }
     match run(settings) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -520,6 +520,36 @@ fn environment_and_files_from_the_webhook_reach_the_container() {
     assert_no_violations(&hook, &server);
 }
 
+/// ContainerSSH 0.4's flat form (`auth.url`, `auth.password: true`, `auth.pubkey: true`) still
+/// works: it is mapped to the password and public-key webhooks, with a deprecation warning.
+#[test]
+fn the_legacy_flat_auth_form_still_works() {
+    let env = TestEnv::new();
+    let hook = WebhookServer::http();
+    hook.set_default("/password", success("alice"));
+    let base = env.config_yaml("connection");
+    let start = base.find("auth:\n").unwrap();
+    let end = base.find("backend: docker\n").unwrap();
+    let auth = format!(
+        "auth:\n  url: {}\n  password: true\n  pubkey: true\n  authTimeout: 5s\n",
+        hook.url
+    );
+    let server = env.start(&format!("{}{auth}{}", &base[..start], &base[end..]));
+    assert!(server.wait_for_output("deprecated configuration", Duration::from_secs(10)));
+    let out = run(env
+        .ssh_password(&server, "alice", PASSWORD)
+        .args(["-o", "PubkeyAuthentication=no"])
+        .arg("echo legacy"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "legacy\n",
+        "{}",
+        ctx(&out, &server, &hook)
+    );
+    assert_eq!(hook.count("/password"), 1, "{}", ctx(&out, &server, &hook));
+    assert_no_violations(&hook, &server);
+}
+
 /// `docker.execution.exposeAuthMetadataAsEnv: true` (ContainerSSH's bool): the webhook's
 /// metadata values become variables of the same name; off (the default), they do not.
 #[test]

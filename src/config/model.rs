@@ -98,7 +98,18 @@ impl<'de> Deserialize<'de> for AlgorithmList {
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct AuthConfig {
     pub public_key: PublicKeyAuthConfig,
+    /// The block, or (ContainerSSH 0.4's flat form) `true`/`false` with `auth.url`.
+    #[serde(deserialize_with = "password_or_flag")]
     pub password: PasswordAuthConfig,
+    /// 0.4's flat form: the auth webhook's base URL for `password: true` / `pubkey: true`,
+    /// with its client settings next to it. Mapped to the webhook blocks (deprecated).
+    pub url: String,
+    pub pubkey: bool,
+    pub timeout: Option<GoDuration>,
+    pub auth_timeout: Option<GoDuration>,
+    pub cacert: String,
+    pub cert: String,
+    pub key: String,
     /// After any successful authentication: may refuse the login or add metadata.
     pub authz: AuthzConfig,
     /// Environment and files every login gets (the webhooks add per-user ones later).
@@ -259,6 +270,35 @@ pub struct PasswordAuthConfig {
     pub method: String,
     pub password_file: PasswordFileConfig,
     pub webhook: WebhookConfig,
+    /// `auth.password: true|false` in 0.4's flat form.
+    #[serde(skip)]
+    pub flag: Option<bool>,
+}
+
+/// `auth.password` as a block or as 0.4's boolean.
+fn password_or_flag<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<PasswordAuthConfig, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = PasswordAuthConfig;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a password block or true/false")
+        }
+        fn visit_bool<E: serde::de::Error>(self, b: bool) -> Result<Self::Value, E> {
+            Ok(PasswordAuthConfig {
+                flag: Some(b),
+                ..Default::default()
+            })
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(PasswordAuthConfig::default())
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            PasswordAuthConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    d.deserialize_any(V)
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, Default)]

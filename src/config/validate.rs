@@ -72,6 +72,8 @@ pub struct Settings {
     pub password_webhook: Option<WebhookConfig>,
     pub pubkey_webhook: Option<WebhookConfig>,
     pub authz_webhook: Option<WebhookConfig>,
+    /// Deprecated settings that were accepted, to be logged once logging is up.
+    pub warnings: Vec<String>,
     /// `auth.publicKey.trustedUserCAKeys`, checked to hold CA keys.
     pub trusted_user_ca_keys: Option<PathBuf>,
     /// `configserver` when its `url` is set, and whether sensitive metadata goes to it.
@@ -842,12 +844,57 @@ pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
             ))
         }
     };
-    let pubkey_webhook = webhook(
+    let mut pubkey_webhook = webhook(
         file,
         "auth.publicKey.webhook",
         &cfg.auth.public_key.method,
         &cfg.auth.public_key.webhook,
     )?;
+    // ContainerSSH 0.4's flat form: auth.url with auth.password: true / auth.pubkey: true.
+    let mut warnings = Vec::new();
+    let legacy = if cfg.auth.url.is_empty() {
+        if cfg.auth.password.flag == Some(true) || cfg.auth.pubkey {
+            return Err(invalid(
+                file,
+                "auth.url",
+                "required with auth.password: true or auth.pubkey: true",
+            ));
+        }
+        None
+    } else {
+        if cfg.auth.password.flag != Some(true) && !cfg.auth.pubkey {
+            return Err(invalid(
+                file,
+                "auth.url",
+                "set auth.password: true and/or auth.pubkey: true (or use auth.password.webhook)",
+            ));
+        }
+        let a = &cfg.auth;
+        let defaults = WebhookConfig::default();
+        let hook = WebhookConfig {
+            url: a.url.clone(),
+            timeout: a.timeout.unwrap_or(defaults.timeout),
+            auth_timeout: a.auth_timeout.unwrap_or(defaults.auth_timeout),
+            cacert: a.cacert.clone(),
+            cert: a.cert.clone(),
+            key: a.key.clone(),
+            ..defaults
+        };
+        warnings.push(
+            "auth.url with auth.password/auth.pubkey is ContainerSSH 0.4's form: use auth.password.webhook and auth.publicKey.webhook".to_string(),
+        );
+        webhook(file, "auth", "webhook", &hook)?
+    };
+    if cfg.auth.pubkey {
+        if pubkey_webhook.is_some() || !cfg.auth.public_key.method.is_empty() {
+            return Err(invalid(
+                file,
+                "auth.pubkey",
+                "conflicts with auth.publicKey.method",
+            ));
+        }
+        pubkey_webhook = legacy.clone();
+    }
     let password_file = match cfg.auth.password.method.as_str() {
         "" => None,
         "passwordFile" => {
@@ -873,12 +920,15 @@ pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
             ))
         }
     };
-    let password_webhook = webhook(
+    let mut password_webhook = webhook(
         file,
         "auth.password.webhook",
         &cfg.auth.password.method,
         &cfg.auth.password.webhook,
     )?;
+    if cfg.auth.password.flag == Some(true) {
+        password_webhook = legacy;
+    }
     let authz_webhook = match cfg.auth.authz.method.as_str() {
         "" => None,
         "webhook" => webhook(
@@ -954,6 +1004,7 @@ pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
         password_webhook,
         pubkey_webhook,
         authz_webhook,
+        warnings,
         trusted_user_ca_keys,
         config_webhook,
         transmit_sensitive_metadata: cfg.configserver.transmit_sensitive_metadata,
@@ -1124,6 +1175,49 @@ mod tests {
             };
             assert!(err.contains(key), "{key}: {err}");
         }
+    }
+
+    #[test]
+    fn legacy_flat_auth_form_maps_to_the_webhooks() {
+        let y = |auth: &str| {
+            format!("auth:\n{auth}docker:\n  execution:\n    container:\n      image: img\n")
+        };
+        let s = validate(
+            "c",
+            parse_yaml("c", &y("  url: http://127.0.0.1:8080\n  password: true\n  pubkey: true\n  authTimeout: 5s\n")).unwrap(),
+        )
+        .unwrap();
+        let p = s.password_webhook.unwrap();
+        assert_eq!(p.url, "http://127.0.0.1:8080");
+        assert_eq!(p.auth_timeout.0.as_secs(), 5);
+        assert_eq!(s.pubkey_webhook.unwrap().url, "http://127.0.0.1:8080");
+        assert_eq!(s.warnings.len(), 1);
+        let s = validate(
+            "c",
+            parse_yaml(
+                "c",
+                &y("  url: http://h\n  password: true\n  pubkey: false\n"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert!(s.password_webhook.is_some() && s.pubkey_webhook.is_none());
+        for (auth, key) in [
+            ("  url: http://h\n", "auth.url"),
+            ("  password: true\n", "auth.url"),
+            ("  url: ftp://h\n  password: true\n", "auth.url"),
+            ("  url: http://h\n  pubkey: true\n  publicKey:\n    method: authorizedKeys\n    authorizedKeys: {path: /k}\n", "auth.pubkey"),
+        ] {
+            let err = validate("c", parse_yaml("c", &y(auth)).unwrap())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{auth}: {err}");
+        }
+        // The block form still reports unknown keys.
+        let err = parse_yaml::<AppConfig>("c", &y("  password:\n    methd: webhook\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("methd"), "{err}");
     }
 
     #[test]
