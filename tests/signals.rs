@@ -246,3 +246,64 @@ async fn channels_beyond_the_limit_are_refused_and_the_rest_keep_working() {
     }
     assert_eq!(stdout, b"still-here\n", "{}", server.output());
 }
+
+/// `security.signal` with a deny list: a denied signal is dropped (and logged) while the
+/// program keeps running; an allowed one is delivered. The rule reads its own mode
+/// (ContainerSSH's read the shell's).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_signal_filter_drops_denied_signals() {
+    let env = TestEnv::new();
+    let yaml = format!(
+        "{}security:\n  signal:\n    mode: enable\n    deny: [TERM]\n  shell:\n    mode: disable\n",
+        env.config_yaml("connection")
+    );
+    let server = env.start(&yaml);
+    let handle = connect(&env, &server).await;
+    // TERM is denied: the trap never fires; USR1 (allowed) ends the program afterwards.
+    let mut channel = handle.channel_open_session().await.expect("session");
+    channel
+        .exec(
+            true,
+            "trap 'echo got-term; exit 3' TERM; trap 'echo got-usr1; exit 7' USR1; echo ready; while :; do sleep 0.1; done",
+        )
+        .await
+        .expect("exec");
+    let mut stdout = Vec::new();
+    let mut status = None;
+    let mut sent_term = false;
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(60), channel.wait())
+            .await
+            .expect("timed out waiting for the channel");
+        match msg {
+            Some(ChannelMsg::Data { data }) => {
+                stdout.extend_from_slice(&data);
+                if !sent_term && stdout.ends_with(b"ready\n") {
+                    channel.signal(Sig::TERM).await.expect("signal");
+                    sent_term = true;
+                    // USR1 only once the TERM refusal is logged: had TERM been delivered,
+                    // its trap would have run first.
+                    assert!(
+                        server.wait_for_output(
+                            "signal refused: security.signal",
+                            Duration::from_secs(10)
+                        ),
+                        "{}",
+                        server.output()
+                    );
+                    channel.signal(Sig::USR1).await.expect("signal");
+                }
+            }
+            Some(ChannelMsg::ExitStatus { exit_status }) => status = Some(exit_status),
+            Some(ChannelMsg::Close) | None => break,
+            Some(_) => {}
+        }
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&stdout),
+        "ready\ngot-usr1\n",
+        "{}",
+        server.output()
+    );
+    assert_eq!(status, Some(7), "{}", server.output());
+}
