@@ -173,3 +173,40 @@ fn critical_options_force_command_and_source_address() {
         describe(&out, &server)
     );
 }
+
+/// The certificate's key id and principals reach the authz webhook as metadata.
+#[test]
+fn the_certificate_is_named_to_the_webhooks() {
+    use support::webhook::{success, WebhookServer};
+    let env = TestEnv::new();
+    let ca = ca(&env, "user_ca");
+    let hook = WebhookServer::http();
+    hook.set_default("/authz", success("alice"));
+    let authz = format!(
+        "  authz:\n    method: webhook\n    webhook:\n      url: {}\n",
+        serde_json::json!(hook.url)
+    );
+    let server = start(&env, &ca, &authz);
+    certify(&env, &ca, "alice,ops", &[]);
+    let out = login(&env, &server, "alice");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "in\n",
+        "{}",
+        describe(&out, &server)
+    );
+    let requests = hook.requests("/authz");
+    assert_eq!(requests.len(), 1, "{}", hook.describe());
+    let md = &requests[0]["metadata"];
+    assert_eq!(
+        md["sshCertificateKeyId"]["value"], "lab-cert-7",
+        "{}",
+        requests[0]
+    );
+    assert_eq!(
+        md["sshCertificatePrincipals"]["value"], "alice,ops",
+        "{}",
+        requests[0]
+    );
+    assert!(hook.errors().is_empty(), "{:?}", hook.errors());
+}

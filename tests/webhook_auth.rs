@@ -729,6 +729,31 @@ fn a_redirect_is_not_followed() {
     assert_no_violations(&hook, &server);
 }
 
+/// With `allowRedirects: true` the same redirect is followed and the login works.
+#[test]
+fn a_redirect_is_followed_when_allowed() {
+    let env = TestEnv::new();
+    let hook = WebhookServer::http();
+    let target = format!("{}/moved/password", hook.url);
+    hook.set_default("/password", Reply::redirect(302, &target));
+    hook.set_default("/moved/password", success("alice"));
+    let yaml = config(&env, &[Hook::new("password", &hook.url)]).replacen(
+        "allowRedirects: false",
+        "allowRedirects: true",
+        1,
+    );
+    let server = env.start(&yaml);
+    let out = run(env.ssh_password(&server, "alice", PASSWORD).arg("echo hi"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hi\n",
+        "{}",
+        ctx(&out, &server, &hook)
+    );
+    assert_eq!(hook.count("/moved/password"), 1, "{}", hook.describe());
+    assert_no_violations(&hook, &server);
+}
+
 // ---------------------------------------------------------------------------
 // 11: authenticatedUsername
 // ---------------------------------------------------------------------------
