@@ -114,8 +114,12 @@ async fn start(
     }
 }
 
+/// Reports how the program ended, then EOF and close. The exit report goes first: a client
+/// that has finished its own side answers our EOF with its CLOSE at once (OpenSSH's
+/// ControlMaster does), and once that CLOSE is in, the connection drops anything more we
+/// queue for the channel: an exit status sent after the EOF was lost under load, and the
+/// mux client exited 255.
 async fn finish(write: &ChannelWriteHalf<Msg>, handle: &Handle, exit: &ExitReport) {
-    let _ = write.eof().await;
     match exit {
         ExitReport::Status(code) => {
             let _ = write.exit_status(*code).await;
@@ -132,6 +136,7 @@ async fn finish(write: &ChannelWriteHalf<Msg>, handle: &Handle, exit: &ExitRepor
                 .await;
         }
     }
+    let _ = write.eof().await;
     let _ = write.close().await;
 }
 
