@@ -7,17 +7,20 @@
 mod support;
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::webhook::{base64, config_reply, success, Reply, WebhookServer};
+use support::webhook::{
+    assert_connection_fields, assert_no_violations, assert_refused, base64, config_reply, ctx,
+    str_field, success, Reply, WebhookServer,
+};
 use support::{
-    describe, free_tcp_port, poll_until, random_hex, run_with_timeout, sha256_hex, test_image,
-    Background, TestEnv, TestServer,
+    free_tcp_port, poll_until, random_hex, run_with_timeout, sha256_hex, test_image, Background,
+    TestEnv, TestServer,
 };
 
 const CMD_TIMEOUT: Duration = Duration::from_secs(90);
@@ -140,62 +143,11 @@ fn run(cmd: &mut Command) -> Output {
     run_with_timeout(cmd, None, CMD_TIMEOUT)
 }
 
-/// [`describe`] plus the webhook's view, for assertion messages.
-fn ctx(out: &Output, server: &TestServer, hook: &WebhookServer) -> String {
-    format!("{}\n{}", describe(out, server), hook.describe())
-}
-
 /// Runs `cmd`, asserts exit 0, returns stdout.
 fn run_ok(cmd: &mut Command, server: &TestServer, hook: &WebhookServer) -> String {
     let out = run(cmd);
     assert!(out.status.success(), "{}", ctx(&out, server, hook));
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The end of every test: the server spoke the protocol exactly.
-fn assert_no_violations(hook: &WebhookServer, server: &TestServer) {
-    let errors = hook.errors();
-    assert!(
-        errors.is_empty(),
-        "webhook protocol violations: {errors:#?}\n{}\n--- server ---\n{}",
-        hook.describe(),
-        server.output()
-    );
-}
-
-fn assert_refused(out: &Output, server: &TestServer, hook: &WebhookServer) {
-    assert_eq!(out.status.code(), Some(255), "{}", ctx(out, server, hook));
-    assert!(out.stdout.is_empty(), "{}", ctx(out, server, hook));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
-        "{}",
-        ctx(out, server, hook)
-    );
-}
-
-fn str_field<'a>(v: &'a Value, key: &str) -> &'a str {
-    v.get(key)
-        .and_then(Value::as_str)
-        .unwrap_or_else(|| panic!("no string {key:?} in {v}"))
-}
-
-/// The fields every 0.5+ request carries, checked for shape.
-fn assert_connection_fields(req: &Value, user: &str) {
-    assert_eq!(str_field(req, "username"), user, "{req}");
-    let addr: SocketAddr = str_field(req, "remoteAddress")
-        .parse()
-        .unwrap_or_else(|e| panic!("remoteAddress is not IP:port ({e}): {req}"));
-    assert_eq!(addr.ip().to_string(), "127.0.0.1", "{req}");
-    assert_ne!(addr.port(), 0, "{req}");
-    let id = str_field(req, "connectionId");
-    assert!(
-        id.len() == 32 && id.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')),
-        "connectionId is not 32 lowercase hex digits: {req}"
-    );
-    assert!(
-        str_field(req, "clientVersion").starts_with("SSH-2.0-OpenSSH"),
-        "{req}"
-    );
 }
 
 /// The usernames of the recorded `/config` requests, in order.

@@ -18,11 +18,12 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use super::{describe, TestServer};
 use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
@@ -924,4 +925,59 @@ fn respond(status: u16, body: String, headers: &[(String, String)]) -> Response<
         b = b.header(k.as_str(), v.as_str());
     }
     b.body(Full::new(Bytes::from(body))).expect("response")
+}
+
+// ---------------------------------------------------------------------------
+// Assertions shared by the webhook test files
+// ---------------------------------------------------------------------------
+
+/// [`describe`] plus the webhook's view, for assertion messages.
+pub fn ctx(out: &Output, server: &TestServer, hook: &WebhookServer) -> String {
+    format!("{}\n{}", describe(out, server), hook.describe())
+}
+
+/// The end of every test: the server spoke the protocol exactly.
+pub fn assert_no_violations(hook: &WebhookServer, server: &TestServer) {
+    let errors = hook.errors();
+    assert!(
+        errors.is_empty(),
+        "webhook protocol violations: {errors:#?}\n{}\n--- server ---\n{}",
+        hook.describe(),
+        server.output()
+    );
+}
+
+pub fn assert_refused(out: &Output, server: &TestServer, hook: &WebhookServer) {
+    assert_eq!(out.status.code(), Some(255), "{}", ctx(out, server, hook));
+    assert!(out.stdout.is_empty(), "{}", ctx(out, server, hook));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{}",
+        ctx(out, server, hook)
+    );
+}
+
+pub fn str_field<'a>(v: &'a Value, key: &str) -> &'a str {
+    v.get(key)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("no string {key:?} in {v}"))
+}
+
+/// The fields every 0.5+ auth request carries, checked for shape.
+pub fn assert_connection_fields(req: &Value, user: &str) {
+    assert_eq!(str_field(req, "username"), user, "{req}");
+    let addr: SocketAddr = str_field(req, "remoteAddress")
+        .parse()
+        .unwrap_or_else(|e| panic!("remoteAddress is not IP:port ({e}): {req}"));
+    assert_eq!(addr.ip().to_string(), "127.0.0.1", "{req}");
+    assert_ne!(addr.port(), 0, "{req}");
+    let id = str_field(req, "connectionId");
+    assert!(
+        id.len() == 32 && id.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')),
+        "connectionId is not 32 lowercase hex digits: {req}"
+    );
+    assert!(
+        str_field(req, "clientVersion").starts_with("SSH-2.0-OpenSSH"),
+        "{req}"
+    );
 }
