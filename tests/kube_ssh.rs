@@ -28,7 +28,7 @@ use russh::{Channel, ChannelMsg, Sig};
 use serde_json::Value;
 use support::{
     describe, free_tcp_port, poll_until, random_hex, run_with_timeout, sha256_hex, Background,
-    KubeFake, TestEnv, TestServer,
+    KubeFake, TestEnv, TestServer, Tmux,
 };
 
 const MODES: [&str; 3] = ["connection", "session", "persistent"];
@@ -477,53 +477,6 @@ fn twenty_mib_round_trip_through_cat() {
 // ---------------------------------------------------------------------------
 // 5. terminals
 // ---------------------------------------------------------------------------
-
-/// A tmux server of our own, so a real terminal drives `ssh -tt` (as in tests/session.rs).
-struct Tmux {
-    socket: String,
-}
-
-impl Tmux {
-    fn new(env: &TestEnv) -> Self {
-        Self {
-            socket: format!("cssh-kube-{}", env.instance),
-        }
-    }
-
-    fn cmd(&self) -> Command {
-        let mut c = Command::new("tmux");
-        c.args(["-L", &self.socket, "-f", "/dev/null"]);
-        c
-    }
-
-    fn run(&self, args: &[&str]) {
-        let st = self.cmd().args(args).status().expect("tmux");
-        assert!(st.success(), "tmux {args:?} failed");
-    }
-
-    fn screen(&self) -> String {
-        let out = self
-            .cmd()
-            .args(["capture-pane", "-p", "-t", "t"])
-            .output()
-            .expect("tmux capture-pane");
-        text(&out.stdout)
-    }
-
-    /// Polls the screen for `needle` (a terminal offers no event to wait on), bounded.
-    fn wait_for(&self, needle: &str, within: Duration) -> bool {
-        poll_until(within, Duration::from_millis(50), || {
-            self.screen().contains(needle).then_some(())
-        })
-        .is_some()
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = self.cmd().arg("kill-server").status();
-    }
-}
 
 #[test]
 fn pty_size_is_right_at_start_and_after_resize() {

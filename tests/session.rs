@@ -6,7 +6,7 @@ mod support;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{describe, run_with_timeout, TestEnv};
+use support::{describe, run_with_timeout, TestEnv, Tmux};
 
 const MODES: [&str; 2] = ["connection", "session"];
 const CMD_TIMEOUT: Duration = Duration::from_secs(90);
@@ -127,58 +127,6 @@ fn fifty_mib_round_trip_through_cat() {
             "{mode}: {}",
             describe(&out, &server)
         );
-    }
-}
-
-/// A tmux server of our own, so a real terminal drives `ssh -tt`.
-struct Tmux {
-    socket: String,
-}
-
-impl Tmux {
-    fn new(env: &TestEnv) -> Self {
-        Self {
-            socket: format!("cssh-{}", env.instance),
-        }
-    }
-
-    fn cmd(&self) -> Command {
-        let mut c = Command::new("tmux");
-        c.args(["-L", &self.socket, "-f", "/dev/null"]);
-        c
-    }
-
-    fn run(&self, args: &[&str]) {
-        let st = self.cmd().args(args).status().expect("tmux");
-        assert!(st.success(), "tmux {args:?} failed");
-    }
-
-    fn screen(&self) -> String {
-        let out = self
-            .cmd()
-            .args(["capture-pane", "-p", "-t", "t"])
-            .output()
-            .expect("tmux capture-pane");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Waits for `needle` on screen; the terminal offers no event to wait on, so this polls
-    /// the screen until a deadline.
-    fn wait_for(&self, needle: &str, within: Duration) -> bool {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if self.screen().contains(needle) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        false
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = self.cmd().arg("kill-server").status();
     }
 }
 

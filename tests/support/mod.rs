@@ -1567,3 +1567,55 @@ impl TestEnv {
         format!("{}{kube}{}", &base[..start], &base[end..])
     }
 }
+
+/// A tmux server of our own, so a real terminal drives `ssh -tt`.
+pub struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    pub fn new(env: &TestEnv) -> Self {
+        Self {
+            socket: format!("cssh-{}", env.instance),
+        }
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new("tmux");
+        c.args(["-L", &self.socket, "-f", "/dev/null"]);
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) {
+        let st = self.cmd().args(args).status().expect("tmux");
+        assert!(st.success(), "tmux {args:?} failed");
+    }
+
+    pub fn screen(&self) -> String {
+        let out = self
+            .cmd()
+            .args(["capture-pane", "-p", "-t", "t"])
+            .output()
+            .expect("tmux capture-pane");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits for `needle` on screen; the terminal offers no event to wait on, so this polls
+    /// the screen until a deadline.
+    pub fn wait_for(&self, needle: &str, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.screen().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.cmd().arg("kill-server").status();
+    }
+}
