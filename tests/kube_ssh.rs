@@ -22,10 +22,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use russh::client::{self, Handle, Msg};
-use russh::keys::{load_secret_key, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
+use russh::client::Msg;
 use russh::{Channel, ChannelMsg, Sig};
 use serde_json::Value;
+use support::russh_client::connect;
 use support::{
     describe, free_tcp_port, poll_until, random_hex, run_with_timeout, sha256_hex, Background,
     KubeFake, TestEnv, TestServer, Tmux,
@@ -614,33 +614,6 @@ fn sftp_and_scp_ten_mib_in_connection_mode() {
 // ---------------------------------------------------------------------------
 // 7. signals (russh client)
 // ---------------------------------------------------------------------------
-
-struct AcceptAny;
-
-impl client::Handler for AcceptAny {
-    type Error = russh::Error;
-
-    async fn check_server_key(
-        &mut self,
-        _key: &PublicKeyOrCertificate,
-    ) -> Result<bool, Self::Error> {
-        Ok(true)
-    }
-}
-
-async fn connect(env: &TestEnv, server: &TestServer) -> Handle<AcceptAny> {
-    let config = Arc::new(client::Config::default());
-    let mut handle = client::connect(config, server.addr, AcceptAny)
-        .await
-        .expect("connect");
-    let key = load_secret_key(&env.client_key, None).expect("client key");
-    let auth = handle
-        .authenticate_publickey("alice", PrivateKeyWithHashAlg::new(Arc::new(key), None))
-        .await
-        .expect("auth");
-    assert!(auth.success(), "authentication failed");
-    handle
-}
 
 #[derive(Debug, Default)]
 struct Outcome {

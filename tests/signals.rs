@@ -3,40 +3,12 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use russh::client::{self, Handle, Msg};
-use russh::keys::{load_secret_key, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
+use russh::client::Msg;
 use russh::{Channel, ChannelMsg, Sig};
-use support::{TestEnv, TestServer};
-
-struct AcceptAny;
-
-impl client::Handler for AcceptAny {
-    type Error = russh::Error;
-
-    async fn check_server_key(
-        &mut self,
-        _key: &PublicKeyOrCertificate,
-    ) -> Result<bool, Self::Error> {
-        Ok(true)
-    }
-}
-
-async fn connect(env: &TestEnv, server: &TestServer) -> Handle<AcceptAny> {
-    let config = Arc::new(client::Config::default());
-    let mut handle = client::connect(config, server.addr, AcceptAny)
-        .await
-        .expect("connect");
-    let key = load_secret_key(&env.client_key, None).expect("client key");
-    let auth = handle
-        .authenticate_publickey("alice", PrivateKeyWithHashAlg::new(Arc::new(key), None))
-        .await
-        .expect("auth");
-    assert!(auth.success(), "authentication failed");
-    handle
-}
+use support::russh_client::connect;
+use support::TestEnv;
 
 #[derive(Debug, Default)]
 struct Outcome {

@@ -1619,3 +1619,42 @@ impl Drop for Tmux {
         let _ = self.cmd().arg("kill-server").status();
     }
 }
+
+/// russh's client, for requests the OpenSSH client cannot send (signals, raw channel
+/// requests): connects and logs in as `alice` with the environment's key.
+pub mod russh_client {
+    use std::sync::Arc;
+
+    use russh::client::{self, Handle};
+    use russh::keys::{load_secret_key, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
+
+    use super::{TestEnv, TestServer};
+
+    /// Accepts any host key (the test server's is generated per run).
+    pub struct AcceptAny;
+
+    impl client::Handler for AcceptAny {
+        type Error = russh::Error;
+
+        async fn check_server_key(
+            &mut self,
+            _key: &PublicKeyOrCertificate,
+        ) -> Result<bool, Self::Error> {
+            Ok(true)
+        }
+    }
+
+    pub async fn connect(env: &TestEnv, server: &TestServer) -> Handle<AcceptAny> {
+        let config = Arc::new(client::Config::default());
+        let mut handle = client::connect(config, server.addr, AcceptAny)
+            .await
+            .expect("connect");
+        let key = load_secret_key(&env.client_key, None).expect("client key");
+        let auth = handle
+            .authenticate_publickey("alice", PrivateKeyWithHashAlg::new(Arc::new(key), None))
+            .await
+            .expect("auth");
+        assert!(auth.success(), "authentication failed");
+        handle
+    }
+}
