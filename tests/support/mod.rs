@@ -1161,19 +1161,7 @@ impl KubeFake {
             .tempdir()
             .expect("temp dir");
         let d = dir.path().to_path_buf();
-        let openssl = |args: &[&str]| {
-            let out = Command::new("openssl")
-                .args(args)
-                .current_dir(&d)
-                .stdin(Stdio::null())
-                .output()
-                .expect("run openssl");
-            assert!(
-                out.status.success(),
-                "openssl {args:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
+        let openssl = |args: &[&str]| openssl_in(&d, args);
         std::fs::write(
             d.join("srv.ext"),
             "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
@@ -1199,32 +1187,7 @@ impl KubeFake {
             ("srv", "/CN=127.0.0.1", "srv.ext"),
             ("cli", "/O=system:masters/CN=kubefake-admin", "cli.ext"),
         ] {
-            let (key, csr, crt) = (
-                format!("{name}.key"),
-                format!("{name}.csr"),
-                format!("{name}.crt"),
-            );
-            openssl(&[
-                "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj",
-                subj,
-            ]);
-            openssl(&[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &crt,
-                "-days",
-                "2",
-                "-extfile",
-                ext,
-            ]);
+            openssl_issue(&d, name, &["-newkey", "rsa:2048"], subj, ext);
         }
         let token = format!("kubefake-{}", random_hex(16));
         let token_file = d.join("token");
@@ -1657,4 +1620,54 @@ pub mod russh_client {
         assert!(auth.success(), "authentication failed");
         handle
     }
+}
+
+/// Runs `openssl args` in `dir`; panics with its stderr when it fails.
+pub fn openssl_in(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Issues `<name>.key` and `<name>.crt` in `dir`: a new key made with `key_args` (e.g.
+/// `["-newkey", "rsa:2048"]`), signed for 2 days by `ca.crt`/`ca.key` in `dir` with the
+/// extensions in the file `ext`.
+pub fn openssl_issue(dir: &Path, name: &str, key_args: &[&str], subj: &str, ext: &str) {
+    let (key, csr, crt) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.crt"),
+    );
+    let mut args = vec!["req"];
+    args.extend(key_args);
+    args.extend(["-nodes", "-keyout", &key, "-out", &csr, "-subj", subj]);
+    openssl_in(dir, &args);
+    openssl_in(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &crt,
+            "-days",
+            "2",
+            "-extfile",
+            ext,
+        ],
+    );
 }

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -459,19 +459,7 @@ impl Pki {
     /// Generates everything under `dir` (created if missing).
     pub fn generate(dir: &Path) -> Pki {
         std::fs::create_dir_all(dir).expect("create the PKI dir");
-        let openssl = |args: &[&str]| {
-            let out = Command::new("openssl")
-                .args(args)
-                .current_dir(dir)
-                .stdin(Stdio::null())
-                .output()
-                .expect("run openssl");
-            assert!(
-                out.status.success(),
-                "openssl {args:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
+        let openssl = |args: &[&str]| super::openssl_in(dir, args);
         std::fs::write(
             dir.join("srv.ext"),
             "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n\
@@ -501,32 +489,7 @@ impl Pki {
             ("srv", "/CN=127.0.0.1", "srv.ext"),
             ("cli", "/CN=containerssh-webhook-client", "cli.ext"),
         ] {
-            let (key, csr, crt) = (
-                format!("{name}.key"),
-                format!("{name}.csr"),
-                format!("{name}.crt"),
-            );
-            let mut args = vec!["req"];
-            args.extend(ec);
-            args.extend(["-nodes", "-keyout", &key, "-out", &csr, "-subj", subj]);
-            openssl(&args);
-            openssl(&[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &crt,
-                "-days",
-                "2",
-                "-extfile",
-                ext,
-            ]);
+            super::openssl_issue(dir, name, &ec, subj, ext);
         }
         Pki {
             ca_cert: dir.join("ca.crt"),
