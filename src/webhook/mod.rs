@@ -213,6 +213,12 @@ impl Webhook {
         if uri.host().is_none_or(str::is_empty) {
             return Err(format!("{key}.url: no host in {:?}", cfg.url));
         }
+        // The URL is logged with every failed call: it must not carry credentials.
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            return Err(format!(
+                "{key}.url: credentials in the URL are not supported (they would be logged); use cert and key"
+            ));
+        }
         if cfg.timeout.0.is_zero() || cfg.auth_timeout.0.is_zero() {
             return Err(format!(
                 "{key}: timeout and authTimeout must be more than 0"
@@ -446,6 +452,8 @@ mod tests {
         let e = Webhook::new("auth.password.webhook", &cfg("ftp://x")).unwrap_err();
         assert!(e.starts_with("auth.password.webhook.url"), "{e}");
         assert!(Webhook::new("k", &cfg("not a url")).is_err());
+        let e = Webhook::new("k", &cfg("http://user:secret@127.0.0.1:8080")).unwrap_err();
+        assert!(e.contains("credentials") && !e.contains("secret"), "{e}");
         let mut c = cfg("https://auth.example:8443");
         c.cacert = "-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n".into();
         assert!(Webhook::new("k", &c).unwrap_err().contains("k.cacert"));
