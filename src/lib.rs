@@ -18,6 +18,9 @@ pub mod config;
 pub mod forward;
 pub mod limits;
 pub mod log;
+// The only module allowed `unsafe` (each block carries a `// SAFETY:` line).
+#[allow(unsafe_code)]
+pub mod sandbox;
 pub mod server;
 pub mod ssh;
 pub mod webhook;

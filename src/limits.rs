@@ -74,3 +74,6 @@ pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(20);
 
 /// Back-off after a failed `accept` (e.g. EMFILE), so the loop does not spin.
 pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// `sandbox.supplementaryGroups` entries (the kernel allows 65536; a server needs one or two).
+pub const MAX_SUPPLEMENTARY_GROUPS: usize = 32;

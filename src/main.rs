@@ -8,6 +8,7 @@ use std::sync::Arc;
 use containerssh::auth::authorized_keys::AuthorizedKeys;
 use containerssh::auth::password::{hash_password_argon2id, PasswordFile};
 use containerssh::backend::Backend;
+use containerssh::config::model::SeccompMode;
 use containerssh::config::{self, Settings};
 use containerssh::server::{self, Shared};
 use containerssh::ssh;
@@ -91,6 +92,10 @@ fn hash_password() -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    if let Err(e) = containerssh::sandbox::close_inherited_fds() {
+        eprintln!("containerssh: cannot close inherited file descriptors: {e}");
+        return ExitCode::FAILURE;
+    }
     let cli = match parse_cli() {
         Ok(Some(c)) => c,
         Ok(None) => return ExitCode::SUCCESS,
@@ -172,6 +177,22 @@ fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
         .map(containerssh::auth::certificate::TrustedCas::load)
         .transpose()?;
     let ssh_config = ssh::russh_config(&settings, keys)?;
+
+    // Everything privileged is done: confine the process before any thread exists.
+    let report = containerssh::sandbox::enter(&settings.sandbox)?;
+    if report.as_root {
+        tracing::warn!(
+            "SERVING AS ROOT (sandbox.allowRoot: true): every capability is dropped, but files \
+             and sockets owned by root stay reachable; set sandbox.user instead"
+        );
+    }
+    if report.seccomp != SeccompMode::Enforce {
+        tracing::warn!(mode = ?report.seccomp, "the seccomp filter is not enforced (sandbox.seccomp)");
+    }
+    tracing::info!(
+        removed_env = report.env_removed,
+        "sandbox entered: {report}"
+    );
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -174,6 +174,19 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
     }
 }
 
+/// `forward-server` runs no program and signals nothing, so it gets its own seccomp filter
+/// (`sandbox::seccomp::AGENT_FORWARD`). Best effort: a container runtime that refuses seccomp
+/// still gets forwarding, with the reason on stderr.
+fn confine_forward_server() {
+    use crate::sandbox::seccomp::{install_lists, AGENT_FORWARD, RUNTIME};
+    if let Err(e) = install_lists(
+        &[RUNTIME, AGENT_FORWARD],
+        crate::config::model::SeccompMode::Enforce,
+    ) {
+        eprintln!("containerssh-agent: forward-server runs without a seccomp filter: {e}");
+    }
+}
+
 fn run(command: Command, argv0: Option<OsString>) -> Result<i32, AgentError> {
     match command {
         Command::Help => {
@@ -196,7 +209,10 @@ fn run(command: Command, argv0: Option<OsString>) -> Result<i32, AgentError> {
         Command::WriteFile { path, mode, size } => {
             write_file::from_stdin(&path, mode, MAX_WRITE_FILE_BYTES, size).map(|()| 0)
         }
-        Command::ForwardServer => forward::run(),
+        Command::ForwardServer => {
+            confine_forward_server();
+            forward::run()
+        }
         Command::ExitInfo { pid } => {
             if let Some(name) = exit_record::take(pid)? {
                 println!("{name}");

@@ -26,6 +26,8 @@ pub struct AppConfig {
     pub agent: AgentConfig,
     /// What clients may do beyond sessions (so far: forwarding).
     pub security: SecurityConfig,
+    /// How the server confines itself once it has bound and read its keys (`src/sandbox/`).
+    pub sandbox: SandboxConfig,
     /// Names this server in container labels so that its reaper finds what a crashed run of the
     /// same instance left. Empty means "derive from the host name and listen port".
     pub instance_id: String,
@@ -510,6 +512,37 @@ impl Default for AgentConfig {
             inject: true,
         }
     }
+}
+
+/// `sandbox`: the identity the server drops to and its system-call filter. Numeric ids only: the
+/// server never asks NSS for names (a static binary would have to `dlopen` it).
+#[derive(Clone, Debug, Deserialize, Serialize, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct SandboxConfig {
+    /// The uid to serve as when started as root. Required when started as root, unless
+    /// `allowRoot` says otherwise.
+    pub user: Option<u32>,
+    /// The gid to serve as; defaults to `user`.
+    pub group: Option<u32>,
+    /// Extra groups kept after the drop, e.g. the Docker socket's group.
+    pub supplementary_groups: Vec<u32>,
+    pub seccomp: SeccompMode,
+    /// Started as root without `user`: serve as uid 0 (every capability still dropped) instead
+    /// of refusing to start. Logged as a warning at every start.
+    pub allow_root: bool,
+}
+
+/// `sandbox.seccomp`: what a system call outside the allow-list does.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SeccompMode {
+    /// The kernel kills the whole process.
+    #[default]
+    Enforce,
+    /// The kernel logs the call (audit type 1326) and lets it run: for deriving the list.
+    Log,
+    /// No filter.
+    Off,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, Default, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 
 use super::model::{
     AgentConfig, AppConfig, BackendName, DockerConfig, ExecutionMode, ForwardingConfig,
-    KubernetesConfig, LogConfig, SecurityMode, WebhookConfig,
+    KubernetesConfig, LogConfig, SandboxConfig, SecurityMode, WebhookConfig,
 };
 use super::ConfigError;
 
@@ -94,6 +94,8 @@ pub struct Settings {
     pub policy: Policy,
     /// `auth.metadata`: environment and files every login gets.
     pub metadata: crate::auth::metadata::MetadataTemplate,
+    /// `sandbox`, checked for what does not depend on who starts the server.
+    pub sandbox: SandboxConfig,
     pub instance_id: String,
     pub state_directory: PathBuf,
 }
@@ -1018,15 +1020,50 @@ pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
         policy: policy(file, &cfg.security)?,
         metadata: crate::auth::metadata::MetadataTemplate::from_config(&cfg.auth.metadata)
             .map_err(|e| invalid(file, &format!("auth.metadata.{}", e.key), e.message))?,
+        sandbox: sandbox(file, cfg.sandbox)?,
         instance_id,
         state_directory,
     })
+}
+
+/// `sandbox`: what can be checked without knowing who starts us (the rest is
+/// `sandbox::enter`'s, at start-up).
+fn sandbox(file: &str, s: SandboxConfig) -> Result<SandboxConfig, ConfigError> {
+    if s.user == Some(0) {
+        return Err(invalid(
+            file,
+            "sandbox.user",
+            "0 is root: leave it unset and set sandbox.allowRoot: true to serve as root",
+        ));
+    }
+    if s.group == Some(0) {
+        return Err(invalid(file, "sandbox.group", "0 is root's group"));
+    }
+    if s.group.is_some() && s.user.is_none() {
+        return Err(invalid(file, "sandbox.group", "needs sandbox.user"));
+    }
+    if s.supplementary_groups.len() > crate::limits::MAX_SUPPLEMENTARY_GROUPS {
+        return Err(invalid(
+            file,
+            "sandbox.supplementaryGroups",
+            format!("at most {} groups", crate::limits::MAX_SUPPLEMENTARY_GROUPS),
+        ));
+    }
+    if s.allow_root && s.user.is_some() {
+        return Err(invalid(
+            file,
+            "sandbox.allowRoot",
+            "conflicts with sandbox.user (which drops root)",
+        ));
+    }
+    Ok(s)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::load::parse_yaml;
+    use crate::config::model::SeccompMode;
 
     fn base() -> String {
         "auth:\n  publicKey:\n    method: authorizedKeys\n    authorizedKeys:\n      path: /k/%u\n"
@@ -1040,6 +1077,45 @@ mod tests {
         assert_eq!(s.listen.port(), 2222);
         assert_eq!(s.kex[0], "mlkem768x25519-sha256");
         assert_eq!(s.server_version, "SSH-2.0-ContainerSSH");
+    }
+
+    #[test]
+    fn sandbox_block_is_checked_by_key() {
+        let ok = base() + "sandbox:\n  user: 65532\n  supplementaryGroups: [998]\n  seccomp: log\n";
+        let s = validate("c", parse_yaml("c", &ok).unwrap()).unwrap();
+        assert_eq!(s.sandbox.user, Some(65532));
+        assert_eq!(s.sandbox.group, None);
+        assert_eq!(s.sandbox.seccomp, SeccompMode::Log);
+        let default = validate("c", parse_yaml("c", &base()).unwrap()).unwrap();
+        assert_eq!(default.sandbox.seccomp, SeccompMode::Enforce);
+        assert!(!default.sandbox.allow_root && default.sandbox.user.is_none());
+        for (block, key) in [
+            ("  user: 0\n", "sandbox.user"),
+            ("  user: 10\n  group: 0\n", "sandbox.group"),
+            ("  group: 10\n", "sandbox.group"),
+            ("  user: 10\n  allowRoot: true\n", "sandbox.allowRoot"),
+            ("  user: -1\n", "sandbox.user"),
+            ("  user: alice\n", "sandbox.user"),
+            ("  seccomp: strict\n", "sandbox.seccomp"),
+            ("  users: 10\n", "sandbox"),
+        ] {
+            let y = format!("{}sandbox:\n{block}", base());
+            let err = parse_yaml("c", &y)
+                .map_err(|e| e.to_string())
+                .and_then(|c| validate("c", c).map_err(|e| e.to_string()))
+                .unwrap_err();
+            assert!(err.contains(key), "{block:?}: {err}");
+        }
+        let many: Vec<String> = (1..=40).map(|g| g.to_string()).collect();
+        let y = format!(
+            "{}sandbox:\n  supplementaryGroups: [{}]\n",
+            base(),
+            many.join(", ")
+        );
+        let err = validate("c", parse_yaml("c", &y).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sandbox.supplementaryGroups"), "{err}");
     }
 
     #[test]

@@ -595,9 +595,22 @@ stateDirectory: {state}
     /// `--config` and waits (up to [`STARTUP_TIMEOUT`]) for its
     /// `listening on ADDR` line. Panics with the server's output if it exits
     /// or never says so.
+    ///
+    /// A configuration without a top-level `sandbox` block gets `sandbox: {allowRoot: true}`,
+    /// so that (in CI, as root) every test server runs with its capabilities dropped, no_new_privs
+    /// and the seccomp filter enforced: the whole suite exercises the allow-list.
     pub fn start(&self, yaml: &str) -> TestServer {
         let config = self.dir.path().join("config.yaml");
-        std::fs::write(&config, yaml).expect("write config.yaml");
+        let yaml = if yaml.lines().any(|l| l.starts_with("sandbox:")) {
+            yaml.to_string()
+        } else {
+            // CONTAINERSSH_TEST_SECCOMP=log runs the suite with violations logged instead of
+            // fatal: how the allow-list is maintained (SECURITY.md).
+            let seccomp = std::env::var("CONTAINERSSH_TEST_SECCOMP")
+                .unwrap_or_else(|_| "enforce".to_string());
+            format!("{yaml}\nsandbox:\n  allowRoot: true\n  seccomp: {seccomp}\n")
+        };
+        std::fs::write(&config, &yaml).expect("write config.yaml");
         let mut child = Command::new(SERVER_BIN)
             .arg("--config")
             .arg(&config)
