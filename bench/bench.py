@@ -253,6 +253,9 @@ docker:
   format: text
 instanceId: "{self.instance}"
 stateDirectory: "{w}/state-{name}"
+# As root (the bench machine): uid 0 without capabilities; the seccomp filter is enforced.
+sandbox:
+  allowRoot: {"true" if os.geteuid() == 0 else "false"}
 {agent_top}""")
         env = {k: v for k, v in os.environ.items() if k != "RUST_LOG"}
         env["NO_COLOR"] = "1"

@@ -6,7 +6,9 @@
 #  2. checks that the Docker engine answers,
 #  3. builds (or reuses) the offline test image and exports
 #     CONTAINERSSH_TEST_IMAGE,
-#  4. cargo build --bins && cargo test --all-targets.
+#  4. builds the static server and agent and the FROM scratch server image
+#     (exports CONTAINERSSH_TEST_AGENT, CONTAINERSSH_TEST_STATIC_SERVER and
+#     CONTAINERSSH_TEST_SERVER_IMAGE), cargo build --bins, cargo test --all-targets.
 #
 # Extra arguments go to the test binaries, e.g. `bash tests/run.sh exec_echo`
 # or `bash tests/run.sh --test-threads 1`. TEST_THREADS overrides the number of
@@ -21,7 +23,7 @@ die() { printf 'tests/run.sh: ERROR: %s\n' "$*" >&2; exit 1; }
 # --- 1. packages ---------------------------------------------------------------
 # openssh-server is only needed by the benchmarks (a reference sshd); it is not
 # installed here.
-PACKAGES=(openssh-client busybox-static openssh-sftp-server socat tmux openssl curl)
+PACKAGES=(openssh-client busybox-static openssh-sftp-server socat tmux openssl curl file)
 section "checking Debian packages: ${PACKAGES[*]}"
 command -v dpkg-query >/dev/null 2>&1 ||
     die "dpkg-query not found: the tests need a Debian-based host with: ${PACKAGES[*]}"
@@ -41,7 +43,7 @@ if ((${#missing[@]})); then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null ||
         die "apt-get install ${missing[*]} failed"
 fi
-for c in ssh scp sftp ssh-keygen ssh-keyscan tmux openssl sha256sum curl; do
+for c in ssh scp sftp ssh-keygen ssh-keyscan tmux openssl sha256sum curl file; do
     command -v "$c" >/dev/null 2>&1 || die "'$c' not found on PATH even though its package is installed"
 done
 
@@ -62,15 +64,41 @@ export CONTAINERSSH_TEST_IMAGE=$image
 echo "CONTAINERSSH_TEST_IMAGE=$CONTAINERSSH_TEST_IMAGE"
 
 # --- 4. build and test ---------------------------------------------------------
-section "cargo build --bins"
-cargo build --bins
+# The static binaries as they ship (scripts/build-static.sh: release profile, fat
+# LTO, +crt-static) and the FROM scratch server image made of them
+# (deploy/docker/build-scratch.sh, used by tests/image.rs). The test servers inject
+# that static agent. The release build is mostly one core's LTO work, so it runs in
+# the background while the debug binaries and the test binaries compile, and is
+# joined before any test runs.
+section "static server, agent and server image (in the background)"
+server_image_out=$(mktemp /tmp/containerssh-server-image.XXXXXX)
+server_image_log=$(mktemp /tmp/containerssh-server-image-log.XXXXXX)
+bash deploy/docker/build-scratch.sh >"$server_image_out" 2>"$server_image_log" </dev/null &
+server_image_pid=$!
+echo "started (pid $server_image_pid, log $server_image_log)"
 
-# The agent the test servers inject: static, as it ships (see README).
-section "static agent"
-RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR=target/static \
-    cargo build --release --target x86_64-unknown-linux-gnu --bin containerssh-agent
-export CONTAINERSSH_TEST_AGENT=$PWD/target/static/x86_64-unknown-linux-gnu/release/containerssh-agent
-ls -l "$CONTAINERSSH_TEST_AGENT"
+section "cargo build --bins; cargo test --all-targets --no-run"
+no_run_status=0
+{ cargo build --bins && cargo test --all-targets --no-run; } || no_run_status=$?
+
+section "static server, agent and server image"
+server_image_status=0
+wait "$server_image_pid" || server_image_status=$?
+if ((server_image_status != 0)); then
+    cat "$server_image_log" >&2
+    die "deploy/docker/build-scratch.sh failed (exit $server_image_status)"
+fi
+((no_run_status == 0)) || die "building the debug binaries or the tests failed (exit $no_run_status)"
+grep -E '^build-(static|scratch)\.sh: |^  (size|file): |^/' "$server_image_log" || true
+CONTAINERSSH_TEST_SERVER_IMAGE=$(tail -n 1 "$server_image_out")
+rm -f "$server_image_out" "$server_image_log"
+[[ -n $CONTAINERSSH_TEST_SERVER_IMAGE ]] || die "deploy/docker/build-scratch.sh printed no image reference"
+static_dir=$PWD/target/static/$(uname -m)-unknown-linux-gnu/release
+export CONTAINERSSH_TEST_SERVER_IMAGE
+export CONTAINERSSH_TEST_STATIC_SERVER=$static_dir/containerssh
+export CONTAINERSSH_TEST_AGENT=$static_dir/containerssh-agent
+echo "CONTAINERSSH_TEST_SERVER_IMAGE=$CONTAINERSSH_TEST_SERVER_IMAGE"
+ls -l "$CONTAINERSSH_TEST_STATIC_SERVER" "$CONTAINERSSH_TEST_AGENT"
 
 section "cargo test --all-targets"
 test_args=()
