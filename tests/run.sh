@@ -64,16 +64,16 @@ export CONTAINERSSH_TEST_IMAGE=$image
 echo "CONTAINERSSH_TEST_IMAGE=$CONTAINERSSH_TEST_IMAGE"
 
 # --- 4. build and test ---------------------------------------------------------
-# The static binaries as they ship (scripts/build-static.sh: release profile, fat
-# LTO, +crt-static) and the FROM scratch server image made of them
+# The static binaries (scripts/build-static.sh: +crt-static, static-pie, stripped,
+# checked with file(1)) in the `static-test` profile — the release's linking without
+# its optimisation and fat LTO — and the FROM scratch server image made of them
 # (deploy/docker/build-scratch.sh, used by tests/image.rs). The test servers inject
-# that static agent. The release build is mostly one core's LTO work, so it runs in
-# the background while the debug binaries and the test binaries compile, and is
-# joined before any test runs.
+# that static agent. The build runs in the background while the debug binaries and
+# the test binaries compile, and is joined before any test runs.
 section "static server, agent and server image (in the background)"
 server_image_out=$(mktemp /tmp/containerssh-server-image.XXXXXX)
 server_image_log=$(mktemp /tmp/containerssh-server-image-log.XXXXXX)
-bash deploy/docker/build-scratch.sh >"$server_image_out" 2>"$server_image_log" </dev/null &
+bash deploy/docker/build-scratch.sh --profile static-test >"$server_image_out" 2>"$server_image_log" </dev/null &
 server_image_pid=$!
 echo "started (pid $server_image_pid, log $server_image_log)"
 
@@ -93,7 +93,7 @@ grep -E '^build-(static|scratch)\.sh: |^  (size|file): |^/' "$server_image_log" 
 CONTAINERSSH_TEST_SERVER_IMAGE=$(tail -n 1 "$server_image_out")
 rm -f "$server_image_out" "$server_image_log"
 [[ -n $CONTAINERSSH_TEST_SERVER_IMAGE ]] || die "deploy/docker/build-scratch.sh printed no image reference"
-static_dir=$PWD/target/static/$(uname -m)-unknown-linux-gnu/release
+static_dir=$PWD/target/static/$(uname -m)-unknown-linux-gnu/static-test
 export CONTAINERSSH_TEST_SERVER_IMAGE
 export CONTAINERSSH_TEST_STATIC_SERVER=$static_dir/containerssh
 export CONTAINERSSH_TEST_AGENT=$static_dir/containerssh-agent
