@@ -8,7 +8,7 @@ mod support;
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -168,50 +168,6 @@ fn refusal_line(server: &TestServer, needles: &[&str]) -> Option<String> {
     })
 }
 
-/// `ssh -M -N` as `user` with `extra` options (`-L` specs), `ExitOnForwardFailure=yes` and
-/// `LogLevel=INFO` (so channel-open failures show in its stderr); waits (bounded) for the
-/// control socket `<dir>/ctl-<name>`.
-fn master(
-    env: &TestEnv,
-    server: &TestServer,
-    user: &str,
-    name: &str,
-    extra: &[&str],
-) -> (Background, PathBuf) {
-    let control = env.path().join(format!("ctl-{name}"));
-    let mut cmd = env.ssh_opts(server);
-    cmd.args([
-        "-M",
-        "-N",
-        "-o",
-        "ControlPersist=no",
-        "-o",
-        "ExitOnForwardFailure=yes",
-        "-o",
-        "LogLevel=INFO",
-        "-S",
-    ])
-    .arg(&control)
-    .args(extra)
-    .arg(env.destination(user));
-    let mut bg = Background::spawn(&mut cmd, env.path(), &format!("master-{name}"));
-    let up = poll_until(READY_TIMEOUT, Duration::from_millis(20), || {
-        if control.exists() {
-            return Some(true);
-        }
-        bg.exited().map(|_| false)
-    });
-    assert_eq!(
-        up,
-        Some(true),
-        "ssh master {name} never came up (exit: {:?})\n--- its stderr ---\n{}\n--- server ---\n{}",
-        bg.exited(),
-        bg.stderr(),
-        server.output()
-    );
-    (bg, control)
-}
-
 /// `ssh -S <control> USER@127.0.0.1`; append the command.
 fn via(env: &TestEnv, server: &TestServer, control: &Path, user: &str) -> Command {
     let mut cmd = env.ssh_control(server, control);
@@ -292,7 +248,7 @@ fn two_hostnames(
     hook: &WebhookServer,
     user: &str,
 ) -> (String, String) {
-    let (mut m, ctl) = master(env, server, user, user, &[]);
+    let (mut m, ctl) = env.forwarding_master_as(server, user, user, &[]);
     let first = run_ok(via(env, server, &ctl, user).arg("hostname"), server, hook);
     let second = run_ok(via(env, server, &ctl, user).arg("hostname"), server, hook);
     assert!(
@@ -648,8 +604,7 @@ fn local_forward_works(
     user: &str,
 ) -> bool {
     let port = free_tcp_port();
-    let (mut m, ctl) = master(
-        env,
+    let (mut m, ctl) = env.forwarding_master_as(
         server,
         user,
         &format!("fwd-{user}"),

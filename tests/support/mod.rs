@@ -1052,6 +1052,17 @@ impl TestEnv {
         name: &str,
         extra: &[&str],
     ) -> (Background, PathBuf) {
+        self.forwarding_master_as(server, "alice", name, extra)
+    }
+
+    /// [`TestEnv::forwarding_master`] logged in as `user`.
+    pub fn forwarding_master_as(
+        &self,
+        server: &TestServer,
+        user: &str,
+        name: &str,
+        extra: &[&str],
+    ) -> (Background, PathBuf) {
         let control = self.dir.path().join(format!("fwd-{name}"));
         let mut cmd = self.ssh_opts(server);
         cmd.args([
@@ -1067,7 +1078,7 @@ impl TestEnv {
         ])
         .arg(&control)
         .args(extra)
-        .arg(self.destination("alice"));
+        .arg(self.destination(user));
         let mut master = Background::spawn(&mut cmd, self.dir.path(), &format!("master-{name}"));
         let up = poll_until(Duration::from_secs(30), Duration::from_millis(20), || {
             if control.exists() {
