@@ -564,9 +564,19 @@ fn data_beyond_credit_exits_3() {
 
 #[test]
 fn data_after_eof_and_garbage_exit_3() {
-    let port = echo_server();
+    // A peer that holds the connection and never ends its side: after our Eof the stream stays
+    // live (an echo peer would answer with its own EOF, and the agent could release the id
+    // before it reads our Data, which it then ignores as late).
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (held_tx, held_rx) = mpsc::channel();
+    thread::spawn(move || {
+        let (c, _) = l.accept().unwrap();
+        let _ = held_tx.send(c);
+    });
     let mut agent = Agent::start();
     dial_tcp(&mut agent, 1, port);
+    let _held = held_rx.recv_timeout(TIMEOUT).unwrap();
     agent.send(Frame::Eof { id: 1 });
     agent.send(Frame::Data {
         id: 1,
