@@ -50,16 +50,10 @@ fn sftp_put_and_get_ten_mib() {
         let server = env.start_mode(mode);
         let (src, sum) = random_file(&env, "up.bin");
         let back = env.path().join("down.bin");
-        let batch = format!(
-            "put {} /tmp/up.bin\nget /tmp/up.bin {}\n",
-            src.display(),
-            back.display()
-        );
-        let out = run_with_timeout(
-            env.sftp(&server)
-                .args(["-b", "-"])
-                .arg(env.destination("alice")),
-            Some(batch.as_bytes()),
+        let out = env.sftp_put_get(
+            env.sftp(&server),
+            "alice",
+            (&src, "/tmp/up.bin", &back),
             CMD_TIMEOUT,
         );
         ok(&out, &server, &format!("{mode}: sftp"));

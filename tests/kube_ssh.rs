@@ -555,14 +555,12 @@ fn sftp_and_scp_ten_mib_in_connection_mode() {
     };
 
     let back = env.path().join("down-sftp.bin");
-    let batch = format!(
-        "put {} /tmp/up.bin\nget /tmp/up.bin {}\n",
-        src.display(),
-        back.display()
+    let out = env.sftp_put_get(
+        with_control(env.sftp(&server)),
+        "alice",
+        (&src, "/tmp/up.bin", &back),
+        CMD_TIMEOUT,
     );
-    let mut sftp = with_control(env.sftp(&server));
-    sftp.args(["-b", "-"]).arg(env.destination("alice"));
-    let out = run_with_timeout(&mut sftp, Some(batch.as_bytes()), CMD_TIMEOUT);
     assert!(out.status.success(), "sftp: {}", ctx(&out, &server, &fake));
     assert_eq!(sha256_file(&back), sum, "sftp: downloaded file differs");
 

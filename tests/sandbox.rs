@@ -160,16 +160,10 @@ fn drops_to_the_configured_user_and_still_serves() {
     let down = env.path().join("down.txt");
     let content = format!("sandboxed {}\n", random_hex(16));
     std::fs::write(&up, &content).expect("write upload");
-    let batch = format!(
-        "put {} /tmp/up.txt\nget /tmp/up.txt {}\n",
-        up.display(),
-        down.display()
-    );
-    let out = run_with_timeout(
-        env.sftp(&server)
-            .args(["-b", "-"])
-            .arg(env.destination("alice")),
-        Some(batch.as_bytes()),
+    let out = env.sftp_put_get(
+        env.sftp(&server),
+        "alice",
+        (&up, "/tmp/up.txt", &down),
         CMD_TIMEOUT,
     );
     ok(&out, &server, "sftp");

@@ -766,6 +766,24 @@ stateDirectory: {state}
         self.client("sftp", server, "-P")
     }
 
+    /// Runs `sftp` (as made by [`TestEnv::sftp`], options appended) as `user` with a batch
+    /// that puts the local `up` at `remote`, then gets it back into the local `down`.
+    pub fn sftp_put_get(
+        &self,
+        mut sftp: Command,
+        user: &str,
+        (up, remote, down): (&Path, &str, &Path),
+        timeout: Duration,
+    ) -> Output {
+        let batch = format!(
+            "put {} {remote}\nget {remote} {}\n",
+            up.display(),
+            down.display()
+        );
+        sftp.args(["-b", "-"]).arg(self.destination(user));
+        run_with_timeout(&mut sftp, Some(batch.as_bytes()), timeout)
+    }
+
     /// `USER@127.0.0.1`
     pub fn destination(&self, user: &str) -> String {
         format!("{user}@127.0.0.1")
