@@ -233,6 +233,10 @@ class Ours:
     - "{w}/ours_host_ed25519"
   ciphers: ["{CIPHER}"]
   kex: ["{KEX}"]
+  # The same front door as the sshd beside it (MaxStartups 300:30:400): the parallel phase
+  # logs in 200 clients at once from one address, which the defaults (10 per source) refuse.
+  maxStartups: "300:30:400"
+  perSourceMaxStartups: none
 auth:
   publicKey:
     method: authorizedKeys

@@ -234,6 +234,26 @@ pub fn fuzz_cert_options(data: &[u8]) {
     crate::auth::certificate::fuzz_cert_options(data);
 }
 
+/// PROXY protocol headers: the parser never panics, never claims more bytes than it was
+/// given, gives the same header for exactly its own bytes, and calls every strict prefix of a
+/// header incomplete (so a header split over reads is read whole, never misparsed).
+pub fn fuzz_proxy_header(data: &[u8]) {
+    use crate::front::proxy::{parse, V2_MAX_BYTES};
+    match parse(data) {
+        Ok(Some((header, n))) => {
+            assert!(n <= data.len() && n <= V2_MAX_BYTES);
+            assert_eq!(parse(&data[..n]), Ok(Some((header, n))));
+            for cut in [0, 1, n / 2, n.saturating_sub(1)] {
+                if cut < n {
+                    assert_eq!(parse(&data[..cut]), Ok(None), "prefix of {cut}");
+                }
+            }
+        }
+        Ok(None) => assert!(data.len() < V2_MAX_BYTES),
+        Err(_) => {}
+    }
+}
+
 /// Auth webhook answers: decoded, merged (names, paths, base64 files and sizes checked) and
 /// applied to a login's metadata without a panic.
 pub fn fuzz_auth_response(data: &[u8]) {

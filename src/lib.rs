@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`config`]: the ContainerSSH-compatible config file, strict parsing, validation.
+//! - [`front`]: the front door: startup limits, per-source penalties, PROXY protocol.
 //! - [`server`]: accept loop, per-connection lifecycle, drain on shutdown.
 //! - [`ssh`]: russh configuration, the thin handler, per-channel tasks, host keys.
 //! - [`auth`]: authentication (`authorized_keys` files, password hashes, the auth webhook).
@@ -16,6 +17,7 @@ pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod forward;
+pub mod front;
 pub mod limits;
 pub mod log;
 // The only module allowed `unsafe` (each block carries a `// SAFETY:` line).

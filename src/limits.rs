@@ -6,15 +6,39 @@ use std::time::Duration;
 /// A config file is hand-written; anything larger is a mistake.
 pub const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
 
-/// OpenSSH's MaxAuthTries default, and ContainerSSH's hard-coded value.
-pub const MAX_AUTH_TRIES: usize = 6;
+/// The largest `ssh.maxAuthTries` accepted: each try may cost a webhook call or a hash.
+pub const MAX_AUTH_TRIES_LIMIT: u32 = 100;
 
-/// Connections that have not authenticated yet, across the server (OpenSSH's MaxStartups
-/// spirit): each holds a socket and a KEX state; beyond this we stop accepting until one ends.
-pub const MAX_UNAUTHENTICATED_CONNECTIONS: usize = 256;
+/// The largest `full` of `ssh.maxStartups`: unauthenticated connections across the server
+/// (each holds a socket and a key-exchange state, ~100 KiB at most).
+pub const MAX_STARTUPS_LIMIT: u32 = 4096;
 
-/// Authenticated connections served at once; each may hold a container.
+/// Connections served at once, authenticated or not, and sockets awaiting a PROXY header: the
+/// accept loop waits for a place before it accepts (file descriptors are the bound).
 pub const MAX_CONNECTIONS: usize = 4096;
+
+/// Sources remembered with a penalty (OpenSSH's `max-sources4`/`max-sources6`, together); past
+/// this the entries closest to expiry are dropped, so a spray of addresses costs at most this
+/// many entries (~100 bytes each).
+pub const MAX_PENALISED_SOURCES: usize = 65_536;
+
+/// Threads verifying password hashes (one per core up to this): each argon2id verification
+/// holds its memory cost (19 MiB by default) while it runs, so this bounds that memory.
+pub const MAX_HASH_WORKERS: usize = 4;
+
+/// Verifications queued or running; further attempts wait (asynchronously) for a place.
+pub const MAX_HASH_QUEUE: usize = 64;
+
+/// The most expensive password hashes accepted in a password file (beyond them a line is
+/// unusable, logged): argon2 memory in KiB (64 MiB; OWASP suggests 19–46), bcrypt's cost,
+/// SHA-crypt's rounds.
+pub const MAX_ARGON2_MEMORY_KIB: u32 = 64 * 1024;
+pub const MAX_ARGON2_PASSES: u32 = 64;
+pub const MAX_BCRYPT_COST: u32 = 16;
+pub const MAX_SHA_CRYPT_ROUNDS: u32 = 1_000_000;
+
+/// `ssh.perSourcePenaltyExemptList` and `ssh.proxyProtocol.trustedProxies` entries.
+pub const MAX_ADDRESS_LIST_ENTRIES: usize = 1024;
 
 /// Session channels open at once on one connection (OpenSSH's MaxSessions).
 pub const MAX_CHANNELS_PER_CONNECTION: usize = 10;
@@ -71,6 +95,10 @@ pub const CHANNEL_EVENT_QUEUE: usize = 64;
 /// How long draining may take on SIGTERM before the remaining containers are removed anyway
 /// (ContainerSSH gives 20 s).
 pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(20);
+
+/// How long a connection the server ends (a deadline, shutdown) is given to take its
+/// disconnect message before the socket is closed under it.
+pub const DISCONNECT_FLUSH: Duration = Duration::from_secs(2);
 
 /// Back-off after a failed `accept` (e.g. EMFILE), so the loop does not spin.
 pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);

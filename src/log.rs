@@ -116,13 +116,130 @@ pub fn init(cfg: &LogConfig, per_login: bool) {
                     .with_target(false),
             )
             .try_init(),
-        LogFormat::Text => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_ansi(false)
-                    .with_writer(std::io::stdout)
-                    .with_target(false),
-            )
-            .try_init(),
+        LogFormat::Text => registry.with(text_layer(std::io::stdout)).try_init(),
     };
+}
+
+/// The text format: tracing's, with every field written through [`EscapedFields`].
+fn text_layer<S, W>(writer: W) -> impl Layer<S>
+where
+    S: Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt::layer()
+        .with_ansi(false)
+        .with_writer(writer)
+        .with_target(false)
+        .fmt_fields(EscapedFields)
+}
+
+/// Writes a text log line's message and `name=value` fields with control characters escaped
+/// (`\n`, `\r`, `\t`, `\u{1b}`, …): values come from clients and containers (user names,
+/// forwarding targets, the agent's messages), and one holding a newline must not be able to
+/// write a line of its own. (The JSON format escapes by construction.)
+pub struct EscapedFields;
+
+impl<'w> tracing_subscriber::fmt::FormatFields<'w> for EscapedFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        writer: tracing_subscriber::fmt::format::Writer<'w>,
+        fields: R,
+    ) -> std::fmt::Result {
+        let mut v = EscapingVisitor {
+            writer,
+            first: true,
+            result: Ok(()),
+        };
+        fields.record(&mut v);
+        v.result
+    }
+}
+
+struct EscapingVisitor<'w> {
+    writer: tracing_subscriber::fmt::format::Writer<'w>,
+    first: bool,
+    result: std::fmt::Result,
+}
+
+// `&str` fields reach `record_debug` (Visit's default), quoted and escaped as tracing prints
+// them; `%display` fields and the message are where raw text arrives.
+impl Visit for EscapingVisitor<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.write(field, &format!("{value:?}"));
+    }
+}
+
+impl EscapingVisitor<'_> {
+    fn write(&mut self, field: &Field, value: &str) {
+        if self.result.is_err() {
+            return;
+        }
+        let sep = if self.first { "" } else { " " };
+        self.first = false;
+        let text = escape_controls(value);
+        self.result = if field.name() == "message" {
+            write!(self.writer, "{sep}{text}")
+        } else {
+            write!(self.writer, "{sep}{}={text}", field.name())
+        };
+    }
+}
+
+/// `s` with every control character written as an escape sequence.
+fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn text_lines_cannot_be_forged_by_field_values() {
+        let buf = Buf::default();
+        let out = buf.clone();
+        let subscriber = tracing_subscriber::registry().with(text_layer(move || out.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            let host = "evil\n2026-01-01T00:00:00Z  INFO authenticated user=root\r\x1b[2J";
+            tracing::info!(host = %host, n = 3, "forwarded connection failed: {}", "a\nb");
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(
+            text.contains("forwarded connection failed: a\\nb"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "host=evil\\n2026-01-01T00:00:00Z  INFO authenticated user=root\\r\\u{1b}[2J"
+            ),
+            "{text}"
+        );
+        assert!(text.contains(" n=3"), "{text}");
+    }
 }

@@ -96,6 +96,7 @@ fn main() -> ExitCode {
         eprintln!("containerssh: cannot close inherited file descriptors: {e}");
         return ExitCode::FAILURE;
     }
+    containerssh::sandbox::return_large_allocations();
     let cli = match parse_cli() {
         Ok(Some(c)) => c,
         Ok(None) => return ExitCode::SUCCESS,
@@ -138,7 +139,7 @@ fn main() -> ExitCode {
     };
     containerssh::log::init(&settings.log, settings.config_webhook.is_some());
     for w in &settings.warnings {
-        tracing::warn!("deprecated configuration: {w}");
+        tracing::warn!("{w}");
     }
     match run(settings) {
         Ok(()) => ExitCode::SUCCESS,
@@ -165,10 +166,7 @@ fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(ak) = &authorized_keys {
         ak.check_template()?;
     }
-    let passwords = settings
-        .password_file
-        .clone()
-        .map(|p| Arc::new(PasswordFile::new(p)));
+    let passwords = settings.password_file.clone().map(PasswordFile::new);
     let backend = std::sync::Arc::new(Backend::build(&settings)?);
     let webhooks = containerssh::server::AuthWebhooks::new(&settings)?;
     let trusted_cas = settings
@@ -194,13 +192,20 @@ fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
         "sandbox entered: {report}"
     );
 
+    // Threads of its own, so after the sandbox (which needs to be entered single-threaded).
+    let passwords = passwords
+        .map(containerssh::auth::hashing::PasswordChecker::start)
+        .transpose()?;
+
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("containerssh")
         .build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
+        let door = containerssh::front::Door::new(settings.door.clone());
         let shared = Arc::new(Shared {
+            door,
             settings,
             ssh: ssh_config,
             authorized_keys,

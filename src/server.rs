@@ -1,22 +1,30 @@
-//! The accept loop and each connection's life: a pre-auth permit before `accept`, the login
-//! grace timer, the russh session, and cleanup when it ends. On shutdown the loop stops
+//! The accept loop and each connection's life. A place among [`MAX_CONNECTIONS`] is taken
+//! before `accept`; then the front door ([`crate::front`]) decides on the client's address
+//! (after a trusted proxy's PROXY header) before anything is sent or read; then the russh
+//! session runs under two deadlines counted from the accept, the handshake's and the login
+//! grace time, and its ending is recorded as the source's penalty. On shutdown the loop stops
 //! accepting, every connection is told and closed, and their containers are removed.
 
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
+use futures_util::FutureExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::authorized_keys::AuthorizedKeys;
-use crate::auth::password::PasswordFile;
+use crate::auth::hashing::PasswordChecker;
 use crate::backend::Backend;
 use crate::config::Settings;
-use crate::limits::{
-    ACCEPT_ERROR_BACKOFF, MAX_CONNECTIONS, MAX_UNAUTHENTICATED_CONNECTIONS, SHUTDOWN_DRAIN,
-};
+use crate::front::cidr::canonical;
+use crate::front::penalty::Penalty;
+use crate::front::proxy::{self, Header, Prefixed};
+use crate::front::{Door, Refusal, Refused, Startup};
+use crate::limits::{ACCEPT_ERROR_BACKOFF, DISCONNECT_FLUSH, MAX_CONNECTIONS, SHUTDOWN_DRAIN};
 use crate::ssh::conn::ConnCtx;
 use crate::ssh::handler::Handler;
 use crate::ssh::version::VersionRecorder;
@@ -29,11 +37,13 @@ pub struct Shared {
     pub authorized_keys: Option<AuthorizedKeys>,
     /// `auth.publicKey.trustedUserCAKeys`, loaded.
     pub trusted_cas: Option<crate::auth::certificate::TrustedCas>,
-    pub passwords: Option<Arc<PasswordFile>>,
+    pub passwords: Option<PasswordChecker>,
     pub backend: Arc<Backend>,
     pub webhooks: AuthWebhooks,
     /// Cancelled on SIGTERM/SIGINT.
     pub shutdown: CancellationToken,
+    /// Who may start a connection (`ssh.maxStartups`, `ssh.perSource*`).
+    pub door: Arc<Door>,
 }
 
 /// The auth webhooks configured (`auth.{password,publicKey,authz}.method: webhook`).
@@ -62,40 +72,57 @@ impl AuthWebhooks {
 
 /// Serves until `shared.shutdown` is cancelled, then drains.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
-    let preauth = Arc::new(Semaphore::new(MAX_UNAUTHENTICATED_CONNECTIONS));
     let total = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let connections = TaskTracker::new();
     loop {
-        // Permits first: at the limit we stop accepting, and the kernel's backlog holds the
+        // A place first: at the limit we stop accepting, and the kernel's backlog holds the
         // rest, instead of accepting sockets we cannot serve.
-        let permits = tokio::select! {
-            p = async {
-                let a = Arc::clone(&total).acquire_owned().await;
-                let b = Arc::clone(&preauth).acquire_owned().await;
-                (a, b)
-            } => p,
+        let permit = tokio::select! {
+            p = Arc::clone(&total).acquire_owned() => p,
             () = shared.shutdown.cancelled() => break,
         };
-        let (Ok(conn_permit), Ok(preauth_permit)) = permits else {
-            break;
-        };
+        let Ok(permit) = permit else { break };
         let accepted = tokio::select! {
             r = listener.accept() => r,
             () = shared.shutdown.cancelled() => break,
         };
-        match accepted {
-            Ok((stream, peer)) => {
-                let shared = Arc::clone(&shared);
-                connections.spawn(async move {
-                    connection(shared, stream, peer, preauth_permit).await;
-                    drop(conn_permit);
-                });
-            }
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning; never stop serving.
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                continue;
             }
+        };
+        let accepted_at = Instant::now();
+        let peer = canonical(peer);
+        let shared2 = Arc::clone(&shared);
+        match &shared.settings.proxy {
+            Some(rules) if rules.trusts(peer.ip()) => {
+                connections.spawn(async move {
+                    proxied(shared2, stream, peer, accepted_at).await;
+                    drop(permit);
+                });
+            }
+            // Decided here, before a task exists: a flood from one source costs an accept
+            // and a close per socket.
+            _ => match shared.door.admit(peer.ip()) {
+                Ok(startup) => {
+                    let admitted = Admitted {
+                        stream: Prefixed::new(Vec::new(), stream),
+                        peer,
+                        via: None,
+                        startup,
+                        accepted_at,
+                    };
+                    connections.spawn(async move {
+                        guarded(shared2, admitted).await;
+                        drop(permit);
+                    });
+                }
+                Err(r) => refuse(&stream, peer, None, r),
+            },
         }
     }
     drop(listener);
@@ -112,58 +139,231 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-async fn connection(
+/// Turns a connection away: OpenSSH's one line, then the close.
+fn refuse(stream: &TcpStream, peer: SocketAddr, via: Option<SocketAddr>, r: Refused) {
+    let _ = stream.try_write(r.why.line());
+    let Some(count) = r.log else { return };
+    // Only when there was one (a `None` field is not written).
+    let via = via.map(tracing::field::display);
+    match r.why {
+        Refusal::Penalised { last, remaining } => tracing::info!(
+            remote = %peer, proxy = via, penalty = last.name(), remaining = ?remaining, refused = count,
+            "connection refused: the source is penalised (ssh.perSourcePenalties; logged once per penalty)"
+        ),
+        Refusal::PerSource { limit } => tracing::info!(
+            remote = %peer, proxy = via, limit, refused = count,
+            "connection refused: the source has ssh.perSourceMaxStartups unauthenticated connections"
+        ),
+        Refusal::Full { pending } | Refusal::Early { pending } => tracing::info!(
+            remote = %peer, proxy = via, unauthenticated = pending, refused = count,
+            "connection refused: ssh.maxStartups"
+        ),
+    }
+}
+
+/// A connection from a trusted proxy: its PROXY header names the client, who then goes
+/// through the door like any other.
+async fn proxied(
     shared: Arc<Shared>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    preauth: OwnedSemaphorePermit,
+    mut stream: TcpStream,
+    proxy_addr: SocketAddr,
+    accepted_at: Instant,
 ) {
+    let Some(rules) = shared.settings.proxy.as_ref() else {
+        return;
+    };
+    let (client, rest) = match proxy::read_header(&mut stream, rules.header_timeout).await {
+        Ok((Header::Local, _)) => {
+            tracing::debug!(proxy = %proxy_addr, "PROXY LOCAL (a health check): closed");
+            return;
+        }
+        Ok((Header::Unknown, rest)) => {
+            tracing::debug!(proxy = %proxy_addr, "PROXY header without addresses: the proxy's own is used");
+            (proxy_addr, rest)
+        }
+        Ok((Header::Tcp { source, .. }, rest)) => (canonical(source), rest),
+        Err(e) => {
+            // The proxy is trusted, so it is not penalised; the client behind it is unknown.
+            tracing::warn!(proxy = %proxy_addr, error = %e, "connection refused: no valid PROXY header from a trusted proxy");
+            return;
+        }
+    };
+    match shared.door.admit(client.ip()) {
+        Ok(startup) => {
+            let admitted = Admitted {
+                stream: Prefixed::new(rest, stream),
+                peer: client,
+                via: Some(proxy_addr),
+                startup,
+                accepted_at,
+            };
+            guarded(shared, admitted).await;
+        }
+        Err(r) => refuse(&stream, client, Some(proxy_addr), r),
+    }
+}
+
+/// A connection the front door let in.
+struct Admitted {
+    stream: Prefixed<TcpStream>,
+    /// The client: the TCP peer, or the address a trusted proxy's header names.
+    peer: SocketAddr,
+    /// The trusted proxy it came through.
+    via: Option<SocketAddr>,
+    startup: Startup,
+    accepted_at: Instant,
+}
+
+/// Runs a connection; a panic in it ends that connection alone and penalises its source.
+async fn guarded(shared: Arc<Shared>, admitted: Admitted) {
+    let (door, peer) = (Arc::clone(&shared.door), admitted.peer);
+    let run = connection(shared, admitted);
+    if AssertUnwindSafe(run).catch_unwind().await.is_err() {
+        tracing::error!(remote = %peer, "a connection's task panicked: connection closed");
+        door.penalise(peer.ip(), Penalty::Crash);
+    }
+}
+
+/// How a connection ended, as far as its source's penalty goes.
+enum Ending {
+    /// The client or the session ended it.
+    Closed,
+    /// The handshake deadline or the login grace time ran out.
+    TimedOut,
+    /// russh's task for it panicked.
+    Crashed,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+fn penalty(ending: &Ending, conn: &ConnCtx) -> Option<Penalty> {
+    match ending {
+        Ending::Shutdown => None,
+        Ending::Crashed => Some(Penalty::Crash),
+        Ending::TimedOut => Some(Penalty::GraceExceeded),
+        Ending::Closed
+            if conn
+                .hello
+                .proxy_header
+                .load(std::sync::atomic::Ordering::Relaxed) =>
+        {
+            Some(Penalty::RefuseConnection)
+        }
+        Ending::Closed if conn.is_authenticated() => None,
+        Ending::Closed if conn.auth_failures() > 0 => Some(Penalty::AuthFail),
+        Ending::Closed => Some(Penalty::NoAuth),
+    }
+}
+
+fn is_crash(e: &crate::ssh::handler::HandlerError) -> bool {
+    matches!(
+        e,
+        crate::ssh::handler::HandlerError::Ssh(russh::Error::Join(_))
+    )
+}
+
+/// Resolves at `at` unless `done` is cancelled first (then never).
+async fn deadline_unless(at: Instant, done: &CancellationToken) {
+    tokio::select! {
+        () = tokio::time::sleep_until(at) => {}
+        () = done.cancelled() => std::future::pending().await,
+    }
+}
+
+async fn connection(shared: Arc<Shared>, admitted: Admitted) {
+    let Admitted {
+        stream,
+        peer,
+        via,
+        startup,
+        accepted_at,
+    } = admitted;
+    let conn = ConnCtx::new(Arc::clone(&shared), peer, startup);
+    let ending = run_session(&shared, &conn, stream, via, accepted_at).await;
+    conn.release_startup();
+    conn.close().await;
+    conn.stream_end.cancel();
+    if let Some(p) = penalty(&ending, &conn) {
+        if shared.door.penalise(peer.ip(), p) {
+            tracing::info!(connection_id = %conn.id, remote = %peer, penalty = p.name(), "source penalised: its connections are refused for a while (ssh.perSourcePenalties)");
+        }
+    }
+    tracing::info!(connection_id = %conn.id, "disconnected");
+}
+
+async fn run_session(
+    shared: &Arc<Shared>,
+    conn: &Arc<ConnCtx>,
+    stream: Prefixed<TcpStream>,
+    via: Option<SocketAddr>,
+    accepted_at: Instant,
+) -> Ending {
     // russh applies `Config::nodelay` only in its own accept loop; without it Nagle and delayed
     // ACKs hold the last packets of every session back by ~40 ms.
-    if let Err(e) = stream.set_nodelay(shared.ssh.nodelay) {
-        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-    }
-    let conn = ConnCtx::new(Arc::clone(&shared), peer);
-    tracing::info!(connection_id = %conn.id, remote = %peer, "connected");
-    let handler = Handler::new(Arc::clone(&conn), preauth);
-    let grace = shared.settings.login_grace_time;
-    let session = tokio::select! {
-        r = russh::server::run_stream(
-            Arc::clone(&shared.ssh),
-            VersionRecorder::new(stream, Arc::clone(&conn.client_version)),
-            handler,
+    let _ = stream.get_ref().set_nodelay(shared.ssh.nodelay);
+    let proxy = via.map(tracing::field::display);
+    tracing::info!(connection_id = %conn.id, remote = %conn.peer, proxy, "connected");
+    let handler = Handler::new(Arc::clone(conn));
+    let handshake_deadline = accepted_at + shared.settings.handshake_timeout;
+    let login_deadline = accepted_at + shared.settings.login_grace_time;
+    let stream = VersionRecorder::new(stream, Arc::clone(&conn.hello), conn.stream_end.clone());
+    let started = tokio::select! {
+        r = tokio::time::timeout_at(
+            handshake_deadline,
+            russh::server::run_stream(Arc::clone(&shared.ssh), stream, handler),
         ) => r,
-        () = tokio::time::sleep(grace) => {
-            tracing::info!(connection_id = %conn.id, "no SSH handshake within the login grace time");
-            return;
-        }
+        () = shared.shutdown.cancelled() => return Ending::Shutdown,
     };
-    let mut session = match session {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::info!(connection_id = %conn.id, error = %e, "handshake failed");
-            return;
-        }
-    };
-    let handle = session.handle();
-    let login_deadline = tokio::time::Instant::now() + grace;
-    let grace_timer = async {
-        tokio::time::sleep_until(login_deadline).await;
-        if conn.is_authenticated() {
-            std::future::pending::<()>().await;
-        }
-    };
-    tokio::select! {
-        r = &mut session => {
-            if let Err(e) = r {
-                tracing::debug!(connection_id = %conn.id, error = %e, "connection ended with an error");
+    let mut session = match started {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            if conn
+                .hello
+                .proxy_header
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::warn!(connection_id = %conn.id, remote = %conn.peer, "connection refused: a PROXY protocol header from a peer that is not in ssh.proxyProtocol.trustedProxies");
+            } else {
+                tracing::info!(connection_id = %conn.id, error = %e, "handshake failed");
             }
+            return Ending::Closed;
         }
-        () = grace_timer => {
-            tracing::info!(connection_id = %conn.id, "login grace time exceeded");
-            let _ = handle
-                .disconnect(russh::Disconnect::ByApplication, "login grace time exceeded".into(), String::new())
+        Err(_) => {
+            tracing::info!(connection_id = %conn.id, "no SSH version within ssh.handshakeTimeout");
+            return Ending::TimedOut;
+        }
+    };
+    conn.set_handle(session.handle());
+    let handle = session.handle();
+    let authenticated = conn.authenticated_token();
+    let timed_out = |what: &'static str| {
+        tracing::info!(connection_id = %conn.id, remote = %conn.peer, "{what}");
+        let h = handle.clone();
+        async move {
+            let _ = h
+                .disconnect(russh::Disconnect::ByApplication, what.into(), String::new())
                 .await;
+        }
+    };
+    let ending = tokio::select! {
+        r = &mut session => match r {
+            Err(e) if is_crash(&e) => {
+                tracing::error!(connection_id = %conn.id, "the connection's session task panicked");
+                Ending::Crashed
+            }
+            Err(e) => {
+                tracing::debug!(connection_id = %conn.id, error = %e, "connection ended with an error");
+                Ending::Closed
+            }
+            Ok(()) => Ending::Closed,
+        },
+        () = deadline_unless(handshake_deadline, &conn.handshaken) => {
+            timed_out("key exchange not completed within ssh.handshakeTimeout").await;
+            Ending::TimedOut
+        }
+        () = deadline_unless(login_deadline, &authenticated) => {
+            timed_out("login grace time exceeded").await;
+            Ending::TimedOut
         }
         () = shared.shutdown.cancelled() => {
             // Channels print their notice and close when the connection token is cancelled.
@@ -173,8 +373,12 @@ async fn connection(
             let _ = handle
                 .disconnect(russh::Disconnect::ByApplication, "server shutting down".into(), String::new())
                 .await;
+            Ending::Shutdown
         }
+    };
+    if !matches!(ending, Ending::Closed | Ending::Crashed) {
+        // We ended it: let russh send the disconnect before the stream is cut.
+        let _ = tokio::time::timeout(DISCONNECT_FLUSH, &mut session).await;
     }
-    conn.close().await;
-    tracing::info!(connection_id = %conn.id, "disconnected");
+    ending
 }

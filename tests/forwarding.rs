@@ -300,10 +300,93 @@ impl ClientSideServer {
 fn forwarding_is_disabled_by_default() {
     let env = TestEnv::new();
     let server = env.start_mode("connection");
+    assert_nothing_is_forwarded(&env, &server);
+}
+
+/// With every kind of forwarding enabled, a key line marked `restrict` (or
+/// `no-port-forwarding,no-agent-forwarding,no-X11-forwarding`) forwards nothing: it once
+/// carried `-L` into the container while only its pty was refused.
+#[test]
+fn a_restricted_key_forwards_nothing() {
+    for options in [
+        "restrict",
+        "no-port-forwarding,no-agent-forwarding,no-X11-forwarding",
+    ] {
+        let env = TestEnv::new();
+        std::fs::write(
+            env.path().join("keys/alice"),
+            format!("{options} {}\n", env.client_pubkey),
+        )
+        .unwrap();
+        let server = env.start(&enabled_yaml(&env, "connection"));
+        assert_nothing_is_forwarded(&env, &server);
+        assert!(
+            server
+                .output()
+                .contains("the login's key or certificate does not permit it"),
+            "{options}: the refusals are logged: {}",
+            server.output()
+        );
+    }
+}
+
+/// The same for a certificate without the permit-*-forwarding extensions (`-O clear`).
+#[test]
+fn a_certificate_without_forwarding_extensions_forwards_nothing() {
+    let env = TestEnv::new();
+    let ca = env.path().join("user_ca");
+    let keygen = |args: &[&str]| {
+        let out = Command::new("ssh-keygen").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    keygen(&[
+        "-q",
+        "-t",
+        "ed25519",
+        "-N",
+        "",
+        "-f",
+        &ca.display().to_string(),
+    ]);
+    let client_pub = format!("{}.pub", env.client_key.display());
+    keygen(&[
+        "-q",
+        "-s",
+        &ca.display().to_string(),
+        "-I",
+        "restricted",
+        "-n",
+        "alice",
+        "-O",
+        "clear",
+        &client_pub,
+    ]);
+    // Only the certificate logs in: the plain key is not in authorized_keys.
+    std::fs::write(env.path().join("keys/alice"), "").unwrap();
+    let yaml = enabled_yaml(&env, "connection").replacen(
+        "  publicKey:\n",
+        &format!(
+            "  publicKey:\n    trustedUserCAKeys: {}.pub\n",
+            ca.display()
+        ),
+        1,
+    );
+    let server = env.start(&yaml);
+    assert_nothing_is_forwarded(&env, &server);
+    assert!(server.output().contains("publickey-certificate"));
+}
+
+/// Opens a master asking for -L (TCP and unix socket) to servers that answer inside the
+/// container, then -R, X11 and agent forwarding: all are refused, sessions keep working.
+fn assert_nothing_is_forwarded(env: &TestEnv, server: &TestServer) {
     let tcp_port = free_tcp_port();
     let local_sock = env.path().join("l.sock");
     let (mut master, ctl) = env.forwarding_master(
-        &server,
+        server,
         "off",
         &[
             "-L",
@@ -313,7 +396,7 @@ fn forwarding_is_disabled_by_default() {
         ],
     );
     let _servers = Background::spawn(
-        env.ssh_via(&server, &ctl).arg(
+        env.ssh_via(server, &ctl).arg(
             "socat -t 30 TCP-LISTEN:9000,fork,reuseaddr EXEC:cat & \
              socat -t 30 UNIX-LISTEN:/tmp/x.sock,fork EXEC:cat & wait",
         ),
@@ -323,7 +406,7 @@ fn forwarding_is_disabled_by_default() {
     // The servers really answer inside the container, so what fails below is the refusal.
     let ready = poll_until(READY_TIMEOUT, POLL_STEP, || {
         let out = run_with_timeout(
-            env.ssh_via(&server, &ctl).arg(
+            env.ssh_via(server, &ctl).arg(
                 "echo in-tcp | socat -t 5 - TCP:127.0.0.1:9000 && \
                  echo in-unix | socat -t 5 - UNIX-CONNECT:/tmp/x.sock",
             ),
@@ -338,19 +421,14 @@ fn forwarding_is_disabled_by_default() {
         server.output()
     );
 
-    assert_refused(
-        &Target::Tcp(tcp_port),
-        "-L tcp (disabled)",
-        &master,
-        &server,
-    );
+    assert_refused(&Target::Tcp(tcp_port), "-L tcp (disabled)", &master, server);
     assert_refused(
         &Target::Unix(local_sock),
         "-L unix (disabled)",
         &master,
-        &server,
+        server,
     );
-    let said = wait_master_says(&master, "open failed", &server);
+    let said = wait_master_says(&master, "open failed", server);
     assert!(
         said.contains("administratively prohibited"),
         "the refusal must be 'administratively prohibited':\n{said}"
@@ -358,7 +436,7 @@ fn forwarding_is_disabled_by_default() {
 
     for spec in ["0:127.0.0.1:9", "/tmp/r.sock:127.0.0.1:9"] {
         let out = run_with_timeout(
-            env.ssh_control(&server, &ctl)
+            env.ssh_control(server, &ctl)
                 .args(["-O", "forward", "-R", spec])
                 .arg(env.destination("alice")),
             None,
@@ -367,15 +445,15 @@ fn forwarding_is_disabled_by_default() {
         assert!(
             !out.status.success(),
             "-R {spec} must be refused: {}",
-            describe(&out, &server)
+            describe(&out, server)
         );
     }
 
     // X11 and agent forwarding requests are refused, and the session still runs.
-    let agent = SshAgent::start(&env);
+    let agent = SshAgent::start(env);
     let out = run_with_timeout(
         agent
-            .forwarding(&mut env.ssh_opts(&server))
+            .forwarding(&mut env.ssh_opts(server))
             .env("DISPLAY", ":999")
             .args(["-Y", "-o", "XAuthLocation=/nonexistent/xauth"])
             .arg(env.destination("alice"))
@@ -387,13 +465,13 @@ fn forwarding_is_disabled_by_default() {
         String::from_utf8_lossy(&out.stdout),
         "display=[] agent=[]\n",
         "{}",
-        describe(&out, &server)
+        describe(&out, server)
     );
-    assert_eq!(out.status.code(), Some(0), "{}", describe(&out, &server));
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out, server));
 
     let out = run_ok(
-        env.ssh_via(&server, &ctl).arg("echo still-works"),
-        &server,
+        env.ssh_via(server, &ctl).arg("echo still-works"),
+        server,
         "a session after the refusals",
     );
     assert_eq!(out, "still-works\n");
@@ -1103,5 +1181,47 @@ fn session_mode_refuses_forwarding() {
         "a session after the refusals: {}\n--- master's stderr ---\n{}",
         describe(&out, &server),
         master.stderr()
+    );
+}
+
+/// Text logs escape what clients send: a `direct-tcpip` host holding a newline cannot write a
+/// line of its own into the log.
+#[test]
+fn a_forwarding_target_cannot_forge_a_log_line() {
+    let env = TestEnv::new();
+    let server = env.start(&enabled_yaml(&env, "connection"));
+    let forged = "2026-01-01T00:00:00.000000Z  INFO authenticated connection_id=forged user=root";
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let h = support::russh_client::connect(&env, &server).await;
+        let host = format!("no-such-host\n{forged}");
+        // Refused or failed: either way the attempt is logged.
+        if let Ok(ch) = h
+            .channel_open_direct_tcpip(host, 80, "127.0.0.1", 40000)
+            .await
+        {
+            let _ = tokio::time::timeout(Duration::from_secs(20), async {
+                let mut ch = ch;
+                while ch.wait().await.is_some() {}
+            })
+            .await;
+        }
+    });
+    let log = poll_until(Duration::from_secs(20), POLL_STEP, || {
+        let log = server.output();
+        log.contains("no-such-host\\n2026-01-01").then_some(log)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the target is not in the log, escaped:\n{}",
+            server.output()
+        )
+    });
+    assert!(
+        !log.lines().any(|l| l.starts_with("2026-01-01T00:00:00")),
+        "a forged line:\n{log}"
     );
 }

@@ -402,6 +402,27 @@ fn stdin_eof_reaches_the_program() {
     }
 }
 
+/// `ssh -tt host 'echo hello; stty size' </dev/null` keeps the program's output in every mode
+/// (the client's EOF hung the terminal up), and the 0×0 size stays 0×0, as under sshd.
+#[test]
+fn a_terminal_keeps_its_output_when_stdin_ends_at_once() {
+    let fake = KubeFake::start();
+    for mode in MODES {
+        let env = TestEnv::new();
+        let server = start_mode(&env, &fake, mode);
+        for round in 0..3 {
+            let out = env.ssh_tty_stdin_at_eof(&server, "echo hello; /usr/bin/stty size");
+            let info = ctx(&out, &server, &fake);
+            assert_eq!(
+                text(&out.stdout).replace('\r', ""),
+                "hello\n0 0\n",
+                "{mode}, round {round}: {info}"
+            );
+            assert_eq!(out.status.code(), Some(0), "{mode}: {info}");
+        }
+    }
+}
+
 /// The interactive shell (no command) runs `shellCommand` and reads commands from stdin.
 #[test]
 fn interactive_shell_runs_the_shell_command() {

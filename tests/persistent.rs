@@ -77,3 +77,19 @@ fn a_missing_container_is_refused_unless_creation_is_allowed() {
     );
     assert!(!running(&name), "nothing may be created");
 }
+
+/// As in session.rs: `ssh -tt` with stdin at EOF keeps the program's output.
+#[test]
+fn a_terminal_keeps_its_output_when_stdin_ends_at_once() {
+    let env = TestEnv::new();
+    let name = format!("cssh-persistent-{}", env.instance);
+    let _cleanup = RemoveByName(name.clone());
+    let server = env.start(&persistent_yaml(&env, &name, true));
+    for round in 0..3 {
+        let out = env.ssh_tty_stdin_at_eof(&server, "echo hello; /usr/bin/stty size");
+        let info = describe(&out, &server);
+        let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+        assert_eq!(text, "hello\n0 0\n", "round {round}: {info}");
+        assert_eq!(out.status.code(), Some(0), "{info}");
+    }
+}

@@ -3,6 +3,7 @@
 #
 #  1. makes sure the Debian packages the tests use are installed (installs them
 #     with apt-get when run as root; otherwise fails naming them),
+#     and the PyPI packages (ssh-audit, pinned) with pip,
 #  2. checks that the Docker engine answers,
 #  3. builds (or reuses) the offline test image and exports
 #     CONTAINERSSH_TEST_IMAGE,
@@ -23,7 +24,7 @@ die() { printf 'tests/run.sh: ERROR: %s\n' "$*" >&2; exit 1; }
 # --- 1. packages ---------------------------------------------------------------
 # openssh-server is only needed by the benchmarks (a reference sshd); it is not
 # installed here.
-PACKAGES=(openssh-client busybox-static openssh-sftp-server socat tmux openssl curl file)
+PACKAGES=(openssh-client busybox-static openssh-sftp-server socat tmux openssl curl file haproxy)
 section "checking Debian packages: ${PACKAGES[*]}"
 command -v dpkg-query >/dev/null 2>&1 ||
     die "dpkg-query not found: the tests need a Debian-based host with: ${PACKAGES[*]}"
@@ -43,9 +44,23 @@ if ((${#missing[@]})); then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null ||
         die "apt-get install ${missing[*]} failed"
 fi
-for c in ssh scp sftp ssh-keygen ssh-keyscan tmux openssl sha256sum curl file; do
+for c in ssh scp sftp ssh-keygen ssh-keyscan tmux openssl sha256sum curl file haproxy; do
     command -v "$c" >/dev/null 2>&1 || die "'$c' not found on PATH even though its package is installed"
 done
+
+# --- 1b. Python peers (PyPI): the stock SSH auditor ------------------------------
+# tests/audit.rs runs `python3 -m ssh_audit`, pinned so its verdicts do not drift.
+SSH_AUDIT_VERSION=3.9.0
+section "checking PyPI packages: ssh-audit $SSH_AUDIT_VERSION"
+command -v python3 >/dev/null 2>&1 || die "python3 not found (the tests run ssh-audit with it)"
+have=$(python3 -c 'import importlib.metadata as m; print(m.version("ssh-audit"))' 2>/dev/null || true)
+if [[ $have != "$SSH_AUDIT_VERSION" ]]; then
+    echo "installing ssh-audit==$SSH_AUDIT_VERSION (found: ${have:-none})"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+        "ssh-audit==$SSH_AUDIT_VERSION" </dev/null ||
+        die "pip install ssh-audit==$SSH_AUDIT_VERSION failed"
+fi
+python3 -m ssh_audit --help >/dev/null 2>&1 || die "python3 -m ssh_audit does not run"
 
 # --- 2. the engine -------------------------------------------------------------
 section "checking the Docker engine"

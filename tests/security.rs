@@ -303,3 +303,58 @@ fn max_sessions_limits_sessions_open_at_once() {
     let _ = master.kill();
     let _ = master.wait();
 }
+
+/// With a command forced (`forceCommand`, authorized_keys `command=`), the client cannot set
+/// variables that run code before it or change what it runs (`LD_*`, `BASH_ENV`, `ENV`,
+/// `SHELLOPTS`, `BASHOPTS`, `PS4`, `IFS`, `PATH`); others still pass.
+#[test]
+fn a_forced_command_gets_no_code_running_variables_from_the_client() {
+    let sent = "LD_PRELOAD=/tmp/x.so LD_LIBRARY_PATH=/tmp BASH_ENV=/tmp/e ENV=/tmp/e \
+                SHELLOPTS=xtrace BASHOPTS=extdebug PS4=x IFS=x PATH=/evil LC_FINE=ok";
+    let refused = [
+        "LD_PRELOAD",
+        "LD_LIBRARY_PATH",
+        "BASH_ENV",
+        "ENV",
+        "SHELLOPTS",
+        "BASHOPTS",
+        "PS4",
+        "IFS",
+    ];
+    for how in ["forceCommand", "command="] {
+        let env = TestEnv::new();
+        let server = if how == "forceCommand" {
+            start(&env, "  forceCommand: env\n")
+        } else {
+            std::fs::write(
+                env.path().join("keys/alice"),
+                format!("command=\"env\" {}\n", env.client_pubkey),
+            )
+            .unwrap();
+            env.start_mode("connection")
+        };
+        let out = run_with_timeout(
+            env.ssh(&server, "alice")
+                .args(["-o", &format!("SetEnv={sent}")])
+                .arg("ignored"),
+            None,
+            CMD_TIMEOUT,
+        );
+        let info = describe(&out, &server);
+        let vars = text(&out.stdout);
+        for name in refused {
+            assert!(
+                !vars.lines().any(|l| l.starts_with(&format!("{name}="))),
+                "{how}: {name} reached the forced command: {info}"
+            );
+        }
+        assert!(!vars.lines().any(|l| l == "PATH=/evil"), "{how}: {info}");
+        assert!(vars.lines().any(|l| l == "LC_FINE=ok"), "{how}: {info}");
+        assert!(
+            server
+                .output()
+                .contains("environment variable refused: a command is forced"),
+            "{how}: {info}"
+        );
+    }
+}

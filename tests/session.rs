@@ -74,6 +74,24 @@ fn stdin_eof_reaches_the_program() {
     }
 }
 
+/// `ssh -tt host 'echo hello; stty size' </dev/null` (GNU stty: busybox's refuses a 0×0 terminal), as scripts and CI jobs run it: the client's
+/// EOF comes at once and must not cost the program's output (it hung the terminal up), and the
+/// 0×0 size the client sends stays 0×0, as under sshd. Three rounds: it was a race.
+#[test]
+fn a_terminal_keeps_its_output_when_stdin_ends_at_once() {
+    for mode in MODES {
+        let env = TestEnv::new();
+        let server = env.start_mode(mode);
+        for round in 0..3 {
+            let out = env.ssh_tty_stdin_at_eof(&server, "echo hello; /usr/bin/stty size");
+            let info = describe(&out, &server);
+            let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+            assert_eq!(text, "hello\n0 0\n", "{mode}, round {round}: {info}");
+            assert_eq!(out.status.code(), Some(0), "{mode}: {info}");
+        }
+    }
+}
+
 fn sha256(data: &[u8]) -> String {
     let mut child = Command::new("sha256sum")
         .stdin(Stdio::piped())

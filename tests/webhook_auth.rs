@@ -181,6 +181,31 @@ fn password_login_through_the_webhook() {
     assert_no_violations(&hook, &server);
 }
 
+/// With `authorizedKeys` next to a password webhook both methods are offered: the OpenSSH
+/// client was never offered `password` when only the key file and the password file counted.
+#[test]
+fn authorized_keys_next_to_a_password_webhook_offers_both() {
+    let env = TestEnv::new();
+    let hook = WebhookServer::http();
+    hook.set_default("/password", success("alice"));
+    let keys = format!(
+        "  publicKey:\n    method: authorizedKeys\n    authorizedKeys:\n      path: {}\n",
+        serde_json::json!(format!("{}/keys/%u", env.path().display()))
+    );
+    let yaml = config(&env, &[Hook::new("password", &hook.url)]).replacen(
+        "auth:\n",
+        &format!("auth:\n{keys}"),
+        1,
+    );
+    let server = env.start(&yaml);
+    let out = run(env.ssh_password(&server, "alice", PASSWORD).arg("echo pw"));
+    assert_eq!(out.stdout, b"pw\n", "{}", ctx(&out, &server, &hook));
+    assert_eq!(hook.count("/password"), 1, "{}", hook.describe());
+    let out = run(env.ssh(&server, "bob").arg("echo key"));
+    assert_eq!(out.stdout, b"key\n", "{}", ctx(&out, &server, &hook));
+    assert_no_violations(&hook, &server);
+}
+
 #[test]
 fn a_password_the_webhook_denies_is_refused() {
     let env = TestEnv::new();
@@ -676,6 +701,81 @@ fn a_redirect_is_not_followed() {
         0,
         "the redirect was followed: {}",
         hook.describe()
+    );
+    assert_no_violations(&hook, &server);
+}
+
+/// With `allowRedirects: true` a redirect that leaves the webhook's origin (another port here;
+/// another host, or https to http, alike) is still refused: the request carries the password,
+/// which must never reach the other server.
+#[test]
+fn a_redirect_to_another_origin_is_refused_even_when_allowed() {
+    let env = TestEnv::new();
+    let hook = WebhookServer::http();
+    let elsewhere = WebhookServer::http();
+    hook.set_default(
+        "/password",
+        Reply::redirect(307, &format!("{}/password", elsewhere.url)),
+    );
+    elsewhere.set_default("/password", success("alice"));
+    let yaml = config(
+        &env,
+        &[Hook::new("password", &hook.url).timeouts("1s", "3s")],
+    )
+    .replacen("allowRedirects: false", "allowRedirects: true", 1);
+    let server = env.start(&yaml);
+    let out = run(env.ssh_password(&server, "alice", PASSWORD).arg("echo hi"));
+    assert_eq!(
+        out.status.code(),
+        Some(255),
+        "{}",
+        ctx(&out, &server, &hook)
+    );
+    assert_eq!(
+        elsewhere.count("/password"),
+        0,
+        "the password went to another origin: {}",
+        elsewhere.describe()
+    );
+    assert!(
+        log_line_about_webhook(&server, &hook, &["leaves the webhook's origin"]).is_some(),
+        "{}",
+        server.output()
+    );
+    assert_no_violations(&hook, &server);
+}
+
+/// A dual-stack listener (`[::]`) sees IPv4 clients as `::ffff:a.b.c.d`; the webhooks get
+/// `a.b.c.d:port`, as ContainerSSH sends it (IPv4 deny-lists in webhook servers match), and so
+/// do the logs (and the container's `containerssh_ip` label, from the same address).
+#[test]
+fn a_dual_stack_listener_reports_ipv4_clients_as_ipv4() {
+    let env = TestEnv::new();
+    let hook = WebhookServer::http();
+    hook.set_default("/password", success("alice"));
+    let yaml = config(&env, &[Hook::new("password", &hook.url)]).replacen(
+        "listen: 127.0.0.1:0",
+        "listen: \"[::]:0\"",
+        1,
+    );
+    assert!(yaml.contains("[::]:0"), "test setup");
+    let server = env.start(&yaml);
+    let out = run(env
+        .ssh_password(&server, "alice", PASSWORD)
+        .arg("echo hi; sleep 1"));
+    assert_eq!(out.stdout, b"hi\n", "{}", ctx(&out, &server, &hook));
+    let recorded = hook.recorded("/password");
+    let req = recorded[0].json.as_ref().expect("a /password request");
+    // remoteAddress is 127.0.0.1:port, not [::ffff:127.0.0.1]:port.
+    assert_connection_fields(req, "alice");
+    assert!(
+        !str_field(req, "remoteAddress").contains("::ffff:"),
+        "{req}"
+    );
+    assert!(
+        server.output().contains("remote=127.0.0.1:"),
+        "{}",
+        server.output()
     );
     assert_no_violations(&hook, &server);
 }

@@ -192,10 +192,12 @@ pub(crate) fn check_user_name(user: &str) -> Result<(), &'static str> {
 }
 
 fn is_security_key(key: &PublicKey) -> bool {
-    matches!(
-        key.algorithm(),
-        Algorithm::SkEd25519 | Algorithm::SkEcdsaSha2NistP256
-    )
+    is_security_key_algorithm(&key.algorithm())
+}
+
+/// FIDO keys (`sk-ssh-ed25519@openssh.com`, `sk-ecdsa-sha2-nistp256@openssh.com`).
+pub(crate) fn is_security_key_algorithm(a: &Algorithm) -> bool {
+    matches!(a, Algorithm::SkEd25519 | Algorithm::SkEcdsaSha2NistP256)
 }
 
 /// Like OpenSSH, first tries the line as a bare key and only then as

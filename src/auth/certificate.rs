@@ -86,6 +86,17 @@ impl TrustedCas {
             .map_err(|_| {
                 "not signed by a trusted CA, or outside its validity window".to_string()
             })?;
+        // russh cannot tell us whether the key's holder touched it, so, as for authorized_keys
+        // lines, a security key is accepted only where touch is waived.
+        if super::authorized_keys::is_security_key_algorithm(&cert.public_key().algorithm())
+            && !cert.extensions().contains_key("no-touch-required")
+        {
+            return Err(
+                "a security-key certificate without the no-touch-required extension \
+                 (user presence cannot be verified)"
+                    .into(),
+            );
+        }
         if !cert.valid_principals().iter().any(|p| p == user) {
             return Err(format!(
                 "{user:?} is not among the certificate's principals"
@@ -252,6 +263,61 @@ mod tests {
         let v6: IpAddr = "2001:db8::1".parse().unwrap();
         assert!(check_options(&map(&[("source-address", "2001:db8::/32")]), &map(&[]), v6).is_ok());
         assert!(check_options(&map(&[("source-address", "0.0.0.0/0")]), &map(&[]), v6).is_err());
+    }
+
+    /// An `sk-ssh-ed25519@openssh.com` public key line (no device needed to certify one).
+    fn sk_public_key_line() -> String {
+        use base64::Engine;
+        let mut blob = Vec::new();
+        for part in [
+            &b"sk-ssh-ed25519@openssh.com"[..],
+            &[7u8; 32][..],
+            &b"ssh:"[..],
+        ] {
+            blob.extend_from_slice(&u32::try_from(part.len()).unwrap().to_be_bytes());
+            blob.extend_from_slice(part);
+        }
+        format!(
+            "sk-ssh-ed25519@openssh.com {} fido",
+            base64::engine::general_purpose::STANDARD.encode(blob)
+        )
+    }
+
+    #[test]
+    fn security_key_certificates_need_no_touch_required() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        let st = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&ca)
+            .status()
+            .expect("ssh-keygen");
+        assert!(st.success());
+        let cas =
+            TrustedCas::parse(&std::fs::read_to_string(ca.with_extension("pub")).unwrap()).unwrap();
+        let sk = dir.path().join("sk.pub");
+        for (extra, accepted) in [(None, false), (Some("no-touch-required"), true)] {
+            std::fs::write(&sk, sk_public_key_line()).unwrap();
+            let mut cmd = std::process::Command::new("ssh-keygen");
+            cmd.args(["-q", "-s"])
+                .arg(&ca)
+                .args(["-I", "fido", "-n", "alice"]);
+            if let Some(o) = extra {
+                cmd.args(["-O", o]);
+            }
+            assert!(cmd.arg(&sk).status().unwrap().success());
+            let text = std::fs::read_to_string(dir.path().join("sk-cert.pub")).unwrap();
+            let cert = Certificate::from_openssh(text.trim()).unwrap();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            let r = cas.check(&cert, "alice", "127.0.0.1".parse().unwrap(), now);
+            assert_eq!(r.is_ok(), accepted, "{extra:?}: {r:?}");
+            if let Err(e) = r {
+                assert!(e.contains("no-touch-required"), "{e}");
+            }
+        }
     }
 
     #[test]

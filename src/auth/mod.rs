@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 pub mod authorized_keys;
 pub mod certificate;
+pub mod hashing;
 mod key_options;
 pub mod metadata;
 pub mod password;
@@ -50,6 +51,8 @@ pub enum AuthError {
         #[source]
         source: getrandom::Error,
     },
+    #[error("the password hashing threads are gone")]
+    HashWorkers,
     #[error("cannot hash password")]
     HashPassword {
         #[source]

@@ -84,6 +84,11 @@ impl PasswordFile {
             spend_dummy_time(password);
             return Ok(false);
         };
+        if let Some(why) = too_costly(scheme, hash) {
+            warn!(path = %self.path.display(), line, ?scheme, reason = why, "password hash too expensive to verify; user cannot log in");
+            spend_dummy_time(password);
+            return Ok(false);
+        }
         match check(scheme, hash, password) {
             Ok(matched) => Ok(matched),
             Err(()) => {
@@ -152,6 +157,38 @@ fn scheme_of(hash: &str) -> Option<Scheme> {
         .map(|&(_, scheme)| scheme)
 }
 
+/// Why verifying `hash` would cost more than a login attempt may make us spend (memory and
+/// time an unauthenticated client can ask for), if it would.
+fn too_costly(scheme: Scheme, hash: &str) -> Option<&'static str> {
+    use crate::limits::{
+        MAX_ARGON2_MEMORY_KIB, MAX_ARGON2_PASSES, MAX_BCRYPT_COST, MAX_SHA_CRYPT_ROUNDS,
+    };
+    match scheme {
+        Scheme::Argon2 => {
+            let parsed = PasswordHash::new(hash).ok()?;
+            let get = |k: &str| parsed.params.get_decimal(k);
+            if get("m").is_some_and(|m| m > MAX_ARGON2_MEMORY_KIB) {
+                return Some("argon2 memory cost over 64 MiB");
+            }
+            if get("t").is_some_and(|t| t > MAX_ARGON2_PASSES) {
+                return Some("argon2 time cost over 64 passes");
+            }
+            None
+        }
+        Scheme::Bcrypt => {
+            // `$2b$NN$…`
+            let cost: u32 = hash.get(4..6)?.parse().ok()?;
+            (cost > MAX_BCRYPT_COST).then_some("bcrypt cost over 16")
+        }
+        Scheme::ShaCrypt => {
+            // `$6$rounds=N$salt$hash`; without `rounds=` the default 5000 applies.
+            let field = hash.split('$').nth(2)?;
+            let rounds: u32 = field.strip_prefix("rounds=")?.parse().ok()?;
+            (rounds > MAX_SHA_CRYPT_ROUNDS).then_some("SHA-crypt rounds over 1000000")
+        }
+    }
+}
+
 /// `Err(())` means the hash itself is unusable; the libraries compare the
 /// digests in constant time.
 fn check(scheme: Scheme, hash: &str, password: &[u8]) -> Result<bool, ()> {
@@ -202,6 +239,33 @@ pub fn hash_password_argon2id(password: &[u8]) -> Result<String, AuthError> {
         .hash_password_with_salt(password, &salt)
         .map(|hash| hash.to_string())
         .map_err(|source| AuthError::HashPassword { source })
+}
+
+#[cfg(test)]
+mod cost_tests {
+    use super::*;
+
+    #[test]
+    fn hashes_beyond_the_cost_limits_are_not_verified() {
+        let costly = [
+            (Scheme::Argon2, "$argon2id$v=19$m=1048576,t=2,p=1$c29tZXNhbHQ$nf65EOgLrQMR/uIPnA4rEsF5h7TKyQwu9U1bMCHGi/4"),
+            (Scheme::Argon2, "$argon2id$v=19$m=256,t=1000,p=1$c29tZXNhbHQ$nf65EOgLrQMR/uIPnA4rEsF5h7TKyQwu9U1bMCHGi/4"),
+            (Scheme::Bcrypt, "$2b$31$EGdrhbKUv8Oc9vGiXX0HQOxSg445d458Muh7DAHskb6QbtCvdxcie"),
+            (Scheme::ShaCrypt, "$6$rounds=999999999$saltstring$x"),
+        ];
+        for (scheme, hash) in costly {
+            assert!(too_costly(scheme, hash).is_some(), "{hash}");
+        }
+        let fine = [
+            (Scheme::Argon2, "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$nf65EOgLrQMR/uIPnA4rEsF5h7TKyQwu9U1bMCHGi/4"),
+            (Scheme::Bcrypt, "$2b$12$EGdrhbKUv8Oc9vGiXX0HQOxSg445d458Muh7DAHskb6QbtCvdxcie"),
+            (Scheme::ShaCrypt, "$6$saltstring$x"),
+            (Scheme::ShaCrypt, "$6$rounds=5000$saltstring$x"),
+        ];
+        for (scheme, hash) in fine {
+            assert!(too_costly(scheme, hash).is_none(), "{hash}");
+        }
+    }
 }
 
 #[cfg(test)]

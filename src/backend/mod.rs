@@ -29,6 +29,14 @@ pub struct Terminal {
     pub rows: u32,
 }
 
+impl Terminal {
+    /// `(rows, cols)` to give the engine; `None` for a size the client does not know (`ssh -tt`
+    /// without a terminal sends 0×0), which stays 0×0 as under sshd.
+    pub fn size(&self) -> Option<(u32, u32)> {
+        (self.rows > 0 && self.cols > 0).then_some((self.rows, self.cols))
+    }
+}
+
 /// What a session channel asked to run.
 #[derive(Clone, Debug)]
 pub struct ProgramSpec {

@@ -141,6 +141,10 @@ pub enum ProcessControl {
 
 impl ProcessControl {
     pub async fn resize(&self, rows: u32, cols: u32) -> Result<(), ControlError> {
+        if rows == 0 || cols == 0 {
+            // An unknown size: the terminal keeps the one it has.
+            return Ok(());
+        }
         match self {
             ProcessControl::Docker(c) => c
                 .resize(rows, cols)
@@ -212,9 +216,9 @@ pub(crate) fn console_argv(
         argv.push("--wait".into());
     }
     if ours {
-        if let Some(t) = tty {
+        if let Some((rows, cols)) = tty.and_then(|t| t.size()) {
             let dim = |v: u32| u16::try_from(v).unwrap_or(u16::MAX).to_string();
-            argv.extend(["--rows".into(), dim(t.rows), "--cols".into(), dim(t.cols)]);
+            argv.extend(["--rows".into(), dim(rows), "--cols".into(), dim(cols)]);
         }
         for e in env {
             argv.extend(["--env".into(), e.clone()]);

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 
 use super::duration::GoDuration;
+use super::model::{PenaltiesConfig, PerSourceLimit, StartupsSpec};
 
 /// ContainerSSH's default; the embedded default (no config file) overrides it with loopback.
 pub fn listen() -> String {
@@ -26,6 +27,57 @@ pub fn client_alive_count_max() -> u32 {
 /// so a minute is plenty and halves how long a silent client can hold a pre-auth slot.
 pub fn login_grace_time() -> GoDuration {
     GoDuration(Duration::from_secs(60))
+}
+
+/// Version exchange plus key exchange take a few round trips and milliseconds of CPU; ten
+/// seconds covers a slow link, and a socket that never speaks gives its place back long
+/// before the login grace time (the issue that made one source able to hold every slot).
+pub fn handshake_timeout() -> GoDuration {
+    GoDuration(Duration::from_secs(10))
+}
+
+/// OpenSSH's MaxAuthTries (and ContainerSSH's hard-coded value).
+pub fn max_auth_tries() -> u32 {
+    6
+}
+
+/// OpenSSH's MaxStartups default: random early refusal from 10 unauthenticated connections
+/// at 30 %, rising to every connection at 100.
+pub fn max_startups() -> StartupsSpec {
+    StartupsSpec("10:30:100".into())
+}
+
+/// OpenSSH has no per-source default (`none`); ten means one address can never hold more than
+/// a tenth of `full`, so it cannot shut out the others.
+pub fn per_source_max_startups() -> PerSourceLimit {
+    PerSourceLimit(Some(10))
+}
+
+/// OpenSSH's PerSourceNetBlockSize default: each IPv4 address and each IPv6 address on its own.
+pub fn per_source_net_block_size() -> StartupsSpec {
+    StartupsSpec("32:128".into())
+}
+
+/// OpenSSH 9.9's PerSourcePenalties defaults (on): crash 90s, authfail 5s, noauth 1s,
+/// grace-exceeded 10s, refuseconnection 10s; enforced above 15s, accumulated up to 10m.
+pub fn penalties() -> PenaltiesConfig {
+    let s = |n| GoDuration(Duration::from_secs(n));
+    PenaltiesConfig {
+        enabled: true,
+        crash: s(90),
+        authfail: s(5),
+        noauth: s(1),
+        grace_exceeded: s(10),
+        refuse_connection: s(10),
+        min: s(15),
+        max: s(600),
+    }
+}
+
+/// A load balancer sends its PROXY header at once; two seconds is generous and bounds how long
+/// a trusted peer's silent socket is held (sshpiper waits 200 ms).
+pub fn proxy_header_timeout() -> GoDuration {
+    GoDuration(Duration::from_secs(2))
 }
 
 /// The engine's standard socket.

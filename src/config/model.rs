@@ -48,8 +48,180 @@ pub struct SshConfig {
     pub ciphers: AlgorithmList,
     pub kex: AlgorithmList,
     pub macs: AlgorithmList,
-    /// How long an unauthenticated client may take to log in (OpenSSH's LoginGraceTime).
+    /// How long an unauthenticated client may take to log in (OpenSSH's LoginGraceTime),
+    /// counted from the accept.
     pub login_grace_time: GoDuration,
+    /// (ours) How long the version exchange and the key exchange may take together, counted
+    /// from the accept: a socket that never speaks SSH gives its place back this soon.
+    pub handshake_timeout: GoDuration,
+    /// OpenSSH's MaxAuthTries: failed authentication attempts per connection, all methods
+    /// together, before it is disconnected.
+    pub max_auth_tries: u32,
+    /// OpenSSH's MaxStartups `start:rate:full` (or one number: a hard limit).
+    pub max_startups: StartupsSpec,
+    /// OpenSSH's PerSourceMaxStartups: a number, or `none`.
+    pub per_source_max_startups: PerSourceLimit,
+    /// OpenSSH's PerSourceNetBlockSize `v4bits[:v6bits]`.
+    pub per_source_net_block_size: StartupsSpec,
+    /// OpenSSH's PerSourcePenalties: `false`/`no` turns them off.
+    pub per_source_penalties: PenaltiesConfig,
+    /// OpenSSH's PerSourcePenaltyExemptList: addresses or CIDR ranges never penalised.
+    pub per_source_penalty_exempt_list: Vec<String>,
+    /// (ours) PROXY protocol v1/v2 from trusted load balancers.
+    pub proxy_protocol: ProxyProtocolConfig,
+}
+
+/// A `:`-separated list of numbers written as a YAML string (`"10:30:100"`) or as one number.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StartupsSpec(pub String);
+
+impl Serialize for StartupsSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for StartupsSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Number(u64),
+            Text(String),
+        }
+        Ok(match Form::deserialize(d)? {
+            Form::Number(n) => StartupsSpec(n.to_string()),
+            Form::Text(s) => StartupsSpec(s.trim().to_string()),
+        })
+    }
+}
+
+/// `perSourceMaxStartups`: a number of connections, or `none` (OpenSSH's word for no limit).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PerSourceLimit(pub Option<u32>);
+
+impl Serialize for PerSourceLimit {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Some(n) => s.serialize_u32(n),
+            None => s.serialize_str("none"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PerSourceLimit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Number(u32),
+            Text(String),
+        }
+        match Form::deserialize(d)? {
+            Form::Number(n) => Ok(PerSourceLimit(Some(n))),
+            Form::Text(s) if s.eq_ignore_ascii_case("none") => Ok(PerSourceLimit(None)),
+            Form::Text(s) => s
+                .trim()
+                .parse()
+                .map(|n| PerSourceLimit(Some(n)))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!("expected a number or \"none\", got {s:?}"))
+                }),
+        }
+    }
+}
+
+/// `ssh.perSourcePenalties`: OpenSSH's PerSourcePenalties as a map of camelCase names, or
+/// `false` / `"no"` to turn them off. Unset durations keep OpenSSH 9.9's values.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PenaltiesConfig {
+    pub enabled: bool,
+    /// The connection's task panicked (OpenSSH: the session process crashed).
+    pub crash: GoDuration,
+    /// Authentication was attempted and never succeeded.
+    pub authfail: GoDuration,
+    /// The client went away without attempting authentication.
+    pub noauth: GoDuration,
+    /// The login grace time or the handshake deadline ran out.
+    pub grace_exceeded: GoDuration,
+    /// The connection was refused on purpose: a PROXY header from a peer not in
+    /// `proxyProtocol.trustedProxies`.
+    pub refuse_connection: GoDuration,
+    /// Penalties are enforced only once a source has accumulated more than this.
+    pub min: GoDuration,
+    /// What a source can accumulate at most.
+    pub max: GoDuration,
+}
+
+impl Default for PenaltiesConfig {
+    fn default() -> Self {
+        defaults::penalties()
+    }
+}
+
+impl<'de> Deserialize<'de> for PenaltiesConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize, Default)]
+        #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+        struct Map {
+            enabled: Option<bool>,
+            crash: Option<GoDuration>,
+            authfail: Option<GoDuration>,
+            noauth: Option<GoDuration>,
+            grace_exceeded: Option<GoDuration>,
+            refuse_connection: Option<GoDuration>,
+            min: Option<GoDuration>,
+            max: Option<GoDuration>,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Switch(bool),
+            Word(String),
+            Map(Map),
+        }
+        let d0 = defaults::penalties();
+        match Form::deserialize(d)? {
+            Form::Switch(on) => Ok(Self { enabled: on, ..d0 }),
+            Form::Word(w) if w == "no" => Ok(Self {
+                enabled: false,
+                ..d0
+            }),
+            Form::Word(w) if w == "yes" => Ok(d0),
+            Form::Word(w) => Err(serde::de::Error::custom(format!(
+                "expected true, false, \"yes\", \"no\" or a map of penalties, got {w:?}"
+            ))),
+            Form::Map(m) => Ok(Self {
+                enabled: m.enabled.unwrap_or(true),
+                crash: m.crash.unwrap_or(d0.crash),
+                authfail: m.authfail.unwrap_or(d0.authfail),
+                noauth: m.noauth.unwrap_or(d0.noauth),
+                grace_exceeded: m.grace_exceeded.unwrap_or(d0.grace_exceeded),
+                refuse_connection: m.refuse_connection.unwrap_or(d0.refuse_connection),
+                min: m.min.unwrap_or(d0.min),
+                max: m.max.unwrap_or(d0.max),
+            }),
+        }
+    }
+}
+
+/// `ssh.proxyProtocol`: off unless `trustedProxies` lists the load balancers, which then
+/// must send a PROXY v1 or v2 header.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct ProxyProtocolConfig {
+    pub trusted_proxies: Vec<String>,
+    pub header_timeout: GoDuration,
+}
+
+impl Default for ProxyProtocolConfig {
+    fn default() -> Self {
+        Self {
+            trusted_proxies: Vec::new(),
+            header_timeout: defaults::proxy_header_timeout(),
+        }
+    }
 }
 
 impl Default for SshConfig {
@@ -65,6 +237,14 @@ impl Default for SshConfig {
             kex: AlgorithmList::default(),
             macs: AlgorithmList::default(),
             login_grace_time: defaults::login_grace_time(),
+            handshake_timeout: defaults::handshake_timeout(),
+            max_auth_tries: defaults::max_auth_tries(),
+            max_startups: defaults::max_startups(),
+            per_source_max_startups: defaults::per_source_max_startups(),
+            per_source_net_block_size: defaults::per_source_net_block_size(),
+            per_source_penalties: defaults::penalties(),
+            per_source_penalty_exempt_list: Vec::new(),
+            proxy_protocol: ProxyProtocolConfig::default(),
         }
     }
 }

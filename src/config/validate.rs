@@ -12,11 +12,28 @@ use super::model::{
 };
 use super::ConfigError;
 
-/// Key exchange methods we offer, strongest first: the post-quantum hybrid leads.
-pub const MODERN_KEX: &[&str] = &[
-    "mlkem768x25519-sha256",
-    "curve25519-sha256",
-    "curve25519-sha256@libssh.org",
+/// Key exchange methods offered unless `ssh.kex` says otherwise: the post-quantum hybrid first,
+/// then X25519 for OpenSSH clients before 9.9 (Debian 12, Ubuntu 22.04/24.04), which have no
+/// mlkem768 and would otherwise be locked out (russh has no sntrup761). ssh-audit's only remark
+/// on these is the post-quantum advisory on X25519.
+pub const DEFAULT_KEX: &[&str] = &["mlkem768x25519-sha256", "curve25519-sha256"];
+/// AEAD ciphers only: no MAC is negotiated with them at all.
+pub const DEFAULT_CIPHERS: &[&str] = &[
+    "chacha20-poly1305@openssh.com",
+    "aes256-gcm@openssh.com",
+    "aes128-gcm@openssh.com",
+];
+/// Encrypt-then-MAC only (for CTR ciphers an operator may list).
+pub const DEFAULT_MACS: &[&str] = &[
+    "hmac-sha2-256-etm@openssh.com",
+    "hmac-sha2-512-etm@openssh.com",
+];
+/// Offered when listed, without remark.
+const OTHER_KEX: &[&str] = &["curve25519-sha256@libssh.org"];
+const OTHER_CIPHERS: &[&str] = &["aes256-ctr", "aes192-ctr", "aes128-ctr"];
+/// Offered when listed, with a warning at start naming them: auditors flag them (NIST curves,
+/// finite-field groups open to DHEat, encrypt-and-MAC).
+const WEAK_KEX: &[&str] = &[
     "ecdh-sha2-nistp521",
     "ecdh-sha2-nistp384",
     "ecdh-sha2-nistp256",
@@ -24,21 +41,7 @@ pub const MODERN_KEX: &[&str] = &[
     "diffie-hellman-group18-sha512",
     "diffie-hellman-group14-sha256",
 ];
-/// AEAD first; CTR modes stay for clients that insist (they are paired with an ETM MAC).
-pub const MODERN_CIPHERS: &[&str] = &[
-    "chacha20-poly1305@openssh.com",
-    "aes256-gcm@openssh.com",
-    "aes128-gcm@openssh.com",
-    "aes256-ctr",
-    "aes192-ctr",
-    "aes128-ctr",
-];
-pub const MODERN_MACS: &[&str] = &[
-    "hmac-sha2-256-etm@openssh.com",
-    "hmac-sha2-512-etm@openssh.com",
-    "hmac-sha2-256",
-    "hmac-sha2-512",
-];
+const WEAK_MACS: &[&str] = &["hmac-sha2-256", "hmac-sha2-512"];
 /// Names the Go product allowed that we refuse: broken or weak.
 const REFUSED: &[&str] = &[
     "arcfour",
@@ -65,6 +68,14 @@ pub struct Settings {
     pub ciphers: Vec<&'static str>,
     pub macs: Vec<&'static str>,
     pub login_grace_time: Duration,
+    /// `ssh.handshakeTimeout`: version and key exchange, from the accept.
+    pub handshake_timeout: Duration,
+    /// `ssh.maxAuthTries`.
+    pub max_auth_tries: u32,
+    /// `ssh.maxStartups`, `ssh.perSource*`: who may start a connection.
+    pub door: crate::front::DoorRules,
+    /// `ssh.proxyProtocol`, when it names trusted proxies.
+    pub proxy: Option<crate::front::proxy::ProxyRules>,
     pub authorized_keys: Option<String>,
     pub password_file: Option<PathBuf>,
     /// `auth.password.webhook`, `auth.publicKey.webhook`, `auth.authz.webhook` when their
@@ -310,16 +321,22 @@ fn invalid(file: &str, key: &str, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// An algorithm list: the defaults when empty, else the names listed, each one known; the weak
+/// ones listed are named in a warning.
 fn pick(
     file: &str,
     key: &str,
     wanted: &[String],
-    allowed: &'static [&'static str],
+    groups: [&'static [&'static str]; 3],
+    warnings: &mut Vec<String>,
 ) -> Result<Vec<&'static str>, ConfigError> {
+    let [defaults, other, weak] = groups;
     if wanted.is_empty() {
-        return Ok(allowed.to_vec());
+        return Ok(defaults.to_vec());
     }
+    let allowed: Vec<&'static str> = [defaults, other, weak].concat();
     let mut out = Vec::new();
+    let mut weak_listed = Vec::new();
     for name in wanted {
         if REFUSED.contains(&name.as_str()) {
             return Err(invalid(
@@ -340,7 +357,18 @@ fn pick(
         })?;
         if !out.contains(known) {
             out.push(*known);
+            if weak.contains(known) {
+                weak_listed.push(*known);
+            }
         }
+    }
+    if !weak_listed.is_empty() {
+        warnings.push(format!(
+            "{key}: offering {} because the configuration lists it; auditors flag it as weak \
+             (the defaults are {})",
+            weak_listed.join(", "),
+            defaults.join(", ")
+        ));
     }
     Ok(out)
 }
@@ -823,6 +851,21 @@ pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
     if cfg.ssh.login_grace_time.is_zero() {
         return Err(invalid(file, "ssh.loginGraceTime", "must be more than 0"));
     }
+    if cfg.ssh.handshake_timeout.is_zero() {
+        return Err(invalid(file, "ssh.handshakeTimeout", "must be more than 0"));
+    }
+    // Both count from the accept, so a handshake never gets longer than the whole login.
+    let handshake_timeout = cfg.ssh.handshake_timeout.0.min(cfg.ssh.login_grace_time.0);
+    let max_auth_tries = cfg.ssh.max_auth_tries;
+    if !(1..=crate::limits::MAX_AUTH_TRIES_LIMIT).contains(&max_auth_tries) {
+        return Err(invalid(
+            file,
+            "ssh.maxAuthTries",
+            format!("must be 1 to {}", crate::limits::MAX_AUTH_TRIES_LIMIT),
+        ));
+    }
+    let door = door_rules(file, &cfg.ssh)?;
+    let proxy = proxy_rules(file, &cfg.ssh.proxy_protocol)?;
 
     let authorized_keys = match cfg.auth.public_key.method.as_str() {
         "" => None,
@@ -883,7 +926,7 @@ pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
             ..defaults
         };
         warnings.push(
-            "auth.url with auth.password/auth.pubkey is ContainerSSH 0.4's form: use auth.password.webhook and auth.publicKey.webhook".to_string(),
+            "deprecated configuration: auth.url with auth.password/auth.pubkey is ContainerSSH 0.4's form: use auth.password.webhook and auth.publicKey.webhook".to_string(),
         );
         webhook(file, "auth", "webhook", &hook)?
     };
@@ -985,6 +1028,27 @@ pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
             "at most 128 printable characters",
         ));
     }
+    let kex = pick(
+        file,
+        "ssh.kex",
+        &cfg.ssh.kex.0,
+        [DEFAULT_KEX, OTHER_KEX, WEAK_KEX],
+        &mut warnings,
+    )?;
+    let ciphers = pick(
+        file,
+        "ssh.ciphers",
+        &cfg.ssh.ciphers.0,
+        [DEFAULT_CIPHERS, OTHER_CIPHERS, &[]],
+        &mut warnings,
+    )?;
+    let macs = pick(
+        file,
+        "ssh.macs",
+        &cfg.ssh.macs.0,
+        [DEFAULT_MACS, &[], WEAK_MACS],
+        &mut warnings,
+    )?;
     let state_directory = if cfg.state_directory.is_empty() {
         default_state_directory()
     } else {
@@ -997,10 +1061,14 @@ pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
         server_version: cfg.ssh.server_version.clone(),
         banner: (!cfg.ssh.banner.is_empty()).then(|| cfg.ssh.banner.clone()),
         client_alive,
-        kex: pick(file, "ssh.kex", &cfg.ssh.kex.0, MODERN_KEX)?,
-        ciphers: pick(file, "ssh.ciphers", &cfg.ssh.ciphers.0, MODERN_CIPHERS)?,
-        macs: pick(file, "ssh.macs", &cfg.ssh.macs.0, MODERN_MACS)?,
+        kex,
+        ciphers,
+        macs,
         login_grace_time: cfg.ssh.login_grace_time.0,
+        handshake_timeout,
+        max_auth_tries,
+        door,
+        proxy,
         authorized_keys,
         password_file,
         password_webhook,
@@ -1024,6 +1092,104 @@ pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
         instance_id,
         state_directory,
     })
+}
+
+/// `ssh.maxStartups`, `ssh.perSourceMaxStartups`, `ssh.perSourceNetBlockSize`,
+/// `ssh.perSourcePenalties`, `ssh.perSourcePenaltyExemptList`.
+fn door_rules(
+    file: &str,
+    ssh: &super::model::SshConfig,
+) -> Result<crate::front::DoorRules, ConfigError> {
+    use crate::front::{cidr::NetBlock, penalty::PenaltyRules, MaxStartups};
+    let max_startups =
+        MaxStartups::parse(&ssh.max_startups.0).map_err(|e| invalid(file, "ssh.maxStartups", e))?;
+    if max_startups.full > crate::limits::MAX_STARTUPS_LIMIT {
+        return Err(invalid(
+            file,
+            "ssh.maxStartups",
+            format!("full is at most {}", crate::limits::MAX_STARTUPS_LIMIT),
+        ));
+    }
+    let per_source = ssh.per_source_max_startups.0;
+    if per_source == Some(0) {
+        return Err(invalid(
+            file,
+            "ssh.perSourceMaxStartups",
+            "must be at least 1 (or \"none\")",
+        ));
+    }
+    let net_block = NetBlock::parse(&ssh.per_source_net_block_size.0)
+        .map_err(|e| invalid(file, "ssh.perSourceNetBlockSize", e))?;
+    let p = &ssh.per_source_penalties;
+    let penalties = if p.enabled {
+        if p.max.0 < p.min.0 {
+            return Err(invalid(
+                file,
+                "ssh.perSourcePenalties.max",
+                "must be at least min",
+            ));
+        }
+        Some(PenaltyRules::from(p))
+    } else {
+        None
+    };
+    let exempt = cidr_list(
+        file,
+        "ssh.perSourcePenaltyExemptList",
+        &ssh.per_source_penalty_exempt_list,
+    )?;
+    Ok(crate::front::DoorRules {
+        max_startups,
+        per_source,
+        net_block,
+        penalties,
+        exempt,
+    })
+}
+
+fn cidr_list(
+    file: &str,
+    key: &str,
+    list: &[String],
+) -> Result<Vec<crate::front::cidr::Cidr>, ConfigError> {
+    if list.len() > crate::limits::MAX_ADDRESS_LIST_ENTRIES {
+        return Err(invalid(
+            file,
+            key,
+            format!(
+                "at most {} entries",
+                crate::limits::MAX_ADDRESS_LIST_ENTRIES
+            ),
+        ));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, c)| {
+            crate::front::cidr::Cidr::parse(c).map_err(|e| invalid(file, &format!("{key}[{i}]"), e))
+        })
+        .collect()
+}
+
+/// `ssh.proxyProtocol`: on when `trustedProxies` names at least one range.
+fn proxy_rules(
+    file: &str,
+    p: &super::model::ProxyProtocolConfig,
+) -> Result<Option<crate::front::proxy::ProxyRules>, ConfigError> {
+    let trusted = cidr_list(file, "ssh.proxyProtocol.trustedProxies", &p.trusted_proxies)?;
+    if trusted.is_empty() {
+        return Ok(None);
+    }
+    if p.header_timeout.is_zero() || p.header_timeout.0 > Duration::from_secs(60) {
+        return Err(invalid(
+            file,
+            "ssh.proxyProtocol.headerTimeout",
+            "must be more than 0 and at most 60s",
+        ));
+    }
+    Ok(Some(crate::front::proxy::ProxyRules {
+        trusted,
+        header_timeout: p.header_timeout.0,
+    }))
 }
 
 /// `sandbox`: what can be checked without knowing who starts us (the rest is

@@ -1,7 +1,7 @@
 //! The server's confinement, entered once at start-up after binding and reading keys and before
 //! the async runtime exists (architecture.md, "Start-up order"):
 //!
-//! 1. [`close_inherited_fds`] first thing in `main`;
+//! 1. [`close_inherited_fds`] and [`return_large_allocations`] first thing in `main`;
 //! 2. [`enter`]: sanitize the environment, drop to `sandbox.user`/`group`/`supplementaryGroups`
 //!    (verified: root cannot be regained), clear every capability set and the bounding set,
 //!    `PR_SET_NO_NEW_PRIVS`, then the seccomp allow-list ([`seccomp`]) on every thread.
@@ -9,6 +9,7 @@
 //! This is the only module with `unsafe`; every block says why it holds. Everything fails
 //! closed: a step that cannot be done aborts start-up unless the configuration switched it off.
 
+mod memory;
 mod privileges;
 pub mod seccomp;
 
@@ -16,6 +17,7 @@ use std::fmt;
 
 use crate::config::model::{SandboxConfig, SeccompMode};
 
+pub use memory::return_large_allocations;
 pub use privileges::close_inherited_fds;
 
 /// The environment variables the server still reads after start-up (a per-login backend built

@@ -2,7 +2,8 @@
 //! container, and the token and task tracker that let the connection end cleanly.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -13,6 +14,7 @@ use crate::auth::metadata::LoginMetadata;
 use crate::backend::{Backend, ConnMeta, StartError, Target};
 use crate::config::model::ExecutionMode;
 use crate::config::Settings;
+use crate::front::Startup;
 use crate::server::Shared;
 
 #[derive(Clone, Debug)]
@@ -34,6 +36,8 @@ pub enum ContainerSlot {
 
 pub struct ConnCtx {
     pub id: String,
+    /// The client's address: the TCP peer's, or the one a trusted proxy's header names
+    /// (IPv4-mapped addresses as plain IPv4).
     pub peer: SocketAddr,
     pub shared: Arc<Shared>,
     user: OnceLock<AuthedUser>,
@@ -44,10 +48,24 @@ pub struct ConnCtx {
     pub tasks: TaskTracker,
     /// Forwarded connections and listeners.
     pub forwards: super::forward::ConnForwards,
-    /// The client's identification line, once read.
-    pub client_version: Arc<OnceLock<String>>,
+    /// The client's identification line once read, and whether it opened with a PROXY header.
+    pub hello: Arc<super::version::ClientHello>,
     /// The login's own settings and backend (from the config webhook), once known.
     profile: OnceLock<(Arc<Settings>, Arc<Backend>)>,
+    /// The russh session's handle, once the version exchange is done.
+    handle: OnceLock<russh::server::Handle>,
+    /// Cancelled when the client asks for the authentication service: the key exchange is done.
+    pub handshaken: CancellationToken,
+    /// Cancelled when the connection is over: every read and write of the socket then fails.
+    pub stream_end: CancellationToken,
+    /// This connection's place among the unauthenticated ones (given back at login or end).
+    startup: Mutex<Option<Startup>>,
+    /// Authentication requests refused so far (for the penalty of a connection that ends).
+    auth_failures: AtomicU32,
+    /// A disconnect was asked for already.
+    disconnecting: AtomicBool,
+    /// Cancelled once the login succeeded.
+    authenticated: CancellationToken,
 }
 
 /// Drops a connection's own log level when its cleanup is done.
@@ -75,7 +93,7 @@ pub fn new_connection_id() -> String {
 }
 
 impl ConnCtx {
-    pub fn new(shared: Arc<Shared>, peer: SocketAddr) -> Arc<Self> {
+    pub fn new(shared: Arc<Shared>, peer: SocketAddr, startup: Startup) -> Arc<Self> {
         let cancel = shared.shutdown.child_token();
         Arc::new(Self {
             id: new_connection_id(),
@@ -86,9 +104,57 @@ impl ConnCtx {
             cancel,
             tasks: TaskTracker::new(),
             forwards: Default::default(),
-            client_version: Arc::new(OnceLock::new()),
+            hello: Arc::default(),
             profile: OnceLock::new(),
+            handle: OnceLock::new(),
+            handshaken: CancellationToken::new(),
+            stream_end: CancellationToken::new(),
+            startup: Mutex::new(Some(startup)),
+            auth_failures: AtomicU32::new(0),
+            disconnecting: AtomicBool::new(false),
+            authenticated: CancellationToken::new(),
         })
+    }
+
+    /// Cancelled once the login succeeded.
+    pub fn authenticated_token(&self) -> CancellationToken {
+        self.authenticated.clone()
+    }
+
+    pub fn set_handle(&self, handle: russh::server::Handle) {
+        let _ = self.handle.set(handle);
+    }
+
+    /// Gives this connection's place among the unauthenticated ones back.
+    pub fn release_startup(&self) {
+        self.startup
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+
+    pub fn auth_failed(&self) {
+        self.auth_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn auth_failures(&self) -> u32 {
+        self.auth_failures.load(Ordering::Relaxed)
+    }
+
+    /// Disconnects the client with `reason` (once), without waiting: russh sends it after the
+    /// packet being handled, so this is safe to call from its callbacks.
+    pub fn disconnect(&self, reason: russh::Disconnect, text: &'static str) {
+        if self.disconnecting.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let Some(handle) = self.handle.get().cloned() else {
+            // Before the version exchange finished there is no session to speak on.
+            self.stream_end.cancel();
+            return;
+        };
+        self.tasks.spawn(async move {
+            let _ = handle.disconnect(reason, text.into(), String::new()).await;
+        });
     }
 
     /// The settings this connection runs with: the login's own, or the file's.
@@ -134,6 +200,7 @@ impl ConnCtx {
         if self.user.set(user).is_err() {
             return;
         }
+        self.authenticated.cancel();
         if self.backend().mode() == ExecutionMode::Session {
             return;
         }

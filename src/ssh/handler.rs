@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use russh::keys::PublicKey;
 use russh::server::{Auth, ChannelOpenHandle, Msg, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, ChannelOpenFailure, Pty, Sig};
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::channel::{self, ChannelEvent};
@@ -53,29 +53,83 @@ struct ChannelEntry {
 
 pub struct Handler {
     conn: Arc<ConnCtx>,
-    /// Held until authentication succeeds: bounds unauthenticated connections server-wide.
-    preauth: Option<OwnedSemaphorePermit>,
     channels: HashMap<ChannelId, ChannelEntry>,
     /// The auth webhook's answers for public keys offered on this connection (`None`:
     /// refused), so that the signed attempt after an offer costs no second call.
     pubkey_answers: HashMap<String, Option<LoginState>>,
+    /// The user name of the first authentication request (it may not change, as in sshd).
+    auth_user: Option<String>,
+    /// Authentication requests seen (callbacks, so a signed key after its offer counts twice:
+    /// only "is this the first" matters).
+    auth_requests: u32,
+    /// Refusals counted towards `ssh.maxAuthTries`.
+    auth_failures: u32,
 }
 
 impl Handler {
-    pub fn new(conn: Arc<ConnCtx>, preauth: OwnedSemaphorePermit) -> Self {
+    pub fn new(conn: Arc<ConnCtx>) -> Self {
         Self {
             conn,
-            preauth: Some(preauth),
             channels: HashMap::new(),
             pubkey_answers: HashMap::new(),
+            auth_user: None,
+            auth_requests: 0,
+            auth_failures: 0,
         }
+    }
+
+    /// The answer to a refused request: every configured method stays offered (russh's
+    /// `Auth::reject()` would drop the one just tried, locking out a user who mistyped).
+    fn rejection(&self) -> Auth {
+        Auth::Reject {
+            proceed_with_methods: Some(self.conn.shared.ssh.methods.clone()),
+            partial_success: false,
+        }
+    }
+
+    /// Every authentication callback starts here. `Err` carries the answer when the user name
+    /// changed between requests: sshd disconnects then, and so do we (a login's state must
+    /// never carry over to another user).
+    fn begin_auth(&mut self, user: &str) -> Result<(), Auth> {
+        self.auth_requests += 1;
+        match &self.auth_user {
+            None => {
+                self.auth_user = Some(user.to_string());
+                Ok(())
+            }
+            Some(first) if first == user => Ok(()),
+            Some(first) => {
+                tracing::info!(connection_id = %self.conn.id, first = %first.escape_debug(), user = %user.escape_debug(), "the user name changed between authentication requests: disconnecting");
+                self.conn.disconnect(
+                    russh::Disconnect::ProtocolError,
+                    "Change of username or service not allowed",
+                );
+                Err(self.rejection())
+            }
+        }
+    }
+
+    /// A refused attempt, counted as sshd counts them (every method together); at
+    /// `ssh.maxAuthTries` the client is disconnected with the reason.
+    fn refuse(&mut self) -> Auth {
+        self.auth_failures += 1;
+        self.conn.auth_failed();
+        let max = self.conn.shared.settings.max_auth_tries;
+        if self.auth_failures >= max {
+            tracing::info!(connection_id = %self.conn.id, user = %self.auth_user.as_deref().unwrap_or("").escape_debug(), failures = self.auth_failures, "too many authentication failures (ssh.maxAuthTries): disconnecting");
+            self.conn.disconnect(
+                russh::Disconnect::NoMoreAuthMethodsAvailable,
+                "Too many authentication failures",
+            );
+        }
+        self.rejection()
     }
 
     fn peer(&self) -> Peer {
         Peer {
             connection_id: self.conn.id.clone(),
             remote_address: self.conn.peer.to_string(),
-            client_version: self.conn.client_version.get().cloned().unwrap_or_default(),
+            client_version: self.conn.hello.version.get().cloned().unwrap_or_default(),
         }
     }
 
@@ -108,26 +162,26 @@ impl Handler {
         answer
     }
 
-    /// Merges the config webhook's configuration onto the file's and gives the connection the
-    /// resulting settings and backend.
-    fn apply_login_config(&self, user: &str, overlay: &serde_json::Value) -> Result<(), String> {
+    /// Merges the config webhook's configuration onto the file's: the login's own settings and
+    /// backend, not yet applied.
+    fn login_config(
+        &self,
+        user: &str,
+        overlay: &serde_json::Value,
+    ) -> Result<(Arc<crate::config::Settings>, Arc<crate::backend::Backend>), String> {
         let shared = &self.conn.shared;
         let label = format!("config webhook answer for {}", user.escape_debug());
         let settings = crate::config::merge::merge(&label, &shared.settings.file, overlay)
             .map_err(|e| e.to_string())?;
         let settings = Arc::new(settings);
         let backend = shared.backend.for_login(&shared.settings, &settings)?;
-        if settings.log.level != shared.settings.log.level {
-            crate::log::set_connection_level(&self.conn.id, settings.log.level);
-        }
-        tracing::debug!(connection_id = %self.conn.id, backend = ?settings.backend, mode = ?settings.mode(), "per-login configuration");
-        self.conn.set_profile(settings, backend);
-        Ok(())
+        Ok((settings, backend))
     }
 
-    /// After a successful authentication: the authz webhook (when configured), then the
-    /// login's metadata; the connection is authenticated as the webhook's
-    /// `authenticatedUsername` when it names one.
+    /// After a successful authentication: the authz webhook (when configured), the config
+    /// webhook, then the login's metadata; the connection is authenticated as the webhook's
+    /// `authenticatedUsername` when it names one. Nothing is applied to the connection until
+    /// the last check that can refuse the login has passed.
     async fn finish_login(
         &mut self,
         user: &str,
@@ -140,29 +194,33 @@ impl Handler {
                 Ok(Verdict::Allowed(s)) => state = s,
                 Ok(Verdict::Denied) => {
                     tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), method, "login refused by the authz webhook");
-                    return Auth::reject();
+                    return self.refuse();
                 }
                 Err(e) => {
                     tracing::warn!(connection_id = %self.conn.id, user = %user.escape_debug(), error = %e, "authz webhook failed: login refused");
-                    return Auth::reject();
+                    return self.refuse();
                 }
             }
         }
+        let mut profile = None;
         if let Some(hook) = self.conn.shared.webhooks.config.clone() {
             let sensitive = self.conn.shared.settings.transmit_sensitive_metadata;
             match auth_webhook::config(&hook, user, state, &self.peer(), sensitive).await {
                 Ok((s, overlay)) => {
                     state = s;
                     if let Some(overlay) = overlay {
-                        if let Err(e) = self.apply_login_config(user, &overlay) {
-                            tracing::warn!(connection_id = %self.conn.id, user = %user.escape_debug(), error = %e, "login refused: the config webhook's configuration cannot be used");
-                            return Auth::reject();
+                        match self.login_config(user, &overlay) {
+                            Ok(p) => profile = Some(p),
+                            Err(e) => {
+                                tracing::warn!(connection_id = %self.conn.id, user = %user.escape_debug(), error = %e, "login refused: the config webhook's configuration cannot be used");
+                                return self.refuse();
+                            }
                         }
                     }
                 }
                 Err(e) => {
                     tracing::warn!(connection_id = %self.conn.id, user = %user.escape_debug(), error = %e, "config webhook failed: login refused");
-                    return Auth::reject();
+                    return self.refuse();
                 }
             }
         }
@@ -172,9 +230,17 @@ impl Handler {
             state.authenticated_username.clone()
         };
         let Some(base) = self.metadata(&name).await else {
-            return Auth::reject();
+            return self.refuse();
         };
+        // Every check has passed: from here on the login is what the connection runs with.
         let metadata = Arc::new(state.apply(&base));
+        if let Some((settings, backend)) = profile {
+            if settings.log.level != self.conn.shared.settings.log.level {
+                crate::log::set_connection_level(&self.conn.id, settings.log.level);
+            }
+            tracing::debug!(connection_id = %self.conn.id, backend = ?settings.backend, mode = ?settings.mode(), "per-login configuration");
+            self.conn.set_profile(settings, backend);
+        }
         tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), authenticated_as = %name.escape_debug(), method, "authenticated");
         self.conn.authenticated(AuthedUser {
             name,
@@ -302,12 +368,44 @@ fn sig_name(sig: &Sig) -> String {
     }
 }
 
-/// Whether a forwarding kind is enabled; logs the refusal when it is not.
-fn allowed(conn: &ConnCtx, enabled: bool, what: &str) -> bool {
+/// Which restriction of a login's key (authorized_keys options, certificate extensions) a
+/// forwarding kind falls under.
+#[derive(Clone, Copy)]
+enum KeyRestriction {
+    /// `no-port-forwarding` / no `permit-port-forwarding`: TCP and unix sockets, both ways.
+    Port,
+    X11,
+    Agent,
+}
+
+/// Whether a forwarding kind is enabled in `security.forwarding` and allowed by the login's
+/// key or certificate; logs the refusal when it is not.
+fn allowed(conn: &ConnCtx, enabled: bool, what: &str, restriction: KeyRestriction) -> bool {
     if !enabled {
         tracing::info!(connection_id = %conn.id, kind = what, "forwarding refused: disabled in security.forwarding");
+        return false;
     }
-    enabled
+    let opts = conn.user().and_then(|u| u.key_options.as_ref());
+    let denied = opts.is_some_and(|o| match restriction {
+        KeyRestriction::Port => o.no_port_forwarding,
+        KeyRestriction::X11 => o.no_x11_forwarding,
+        KeyRestriction::Agent => o.no_agent_forwarding,
+    });
+    if denied {
+        tracing::info!(connection_id = %conn.id, kind = what, "forwarding refused: the login's key or certificate does not permit it");
+    }
+    !denied
+}
+
+/// Variables a client may not set when a command is forced: each can run code of the client's
+/// choosing before (or instead of) the forced command (`BASH_ENV`, `ENV`, `LD_PRELOAD`,
+/// `SHELLOPTS`=xtrace with `PS4`, …), or change what it runs (`PATH`, `IFS`).
+fn forced_command_refuses(name: &str) -> bool {
+    name.starts_with("LD_")
+        || matches!(
+            name,
+            "BASH_ENV" | "ENV" | "SHELLOPTS" | "BASHOPTS" | "PS4" | "IFS" | "PATH"
+        )
 }
 
 fn target_ok(s: &str) -> bool {
@@ -321,11 +419,40 @@ fn dims_ok(cols: u32, rows: u32) -> bool {
 impl russh::server::Handler for Handler {
     type Error = HandlerError;
 
+    async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
+        if let Err(answer) = self.begin_auth(user) {
+            return Ok(answer);
+        }
+        // Clients open with a `none` probe for the method list; like sshd, only a later one
+        // counts as a failed attempt.
+        Ok(if self.auth_requests == 1 {
+            self.rejection()
+        } else {
+            self.refuse()
+        })
+    }
+
+    async fn auth_keyboard_interactive<'a>(
+        &'a mut self,
+        user: &str,
+        _submethods: &str,
+        _response: Option<russh::server::Response<'a>>,
+    ) -> Result<Auth, Self::Error> {
+        if let Err(answer) = self.begin_auth(user) {
+            return Ok(answer);
+        }
+        // Not offered; answered at once like any other refusal.
+        Ok(self.refuse())
+    }
+
     async fn auth_publickey_offered(
         &mut self,
         user: &str,
         offer: russh::server::PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
+        if let Err(answer) = self.begin_auth(user) {
+            return Ok(answer);
+        }
         if self.conn.shared.trusted_cas.is_some() {
             // A certificate's offer carries only its key: the decision waits for the signed
             // attempt, where russh tells a certificate from a plain key.
@@ -335,12 +462,12 @@ impl russh::server::Handler for Handler {
             return Ok(if self.check_key(user, offer.public_key).is_some() {
                 Auth::Accept
             } else {
-                Auth::reject()
+                self.refuse()
             });
         }
         Ok(match self.webhook_key(user, offer.public_key).await {
             Some(_) => Auth::Accept,
-            None => Auth::reject(),
+            None => self.refuse(),
         })
     }
 
@@ -349,24 +476,27 @@ impl russh::server::Handler for Handler {
         user: &str,
         key: VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
+        if let Err(answer) = self.begin_auth(user) {
+            return Ok(answer);
+        }
         if self.conn.shared.authorized_keys.is_none()
             && self.conn.shared.webhooks.public_key.is_none()
         {
             // Only certificates are accepted.
             tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), "public key refused: only certificates are trusted");
-            return Ok(Auth::reject());
+            return Ok(self.refuse());
         }
         if self.conn.shared.authorized_keys.is_some() {
             let Some(opts) = self.check_key(user, key.public_key) else {
                 tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), "public key refused");
-                return Ok(Auth::reject());
+                return Ok(self.refuse());
             };
             return Ok(self
                 .finish_login(user, Some(opts), LoginState::default(), "publickey")
                 .await);
         }
         let Some(state) = self.webhook_key(user, key.public_key).await else {
-            return Ok(Auth::reject());
+            return Ok(self.refuse());
         };
         Ok(self.finish_login(user, None, state, "publickey").await)
     }
@@ -376,8 +506,11 @@ impl russh::server::Handler for Handler {
         user: &str,
         certificate: &russh::keys::Certificate,
     ) -> Result<Auth, Self::Error> {
+        if let Err(answer) = self.begin_auth(user) {
+            return Ok(answer);
+        }
         let Some(cas) = &self.conn.shared.trusted_cas else {
-            return Ok(Auth::reject());
+            return Ok(self.refuse());
         };
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -387,7 +520,7 @@ impl russh::server::Handler for Handler {
             Ok(l) => l,
             Err(e) => {
                 tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), key_id = %certificate.key_id().escape_debug(), reason = %e, "certificate refused");
-                return Ok(Auth::reject());
+                return Ok(self.refuse());
             }
         };
         // The webhooks see which certificate it was.
@@ -410,9 +543,12 @@ impl russh::server::Handler for Handler {
     }
 
     async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
-        let Some(pf) = self.conn.shared.passwords.clone() else {
+        if let Err(answer) = self.begin_auth(user) {
+            return Ok(answer);
+        }
+        let Some(checker) = self.conn.shared.passwords.as_ref() else {
             let Some(hook) = self.conn.shared.webhooks.password.clone() else {
-                return Ok(Auth::reject());
+                return Ok(self.refuse());
             };
             let pw = zeroize_string(password);
             let verdict = auth_webhook::password(&hook, user, pw.as_bytes(), &self.peer()).await;
@@ -423,39 +559,37 @@ impl russh::server::Handler for Handler {
                 }
                 Ok(Verdict::Denied) => {
                     tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), "password refused by the auth webhook");
-                    Auth::reject()
+                    self.refuse()
                 }
                 Err(e) => {
                     tracing::warn!(connection_id = %self.conn.id, user = %user.escape_debug(), error = %e, "auth webhook failed: password refused");
-                    Auth::reject()
+                    self.refuse()
                 }
             });
         };
-        let (u, p) = (user.to_string(), zeroize_string(password));
-        let ok = tokio::task::spawn_blocking(move || pf.verify(&u, p.as_bytes()))
-            .await
-            .map_err(|_| russh::Error::Disconnect)?;
-        match ok {
+        match checker.verify(user, password.as_bytes()).await {
             Ok(true) => Ok(self
                 .finish_login(user, None, LoginState::default(), "password")
                 .await),
             Ok(false) => {
                 tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), "password refused");
-                Ok(Auth::reject())
+                Ok(self.refuse())
             }
             Err(e) => {
                 tracing::warn!(connection_id = %self.conn.id, error = %e, "cannot check password");
-                Ok(Auth::reject())
+                Ok(self.refuse())
             }
         }
     }
 
     async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
-        self.preauth.take();
+        self.conn.release_startup();
         Ok(())
     }
 
     async fn authentication_banner(&mut self) -> Result<Option<String>, Self::Error> {
+        // Asked when the client requests the authentication service: the key exchange is done.
+        self.conn.handshaken.cancel();
         Ok(self.conn.shared.settings.banner.clone())
     }
 
@@ -543,8 +677,8 @@ impl russh::server::Handler for Handler {
         ch.pty = true;
         let t = Terminal {
             term: term.to_string(),
-            cols: cols.max(1),
-            rows: rows.max(1),
+            cols,
+            rows,
         };
         self.send(id, ChannelEvent::Pty(t)).await;
         Ok(session.channel_success(id)?)
@@ -557,6 +691,7 @@ impl russh::server::Handler for Handler {
         value: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        let forced = forced_command_refuses(name) && self.forced("").is_some();
         let Some(ch) = self.channels.get_mut(&id) else {
             return Ok(session.channel_failure(id)?);
         };
@@ -566,6 +701,10 @@ impl russh::server::Handler for Handler {
             || value.len() > MAX_ENV_VALUE_BYTES
             || value.contains('\0')
         {
+            return Ok(session.channel_failure(id)?);
+        }
+        if forced {
+            tracing::info!(connection_id = %self.conn.id, name = %name.escape_debug(), "environment variable refused: a command is forced");
             return Ok(session.channel_failure(id)?);
         }
         if !self.conn.settings().policy.env.allows(name) {
@@ -651,14 +790,7 @@ impl russh::server::Handler for Handler {
         if !dims_ok(cols, rows) {
             return Ok(session.channel_failure(id)?);
         }
-        self.send(
-            id,
-            ChannelEvent::Resize {
-                cols: cols.max(1),
-                rows: rows.max(1),
-            },
-        )
-        .await;
+        self.send(id, ChannelEvent::Resize { cols, rows }).await;
         Ok(session.channel_success(id)?)
     }
 
@@ -703,7 +835,14 @@ impl russh::server::Handler for Handler {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         if let Some(ch) = self.channels.get(&id) {
-            ch.stdin.eof();
+            if ch.pty {
+                // As sshd: the client's EOF does not close a terminal (closing it would hang
+                // the program up and lose its output, e.g. `ssh -tt host cmd </dev/null`);
+                // on a terminal, end of input is the user's ^D.
+                tracing::debug!(connection_id = %self.conn.id, "EOF on a terminal session: the terminal stays open");
+            } else {
+                ch.stdin.eof();
+            }
         } else if let Some(f) = self.conn.forwards.entry(id) {
             f.stdin.eof();
         }
@@ -751,7 +890,8 @@ impl russh::server::Handler for Handler {
         let port = u16::try_from(port_to_connect).ok();
         match port {
             Some(port)
-                if allowed(&self.conn, enabled, "direct-tcpip") && target_ok(host_to_connect) =>
+                if allowed(&self.conn, enabled, "direct-tcpip", KeyRestriction::Port)
+                    && target_ok(host_to_connect) =>
             {
                 let target = DirectTarget::Tcp {
                     host: host_to_connect.to_string(),
@@ -776,7 +916,13 @@ impl russh::server::Handler for Handler {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         let enabled = self.conn.settings().forwarding.local_socket;
-        if allowed(&self.conn, enabled, "direct-streamlocal") && target_ok(socket_path) {
+        if allowed(
+            &self.conn,
+            enabled,
+            "direct-streamlocal",
+            KeyRestriction::Port,
+        ) && target_ok(socket_path)
+        {
             let target = DirectTarget::Unix {
                 path: socket_path.to_string(),
             };
@@ -796,7 +942,7 @@ impl russh::server::Handler for Handler {
         session: &mut Session,
     ) -> Result<bool, Self::Error> {
         let enabled = self.conn.settings().forwarding.remote_tcp;
-        if !allowed(&self.conn, enabled, "tcpip-forward")
+        if !allowed(&self.conn, enabled, "tcpip-forward", KeyRestriction::Port)
             || address.len() > MAX_FORWARD_TARGET_BYTES
         {
             return Ok(false);
@@ -829,7 +975,13 @@ impl russh::server::Handler for Handler {
         session: &mut Session,
     ) -> Result<bool, Self::Error> {
         let enabled = self.conn.settings().forwarding.remote_socket;
-        if !allowed(&self.conn, enabled, "streamlocal-forward") || !target_ok(socket_path) {
+        if !allowed(
+            &self.conn,
+            enabled,
+            "streamlocal-forward",
+            KeyRestriction::Port,
+        ) || !target_ok(socket_path)
+        {
             return Ok(false);
         }
         match fwd::listen_unix(&self.conn, &session.handle(), socket_path).await {
@@ -867,7 +1019,7 @@ impl russh::server::Handler for Handler {
         let (Some(cookie), true, true, true) = (
             cookie,
             fresh,
-            allowed(&self.conn, enabled, "x11"),
+            allowed(&self.conn, enabled, "x11", KeyRestriction::X11),
             x11_auth_protocol == "MIT-MAGIC-COOKIE-1",
         ) else {
             return Ok(session.channel_failure(id)?);
@@ -903,7 +1055,7 @@ impl russh::server::Handler for Handler {
             .channels
             .get(&id)
             .is_some_and(|ch| !ch.started && !ch.agent);
-        if !fresh || !allowed(&self.conn, enabled, "auth-agent") {
+        if !fresh || !allowed(&self.conn, enabled, "auth-agent", KeyRestriction::Agent) {
             return Ok(false);
         }
         match fwd::agent_socket(&self.conn, &session.handle()).await {

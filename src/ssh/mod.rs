@@ -19,7 +19,6 @@ use russh::server::Config;
 use russh::{cipher, kex, mac, MethodKind, MethodSet, Preferred, SshId};
 
 use crate::config::Settings;
-use crate::limits::MAX_AUTH_TRIES;
 
 /// Failed authentication attempts all take this long, so timing does not tell a wrong user
 /// from a wrong key or password.
@@ -57,11 +56,16 @@ pub fn russh_config(
     settings: &Settings,
     keys: Vec<PrivateKey>,
 ) -> Result<Arc<Config>, SshConfigError> {
+    // Every configured method is offered, and stays offered after a failure (the handler
+    // answers each rejection with this whole set, as sshd does).
     let mut methods = MethodSet::empty();
-    if settings.authorized_keys.is_some() {
+    if settings.authorized_keys.is_some()
+        || settings.pubkey_webhook.is_some()
+        || settings.trusted_user_ca_keys.is_some()
+    {
         methods.push(MethodKind::PublicKey);
     }
-    if settings.password_file.is_some() {
+    if settings.password_file.is_some() || settings.password_webhook.is_some() {
         methods.push(MethodKind::Password);
     }
 
@@ -107,7 +111,10 @@ pub fn russh_config(
         channel_buffer_size: 100,
         event_buffer_size: 64,
         preferred,
-        max_auth_attempts: MAX_AUTH_TRIES,
+        // The handler counts refusals the way sshd does and disconnects at ssh.maxAuthTries;
+        // russh's own count (which includes the first `none` probe and the refusals it makes
+        // itself, such as a bad signature) stays one behind as a backstop.
+        max_auth_attempts: usize::try_from(settings.max_auth_tries).unwrap_or(usize::MAX) + 1,
         // Idle shells are legitimate; the login grace timer and keepalives handle dead peers.
         inactivity_timeout: None,
         keepalive_interval: settings.client_alive.map(|(i, _)| i),

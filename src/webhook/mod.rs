@@ -42,6 +42,11 @@ pub enum WebhookError {
     Status { url: String, status: u16 },
     #[error("{url}: redirect to {location:?} refused (allowRedirects is false)")]
     Redirect { url: String, location: String },
+    #[error(
+        "{url}: redirect to {location:?} refused: it leaves the webhook's origin (scheme, host \
+         and port), and the request carries the login's credentials"
+    )]
+    RedirectOffOrigin { url: String, location: String },
     #[error("{url}: no answer within {timeout:?}")]
     Timeout { url: String, timeout: Duration },
     #[error("{url}: response body larger than {MAX_WEBHOOK_RESPONSE_BYTES} bytes")]
@@ -306,10 +311,19 @@ impl Webhook {
                         location,
                     });
                 }
-                target = resolve_location(&target, &location).ok_or(WebhookError::Transport {
+                let next = resolve_location(&target, &location).ok_or(WebhookError::Transport {
                     url: target.clone(),
                     reason: format!("unusable redirect location {location:?}"),
                 })?;
+                // The body is re-posted (a password, a key): only to the same origin, so a
+                // redirect can neither downgrade https to http nor hand it to another host.
+                if origin(&next) != origin(&target) {
+                    return Err(WebhookError::RedirectOffOrigin {
+                        url: target,
+                        location,
+                    });
+                }
+                target = next;
                 continue;
             }
             return Err(WebhookError::Status {
@@ -422,6 +436,16 @@ where
         .map_err(|e| format!("HTTP: {e}"))
 }
 
+/// `(scheme, host, port)` of a URL, the port defaulted by scheme.
+fn origin(url: &str) -> Option<(String, String, u16)> {
+    let uri: Uri = url.parse().ok()?;
+    let scheme = uri.scheme_str()?.to_ascii_lowercase();
+    let port = uri
+        .port_u16()
+        .unwrap_or(if scheme == "https" { 443 } else { 80 });
+    Some((scheme, uri.host()?.to_ascii_lowercase(), port))
+}
+
 /// An absolute `Location`, or a path on the same origin.
 fn resolve_location(current: &str, location: &str) -> Option<String> {
     if location.starts_with("http://") || location.starts_with("https://") {
@@ -477,5 +501,9 @@ mod tests {
             Some("https://o/c")
         );
         assert_eq!(resolve_location("http://h:1/a", "rel"), None);
+        assert_eq!(origin("http://H:80/a"), origin("http://h/b"));
+        assert_ne!(origin("https://h/a"), origin("http://h:443/a"));
+        assert_ne!(origin("http://h:1/a"), origin("http://h:2/a"));
+        assert_ne!(origin("http://a/x"), origin("http://b/x"));
     }
 }

@@ -599,8 +599,19 @@ stateDirectory: {state}
     /// A configuration without a top-level `sandbox` block gets `sandbox: {allowRoot: true}`,
     /// so that (in CI, as root) every test server runs with its capabilities dropped, no_new_privs
     /// and the seccomp filter enforced: the whole suite exercises the allow-list.
+    ///
+    /// One without `perSourcePenaltyExemptList` gets `[127.0.0.1/32]`: the tests log in from
+    /// there many times, failures on purpose included, and a penalty earned by one check must
+    /// not refuse the next. Penalties are tested from other loopback addresses
+    /// (tests/front_door.rs) and by the auditor (tests/audit.rs), which clear the list.
     pub fn start(&self, yaml: &str) -> TestServer {
         let config = self.dir.path().join("config.yaml");
+        let exempt = "ssh:\n  perSourcePenaltyExemptList: [127.0.0.1/32]\n";
+        let yaml = if yaml.contains("perSourcePenaltyExemptList") {
+            yaml.to_string()
+        } else {
+            yaml.replacen("ssh:\n", exempt, 1)
+        };
         let yaml = if yaml.lines().any(|l| l.starts_with("sandbox:")) {
             yaml.to_string()
         } else {
@@ -725,13 +736,36 @@ stateDirectory: {state}
     /// through an SSH_ASKPASS helper (SSH_ASKPASS_REQUIRE=force), so no tty is
     /// needed. Append the remote command.
     pub fn ssh_password(&self, server: &TestServer, user: &str, password: &str) -> Command {
+        self.ssh_passwords(server, user, &[password], 1).0
+    }
+
+    /// `ssh` for password authentication that answers the client's successive prompts with
+    /// `passwords` in turn (the last one repeated), as a user retyping would; `prompts` is the
+    /// client's NumberOfPasswordPrompts. Returns the command and a file counting the prompts.
+    /// Append the remote command.
+    pub fn ssh_passwords(
+        &self,
+        server: &TestServer,
+        user: &str,
+        passwords: &[&str],
+        prompts: u32,
+    ) -> (Command, PathBuf) {
         let n = self.askpass_counter.fetch_add(1, Ordering::SeqCst);
-        let pw_file = self.dir.path().join(format!("askpass-{n}.txt"));
-        let script = self.dir.path().join(format!("askpass-{n}.sh"));
-        std::fs::write(&pw_file, password).expect("write askpass password");
+        let dir = self.dir.path().join(format!("askpass-seq-{n}"));
+        std::fs::create_dir(&dir).expect("askpass dir");
+        for (i, p) in passwords.iter().enumerate() {
+            std::fs::write(dir.join(format!("pw{}", i + 1)), p).expect("write askpass password");
+        }
+        let count = dir.join("count");
+        let script = dir.join("askpass.sh");
         std::fs::write(
             &script,
-            format!("#!/bin/sh\ncat '{}'\necho\n", pw_file.display()),
+            format!(
+                "#!/bin/sh\nd='{d}'\nn=$(cat $d/count 2>/dev/null || echo 0)\nn=$((n+1))\n\
+                 echo $n > $d/count\n[ $n -gt {last} ] && n={last}\ncat $d/pw$n\necho\n",
+                d = dir.display(),
+                last = passwords.len(),
+            ),
         )
         .expect("write askpass script");
         must_run(Command::new("chmod").arg("700").arg(&script));
@@ -747,10 +781,23 @@ stateDirectory: {state}
                 "-o",
                 "PreferredAuthentications=password",
                 "-o",
-                "NumberOfPasswordPrompts=1",
             ])
+            .arg(format!("NumberOfPasswordPrompts={prompts}"))
             .arg(self.destination(user));
-        cmd
+        (cmd, count)
+    }
+
+    /// `ssh -tt USER@host CMD` with stdin at EOF from the start, as scripts and CI jobs run it
+    /// (`</dev/null`): the client sends EOF at once, and a 0x0 terminal size.
+    pub fn ssh_tty_stdin_at_eof(&self, server: &TestServer, cmd: &str) -> Output {
+        run_with_timeout(
+            self.ssh_opts(server)
+                .arg("-tt")
+                .arg(self.destination("alice"))
+                .arg(cmd),
+            Some(b""),
+            Duration::from_secs(90),
+        )
     }
 
     /// `scp -F <config> -P PORT`; append options, then sources and target
@@ -1647,6 +1694,55 @@ pub mod russh_client {
         ) -> Result<bool, Self::Error> {
             Ok(true)
         }
+    }
+
+    /// Accepts any host key and keeps the server's disconnect message.
+    #[derive(Clone, Default)]
+    pub struct Recorder {
+        pub disconnect: Arc<std::sync::Mutex<Option<(russh::Disconnect, String)>>>,
+    }
+
+    impl client::Handler for Recorder {
+        type Error = russh::Error;
+
+        async fn check_server_key(
+            &mut self,
+            _key: &PublicKeyOrCertificate,
+        ) -> Result<bool, Self::Error> {
+            Ok(true)
+        }
+
+        async fn disconnected(
+            &mut self,
+            reason: client::DisconnectReason<Self::Error>,
+        ) -> Result<(), Self::Error> {
+            match reason {
+                client::DisconnectReason::ReceivedDisconnect(info) => {
+                    *self.disconnect.lock().unwrap() = Some((info.reason_code, info.message));
+                    Ok(())
+                }
+                client::DisconnectReason::Error(e) => Err(e),
+            }
+        }
+    }
+
+    /// A session that has not authenticated, from `from` (an address on the loopback range)
+    /// to `server`.
+    pub async fn connect_from(
+        server: &TestServer,
+        from: std::net::IpAddr,
+    ) -> (Handle<Recorder>, Recorder) {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(std::net::SocketAddr::new(from, 0))
+            .expect("bind the client address");
+        let stream = socket.connect(server.addr).await.expect("connect");
+        let recorder = Recorder::default();
+        let config = Arc::new(client::Config::default());
+        let handle = client::connect_stream(config, stream, recorder.clone())
+            .await
+            .expect("SSH handshake");
+        (handle, recorder)
     }
 
     pub async fn connect(env: &TestEnv, server: &TestServer) -> Handle<AcceptAny> {

@@ -724,8 +724,8 @@ impl DockerBackend {
             ] {
                 replace_ci(&mut body, k, json!(true));
             }
-            if let Some(t) = &spec.tty {
-                replace_ci(&mut host, "ConsoleSize", json!([t.rows, t.cols]));
+            if let Some((rows, cols)) = spec.tty.as_ref().and_then(|t| t.size()) {
+                replace_ci(&mut host, "ConsoleSize", json!([rows, cols]));
             }
         }
         replace_ci(&mut body, "HostConfig", Value::Object(host));
@@ -913,7 +913,7 @@ impl DockerBackend {
             cmd,
             env: spec.env.clone(),
             tty: spec.tty.is_some(),
-            console_size: spec.tty.as_ref().map(|t| (t.rows, t.cols)),
+            console_size: spec.tty.as_ref().and_then(|t| t.size()),
             user: None,
             working_dir: None,
         };

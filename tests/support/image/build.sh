@@ -7,7 +7,8 @@
 #     (the same layout as `busybox --install -s /bin`)
 #   + /usr/lib/openssh/sftp-server (openssh-sftp-server), /usr/bin/scp and
 #     /usr/bin/ssh-add (openssh-client) and /usr/bin/socat (socat; unix-socket
-#     and TCP servers/clients for the forwarding tests), with every shared
+#     and TCP servers/clients for the forwarding tests) and /usr/bin/stty (GNU
+#     coreutils, for terminal sizes busybox will not print), with every shared
 #     library ldd lists for them and the dynamic loader, at their host paths
 #   + /etc/passwd, /etc/group (root, nobody), /etc/nsswitch.conf, /tmp (1777),
 #     /root
@@ -28,7 +29,9 @@ set -euo pipefail
 
 REPO=containerssh-test
 PACKAGES=(busybox-static openssh-sftp-server openssh-client socat)
-BINARIES=(/usr/lib/openssh/sftp-server /usr/bin/scp /usr/bin/ssh-add /usr/bin/socat)
+# GNU stty (coreutils) as /usr/bin/stty, ahead of busybox's on PATH: busybox's `stty size`
+# refuses a 0x0 terminal that GNU's reports as "0 0", as on the hosts sshd runs on.
+BINARIES=(/usr/lib/openssh/sftp-server /usr/bin/scp /usr/bin/ssh-add /usr/bin/socat /usr/bin/stty)
 LOCK=${CONTAINERSSH_TEST_IMAGE_LOCK:-/tmp/containerssh-test-image.lock}
 
 log() { printf 'build.sh: %s\n' "$*" >&2; }
