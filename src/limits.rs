@@ -13,6 +13,10 @@ pub const MAX_AUTH_TRIES_LIMIT: u32 = 100;
 /// (each holds a socket and a key-exchange state, ~100 KiB at most).
 pub const MAX_STARTUPS_LIMIT: u32 = 4096;
 
+/// The listening socket's backlog (the kernel caps it at `net.core.somaxconn`, 4096 by
+/// default): a flood the front door turns away must not crowd out other clients' connects.
+pub const LISTEN_BACKLOG: i32 = 4096;
+
 /// Connections served at once, authenticated or not, and sockets awaiting a PROXY header: the
 /// accept loop waits for a place before it accepts (file descriptors are the bound).
 pub const MAX_CONNECTIONS: usize = 4096;
@@ -26,8 +30,10 @@ pub const MAX_PENALISED_SOURCES: usize = 65_536;
 /// holds its memory cost (19 MiB by default) while it runs, so this bounds that memory.
 pub const MAX_HASH_WORKERS: usize = 4;
 
-/// Verifications queued or running; further attempts wait (asynchronously) for a place.
+/// Verifications queued or running; further attempts wait (asynchronously) for a place, at
+/// most `MAX_HASH_WAIT`, then are refused: the wait holds a russh callback.
 pub const MAX_HASH_QUEUE: usize = 64;
+pub const MAX_HASH_WAIT: Duration = Duration::from_secs(10);
 
 /// The most expensive password hashes accepted in a password file (beyond them a line is
 /// unusable, logged): argon2 memory in KiB (64 MiB; OWASP suggests 19–46), bcrypt's cost,

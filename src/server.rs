@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use futures_util::FutureExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -24,7 +24,9 @@ use crate::front::cidr::canonical;
 use crate::front::penalty::Penalty;
 use crate::front::proxy::{self, Header, Prefixed};
 use crate::front::{Door, Refusal, Refused, Startup};
-use crate::limits::{ACCEPT_ERROR_BACKOFF, DISCONNECT_FLUSH, MAX_CONNECTIONS, SHUTDOWN_DRAIN};
+use crate::limits::{
+    ACCEPT_ERROR_BACKOFF, DISCONNECT_FLUSH, LISTEN_BACKLOG, MAX_CONNECTIONS, SHUTDOWN_DRAIN,
+};
 use crate::ssh::conn::ConnCtx;
 use crate::ssh::handler::Handler;
 use crate::ssh::version::VersionRecorder;
@@ -70,6 +72,19 @@ impl AuthWebhooks {
     }
 }
 
+/// The listening socket (std's `bind` would listen with a backlog of 128): deep enough that a
+/// burst of connections the front door then turns away does not make the kernel drop other
+/// clients' SYNs, each drop costing that client a one-second retransmit.
+pub fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    // As std's `bind` does on Unix: a restart need not wait for TIME_WAIT sockets.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
 /// Serves until `shared.shutdown` is cancelled, then drains.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
     let total = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -100,10 +115,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
         let shared2 = Arc::clone(&shared);
         match &shared.settings.proxy {
             Some(rules) if rules.trusts(peer.ip()) => {
-                connections.spawn(async move {
-                    proxied(shared2, stream, peer, accepted_at).await;
-                    drop(permit);
-                });
+                connections.spawn(proxied(shared2, stream, peer, accepted_at, permit));
             }
             // Decided here, before a task exists: a flood from one source costs an accept
             // and a close per socket.
@@ -114,12 +126,10 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
                         peer,
                         via: None,
                         startup,
+                        place: permit,
                         accepted_at,
                     };
-                    connections.spawn(async move {
-                        guarded(shared2, admitted).await;
-                        drop(permit);
-                    });
+                    connections.spawn(guarded(shared2, admitted));
                 }
                 Err(r) => refuse(&stream, peer, None, r),
             },
@@ -168,6 +178,7 @@ async fn proxied(
     mut stream: TcpStream,
     proxy_addr: SocketAddr,
     accepted_at: Instant,
+    place: OwnedSemaphorePermit,
 ) {
     let Some(rules) = shared.settings.proxy.as_ref() else {
         return;
@@ -177,9 +188,11 @@ async fn proxied(
             tracing::debug!(proxy = %proxy_addr, "PROXY LOCAL (a health check): closed");
             return;
         }
-        Ok((Header::Unknown, rest)) => {
-            tracing::debug!(proxy = %proxy_addr, "PROXY header without addresses: the proxy's own is used");
-            (proxy_addr, rest)
+        Ok((Header::Unknown, _)) => {
+            // The specification would have the proxy's own address stand in, which would put
+            // every such client in one source and let one of them get all penalised.
+            tracing::warn!(proxy = %proxy_addr, "connection refused: a PROXY header without the client's address (UNKNOWN, UNSPEC)");
+            return;
         }
         Ok((Header::Tcp { source, .. }, rest)) => (canonical(source), rest),
         Err(e) => {
@@ -195,6 +208,7 @@ async fn proxied(
                 peer: client,
                 via: Some(proxy_addr),
                 startup,
+                place,
                 accepted_at,
             };
             guarded(shared, admitted).await;
@@ -211,14 +225,21 @@ struct Admitted {
     /// The trusted proxy it came through.
     via: Option<SocketAddr>,
     startup: Startup,
+    /// Its place among `MAX_CONNECTIONS`, held until the connection is gone entirely.
+    place: OwnedSemaphorePermit,
     accepted_at: Instant,
 }
 
 /// Runs a connection; a panic in it ends that connection alone and penalises its source.
 async fn guarded(shared: Arc<Shared>, admitted: Admitted) {
     let (door, peer) = (Arc::clone(&shared.door), admitted.peer);
-    let run = connection(shared, admitted);
-    if AssertUnwindSafe(run).catch_unwind().await.is_err() {
+    // Ends the socket's I/O however this task ends, panics included, so russh's task (which
+    // holds the connection's places) cannot outlive it for long.
+    let stream_end = CancellationToken::new();
+    let run = connection(shared, admitted, stream_end.clone());
+    let panicked = AssertUnwindSafe(run).catch_unwind().await.is_err();
+    stream_end.cancel();
+    if panicked {
         tracing::error!(remote = %peer, "a connection's task panicked: connection closed");
         door.penalise(peer.ip(), Penalty::Crash);
     }
@@ -270,17 +291,18 @@ async fn deadline_unless(at: Instant, done: &CancellationToken) {
     }
 }
 
-async fn connection(shared: Arc<Shared>, admitted: Admitted) {
+async fn connection(shared: Arc<Shared>, admitted: Admitted, stream_end: CancellationToken) {
     let Admitted {
         stream,
         peer,
         via,
         startup,
+        place,
         accepted_at,
     } = admitted;
-    let conn = ConnCtx::new(Arc::clone(&shared), peer, startup);
+    // The places go with the last reference: this task's or russh's, whichever ends later.
+    let conn = ConnCtx::new(Arc::clone(&shared), peer, (startup, place), stream_end);
     let ending = run_session(&shared, &conn, stream, via, accepted_at).await;
-    conn.release_startup();
     conn.close().await;
     conn.stream_end.cancel();
     if let Some(p) = penalty(&ending, &conn) {
@@ -340,9 +362,12 @@ async fn run_session(
         tracing::info!(connection_id = %conn.id, remote = %conn.peer, "{what}");
         let h = handle.clone();
         async move {
-            let _ = h
-                .disconnect(russh::Disconnect::ByApplication, what.into(), String::new())
-                .await;
+            // Bounded: russh stops taking messages while a client's window is exhausted.
+            let _ = tokio::time::timeout(
+                DISCONNECT_FLUSH,
+                h.disconnect(russh::Disconnect::ByApplication, what.into(), String::new()),
+            )
+            .await;
         }
     };
     let ending = tokio::select! {
@@ -370,9 +395,8 @@ async fn run_session(
             conn.cancel.cancel();
             conn.tasks.close();
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), conn.tasks.wait()).await;
-            let _ = handle
-                .disconnect(russh::Disconnect::ByApplication, "server shutting down".into(), String::new())
-                .await;
+            let bye = handle.disconnect(russh::Disconnect::ByApplication, "server shutting down".into(), String::new());
+            let _ = tokio::time::timeout(DISCONNECT_FLUSH, bye).await;
             Ending::Shutdown
         }
     };

@@ -107,7 +107,7 @@ fn the_default_configuration_passes_the_auditor() {
     let extra = additional_notes(&report);
     assert!(!extra.contains("DHEat"), "{extra}");
     assert!(
-        server.output().contains("source penalised"),
+        server.wait_for_output("source penalised", Duration::from_secs(10)),
         "the rate test's burst was throttled:\n{}",
         server.output()
     );

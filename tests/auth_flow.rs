@@ -168,7 +168,7 @@ async fn a_changed_user_name_is_disconnected() {
         "{}",
         server.output()
     );
-    assert!(server.output().contains("the user name changed"));
+    assert!(server.wait_for_output("the user name changed", Duration::from_secs(10)));
 }
 
 /// The list a `none` probe gets back.

@@ -306,11 +306,13 @@ fn max_sessions_limits_sessions_open_at_once() {
 
 /// With a command forced (`forceCommand`, authorized_keys `command=`), the client cannot set
 /// variables that run code before it or change what it runs (`LD_*`, `BASH_ENV`, `ENV`,
-/// `SHELLOPTS`, `BASHOPTS`, `PS4`, `IFS`, `PATH`); others still pass.
+/// `SHELLOPTS`, `BASHOPTS`, `PS4`, `IFS`, `PATH`, interpreters' own such as `PERL5OPT`); the
+/// locale still passes.
 #[test]
 fn a_forced_command_gets_no_code_running_variables_from_the_client() {
     let sent = "LD_PRELOAD=/tmp/x.so LD_LIBRARY_PATH=/tmp BASH_ENV=/tmp/e ENV=/tmp/e \
-                SHELLOPTS=xtrace BASHOPTS=extdebug PS4=x IFS=x PATH=/evil LC_FINE=ok";
+                SHELLOPTS=xtrace BASHOPTS=extdebug PS4=x IFS=x PATH=/evil PERL5OPT=-d \
+                NODE_OPTIONS=--require=/tmp/x LC_FINE=ok";
     let refused = [
         "LD_PRELOAD",
         "LD_LIBRARY_PATH",
@@ -320,6 +322,8 @@ fn a_forced_command_gets_no_code_running_variables_from_the_client() {
         "BASHOPTS",
         "PS4",
         "IFS",
+        "PERL5OPT",
+        "NODE_OPTIONS",
     ];
     for how in ["forceCommand", "command="] {
         let env = TestEnv::new();

@@ -13,7 +13,7 @@ use tokio::sync::{oneshot, Semaphore};
 
 use super::password::PasswordFile;
 use super::AuthError;
-use crate::limits::{MAX_HASH_QUEUE, MAX_HASH_WORKERS};
+use crate::limits::{MAX_HASH_QUEUE, MAX_HASH_WAIT, MAX_HASH_WORKERS};
 
 struct Job {
     user: String,
@@ -59,13 +59,18 @@ impl PasswordChecker {
         self.workers
     }
 
-    /// Checks `password` for `user`, waiting for a worker if all are busy.
+    /// Checks `password` for `user`, waiting (at most [`MAX_HASH_WAIT`]) for a place if all
+    /// are taken: the wait happens inside a russh callback, so it must end.
     pub async fn verify(&self, user: &str, password: &[u8]) -> Result<bool, AuthError> {
-        let _slot = self
-            .slots
-            .acquire()
-            .await
-            .map_err(|_| AuthError::HashWorkers)?;
+        let _slot = match tokio::time::timeout(MAX_HASH_WAIT, self.slots.acquire()).await {
+            Ok(Ok(slot)) => slot,
+            Ok(Err(_)) => return Err(AuthError::HashWorkers),
+            Err(_) => {
+                return Err(AuthError::HashBusy {
+                    waited: MAX_HASH_WAIT,
+                })
+            }
+        };
         let (reply, answer) = oneshot::channel();
         let job = Job {
             user: user.to_string(),

@@ -53,6 +53,8 @@ pub enum AuthError {
     },
     #[error("the password hashing threads are gone")]
     HashWorkers,
+    #[error("every password check was busy for {waited:?}: attempt refused")]
+    HashBusy { waited: std::time::Duration },
     #[error("cannot hash password")]
     HashPassword {
         #[source]

@@ -215,8 +215,16 @@ impl Door {
 
     fn admit_at(self: &Arc<Self>, ip: IpAddr, now: Instant, roll: u32) -> Result<Startup, Refused> {
         let source = self.source(ip);
+        // As OpenSSH: an exempt address is never refused for a penalty, even one its net block
+        // earned.
+        let exempt = cidr::any_contains(&self.rules.exempt, ip);
         let mut st = self.lock();
-        if let Some(r) = st.penalties.as_mut().and_then(|b| b.check(source, now)) {
+        let penalised = if exempt {
+            None
+        } else {
+            st.penalties.as_mut().and_then(|b| b.check(source, now))
+        };
+        if let Some(r) = penalised {
             return Err(Refused {
                 why: Refusal::Penalised {
                     last: r.last,
@@ -386,6 +394,25 @@ mod tests {
             assert!(!door.penalise(exempt, Penalty::Crash));
         }
         assert!(door.admit(exempt).is_ok());
+    }
+
+    #[test]
+    fn an_exempt_address_is_let_in_although_its_net_block_is_penalised() {
+        let mut r = rules("10:30:100", None);
+        r.net_block = NetBlock::parse("24:64").unwrap();
+        let door = Door::new(r);
+        let (bad, exempt) = (ip(4), IpAddr::V4([127, 0, 0, 9].into()));
+        door.penalise(bad, Penalty::Crash);
+        assert!(door.admit(ip(7)).is_err(), "the whole /24 is penalised");
+        let door = {
+            let mut r = rules("10:30:100", None);
+            r.net_block = NetBlock::parse("24:64").unwrap();
+            r.exempt = vec![Cidr::parse("127.0.0.9").unwrap()];
+            Door::new(r)
+        };
+        door.penalise(bad, Penalty::Crash);
+        assert!(door.admit(exempt).is_ok());
+        assert!(door.admit(ip(7)).is_err());
     }
 
     #[test]

@@ -46,7 +46,8 @@ pub enum Header {
     /// The balancer's own connection (a health check): accepted and closed.
     Local,
     /// A client connection the balancer does not know the addresses of (v1 `UNKNOWN`, v2
-    /// `UNSPEC`): the specification says to use the real connection's.
+    /// `UNSPEC`). The specification says to use the real connection's; the server refuses it
+    /// instead, since the proxy's address would stand for every such client.
     Unknown,
     /// A proxied TCP connection.
     Tcp {

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -15,6 +15,7 @@ use crate::backend::{Backend, ConnMeta, StartError, Target};
 use crate::config::model::ExecutionMode;
 use crate::config::Settings;
 use crate::front::Startup;
+use crate::limits::DISCONNECT_FLUSH;
 use crate::server::Shared;
 
 #[derive(Clone, Debug)]
@@ -58,8 +59,12 @@ pub struct ConnCtx {
     pub handshaken: CancellationToken,
     /// Cancelled when the connection is over: every read and write of the socket then fails.
     pub stream_end: CancellationToken,
-    /// This connection's place among the unauthenticated ones (given back at login or end).
+    /// This connection's place among the unauthenticated ones (given back at login, or when the
+    /// connection is gone).
     startup: Mutex<Option<Startup>>,
+    /// Its place among all connections, given back when the connection is gone: when this
+    /// task and russh's have both let go.
+    _place: OwnedSemaphorePermit,
     /// Authentication requests refused so far (for the penalty of a connection that ends).
     auth_failures: AtomicU32,
     /// A disconnect was asked for already.
@@ -93,7 +98,14 @@ pub fn new_connection_id() -> String {
 }
 
 impl ConnCtx {
-    pub fn new(shared: Arc<Shared>, peer: SocketAddr, startup: Startup) -> Arc<Self> {
+    /// `stream_end` cuts the socket's I/O when cancelled (the connection's task does, at its
+    /// end).
+    pub fn new(
+        shared: Arc<Shared>,
+        peer: SocketAddr,
+        (startup, place): (Startup, OwnedSemaphorePermit),
+        stream_end: CancellationToken,
+    ) -> Arc<Self> {
         let cancel = shared.shutdown.child_token();
         Arc::new(Self {
             id: new_connection_id(),
@@ -108,8 +120,9 @@ impl ConnCtx {
             profile: OnceLock::new(),
             handle: OnceLock::new(),
             handshaken: CancellationToken::new(),
-            stream_end: CancellationToken::new(),
+            stream_end,
             startup: Mutex::new(Some(startup)),
+            _place: place,
             auth_failures: AtomicU32::new(0),
             disconnecting: AtomicBool::new(false),
             authenticated: CancellationToken::new(),
@@ -152,8 +165,13 @@ impl ConnCtx {
             self.stream_end.cancel();
             return;
         };
+        let end = self.stream_end.clone();
         self.tasks.spawn(async move {
-            let _ = handle.disconnect(reason, text.into(), String::new()).await;
+            let bye = handle.disconnect(reason, text.into(), String::new());
+            let _ = tokio::time::timeout(DISCONNECT_FLUSH, bye).await;
+            // A client that ignores the disconnect loses the socket anyway.
+            tokio::time::sleep(DISCONNECT_FLUSH).await;
+            end.cancel();
         });
     }
 

@@ -397,14 +397,16 @@ fn allowed(conn: &ConnCtx, enabled: bool, what: &str, restriction: KeyRestrictio
     !denied
 }
 
-/// Variables a client may not set when a command is forced: each can run code of the client's
-/// choosing before (or instead of) the forced command (`BASH_ENV`, `ENV`, `LD_PRELOAD`,
-/// `SHELLOPTS`=xtrace with `PS4`, …), or change what it runs (`PATH`, `IFS`).
-fn forced_command_refuses(name: &str) -> bool {
-    name.starts_with("LD_")
+/// The variables a client may still set when a command is forced: locale, time zone, terminal
+/// and Git's protocol version. Anything else can run code of the client's choosing before or
+/// inside the forced command — `LD_PRELOAD`, `BASH_ENV`, `ENV`, `SHELLOPTS`=xtrace with `PS4`,
+/// `PERL5OPT`, `NODE_OPTIONS`, `PYTHONSTARTUP`, `GIT_CONFIG_*`, … — or change what it runs
+/// (`PATH`, `IFS`); a deny-list of them would never be complete.
+fn forced_command_allows(name: &str) -> bool {
+    name.starts_with("LC_")
         || matches!(
             name,
-            "BASH_ENV" | "ENV" | "SHELLOPTS" | "BASHOPTS" | "PS4" | "IFS" | "PATH"
+            "LANG" | "LANGUAGE" | "TZ" | "TERM" | "COLORTERM" | "GIT_PROTOCOL"
         )
 }
 
@@ -691,7 +693,7 @@ impl russh::server::Handler for Handler {
         value: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let forced = forced_command_refuses(name) && self.forced("").is_some();
+        let forced = !forced_command_allows(name) && self.forced("").is_some();
         let Some(ch) = self.channels.get_mut(&id) else {
             return Ok(session.channel_failure(id)?);
         };

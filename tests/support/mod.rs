@@ -406,6 +406,17 @@ impl TestServer {
             .is_some()
     }
 
+    /// Waits (up to `timeout`) for one log line holding every one of `needles`.
+    pub fn wait_for_line(&self, needles: &[&str], timeout: Duration) -> bool {
+        self.log
+            .wait_for(timeout, |t| {
+                t.lines()
+                    .any(|l| needles.iter().all(|n| l.contains(n)))
+                    .then_some(())
+            })
+            .is_some()
+    }
+
     /// SIGKILL, then reap.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
