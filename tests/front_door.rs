@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use support::russh_client::try_connect_from;
 use support::{describe, run_with_timeout, TestEnv, TestServer};
 
 const IDLE_SOCKETS: usize = 1000;
@@ -129,14 +130,7 @@ fn spray_passwords(server: &TestServer, stop: Arc<AtomicBool>) -> u64 {
         let mut answered = 0;
         while !stop.load(Ordering::Relaxed) {
             let attempt = async {
-                let socket = tokio::net::TcpSocket::new_v4().ok()?;
-                socket.bind(SocketAddr::new(IpAddr::V4(SPRAYER), 0)).ok()?;
-                let stream = socket.connect(addr).await.ok()?;
-                let config = Arc::new(russh::client::Config::default());
-                let recorder = support::russh_client::Recorder::default();
-                let mut h = russh::client::connect_stream(config, stream, recorder)
-                    .await
-                    .ok()?;
+                let (mut h, _) = try_connect_from(addr, IpAddr::V4(SPRAYER)).await.ok()?;
                 let mut n = 0;
                 for _ in 0..3 {
                     h.authenticate_password("alice", "not-the-password")
@@ -304,16 +298,9 @@ fn concurrent_wrong_passwords_keep_memory_bounded() {
                     .map(|_| {
                         let in_auth = Arc::clone(&in_auth);
                         tokio::spawn(async move {
-                            let socket = tokio::net::TcpSocket::new_v4().unwrap();
-                            socket
-                                .bind(SocketAddr::new(IpAddr::V4(HASH_SPRAYER), 0))
-                                .unwrap();
-                            let stream = socket.connect(addr).await.unwrap();
-                            let config = Arc::new(russh::client::Config::default());
-                            let rec = support::russh_client::Recorder::default();
-                            let mut h = russh::client::connect_stream(config, stream, rec)
+                            let (mut h, _) = try_connect_from(addr, IpAddr::V4(HASH_SPRAYER))
                                 .await
-                                .expect("handshake");
+                                .expect("connect and SSH handshake");
                             in_auth.fetch_add(1, Ordering::Relaxed);
                             let r = h.authenticate_password("alice", "wrong").await.unwrap();
                             assert!(!r.success());

@@ -21,13 +21,11 @@ struct Job {
     reply: oneshot::Sender<Result<bool, AuthError>>,
 }
 
-/// A password file and the threads that check passwords against it.
+/// The threads that check passwords against a password file.
 pub struct PasswordChecker {
-    file: Arc<PasswordFile>,
     jobs: SyncSender<Job>,
     /// Jobs queued or running; never more than the channel holds, so sending never blocks.
-    slots: Arc<Semaphore>,
-    workers: usize,
+    slots: Semaphore,
 }
 
 impl PasswordChecker {
@@ -48,15 +46,9 @@ impl PasswordChecker {
                 .spawn(move || work(&rx, &file))?;
         }
         Ok(Self {
-            file,
             jobs,
-            slots: Arc::new(Semaphore::new(queue)),
-            workers,
+            slots: Semaphore::new(queue),
         })
-    }
-
-    pub fn workers(&self) -> usize {
-        self.workers
     }
 
     /// Checks `password` for `user`, waiting (at most [`MAX_HASH_WAIT`]) for a place if all
@@ -87,11 +79,6 @@ impl PasswordChecker {
             return Err(AuthError::HashWorkers);
         }
         answer.await.map_err(|_| AuthError::HashWorkers)?
-    }
-
-    /// The password file itself (for its path in messages).
-    pub fn file(&self) -> &PasswordFile {
-        &self.file
     }
 }
 

@@ -1693,21 +1693,8 @@ pub mod russh_client {
 
     use super::{TestEnv, TestServer};
 
-    /// Accepts any host key (the test server's is generated per run).
-    pub struct AcceptAny;
-
-    impl client::Handler for AcceptAny {
-        type Error = russh::Error;
-
-        async fn check_server_key(
-            &mut self,
-            _key: &PublicKeyOrCertificate,
-        ) -> Result<bool, Self::Error> {
-            Ok(true)
-        }
-    }
-
-    /// Accepts any host key and keeps the server's disconnect message.
+    /// Accepts any host key (the test server's is generated per run) and keeps the server's
+    /// disconnect message.
     #[derive(Clone, Default)]
     pub struct Recorder {
         pub disconnect: Arc<std::sync::Mutex<Option<(russh::Disconnect, String)>>>,
@@ -1738,27 +1725,33 @@ pub mod russh_client {
     }
 
     /// A session that has not authenticated, from `from` (an address on the loopback range)
-    /// to `server`.
+    /// to `to`; an error when the server refuses it (at its door, say).
+    pub async fn try_connect_from(
+        to: std::net::SocketAddr,
+        from: std::net::IpAddr,
+    ) -> Result<(Handle<Recorder>, Recorder), russh::Error> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(std::net::SocketAddr::new(from, 0))?;
+        let stream = socket.connect(to).await?;
+        let recorder = Recorder::default();
+        let config = Arc::new(client::Config::default());
+        let handle = client::connect_stream(config, stream, recorder.clone()).await?;
+        Ok((handle, recorder))
+    }
+
+    /// [`try_connect_from`] to `server`, which must let it in.
     pub async fn connect_from(
         server: &TestServer,
         from: std::net::IpAddr,
     ) -> (Handle<Recorder>, Recorder) {
-        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-        socket
-            .bind(std::net::SocketAddr::new(from, 0))
-            .expect("bind the client address");
-        let stream = socket.connect(server.addr).await.expect("connect");
-        let recorder = Recorder::default();
-        let config = Arc::new(client::Config::default());
-        let handle = client::connect_stream(config, stream, recorder.clone())
+        try_connect_from(server.addr, from)
             .await
-            .expect("SSH handshake");
-        (handle, recorder)
+            .expect("connect and SSH handshake")
     }
 
-    pub async fn connect(env: &TestEnv, server: &TestServer) -> Handle<AcceptAny> {
+    pub async fn connect(env: &TestEnv, server: &TestServer) -> Handle<Recorder> {
         let config = Arc::new(client::Config::default());
-        let mut handle = client::connect(config, server.addr, AcceptAny)
+        let mut handle = client::connect(config, server.addr, Recorder::default())
             .await
             .expect("connect");
         let key = load_secret_key(&env.client_key, None).expect("client key");
