@@ -41,3 +41,22 @@ grep -q '^db-path = ' "$work/deny.toml" || die "deny.toml has no [advisories] ta
 # build's `cargo fetch` fills.
 cargo fetch --locked
 cargo deny --offline --locked --config "$work/deny.toml" check --show-stats
+
+# Vendored crates (vendor/README.md) are path dependencies, which cargo-deny does not check for
+# advisories: check the crates.io release each is based on instead, in a throw-away manifest that
+# depends on exactly that version with the features Cargo.toml gives it.
+for manifest in vendor/*/Cargo.toml; do
+    name=$(sed -n 's/^name = "\(.*\)"$/\1/p' "$manifest" | head -n 1)
+    version=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$manifest" | head -n 1)
+    dep=$(grep -m 1 -E "^$name = \{ version = " Cargo.toml) || die "Cargo.toml has no dependency line for vendored $name"
+    dep=$(sed -E "s/version = \"[^\"]*\"/version = \"=$version\"/" <<<"$dep")
+    dir=$work/upstream-$name
+    mkdir -p "$dir/src"
+    printf '[package]\nname = "upstream-%s-check"\nversion = "0.0.0"\nedition = "2021"\npublish = false\nlicense = "Apache-2.0"\n\n[dependencies]\n%s\n' \
+        "$name" "$dep" >"$dir/Cargo.toml"
+    : >"$dir/src/lib.rs"
+    echo "advisories for the published $name $version (vendored with patches):"
+    cargo generate-lockfile --quiet --manifest-path "$dir/Cargo.toml"
+    cargo fetch --quiet --manifest-path "$dir/Cargo.toml"
+    cargo deny --offline --manifest-path "$dir/Cargo.toml" --config "$work/deny.toml" check advisories
+done

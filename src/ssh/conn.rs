@@ -55,7 +55,7 @@ pub struct ConnCtx {
     profile: OnceLock<(Arc<Settings>, Arc<Backend>)>,
     /// The russh session's handle, once the version exchange is done.
     handle: OnceLock<russh::server::Handle>,
-    /// Cancelled when the client asks for the authentication service: the key exchange is done.
+    /// Cancelled at the client's first authentication request: the key exchange is done.
     pub handshaken: CancellationToken,
     /// Cancelled when the connection is over: every read and write of the socket then fails.
     pub stream_end: CancellationToken,

@@ -590,7 +590,8 @@ impl russh::server::Handler for Handler {
     }
 
     async fn authentication_banner(&mut self) -> Result<Option<String>, Self::Error> {
-        // Asked when the client requests the authentication service: the key exchange is done.
+        // Asked at the first authentication request (russh sends the banner then, as sshd
+        // does): the key exchange and the service request are done.
         self.conn.handshaken.cancel();
         Ok(self.conn.shared.settings.banner.clone())
     }
