@@ -254,3 +254,59 @@ async fn the_login_grace_time_counts_from_the_accept() {
     );
     drop(handle);
 }
+
+/// paramiko asks for the authentication service again before every `auth_*` call on a
+/// transport. A wrong password and then the right one, on one transport: the second call is
+/// answered at once (it used to wait for paramiko's 30 s auth timeout) and logs in.
+#[test]
+fn paramiko_a_second_password_on_one_transport_is_answered_at_once() {
+    let env = TestEnv::new();
+    let server = start(&env, "");
+    let script = r#"
+import sys, time, paramiko
+port, right = int(sys.argv[1]), sys.argv[2]
+t = paramiko.Transport(("127.0.0.1", port))
+t.start_client(timeout=10)
+began = time.monotonic()
+try:
+    t.auth_password("alice", "wrong horse")
+    print("wrong password accepted")
+    sys.exit(1)
+except paramiko.AuthenticationException:
+    pass
+first = time.monotonic() - began
+began = time.monotonic()
+t.auth_password("alice", right)
+second = time.monotonic() - began
+chan = t.open_session(timeout=30)
+chan.exec_command("echo in")
+out = chan.makefile("rb").read().decode()
+status = chan.recv_exit_status()
+print(f"first={first:.3f} second={second:.3f} status={status} out={out.strip()}")
+t.close()
+"#;
+    let out = run_with_timeout(
+        std::process::Command::new("python3")
+            .args(["-c", script])
+            .arg(server.port().to_string())
+            .arg(PASSWORD),
+        None,
+        CMD_TIMEOUT,
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{}", describe(&out, &server));
+    let field = |name: &str| -> String {
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("no {name} in {text:?}"))
+            .to_string()
+    };
+    let second: f64 = field("second").parse().unwrap();
+    assert!(
+        second < ANSWERED_WITHIN.as_secs_f64() * 5.0,
+        "the second password took {second} s: {}",
+        describe(&out, &server)
+    );
+    assert_eq!(field("status"), "0", "{text}");
+    assert_eq!(field("out"), "in", "{text}");
+}

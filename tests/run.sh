@@ -3,7 +3,7 @@
 #
 #  1. makes sure the Debian packages the tests use are installed (installs them
 #     with apt-get when run as root; otherwise fails naming them),
-#     and the PyPI packages (ssh-audit, pinned) with pip,
+#     and the PyPI packages (ssh-audit, paramiko; pinned) with pip,
 #  2. checks that the Docker engine answers,
 #  3. builds (or reuses) the offline test image and exports
 #     CONTAINERSSH_TEST_IMAGE,
@@ -48,19 +48,24 @@ for c in ssh scp sftp ssh-keygen ssh-keyscan tmux openssl sha256sum curl file ha
     command -v "$c" >/dev/null 2>&1 || die "'$c' not found on PATH even though its package is installed"
 done
 
-# --- 1b. Python peers (PyPI): the stock SSH auditor ------------------------------
-# tests/audit.rs runs `python3 -m ssh_audit`, pinned so its verdicts do not drift.
-SSH_AUDIT_VERSION=3.9.0
-section "checking PyPI packages: ssh-audit $SSH_AUDIT_VERSION"
-command -v python3 >/dev/null 2>&1 || die "python3 not found (the tests run ssh-audit with it)"
-have=$(python3 -c 'import importlib.metadata as m; print(m.version("ssh-audit"))' 2>/dev/null || true)
-if [[ $have != "$SSH_AUDIT_VERSION" ]]; then
-    echo "installing ssh-audit==$SSH_AUDIT_VERSION (found: ${have:-none})"
-    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
-        "ssh-audit==$SSH_AUDIT_VERSION" </dev/null ||
-        die "pip install ssh-audit==$SSH_AUDIT_VERSION failed"
-fi
+# --- 1b. Python peers (PyPI) ------------------------------------------------------
+# Pinned so their verdicts and behaviour do not drift: the stock SSH auditor (tests/audit.rs
+# runs `python3 -m ssh_audit`) and a third-party client library (paramiko: raw auth sequences
+# from another implementation).
+PYPI_PACKAGES=(ssh-audit==3.9.0 paramiko==5.1.0)
+section "checking PyPI packages: ${PYPI_PACKAGES[*]}"
+command -v python3 >/dev/null 2>&1 || die "python3 not found (the tests run ssh-audit and paramiko with it)"
+for spec in "${PYPI_PACKAGES[@]}"; do
+    name=${spec%%==*} want=${spec##*==}
+    have=$(python3 -c 'import sys, importlib.metadata as m; print(m.version(sys.argv[1]))' "$name" 2>/dev/null || true)
+    if [[ $have != "$want" ]]; then
+        echo "installing $spec (found: ${have:-none})"
+        python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+            "$spec" </dev/null || die "pip install $spec failed"
+    fi
+done
 python3 -m ssh_audit --help >/dev/null 2>&1 || die "python3 -m ssh_audit does not run"
+python3 -c 'import paramiko' || die "python3 cannot import paramiko"
 
 # --- 2. the engine -------------------------------------------------------------
 section "checking the Docker engine"

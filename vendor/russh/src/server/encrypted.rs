@@ -101,8 +101,37 @@ impl Session {
                     )?;
                     *accepted = true;
                     enc.state = EncryptedState::WaitingAuthRequest(auth_request);
+                    Ok(())
+                } else {
+                    // Left unanswered, the client would wait for an answer that never comes.
+                    debug!("unknown service requested: {request:?}");
+                    Ok(self.common.disconnect(
+                        Disconnect::ServiceNotAvailable,
+                        "Unknown service",
+                        "",
+                    )?)
                 }
-                Ok(())
+            }
+            (EncryptedState::WaitingAuthRequest(_), Some((&msg::SERVICE_REQUEST, mut r))) => {
+                // A client may ask for the authentication service again, e.g. before each
+                // authentication attempt (paramiko does). OpenSSH's sshd accepts it again;
+                // left unanswered, the client waits until its own timeout.
+                let request = map_err!(String::decode(&mut r))?;
+                map_err!(ensure_end(&r))?;
+                debug!("repeated service request: {request:?}");
+                if request == "ssh-userauth" {
+                    push_packet!(enc.write, {
+                        enc.write.push(msg::SERVICE_ACCEPT);
+                        map_err!("ssh-userauth".encode(&mut enc.write))?;
+                    });
+                    Ok(())
+                } else {
+                    Ok(self.common.disconnect(
+                        Disconnect::ServiceNotAvailable,
+                        "Unknown service",
+                        "",
+                    )?)
+                }
             }
             (EncryptedState::WaitingAuthRequest(_), Some((&msg::USERAUTH_REQUEST, mut r))) => {
                 enc.server_read_auth_request(
