@@ -107,6 +107,7 @@ pub fn russh_config(
         certificates: Vec::new(),
         limits: russh::Limits::default(),
         window_size: WINDOW_SIZE,
+        manual_window_adjust: false,
         maximum_packet_size: MAX_PACKET_SIZE,
         channel_buffer_size: 100,
         event_buffer_size: 64,

@@ -351,6 +351,48 @@ impl Encrypted {
         Ok(false)
     }
 
+    /// Takes `len` received bytes off the window granted to the peer on `channel` (manual
+    /// window adjustment); `false` when the peer sent more than that window.
+    pub(crate) fn debit_window(&mut self, channel: ChannelId, len: usize) -> bool {
+        let Some(channel) = self.channels.get_mut(&channel) else {
+            return true;
+        };
+        match u32::try_from(len)
+            .ok()
+            .and_then(|len| channel.sender_window_size.checked_sub(len))
+        {
+            Some(left) => {
+                channel.sender_window_size = left;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Grants the peer `amount` more bytes of window on `channel` (manual window
+    /// adjustment), up to the protocol's maximum of 2^32 - 1 (RFC 4254, section 5.2).
+    /// Nothing is sent for a channel that is gone or not yet confirmed.
+    pub(crate) fn grant_window(
+        &mut self,
+        channel: ChannelId,
+        amount: u32,
+    ) -> Result<(), crate::Error> {
+        let Some(channel) = self.channels.get_mut(&channel) else {
+            return Ok(());
+        };
+        let amount = amount.min(u32::MAX - channel.sender_window_size);
+        if amount == 0 || !channel.confirmed {
+            return Ok(());
+        }
+        push_packet!(self.write, {
+            self.write.push(msg::CHANNEL_WINDOW_ADJUST);
+            channel.recipient_channel.encode(&mut self.write)?;
+            amount.encode(&mut self.write)?;
+        });
+        channel.sender_window_size += amount;
+        Ok(())
+    }
+
     fn flush_channel(
         write: &mut Vec<u8>,
         channel: &mut ChannelParams,

@@ -805,10 +805,232 @@ mod tests {
         assert!(!handler.exec_called, "exec_request fired after channel_close");
     }
 
+
+    /// The messages written so far, one payload each (the test session sends in clear).
+    fn written(session: &Session) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut buf = session
+            .common
+            .encrypted
+            .as_ref()
+            .map(|e| e.write.as_slice())
+            .unwrap_or_default();
+        while buf.len() >= 4 {
+            let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+            out.push(buf[4..4 + len].to_vec());
+            buf = &buf[4 + len..];
+        }
+        out
+    }
+
+    fn clear_written(session: &mut Session) {
+        if let Some(enc) = session.common.encrypted.as_mut() {
+            enc.write.clear();
+        }
+    }
+
+    fn service_request(name: &str) -> Vec<u8> {
+        let mut packet = vec![msg::SERVICE_REQUEST];
+        name.encode(&mut packet).unwrap();
+        packet
+    }
+
+    #[tokio::test]
+    async fn repeated_service_request_is_accepted_again() {
+        let mut session = test_auth_session();
+        let mut handler = ChannelCallbackProbe::default();
+        session
+            .process_packet(&mut handler, &service_request("ssh-userauth"))
+            .await
+            .unwrap();
+        let mut accept = vec![msg::SERVICE_ACCEPT];
+        "ssh-userauth".encode(&mut accept).unwrap();
+        assert_eq!(written(&session), vec![accept]);
+        assert!(!session.common.disconnected);
+    }
+
+    #[tokio::test]
+    async fn unknown_service_request_disconnects() {
+        let mut session = test_auth_session();
+        let mut handler = ChannelCallbackProbe::default();
+        session
+            .process_packet(&mut handler, &service_request("ssh-nonsense"))
+            .await
+            .unwrap();
+        assert!(session.common.disconnected);
+        assert_eq!(written(&session)[0][0], msg::DISCONNECT);
+    }
+
+    /// A client-confirmed channel on a session with manual window adjustment, the peer
+    /// granted `window` bytes.
+    async fn manual_window_channel(window: u32) -> (Session, ChannelId) {
+        let mut session = test_authenticated_session();
+        let config = Arc::get_mut(&mut session.common.config).expect("unique config");
+        config.manual_window_adjust = true;
+        config.window_size = window;
+        let channel = insert_unconfirmed_server_open(&mut session);
+        let mut confirmation = vec![msg::CHANNEL_OPEN_CONFIRMATION];
+        for x in [channel.0, 100, 1 << 20, 32768] {
+            x.encode(&mut confirmation).unwrap();
+        }
+        let mut handler = ChannelCallbackProbe::default();
+        session
+            .process_packet(&mut handler, &confirmation)
+            .await
+            .unwrap();
+        clear_written(&mut session);
+        (session, channel)
+    }
+
+    fn data_packet(channel: ChannelId, len: usize) -> Vec<u8> {
+        let mut packet = vec![msg::CHANNEL_DATA];
+        channel.encode(&mut packet).unwrap();
+        vec![7u8; len].as_slice().encode(&mut packet).unwrap();
+        packet
+    }
+
+    fn sender_window(session: &Session, channel: ChannelId) -> u32 {
+        session.common.encrypted.as_ref().unwrap().channels[&channel].sender_window_size
+    }
+
+    #[tokio::test]
+    async fn manual_window_is_granted_only_when_asked() {
+        let (mut session, channel) = manual_window_channel(1000).await;
+        let mut handler = ChannelCallbackProbe::default();
+        for _ in 0..3 {
+            session
+                .process_packet(&mut handler, &data_packet(channel, 300))
+                .await
+                .unwrap();
+        }
+        // Consumed windows are not replenished by the session itself.
+        assert_eq!(sender_window(&session, channel), 100);
+        assert!(written(&session).is_empty(), "{:?}", written(&session));
+        assert_eq!(handler.data_bytes, 900);
+
+        session.window_adjust(channel, 600).unwrap();
+        assert_eq!(sender_window(&session, channel), 700);
+        let mut adjust = vec![msg::CHANNEL_WINDOW_ADJUST];
+        100u32.encode(&mut adjust).unwrap();
+        600u32.encode(&mut adjust).unwrap();
+        assert_eq!(written(&session), vec![adjust]);
+
+        // Through the handle, as a task consuming the data would.
+        clear_written(&mut session);
+        session.sender.window_adjust(channel, 50).unwrap();
+        let queued = session.priority_receiver.try_recv().unwrap();
+        session.dispatch_msg(queued).unwrap();
+        assert_eq!(sender_window(&session, channel), 750);
+        assert_eq!(written(&session).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn manual_window_data_beyond_the_window_disconnects() {
+        let (mut session, channel) = manual_window_channel(1000).await;
+        let mut handler = ChannelCallbackProbe::default();
+        session
+            .process_packet(&mut handler, &data_packet(channel, 800))
+            .await
+            .unwrap();
+        assert!(!session.common.disconnected);
+        session
+            .process_packet(&mut handler, &data_packet(channel, 300))
+            .await
+            .unwrap();
+        assert!(session.common.disconnected);
+        assert_eq!(handler.data_bytes, 800, "data beyond the window was delivered");
+        assert_eq!(written(&session)[0][0], msg::DISCONNECT);
+    }
+
+    #[derive(Default)]
+    struct DeferringHandler {
+        deferred: Option<GlobalRequestReply>,
+    }
+
+    impl Handler for DeferringHandler {
+        type Error = Error;
+
+        async fn tcpip_forward(
+            &mut self,
+            _address: &str,
+            _port: &mut u32,
+            session: &mut Session,
+        ) -> Result<bool, Self::Error> {
+            self.deferred = Some(session.defer_global_reply());
+            Ok(true)
+        }
+    }
+
+    fn global_request(name: &str, want_reply: bool, body: &[u8]) -> Vec<u8> {
+        let mut packet = vec![msg::GLOBAL_REQUEST];
+        name.encode(&mut packet).unwrap();
+        packet.push(u8::from(want_reply));
+        packet.extend_from_slice(body);
+        packet
+    }
+
+    #[tokio::test]
+    async fn deferred_global_reply_keeps_the_request_order() {
+        let mut session = test_authenticated_session();
+        let mut handler = DeferringHandler::default();
+        let mut forward = Vec::new();
+        "127.0.0.1".encode(&mut forward).unwrap();
+        0u32.encode(&mut forward).unwrap();
+        session
+            .process_packet(&mut handler, &global_request("tcpip-forward", true, &forward))
+            .await
+            .unwrap();
+        // A later request answered at once waits behind the deferred one.
+        session
+            .process_packet(
+                &mut handler,
+                &global_request("keepalive@openssh.com", true, &[]),
+            )
+            .await
+            .unwrap();
+        assert!(written(&session).is_empty(), "{:?}", written(&session));
+
+        handler.deferred.take().unwrap().success_with_port(4321);
+        let queued = session.priority_receiver.try_recv().unwrap();
+        session.dispatch_msg(queued).unwrap();
+        let mut success = vec![msg::REQUEST_SUCCESS];
+        4321u32.encode(&mut success).unwrap();
+        assert_eq!(written(&session), vec![success, vec![msg::REQUEST_FAILURE]]);
+
+        // Nothing deferred any more: answered at once.
+        clear_written(&mut session);
+        session
+            .process_packet(
+                &mut handler,
+                &global_request("keepalive@openssh.com", true, &[]),
+            )
+            .await
+            .unwrap();
+        assert_eq!(written(&session), vec![vec![msg::REQUEST_FAILURE]]);
+    }
+
+    #[tokio::test]
+    async fn dropped_deferred_global_reply_is_a_failure() {
+        let mut session = test_authenticated_session();
+        let mut handler = DeferringHandler::default();
+        let mut forward = Vec::new();
+        "127.0.0.1".encode(&mut forward).unwrap();
+        8080u32.encode(&mut forward).unwrap();
+        session
+            .process_packet(&mut handler, &global_request("tcpip-forward", true, &forward))
+            .await
+            .unwrap();
+        drop(handler.deferred.take());
+        let queued = session.priority_receiver.try_recv().unwrap();
+        session.dispatch_msg(queued).unwrap();
+        assert_eq!(written(&session), vec![vec![msg::REQUEST_FAILURE]]);
+    }
+
     #[derive(Default)]
     struct ChannelCallbackProbe {
         exec_called: bool,
         window_adjusted_called: bool,
+        data_bytes: usize,
     }
 
     impl Handler for ChannelCallbackProbe {
@@ -831,6 +1053,16 @@ mod tests {
             _session: &mut Session,
         ) -> Result<(), Self::Error> {
             self.window_adjusted_called = true;
+            Ok(())
+        }
+
+        async fn data(
+            &mut self,
+            _channel: ChannelId,
+            data: &[u8],
+            _session: &mut Session,
+        ) -> Result<(), Self::Error> {
+            self.data_bytes += data.len();
             Ok(())
         }
     }
@@ -960,6 +1192,7 @@ mod tests {
             pending_len: 0,
             channels: std::collections::HashMap::new(),
             open_global_requests: std::collections::VecDeque::new(),
+            global_replies: Default::default(),
             kex: SessionKexState::Idle,
         }
     }
@@ -1595,14 +1828,26 @@ impl Session {
                 map_err!(ensure_end(r))?;
                 let target = self.target_window_size;
 
+                let mut within_window = true;
                 #[allow(clippy::collapsible_if)]
                 if let Some(ref mut enc) = self.common.encrypted {
-                    if enc.adjust_window_size(channel_num, &data, target)? {
+                    if self.common.config.manual_window_adjust {
+                        within_window = enc.debit_window(channel_num, data.len());
+                    } else if enc.adjust_window_size(channel_num, &data, target)? {
                         let window = handler.adjust_window(channel_num, self.target_window_size);
                         if window > 0 {
                             self.target_window_size = window
                         }
                     }
+                }
+                if !within_window {
+                    debug!("peer ignored the window of {channel_num:?}");
+                    self.common.disconnect(
+                        Disconnect::ProtocolError,
+                        "peer ignored channel window",
+                        "",
+                    )?;
+                    return Ok(());
                 }
                 self.flush()?;
                 if let Some(ext) = ext {
@@ -1971,16 +2216,13 @@ impl Session {
                             .tcpip_forward(&address, &mut returned_port, self)
                             .await?;
                         if result {
-                            if self.common.wants_reply
-                                && let Some(ref mut enc) = self.common.encrypted
-                            {
+                            if self.common.wants_reply {
                                 self.common.wants_reply = false;
-                                push_packet!(enc.write, {
-                                    enc.write.push(msg::REQUEST_SUCCESS);
-                                    if port == 0 && returned_port != 0 {
-                                        map_err!(returned_port.encode(&mut enc.write))?;
-                                    }
-                                })
+                                let mut payload = vec![msg::REQUEST_SUCCESS];
+                                if port == 0 && returned_port != 0 {
+                                    map_err!(returned_port.encode(&mut payload))?;
+                                }
+                                self.global_reply(payload);
                             }
                         } else {
                             self.request_failure();

@@ -81,6 +81,14 @@ pub struct Config {
     pub limits: Limits,
     /// The initial size of a channel (used for flow control).
     pub window_size: u32,
+    /// When `true`, the window granted to the peer on a channel is not replenished as data
+    /// arrives: the application grants more with [`Handle::window_adjust`] (or
+    /// [`Session::window_adjust`]) once it has consumed data. A channel whose consumer stalls
+    /// then stops only that channel's sender, and the bytes held per channel are bounded by
+    /// its window; data beyond the window is a protocol error that ends the connection.
+    /// [`Handler::adjust_window`] is not called. `false` (the default): the window is
+    /// replenished on receipt.
+    pub manual_window_adjust: bool,
     /// The maximal size of a single packet.
     pub maximum_packet_size: u32,
     /// Buffer size for each channel (a number of unprocessed messages to store before propagating backpressure to the TCP stream)
@@ -116,6 +124,7 @@ impl Default for Config {
             keys: Vec::new(),
             certificates: Vec::new(),
             window_size: 2097152,
+            manual_window_adjust: false,
             maximum_packet_size: 32768,
             channel_buffer_size: 100,
             event_buffer_size: 10,
@@ -144,6 +153,7 @@ impl Debug for Config {
             .field("keys", &"***")
             .field("certificates", &"***")
             .field("window_size", &self.window_size)
+            .field("manual_window_adjust", &self.manual_window_adjust)
             .field("maximum_packet_size", &self.maximum_packet_size)
             .field("channel_buffer_size", &self.channel_buffer_size)
             .field("event_buffer_size", &self.event_buffer_size)
@@ -1125,6 +1135,7 @@ where
         pending_len: 0,
         channels: HashMap::new(),
         open_global_requests: VecDeque::new(),
+        global_replies: Default::default(),
         kex: SessionKexState::Idle,
     };
 
@@ -1227,7 +1238,15 @@ async fn reply<H: Handler + Send>(
                 if kex.peer_kexinit_received() {
                     return Err(crate::Error::Inconsistent.into());
                 }
-                session.pending_len = session.pending_len.saturating_add(pkt.buffer.len() as u32);
+                // With manual window adjustment, channel data beyond the granted window is
+                // refused when it is handled, so only the other messages need this bound
+                // (windows granted may add up to more than it).
+                let bounded_by_window = session.common.config.manual_window_adjust
+                    && matches!(msg_type, msg::CHANNEL_DATA | msg::CHANNEL_EXTENDED_DATA);
+                if !bounded_by_window {
+                    session.pending_len =
+                        session.pending_len.saturating_add(pkt.buffer.len() as u32);
+                }
                 if u64::from(session.pending_len) > 2 * u64::from(session.common.config.window_size)
                 {
                     return Err(crate::Error::Pending.into());

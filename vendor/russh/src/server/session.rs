@@ -28,7 +28,64 @@ pub struct Session {
     pub(crate) pending_len: u32,
     pub(crate) channels: HashMap<ChannelId, ChannelRef>,
     pub(crate) open_global_requests: VecDeque<GlobalRequestResponse>,
+    pub(crate) global_replies: GlobalReplies,
     pub(crate) kex: SessionKexState<ServerKex>,
+}
+
+/// Replies to the client's global requests that cannot be sent yet because an earlier one was
+/// deferred ([`Session::defer_global_reply`]): RFC 4254, section 4, has replies go in the
+/// order of the requests.
+#[derive(Debug, Default)]
+pub(crate) struct GlobalReplies {
+    /// Oldest first: a sequence number and the reply's payload once known.
+    queue: VecDeque<(u64, Option<Vec<u8>>)>,
+    next: u64,
+}
+
+/// Global requests a client may have waiting behind a deferred reply; one more ends the
+/// connection, so a client cannot make the queue grow without bound.
+const MAX_QUEUED_GLOBAL_REPLIES: usize = 256;
+
+/// The reply to a global request that the handler gives later, from another task, without
+/// holding up the session: see [`Session::defer_global_reply`]. Replies still reach the
+/// client in the order of the requests. Dropping it unanswered sends a failure.
+#[derive(Debug)]
+pub struct GlobalRequestReply {
+    /// `None` when the client asked for no reply.
+    seq: Option<u64>,
+    sender: UnboundedSender<Msg>,
+}
+
+impl GlobalRequestReply {
+    /// Sends `REQUEST_SUCCESS`.
+    pub fn success(mut self) {
+        self.send(vec![msg::REQUEST_SUCCESS]);
+    }
+
+    /// Sends `REQUEST_SUCCESS` with the port bound, the reply to a `tcpip-forward` request
+    /// that asked for port 0.
+    pub fn success_with_port(mut self, port: u32) {
+        let mut payload = vec![msg::REQUEST_SUCCESS];
+        payload.extend_from_slice(&port.to_be_bytes());
+        self.send(payload);
+    }
+
+    /// Sends `REQUEST_FAILURE`.
+    pub fn failure(mut self) {
+        self.send(vec![msg::REQUEST_FAILURE]);
+    }
+
+    fn send(&mut self, payload: Vec<u8>) {
+        if let Some(seq) = self.seq.take() {
+            let _ = self.sender.send(Msg::GlobalReply { seq, payload });
+        }
+    }
+}
+
+impl Drop for GlobalRequestReply {
+    fn drop(&mut self) {
+        self.send(vec![msg::REQUEST_FAILURE]);
+    }
 }
 
 #[derive(Debug)]
@@ -87,6 +144,16 @@ pub enum Msg {
     ChannelOpenReply {
         pending: PendingChannelOpen,
         result: Result<(), ChannelOpenFailure>,
+    },
+    /// See [`Handle::window_adjust`].
+    WindowAdjust {
+        id: ChannelId,
+        amount: u32,
+    },
+    /// See [`GlobalRequestReply`].
+    GlobalReply {
+        seq: u64,
+        payload: Vec<u8>,
     },
 }
 
@@ -453,6 +520,16 @@ impl Handle {
             .map_err(|_| ())
     }
 
+    /// Grants the client `amount` more bytes of window on channel `id`, with
+    /// [`Config::manual_window_adjust`]: call it as the application consumes the channel's
+    /// data. It never waits, and it does not queue behind data sent on other channels, so a
+    /// channel whose client is not reading cannot hold up another channel's window.
+    pub fn window_adjust(&self, id: ChannelId, amount: u32) -> Result<(), ()> {
+        self.priority_sender
+            .send(Msg::WindowAdjust { id, amount })
+            .map_err(|_| ())
+    }
+
     /// Allows a server to disconnect a client session
     pub async fn disconnect(
         &self,
@@ -495,7 +572,7 @@ impl Session {
     /// Dispatch a single message received on the session's internal channel
     /// (sent via [`Handle`]). Shared by the `select!` receiver arm and the
     /// pre-`select!` backlog drain so the two can't drift apart.
-    fn dispatch_msg(&mut self, msg: Msg) -> Result<(), Error> {
+    pub(super) fn dispatch_msg(&mut self, msg: Msg) -> Result<(), Error> {
         match msg {
             Msg::Channel(id, ChannelMsg::Data { data }) => {
                 self.data(id, data)?;
@@ -619,6 +696,20 @@ impl Session {
             }
             Msg::ChannelOpenReply { pending, result } => {
                 self.finalize_channel_open_reply(pending, result)?;
+            }
+            Msg::WindowAdjust { id, amount } => {
+                self.window_adjust(id, amount)?;
+            }
+            Msg::GlobalReply { seq, payload } => {
+                if let Some(slot) = self
+                    .global_replies
+                    .queue
+                    .iter_mut()
+                    .find(|(s, _)| *s == seq)
+                {
+                    slot.1 = Some(payload);
+                }
+                self.send_ready_global_replies();
             }
             other => {
                 // should be unreachable, since the receiver only gets
@@ -874,6 +965,15 @@ impl Session {
         self.sender.clone()
     }
 
+    /// Grants the client `amount` more bytes of window on `channel` (see
+    /// [`Config::manual_window_adjust`] and [`Handle::window_adjust`]).
+    pub fn window_adjust(&mut self, channel: ChannelId, amount: u32) -> Result<(), Error> {
+        if let Some(ref mut enc) = self.common.encrypted {
+            enc.grant_window(channel, amount)?;
+        }
+        Ok(())
+    }
+
     pub fn writable_packet_size(&self, channel: &ChannelId) -> u32 {
         if let Some(ref enc) = self.common.encrypted
             && let Some(channel) = enc.channels.get(channel)
@@ -1037,22 +1137,75 @@ impl Session {
     /// cancelling). Always call this function if the request was
     /// successful (it checks whether the client expects an answer).
     pub fn request_success(&mut self) {
-        if self.common.wants_reply
-            && let Some(ref mut enc) = self.common.encrypted
-        {
+        if self.common.wants_reply {
             self.common.wants_reply = false;
-            push_packet!(enc.write, enc.write.push(msg::REQUEST_SUCCESS))
+            self.global_reply(vec![msg::REQUEST_SUCCESS]);
         }
     }
 
     /// Send a "failure" reply to a global request (it checks whether the
     /// client expects an answer).
     pub fn request_failure(&mut self) {
-        if self.common.wants_reply
-            && let Some(ref mut enc) = self.common.encrypted
-        {
+        if self.common.wants_reply {
             self.common.wants_reply = false;
-            push_packet!(enc.write, enc.write.push(msg::REQUEST_FAILURE))
+            self.global_reply(vec![msg::REQUEST_FAILURE]);
+        }
+    }
+
+    /// Takes the reply to the global request being handled (`tcpip-forward`,
+    /// `streamlocal-forward@openssh.com`, ...) out of this callback: the handler answers it
+    /// later with the returned [`GlobalRequestReply`], for instance once work it cannot do
+    /// inside the callback is done, and the session goes on meanwhile. What the callback
+    /// returns is then not sent. Replies to later requests wait for this one, so the client
+    /// gets them in order.
+    pub fn defer_global_reply(&mut self) -> GlobalRequestReply {
+        let seq = if self.common.wants_reply {
+            self.common.wants_reply = false;
+            Some(self.queue_global_reply(None))
+        } else {
+            None
+        };
+        GlobalRequestReply {
+            seq,
+            sender: self.sender.priority_sender.clone(),
+        }
+    }
+
+    /// Sends a reply to a global request now, or queues it behind a deferred one.
+    pub(crate) fn global_reply(&mut self, payload: Vec<u8>) {
+        if self.global_replies.queue.is_empty() {
+            if let Some(ref mut enc) = self.common.encrypted {
+                push_packet!(enc.write, enc.write.extend_from_slice(&payload))
+            }
+        } else {
+            self.queue_global_reply(Some(payload));
+        }
+    }
+
+    fn queue_global_reply(&mut self, payload: Option<Vec<u8>>) -> u64 {
+        let replies = &mut self.global_replies;
+        let seq = replies.next;
+        replies.next += 1;
+        replies.queue.push_back((seq, payload));
+        if replies.queue.len() > MAX_QUEUED_GLOBAL_REPLIES {
+            debug!("too many global requests awaiting a deferred reply");
+            let _ = self.common.disconnect(
+                crate::Disconnect::ProtocolError,
+                "too many global requests awaiting a reply",
+                "",
+            );
+        }
+        seq
+    }
+
+    /// Sends the replies at the front of the queue that are known, in order.
+    fn send_ready_global_replies(&mut self) {
+        while let Some((_, Some(_))) = self.global_replies.queue.front() {
+            if let Some((_, Some(payload))) = self.global_replies.queue.pop_front()
+                && let Some(ref mut enc) = self.common.encrypted
+            {
+                push_packet!(enc.write, enc.write.extend_from_slice(&payload))
+            }
         }
     }
 
@@ -1671,6 +1824,7 @@ mod tests {
             pending_len: 0,
             channels: HashMap::new(),
             open_global_requests: VecDeque::new(),
+            global_replies: Default::default(),
             kex: SessionKexState::Idle,
         }
     }
