@@ -5,7 +5,9 @@
 //! - [`config`]: the ContainerSSH-compatible config file, strict parsing, validation.
 //! - [`front`]: the front door: startup limits, per-source penalties, PROXY protocol.
 //! - [`server`]: accept loop, per-connection lifecycle, drain on shutdown.
-//! - [`ssh`]: russh configuration, the thin handler, per-channel tasks, host keys.
+//! - [`shared`]: what every connection shares (settings, credentials, backend, budgets).
+//! - [`ssh`]: russh configuration, the thin handler, one file per lifecycle (connection,
+//!   session channel, forwarded channel), flow control and timeouts, host keys.
 //! - [`auth`]: authentication (`authorized_keys` files, password hashes, the auth webhook).
 //! - [`webhook`]: the HTTP client of the auth and config webhooks.
 //! - [`backend`]: container backends; [`backend::docker`] talks to the Docker engine.
@@ -24,6 +26,7 @@ pub mod log;
 #[allow(unsafe_code)]
 pub mod sandbox;
 pub mod server;
+pub mod shared;
 pub mod ssh;
 pub mod webhook;
 

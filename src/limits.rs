@@ -63,13 +63,17 @@ pub const MAX_TERM_BYTES: usize = 64;
 /// Terminal dimensions passed to the engine.
 pub const MAX_TERMINAL_DIMENSION: u32 = 10_000;
 
-/// Client data queued for a program's stdin before the connection's reader waits (which stops
-/// the client through TCP). See `ssh::stdin` for why waiting is not always safe.
-pub const MAX_STDIN_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+/// The first window a channel is given (russh's `window_size`), reserved from the byte budgets
+/// when it opens: what a channel that is open but unused holds. Two packets.
+pub const CHANNEL_WINDOW_INITIAL: usize = 64 * 1024;
 
-/// Extra stdin accepted while the program's output waits on the client's window; a client
-/// that fills this is sending without reading and is disconnected.
-pub const MAX_STDIN_OVERFLOW_BYTES: usize = 56 * 1024 * 1024;
+/// The most window one channel is granted, as its consumer drains it (OpenSSH's session and
+/// TCP forwarding windows): what a program that stops reading can make us hold for it.
+pub const CHANNEL_WINDOW_MAX: usize = 2 * 1024 * 1024;
+
+/// Window grants wait until at least this much (one packet) can be granted, unless the client
+/// has none left: fewer, larger `WINDOW_ADJUST` messages.
+pub const MIN_WINDOW_GRANT: usize = 32 * 1024;
 
 /// Forwarded connections (`-L`, `-R`, X11, agent) open at once on one connection.
 pub const MAX_FORWARD_CHANNELS_PER_CONNECTION: usize = 64;
@@ -78,10 +82,16 @@ pub const MAX_FORWARD_CHANNELS_PER_CONNECTION: usize = 64;
 /// connection.
 pub const MAX_LISTENERS_PER_CONNECTION: usize = 16;
 
-/// Client data queued per forwarded connection before the reader waits, and the extra
-/// accepted while that connection's output waits on the client (as for stdin).
-pub const MAX_FORWARD_BUFFER_BYTES: usize = 1024 * 1024;
-pub const MAX_FORWARD_OVERFLOW_BYTES: usize = 4 * 1024 * 1024;
+/// Forwarded connections a listener inside the container accepted that wait for the SSH side
+/// to open their channel; an agent that announces more is cut off.
+pub const MAX_PENDING_ACCEPTS: usize = 64;
+
+/// Frames waiting to be written to a forwarding agent: data waits for room; control frames
+/// beyond twice this mean the agent stopped reading its input, and it is cut off.
+pub const MAX_MUX_QUEUE_BYTES: usize = 1024 * 1024;
+
+/// Signals a session channel keeps while its program starts; more are refused.
+pub const MAX_PENDING_SIGNALS: usize = 16;
 
 /// Bound on setting up forwarding (starting the agent's forward-server, a dial or a listen
 /// inside the container); the client waits on it.

@@ -10,7 +10,8 @@ use containerssh::auth::password::{hash_password_argon2id, PasswordFile};
 use containerssh::backend::Backend;
 use containerssh::config::model::SeccompMode;
 use containerssh::config::{self, Settings};
-use containerssh::server::{self, Shared};
+use containerssh::server;
+use containerssh::shared::Shared;
 use containerssh::ssh;
 
 const HELP: &str = "\
@@ -168,7 +169,7 @@ fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
     }
     let passwords = settings.password_file.clone().map(PasswordFile::new);
     let backend = std::sync::Arc::new(Backend::build(&settings)?);
-    let webhooks = containerssh::server::AuthWebhooks::new(&settings)?;
+    let webhooks = containerssh::shared::AuthWebhooks::new(&settings)?;
     let trusted_cas = settings
         .trusted_user_ca_keys
         .as_deref()
@@ -204,9 +205,10 @@ fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let door = containerssh::front::Door::new(settings.door.clone());
+        let settings_buffers_total = settings.buffers.total;
         let shared = Arc::new(Shared {
             door,
-            settings,
+            settings: Arc::new(settings),
             ssh: ssh_config,
             authorized_keys,
             trusted_cas,
@@ -214,6 +216,7 @@ fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
             backend,
             webhooks,
             shutdown: tokio_util::sync::CancellationToken::new(),
+            buffers: containerssh::ssh::flow::Budget::total(settings_buffers_total),
         });
         match shared.backend.reap().await {
             Ok(0) => {}

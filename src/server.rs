@@ -16,61 +16,17 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::authorized_keys::AuthorizedKeys;
-use crate::auth::hashing::PasswordChecker;
-use crate::backend::Backend;
-use crate::config::Settings;
 use crate::front::cidr::canonical;
 use crate::front::penalty::Penalty;
 use crate::front::proxy::{self, Header, Prefixed};
-use crate::front::{Door, Refusal, Refused, Startup};
+use crate::front::{Refusal, Refused, Startup};
 use crate::limits::{
     ACCEPT_ERROR_BACKOFF, DISCONNECT_FLUSH, LISTEN_BACKLOG, MAX_CONNECTIONS, SHUTDOWN_DRAIN,
 };
-use crate::ssh::conn::ConnCtx;
+use crate::shared::Shared;
+use crate::ssh::connection::ConnCtx;
 use crate::ssh::handler::Handler;
 use crate::ssh::version::VersionRecorder;
-use crate::webhook::Webhook;
-
-/// What every connection shares.
-pub struct Shared {
-    pub settings: Settings,
-    pub ssh: Arc<russh::server::Config>,
-    pub authorized_keys: Option<AuthorizedKeys>,
-    /// `auth.publicKey.trustedUserCAKeys`, loaded.
-    pub trusted_cas: Option<crate::auth::certificate::TrustedCas>,
-    pub passwords: Option<PasswordChecker>,
-    pub backend: Arc<Backend>,
-    pub webhooks: AuthWebhooks,
-    /// Cancelled on SIGTERM/SIGINT.
-    pub shutdown: CancellationToken,
-    /// Who may start a connection (`ssh.maxStartups`, `ssh.perSource*`).
-    pub door: Arc<Door>,
-}
-
-/// The auth webhooks configured (`auth.{password,publicKey,authz}.method: webhook`).
-#[derive(Default)]
-pub struct AuthWebhooks {
-    pub password: Option<Webhook>,
-    pub public_key: Option<Webhook>,
-    pub authz: Option<Webhook>,
-    /// `configserver.url`.
-    pub config: Option<Webhook>,
-}
-
-impl AuthWebhooks {
-    pub fn new(settings: &Settings) -> Result<Self, String> {
-        let make = |key: &str, cfg: &Option<crate::config::model::WebhookConfig>| {
-            cfg.as_ref().map(|c| Webhook::new(key, c)).transpose()
-        };
-        Ok(Self {
-            password: make("auth.password.webhook", &settings.password_webhook)?,
-            public_key: make("auth.publicKey.webhook", &settings.pubkey_webhook)?,
-            authz: make("auth.authz.webhook", &settings.authz_webhook)?,
-            config: make("configserver", &settings.config_webhook)?,
-        })
-    }
-}
 
 /// The listening socket (std's `bind` would listen with a backlog of 128): deep enough that a
 /// burst of connections the front door then turns away does not make the kernel drop other

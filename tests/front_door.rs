@@ -29,30 +29,6 @@ const RSS_BOUND_KIB: u64 = 64 * 1024;
 /// The tests here load the machine on purpose and measure under that load: one at a time.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// Samples `pid`'s resident memory every 20 ms until `stop`; the peak so far, in KiB.
-fn sample_peak_rss(pid: u32, stop: Arc<AtomicBool>) -> (Arc<AtomicU64>, thread::JoinHandle<()>) {
-    let peak = Arc::new(AtomicU64::new(0));
-    let sampler = {
-        let peak = Arc::clone(&peak);
-        thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
-                thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
-    (peak, sampler)
-}
-
 /// One `ssh alice@127.0.0.1 true`, timed.
 fn login(env: &TestEnv, server: &TestServer) -> Duration {
     let t = Instant::now();
@@ -176,7 +152,7 @@ fn one_source_holding_a_thousand_sockets_locks_nobody_out() {
         let (stop, opened, addr) = (Arc::clone(&stop), Arc::clone(&opened), server.addr);
         thread::spawn(move || hold_idle_sockets(addr, stop, opened))
     };
-    let (peak_rss, sampler) = sample_peak_rss(server.pid(), Arc::clone(&stop));
+    let (peak_rss, sampler) = support::rss::sample_peak(server.pid(), Arc::clone(&stop));
     // The attacker holds its sockets before the first legitimate login: all 1,000, or as many
     // as the server lets it open (the count has stopped growing).
     let (mut last, mut since) = (0, Instant::now());
@@ -279,10 +255,10 @@ fn concurrent_wrong_passwords_keep_memory_bounded() {
     let server = env.start(&yaml);
     login(&env, &server);
     let unloaded = login(&env, &server);
-    let before = rss_kib(server.pid());
+    let before = support::rss::kib(server.pid());
 
     let stop = Arc::new(AtomicBool::new(false));
-    let (peak_rss, sampler) = sample_peak_rss(server.pid(), Arc::clone(&stop));
+    let (peak_rss, sampler) = support::rss::sample_peak(server.pid(), Arc::clone(&stop));
     let in_auth = Arc::new(AtomicUsize::new(0));
     let addr = server.addr;
     let spray = {

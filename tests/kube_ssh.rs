@@ -27,8 +27,8 @@ use russh::{Channel, ChannelMsg, Sig};
 use serde_json::Value;
 use support::russh_client::connect;
 use support::{
-    describe, free_tcp_port, poll_until, random_hex, run_with_timeout, sha256_hex, Background,
-    KubeFake, TestEnv, TestServer, Tmux,
+    describe, free_tcp_port, poll_until, random_hex, run_with_timeout, sha256_hex,
+    tty_command_line, Background, KubeFake, TestEnv, TestServer, Tmux,
 };
 
 const MODES: [&str; 3] = ["connection", "session", "persistent"];
@@ -505,24 +505,13 @@ fn pty_size_is_right_at_start_and_after_resize() {
     for mode in ["connection", "session"] {
         let env = TestEnv::new();
         let server = start_mode(&env, &fake, mode);
-        let ssh = env.ssh(&server, "alice");
-        let mut line: Vec<String> = vec![ssh.get_program().to_string_lossy().into_owned()];
-        line.extend(ssh.get_args().map(|a| format!("'{}'", a.to_string_lossy())));
-        line.insert(1, "-tt".into());
         let remote = "echo TERM=$TERM; stty size; while read x; do stty size; done";
-        let shell_line = format!("{} '{}'; sleep 60", line.join(" "), remote);
+        let shell_line = format!(
+            "{}; sleep 60",
+            tty_command_line(&env.ssh(&server, "alice"), remote)
+        );
         let tmux = Tmux::new(&env);
-        tmux.run(&[
-            "new-session",
-            "-d",
-            "-s",
-            "t",
-            "-x",
-            "91",
-            "-y",
-            "27",
-            &shell_line,
-        ]);
+        tmux.start(91, 27, &shell_line);
         assert!(
             tmux.wait_for("27 91", CMD_TIMEOUT),
             "{mode}: initial size not seen; screen:\n{}\n{}",

@@ -6,7 +6,7 @@ mod support;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{describe, run_with_timeout, TestEnv, Tmux};
+use support::{describe, run_with_timeout, tty_command_line, TestEnv, Tmux};
 
 const MODES: [&str; 2] = ["connection", "session"];
 const CMD_TIMEOUT: Duration = Duration::from_secs(90);
@@ -153,24 +153,13 @@ fn pty_size_is_right_at_start_and_after_resize() {
     for mode in MODES {
         let env = TestEnv::new();
         let server = env.start_mode(mode);
-        let ssh = env.ssh(&server, "alice");
-        let mut line: Vec<String> = vec![ssh.get_program().to_string_lossy().into_owned()];
-        line.extend(ssh.get_args().map(|a| format!("'{}'", a.to_string_lossy())));
-        line.insert(1, "-tt".into());
         let remote = "echo TERM=$TERM; stty size; while read x; do stty size; done";
-        let shell_line = format!("{} '{}'; sleep 60", line.join(" "), remote);
+        let shell_line = format!(
+            "{}; sleep 60",
+            tty_command_line(&env.ssh(&server, "alice"), remote)
+        );
         let tmux = Tmux::new(&env);
-        tmux.run(&[
-            "new-session",
-            "-d",
-            "-s",
-            "t",
-            "-x",
-            "91",
-            "-y",
-            "27",
-            &shell_line,
-        ]);
+        tmux.start(91, 27, &shell_line);
         assert!(
             tmux.wait_for("27 91", Duration::from_secs(60)),
             "{mode}: initial size not seen; screen:\n{}\nserver:\n{}",

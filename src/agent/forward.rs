@@ -276,7 +276,8 @@ fn handle(shared: &Arc<Shared>, frame: Frame) {
         Frame::DialTcp { id, .. }
         | Frame::DialUnix { id, .. }
         | Frame::ListenTcp { id, .. }
-        | Frame::ListenUnix { id, .. } => {
+        | Frame::ListenUnix { id, .. }
+        | Frame::ListenX11 { id, .. } => {
             if id >= AGENT_ID_BASE {
                 violation(shared, format!("the server used agent id {id:#x}"));
             }
@@ -415,7 +416,7 @@ fn strip_brackets(host: &str) -> &str {
         .unwrap_or(host)
 }
 
-/// `ListenTcp` and `ListenUnix` (main thread; binding does not block).
+/// `ListenTcp`, `ListenUnix` and `ListenX11` (main thread; binding does not block).
 fn listen(shared: &Arc<Shared>, frame: Frame) {
     let id = frame.id();
     let stopped = Arc::new(AtomicBool::new(false));
@@ -458,6 +459,30 @@ fn listen(shared: &Arc<Shared>, frame: Frame) {
                 private_dir: None,
             };
             (Accepting::Tcp(sock, bound.port()), l)
+        }
+        Frame::ListenX11 { first, count, .. } => {
+            // OpenSSH's X11 displays: the first free 127.0.0.1:6000+N, tried in one request.
+            let found = (first..first.saturating_add(count)).find_map(|display| {
+                let port = 6000u16.checked_add(display)?;
+                let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
+                TcpListener::bind(addr).ok().map(|s| (s, display, addr))
+            });
+            let Some((sock, display, addr)) = found else {
+                let last = first.saturating_add(count).saturating_sub(1);
+                shared.send(failed(
+                    id,
+                    format!("no free X11 display in {first}..={last}"),
+                ));
+                return;
+            };
+            let l = Listener {
+                stopped: Arc::clone(&stopped),
+                wake: Wake::Tcp(addr),
+                unix_path: None,
+                private_dir: None,
+            };
+            // `Opened` carries the display number.
+            (Accepting::Tcp(sock, display), l)
         }
         Frame::ListenUnix {
             private_dir, path, ..

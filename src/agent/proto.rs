@@ -37,6 +37,7 @@ mod kind {
     pub const LISTEN_TCP: u8 = 3;
     pub const LISTEN_UNIX: u8 = 4;
     pub const UNLISTEN: u8 = 5;
+    pub const LISTEN_X11: u8 = 6;
     pub const OPENED: u8 = 16;
     pub const FAILED: u8 = 17;
     pub const ACCEPTED: u8 = 18;
@@ -86,6 +87,16 @@ pub enum Frame {
         private_dir: bool,
         /// Socket path.
         path: Vec<u8>,
+    },
+    /// Server → agent: listen on the first free X11 display `127.0.0.1:6000+N`, N in
+    /// `first..first+count`, as listener `id`; `Opened` carries N.
+    ListenX11 {
+        /// New listener id (below [`AGENT_ID_BASE`]).
+        id: u32,
+        /// The first display number tried.
+        first: u16,
+        /// How many are tried.
+        count: u16,
     },
     /// Server → agent: stop listener `id`; accepted streams go on. No reply.
     Unlisten {
@@ -199,6 +210,7 @@ impl Frame {
             | Frame::DialUnix { id, .. }
             | Frame::ListenTcp { id, .. }
             | Frame::ListenUnix { id, .. }
+            | Frame::ListenX11 { id, .. }
             | Frame::Unlisten { id }
             | Frame::Opened { id, .. }
             | Frame::Failed { id, .. }
@@ -230,6 +242,10 @@ impl Frame {
                 out.push(if *private_dir { FLAG_PRIVATE_DIR } else { 0 });
                 out.extend_from_slice(path);
             }
+            Frame::ListenX11 { first, count, .. } => {
+                out.extend_from_slice(&first.to_be_bytes());
+                out.extend_from_slice(&count.to_be_bytes());
+            }
             Frame::Unlisten { .. } | Frame::Eof { .. } | Frame::Close { .. } => {}
             Frame::Opened { port, .. } => out.extend_from_slice(&port.to_be_bytes()),
             Frame::Failed { message, .. } => out.extend_from_slice(message.as_bytes()),
@@ -257,6 +273,7 @@ impl Frame {
             Frame::DialUnix { .. } => kind::DIAL_UNIX,
             Frame::ListenTcp { .. } => kind::LISTEN_TCP,
             Frame::ListenUnix { .. } => kind::LISTEN_UNIX,
+            Frame::ListenX11 { .. } => kind::LISTEN_X11,
             Frame::Unlisten { .. } => kind::UNLISTEN,
             Frame::Opened { .. } => kind::OPENED,
             Frame::Failed { .. } => kind::FAILED,
@@ -363,6 +380,14 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, ProtoError> {
                 path: path("ListenUnix", &p[1..])?,
             }
         }
+        kind::LISTEN_X11 => {
+            size("ListenX11", p.len() == 4)?;
+            Frame::ListenX11 {
+                id,
+                first: be16(p),
+                count: be16(&p[2..]),
+            }
+        }
         kind::UNLISTEN => {
             size("Unlisten", p.is_empty())?;
             Frame::Unlisten { id }
@@ -442,6 +467,11 @@ mod tests {
                 id: 5,
                 private_dir: true,
                 path: b"/tmp/d/s".to_vec(),
+            },
+            Frame::ListenX11 {
+                id: 6,
+                first: 10,
+                count: 100,
             },
             Frame::ListenUnix {
                 id: 6,
@@ -560,8 +590,8 @@ mod tests {
             Err(ProtoError::BadLength(too_long))
         );
         assert!(matches!(
-            decode(&raw(6, 1, &[])),
-            Err(ProtoError::UnknownType(6))
+            decode(&raw(7, 1, &[])),
+            Err(ProtoError::UnknownType(7))
         ));
         assert!(matches!(
             decode(&raw(0, 1, &[])),
@@ -572,6 +602,7 @@ mod tests {
             (3, &[]),
             (4, &[]),
             (5, &[0]),
+            (6, &[0, 0, 0]),
             (16, &[0]),
             (16, &[0, 0, 0]),
             (18, &[0, 0, 0, 0, 0]),

@@ -7,6 +7,7 @@ use serde_json::{json, Map, Value};
 
 use super::duration::GoDuration;
 use super::model::{PenaltiesConfig, PerSourceLimit, StartupsSpec};
+use super::size::ByteSize;
 
 /// ContainerSSH's default; the embedded default (no config file) overrides it with loopback.
 pub fn listen() -> String {
@@ -34,6 +35,29 @@ pub fn login_grace_time() -> GoDuration {
 /// before the login grace time (the issue that made one source able to hold every slot).
 pub fn handshake_timeout() -> GoDuration {
     GoDuration(Duration::from_secs(10))
+}
+
+/// Eight channels at the full window (2 MiB, OpenSSH's): a connection with more busy channels
+/// than that shares this, and what one connection can pin stays a small part of the total.
+pub fn buffers_per_connection() -> ByteSize {
+    ByteSize(16 * 1024 * 1024)
+}
+
+/// What all connections together may make the server hold for data not yet read: well within
+/// a small pod's memory, and sixteen connections' full budgets. Channels start with 64 KiB, so
+/// it takes 4,096 connections with a session each to reserve it without sending anything.
+pub fn buffers_total() -> ByteSize {
+    ByteSize(256 * 1024 * 1024)
+}
+
+/// A minute between the warning, the signal and the close: time to save one's work.
+pub fn timeout_grace() -> GoDuration {
+    GoDuration(Duration::from_secs(60))
+}
+
+/// What a terminal's hang-up sends: shells save their history and exit; editors save.
+pub fn timeout_signal() -> String {
+    "HUP".into()
 }
 
 /// OpenSSH's MaxAuthTries (and ContainerSSH's hard-coded value).

@@ -93,7 +93,7 @@ pub fn parse_go_duration(text: &str) -> Result<Duration, String> {
 }
 
 /// Formats like Go's `Duration.String()` for the common whole-unit cases (`1m30s`, `500ms`).
-fn format_go_duration(d: Duration) -> String {
+pub fn format_go_duration(d: Duration) -> String {
     if d.is_zero() {
         return "0s".into();
     }
@@ -111,7 +111,8 @@ fn format_go_duration(d: Duration) -> String {
         out.push_str(&format!("{}h", secs / 3600));
         secs %= 3600;
     }
-    if secs >= 60 || (!out.is_empty() && secs > 0) {
+    // As Go: once a larger unit is written, the smaller ones follow even when zero.
+    if secs >= 60 || !out.is_empty() {
         out.push_str(&format!("{}m", secs / 60));
         secs %= 60;
     }
@@ -119,7 +120,7 @@ fn format_go_duration(d: Duration) -> String {
     if nanos != 0 {
         out.push_str(format!("{secs}.{nanos:09}").trim_end_matches('0'));
         out.push('s');
-    } else if secs != 0 || out.is_empty() {
+    } else {
         out.push_str(&format!("{secs}s"));
     }
     out

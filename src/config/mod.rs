@@ -6,6 +6,7 @@ pub mod duration;
 pub mod load;
 pub mod merge;
 pub mod model;
+pub mod size;
 pub mod validate;
 
 use std::path::Path;

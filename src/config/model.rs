@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 
 use super::defaults;
 use super::duration::GoDuration;
+use super::size::ByteSize;
 
 #[derive(Clone, Debug, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
@@ -69,6 +70,26 @@ pub struct SshConfig {
     pub per_source_penalty_exempt_list: Vec<String>,
     /// (ours) PROXY protocol v1/v2 from trusted load balancers.
     pub proxy_protocol: ProxyProtocolConfig,
+    /// (ours) What clients may make the server hold for data not yet delivered.
+    pub buffers: BuffersConfig,
+}
+
+/// `ssh.buffers`: byte budgets for data clients send that programs have not read yet. Every
+/// channel's window is reserved from its connection's budget, which draws on the total.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct BuffersConfig {
+    pub per_connection: ByteSize,
+    pub total: ByteSize,
+}
+
+impl Default for BuffersConfig {
+    fn default() -> Self {
+        Self {
+            per_connection: defaults::buffers_per_connection(),
+            total: defaults::buffers_total(),
+        }
+    }
 }
 
 /// A `:`-separated list of numbers written as a YAML string (`"10:30:100"`) or as one number.
@@ -245,6 +266,7 @@ impl Default for SshConfig {
             per_source_penalties: defaults::penalties(),
             per_source_penalty_exempt_list: Vec::new(),
             proxy_protocol: ProxyProtocolConfig::default(),
+            buffers: BuffersConfig::default(),
         }
     }
 }
@@ -608,6 +630,39 @@ pub struct SecurityConfig {
     /// Session channels open at once per connection; `-1` (default) or `0`: no limit beyond
     /// the server's own.
     pub max_sessions: i64,
+    /// (ours) Idle, session and unused-connection timeouts.
+    pub timeouts: TimeoutsConfig,
+}
+
+/// `security.timeouts`: all off (`0`) by default. Per login, like the rest of `security`, so
+/// the config webhook can give strangers short lifetimes.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct TimeoutsConfig {
+    /// A session channel with no data either way for this long is warned, signalled, then
+    /// closed (keepalives do not count).
+    pub idle: GoDuration,
+    /// The longest a session channel may last; then the same warning, signal and close.
+    pub session: GoDuration,
+    /// OpenSSH's UnusedConnectionTimeout: an authenticated connection with no channel and no
+    /// forwarding listener for this long is closed.
+    pub unused_connection: GoDuration,
+    /// Time between the warning, the signal and the close.
+    pub grace: GoDuration,
+    /// The signal sent to the program before its channel is closed.
+    pub signal: String,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        Self {
+            idle: GoDuration::default(),
+            session: GoDuration::default(),
+            unused_connection: GoDuration::default(),
+            grace: defaults::timeout_grace(),
+            signal: defaults::timeout_signal(),
+        }
+    }
 }
 
 impl Default for SecurityConfig {
@@ -623,6 +678,7 @@ impl Default for SecurityConfig {
             signal: SecurityListConfig::default(),
             force_command: String::new(),
             max_sessions: -1,
+            timeouts: TimeoutsConfig::default(),
         }
     }
 }

@@ -76,6 +76,8 @@ pub struct Settings {
     pub door: crate::front::DoorRules,
     /// `ssh.proxyProtocol`, when it names trusted proxies.
     pub proxy: Option<crate::front::proxy::ProxyRules>,
+    /// `ssh.buffers`: (per connection, total) bytes clients may make us hold.
+    pub buffers: Buffers,
     pub authorized_keys: Option<String>,
     pub password_file: Option<PathBuf>,
     /// `auth.password.webhook`, `auth.publicKey.webhook`, `auth.authz.webhook` when their
@@ -205,6 +207,101 @@ pub struct Policy {
     pub force_command: Option<String>,
     /// Session channels open at once per connection.
     pub max_sessions: Option<usize>,
+    /// `security.timeouts`.
+    pub timeouts: Timeouts,
+}
+
+/// `security.timeouts`, checked: `None` is off.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub idle: Option<Duration>,
+    pub session: Option<Duration>,
+    pub unused_connection: Option<Duration>,
+    pub grace: Duration,
+    /// An SSH signal name without `SIG` (`HUP`).
+    pub signal: String,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            idle: None,
+            session: None,
+            unused_connection: None,
+            grace: super::defaults::timeout_grace().0,
+            signal: super::defaults::timeout_signal(),
+        }
+    }
+}
+
+/// `ssh.buffers`, checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Buffers {
+    pub per_connection: usize,
+    pub total: usize,
+}
+
+fn buffers(file: &str, b: &crate::config::model::BuffersConfig) -> Result<Buffers, ConfigError> {
+    use crate::limits::CHANNEL_WINDOW_MAX;
+    let size = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+    let (per_connection, total) = (size(b.per_connection.0), size(b.total.0));
+    // One full window: every channel can at least get going, and one busy channel can use
+    // all of it.
+    if per_connection < CHANNEL_WINDOW_MAX {
+        return Err(invalid(
+            file,
+            "ssh.buffers.perConnection",
+            format!(
+                "must be at least {} (one channel's full window)",
+                super::size::ByteSize(CHANNEL_WINDOW_MAX as u64)
+            ),
+        ));
+    }
+    if total < per_connection {
+        return Err(invalid(
+            file,
+            "ssh.buffers.total",
+            "must be at least ssh.buffers.perConnection",
+        ));
+    }
+    Ok(Buffers {
+        per_connection,
+        total,
+    })
+}
+
+fn timeouts(file: &str, t: &crate::config::model::TimeoutsConfig) -> Result<Timeouts, ConfigError> {
+    let off_or = |d: super::duration::GoDuration| (!d.is_zero()).then_some(d.0);
+    let signal = t
+        .signal
+        .trim()
+        .trim_start_matches("SIG")
+        .to_ascii_uppercase();
+    if crate::backend::signal_number(&signal).is_none() {
+        return Err(invalid(
+            file,
+            "security.timeouts.signal",
+            format!(
+                "{:?} is not a signal SSH can send (HUP, INT, TERM, KILL, USR1, ...)",
+                t.signal
+            ),
+        ));
+    }
+    let on = [t.idle, t.session].iter().any(|d| !d.is_zero());
+    if on && t.grace.0 < Duration::from_secs(1) {
+        return Err(invalid(
+            file,
+            "security.timeouts.grace",
+            "must be at least 1s when idle or session is set",
+        ));
+    }
+    Ok(Timeouts {
+        idle: off_or(t.idle),
+        session: off_or(t.session),
+        unused_connection: off_or(t.unused_connection),
+        grace: t.grace.0,
+        signal,
+    })
 }
 
 impl Default for Policy {
@@ -219,6 +316,7 @@ impl Default for Policy {
             signal: all,
             force_command: None,
             max_sessions: None,
+            timeouts: Timeouts::default(),
         }
     }
 }
@@ -268,6 +366,7 @@ fn policy(file: &str, s: &crate::config::model::SecurityConfig) -> Result<Policy
         signal: list("signal", &s.signal, true)?,
         force_command: (!s.force_command.is_empty()).then(|| s.force_command.clone()),
         max_sessions,
+        timeouts: timeouts(file, &s.timeouts)?,
     })
 }
 
@@ -866,6 +965,7 @@ pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
     }
     let door = door_rules(file, &cfg.ssh)?;
     let proxy = proxy_rules(file, &cfg.ssh.proxy_protocol)?;
+    let buffers = buffers(file, &cfg.ssh.buffers)?;
 
     let authorized_keys = match cfg.auth.public_key.method.as_str() {
         "" => None,
@@ -1069,6 +1169,7 @@ pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
         max_auth_tries,
         door,
         proxy,
+        buffers,
         authorized_keys,
         password_file,
         password_webhook,

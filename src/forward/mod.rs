@@ -3,22 +3,32 @@
 //!
 //! [`Mux::start`] takes the exec's streams and runs two tasks: a writer that sends encoded
 //! frames in order, and a reader that decodes the agent's frames and routes them to the
-//! waiting dial/listen call, to a stream's event queue, or (accepted connections) to the
-//! [`Incoming`] queue. Both directions of every stream are credit-limited to
-//! [`INITIAL_CREDIT`] unacknowledged bytes, so one slow connection never holds up the others
-//! and the memory per stream is bounded.
+//! waiting dial/listen call, to a stream's buffer, or (accepted connections) to the
+//! [`Incoming`] queue.
+//!
+//! The container side is untrusted, so everything it can make us hold is bounded: each
+//! stream's buffer by the credit ([`INITIAL_CREDIT`] unacknowledged bytes, however many frames
+//! carry them), at most one `Eof` per stream, live streams by [`MAX_STREAMS`], accepted
+//! connections waiting for the SSH side by [`MAX_PENDING_ACCEPTS`] (the reader waits for
+//! room, so a burst is held back, not buffered), and frames waiting to be written to an agent
+//! that does not read by [`MAX_MUX_QUEUE_BYTES`] (data waits for room; control frames beyond
+//! twice that mean the agent has stopped reading). An agent that breaks a bound is cut off:
+//! forwarding for that connection stops, with a log line; its sessions go on.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::proto::{self, Frame, AGENT_ID_BASE, INITIAL_CREDIT, MAX_DATA};
+use crate::agent::proto::{self, Frame, AGENT_ID_BASE, INITIAL_CREDIT, MAX_DATA, MAX_STREAMS};
 use crate::backend::docker::StreamKind;
 use crate::backend::process::OutputSource;
+use crate::limits::{MAX_MUX_QUEUE_BYTES, MAX_PENDING_ACCEPTS};
 
 /// Largest stderr line from the agent copied into our log.
 const MAX_AGENT_LOG_BYTES: usize = 1024;
@@ -34,7 +44,7 @@ pub enum ForwardError {
 }
 
 /// What the agent sends for one stream.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub enum StreamEvent {
     Data(Bytes),
     Eof,
@@ -48,6 +58,35 @@ pub struct Incoming {
     pub stream: MuxStream,
 }
 
+/// Where the agent's output comes from: the exec's output, or (tests, other transports) any
+/// byte stream, read as stdout.
+pub trait AgentOutput: Send + 'static {
+    fn next(
+        &mut self,
+    ) -> impl std::future::Future<Output = io::Result<Option<(StreamKind, Bytes)>>> + Send;
+}
+
+impl AgentOutput for OutputSource {
+    async fn next(&mut self) -> io::Result<Option<(StreamKind, Bytes)>> {
+        OutputSource::next(self).await
+    }
+}
+
+/// A plain byte stream as the agent's stdout.
+pub struct ReadOutput<R>(pub R);
+
+impl<R: AsyncRead + Unpin + Send + 'static> AgentOutput for ReadOutput<R> {
+    async fn next(&mut self) -> io::Result<Option<(StreamKind, Bytes)>> {
+        let mut buf = vec![0u8; 64 * 1024];
+        let n = self.0.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.truncate(n);
+        Ok(Some((StreamKind::Stdout, Bytes::from(buf))))
+    }
+}
+
 /// A request's id, where its reply arrives, and (dials) the stream registered for it.
 type Begun = (
     u32,
@@ -55,12 +94,40 @@ type Begun = (
     Option<MuxStream>,
 );
 
+/// What the agent sent on one stream and we have not handed on: bounded by the credit.
+#[derive(Default)]
+struct Inbox {
+    state: Mutex<InboxState>,
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct InboxState {
+    data: BytesMut,
+    eof: bool,
+    /// The stream is over (closed by the agent, or the mux stopped).
+    closed: bool,
+}
+
+impl Inbox {
+    fn lock(&self) -> MutexGuard<'_, InboxState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_one();
+    }
+}
+
 struct StreamSlot {
-    events: mpsc::UnboundedSender<StreamEvent>,
+    inbox: Arc<Inbox>,
     /// Bytes we may still send to the agent.
     credit: Arc<Semaphore>,
     /// Bytes the agent sent that we have not acknowledged yet.
     unacked: u32,
+    /// The agent sent its `Eof`.
+    eof: bool,
 }
 
 #[derive(Default)]
@@ -71,9 +138,19 @@ struct State {
     stopped: bool,
 }
 
+/// Frames waiting for the writer.
+#[derive(Default)]
+struct Outbox {
+    frames: Mutex<VecDeque<Vec<u8>>>,
+    bytes: AtomicUsize,
+    /// Woken when frames are queued (the writer) and when they are written (data senders).
+    queued: Notify,
+    written: Notify,
+}
+
 pub struct Mux {
-    out: mpsc::UnboundedSender<Vec<u8>>,
     state: Mutex<State>,
+    outbox: Outbox,
     /// Cancelled when the forward-server has ended, for whatever reason.
     stopped: CancellationToken,
 }
@@ -82,7 +159,7 @@ pub struct Mux {
 /// released and the agent told.
 pub struct MuxStream {
     guard: Arc<StreamGuard>,
-    events: mpsc::UnboundedReceiver<StreamEvent>,
+    inbox: Arc<Inbox>,
     credit: Arc<Semaphore>,
 }
 
@@ -95,7 +172,7 @@ pub struct MuxSink {
 /// The receiving half of a [`MuxStream`].
 pub struct MuxSource {
     guard: Arc<StreamGuard>,
-    events: mpsc::UnboundedReceiver<StreamEvent>,
+    inbox: Arc<Inbox>,
 }
 
 struct StreamGuard {
@@ -106,25 +183,25 @@ struct StreamGuard {
 impl Mux {
     /// Runs the protocol over a started `forward-server` exec. `cancel` ends it (closing the
     /// agent's stdin, which makes it exit and remove its sockets).
-    pub fn start<W>(
-        output: OutputSource,
+    pub fn start<O, W>(
+        output: O,
         input: W,
         cancel: CancellationToken,
-    ) -> (Arc<Mux>, mpsc::UnboundedReceiver<Incoming>)
+    ) -> (Arc<Mux>, mpsc::Receiver<Incoming>)
     where
+        O: AgentOutput,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let (out, out_rx) = mpsc::unbounded_channel();
         let mux = Arc::new(Mux {
-            out,
             state: Mutex::new(State {
                 next_id: 1,
                 ..State::default()
             }),
+            outbox: Outbox::default(),
             stopped: CancellationToken::new(),
         });
-        let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_frames(out_rx, input, cancel, mux.stopped.clone()));
+        let (incoming_tx, incoming_rx) = mpsc::channel(MAX_PENDING_ACCEPTS);
+        tokio::spawn(write_frames(Arc::clone(&mux), input, cancel));
         tokio::spawn(read_frames(Arc::clone(&mux), output, incoming_tx));
         (mux, incoming_rx)
     }
@@ -135,10 +212,53 @@ impl Mux {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn send(&self, frame: &Frame) {
+    fn frames(&self) -> MutexGuard<'_, VecDeque<Vec<u8>>> {
+        self.outbox.frames.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn enqueue(&self, frame: &Frame) -> usize {
         let mut buf = Vec::new();
         frame.encode(&mut buf);
-        let _ = self.out.send(buf);
+        let n = buf.len();
+        self.frames().push_back(buf);
+        let queued = self.outbox.bytes.fetch_add(n, Ordering::AcqRel) + n;
+        self.outbox.queued.notify_one();
+        queued
+    }
+
+    /// Queues a control frame (never waits). An agent that lets twice the queue's bound
+    /// pile up has stopped reading its input: it is cut off.
+    fn send(&self, frame: &Frame) {
+        if self.is_stopped() {
+            return;
+        }
+        if self.enqueue(frame) > 2 * MAX_MUX_QUEUE_BYTES {
+            tracing::warn!(
+                queued = self.outbox.bytes.load(Ordering::Acquire),
+                "forwarding stopped: the agent in the container does not read its input"
+            );
+            self.stop("the agent does not read its input");
+        }
+    }
+
+    /// Queues a data frame once the queue has room.
+    async fn send_data(&self, frame: &Frame) -> Result<(), ForwardError> {
+        loop {
+            let written = self.outbox.written.notified();
+            tokio::pin!(written);
+            written.as_mut().enable();
+            if self.is_stopped() {
+                return Err(ForwardError::Stopped);
+            }
+            if self.outbox.bytes.load(Ordering::Acquire) < MAX_MUX_QUEUE_BYTES {
+                self.enqueue(frame);
+                return Ok(());
+            }
+            tokio::select! {
+                () = written => {}
+                () = self.stopped.cancelled() => return Err(ForwardError::Stopped),
+            }
+        }
     }
 
     pub fn is_stopped(&self) -> bool {
@@ -146,7 +266,7 @@ impl Mux {
     }
 
     /// A new stream or listener id with its reply slot; `register_stream` also creates the
-    /// stream's queue before the request leaves, so nothing the agent sends can miss it.
+    /// stream's buffer before the request leaves, so nothing the agent sends can miss it.
     fn begin(self: &Arc<Self>, register_stream: bool) -> Result<Begun, ForwardError> {
         let mut st = self.state();
         if st.stopped {
@@ -205,19 +325,25 @@ impl Mux {
         self.dial(|id| Frame::DialUnix { id, path }).await
     }
 
+    /// Sends a listen request; returns the listener id and the agent's answer (the bound
+    /// port, or the X11 display).
+    async fn listen(
+        self: &Arc<Self>,
+        make: impl FnOnce(u32) -> Frame,
+    ) -> Result<(u32, u16), ForwardError> {
+        let (id, rx, _) = self.begin(false)?;
+        self.send(&make(id));
+        Ok((id, self.reply(id, rx).await?))
+    }
+
     /// Listens on `host:port` inside the container; returns the listener id and bound port.
     pub async fn listen_tcp(
         self: &Arc<Self>,
         host: &str,
         port: u16,
     ) -> Result<(u32, u16), ForwardError> {
-        let (id, rx, _) = self.begin(false)?;
-        self.send(&Frame::ListenTcp {
-            id,
-            port,
-            host: host.to_string(),
-        });
-        Ok((id, self.reply(id, rx).await?))
+        let host = host.to_string();
+        self.listen(|id| Frame::ListenTcp { id, port, host }).await
     }
 
     /// Listens on a unix socket inside the container; `private_dir`: the agent creates the
@@ -227,14 +353,26 @@ impl Mux {
         path: &str,
         private_dir: bool,
     ) -> Result<u32, ForwardError> {
-        let (id, rx, _) = self.begin(false)?;
-        self.send(&Frame::ListenUnix {
-            id,
-            private_dir,
-            path: path.as_bytes().to_vec(),
-        });
-        self.reply(id, rx).await?;
+        let path = path.as_bytes().to_vec();
+        let (id, _) = self
+            .listen(|id| Frame::ListenUnix {
+                id,
+                private_dir,
+                path,
+            })
+            .await?;
         Ok(id)
+    }
+
+    /// An X11 display inside the container: the agent listens on the first free
+    /// `127.0.0.1:6000+N` for N in `first..first+count`; returns the listener id and N.
+    pub async fn listen_x11(
+        self: &Arc<Self>,
+        first: u16,
+        count: u16,
+    ) -> Result<(u32, u16), ForwardError> {
+        self.listen(|id| Frame::ListenX11 { id, first, count })
+            .await
     }
 
     /// Stops a listener; connections it accepted go on.
@@ -251,20 +389,19 @@ impl Mux {
         st.stopped = true;
         for (_, slot) in st.streams.drain() {
             slot.credit.close();
+            slot.inbox.close();
         }
         for (_, tx) in st.pending.drain() {
             let _ = tx.send(Err(why.to_string()));
         }
         drop(st);
+        self.frames().clear();
         self.stopped.cancel();
     }
 
-    /// Handles one frame from the agent; `Err` is a protocol violation.
-    fn dispatch(
-        self: &Arc<Self>,
-        frame: Frame,
-        incoming: &mpsc::UnboundedSender<Incoming>,
-    ) -> Result<(), String> {
+    /// Handles one frame from the agent: an accepted connection to hand on, or `Err` for a
+    /// protocol violation.
+    fn dispatch(self: &Arc<Self>, frame: Frame) -> Result<Option<Incoming>, String> {
         let mut st = self.state();
         match frame {
             Frame::Opened { id, port } => {
@@ -288,34 +425,43 @@ impl Mux {
                         "accepted stream id {id} is not the agent's or in use"
                     ));
                 }
+                if st.streams.len() >= MAX_STREAMS {
+                    return Err(format!("more than {MAX_STREAMS} streams at once"));
+                }
                 let stream = new_stream(&mut st, Arc::clone(self), id);
-                drop(st);
-                let accepted = Incoming {
+                return Ok(Some(Incoming {
                     listener,
                     peer,
                     peer_port,
                     stream,
-                };
-                // Nobody listening any more: the stream's drop closes it.
-                let _ = incoming.send(accepted);
+                }));
             }
             Frame::Data { id, data } => {
                 if let Some(slot) = st.streams.get_mut(&id) {
+                    if slot.eof {
+                        return Err(format!("stream {id}: data after its Eof"));
+                    }
                     slot.unacked = slot.unacked.saturating_add(data.len() as u32);
                     if slot.unacked > INITIAL_CREDIT {
                         return Err(format!("stream {id}: data beyond the credit"));
                     }
-                    let _ = slot.events.send(StreamEvent::Data(Bytes::from(data)));
+                    slot.inbox.lock().data.extend_from_slice(&data);
+                    slot.inbox.ready.notify_one();
                 }
             }
             Frame::Eof { id } => {
-                if let Some(slot) = st.streams.get(&id) {
-                    let _ = slot.events.send(StreamEvent::Eof);
+                if let Some(slot) = st.streams.get_mut(&id) {
+                    if std::mem::replace(&mut slot.eof, true) {
+                        return Err(format!("stream {id}: a second Eof"));
+                    }
+                    slot.inbox.lock().eof = true;
+                    slot.inbox.ready.notify_one();
                 }
             }
             Frame::Close { id } => {
                 if let Some(slot) = st.streams.remove(&id) {
                     slot.credit.close();
+                    slot.inbox.close();
                 }
             }
             Frame::Ack { id, bytes } => {
@@ -329,57 +475,74 @@ impl Mux {
             }
             other => return Err(format!("unexpected frame from the agent: {other:?}")),
         }
-        Ok(())
+        Ok(None)
     }
 }
 
 fn new_stream(st: &mut State, mux: Arc<Mux>, id: u32) -> MuxStream {
-    let (tx, rx) = mpsc::unbounded_channel();
+    let inbox = Arc::new(Inbox::default());
     let credit = Arc::new(Semaphore::new(INITIAL_CREDIT as usize));
     st.streams.insert(
         id,
         StreamSlot {
-            events: tx,
+            inbox: Arc::clone(&inbox),
             credit: Arc::clone(&credit),
             unacked: 0,
+            eof: false,
         },
     );
     MuxStream {
         guard: Arc::new(StreamGuard { id, mux }),
-        events: rx,
+        inbox,
         credit,
     }
 }
 
 async fn write_frames<W: AsyncWrite + Unpin>(
-    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    mux: Arc<Mux>,
     mut input: W,
     cancel: CancellationToken,
-    stopped: CancellationToken,
 ) {
     loop {
-        let frame = tokio::select! {
-            f = rx.recv() => f,
-            () = cancel.cancelled() => None,
-            () = stopped.cancelled() => None,
+        let queued = mux.outbox.queued.notified();
+        tokio::pin!(queued);
+        queued.as_mut().enable();
+        let frame = mux.frames().pop_front();
+        let Some(frame) = frame else {
+            tokio::select! {
+                () = queued => continue,
+                () = cancel.cancelled() => break,
+                () = mux.stopped.cancelled() => break,
+            }
         };
-        let Some(frame) = frame else { break };
-        if input.write_all(&frame).await.is_err() {
+        let written = tokio::select! {
+            r = input.write_all(&frame) => r.is_ok(),
+            () = cancel.cancelled() => false,
+            () = mux.stopped.cancelled() => false,
+        };
+        mux.outbox.bytes.fetch_sub(frame.len(), Ordering::AcqRel);
+        mux.outbox.written.notify_waiters();
+        if !written {
             break;
         }
     }
     // EOF on the agent's stdin: it closes everything and exits.
     let _ = input.shutdown().await;
+    mux.stop("the forwarding agent's input closed");
 }
 
-async fn read_frames(
+async fn read_frames<O: AgentOutput>(
     mux: Arc<Mux>,
-    mut output: OutputSource,
-    incoming: mpsc::UnboundedSender<Incoming>,
+    mut output: O,
+    incoming: mpsc::Sender<Incoming>,
 ) {
     let mut buf = BytesMut::new();
     let why = loop {
-        let chunk = match output.next().await {
+        let chunk = tokio::select! {
+            r = output.next() => r,
+            () = mux.stopped.cancelled() => break "stopped".to_string(),
+        };
+        let chunk = match chunk {
             Ok(Some((StreamKind::Stdout, data))) => data,
             Ok(Some((StreamKind::Stderr, data))) => {
                 let text = String::from_utf8_lossy(&data[..data.len().min(MAX_AGENT_LOG_BYTES)]);
@@ -396,9 +559,18 @@ async fn read_frames(
             match proto::decode(&buf) {
                 Ok(Some((frame, used))) => {
                     let _ = buf.split_to(used);
-                    if let Err(e) = mux.dispatch(frame, &incoming) {
-                        violation = Some(e);
-                        break;
+                    match mux.dispatch(frame) {
+                        Ok(None) => {}
+                        // Waits for room: an agent announcing connections faster than the
+                        // SSH side opens channels for them is held back here. Nobody
+                        // listening any more: the stream's drop closes it.
+                        Ok(Some(accepted)) => {
+                            let _ = incoming.send(accepted).await;
+                        }
+                        Err(e) => {
+                            violation = Some(e);
+                            break;
+                        }
                     }
                 }
                 Ok(None) => break,
@@ -409,7 +581,7 @@ async fn read_frames(
             }
         }
         if let Some(v) = violation {
-            tracing::warn!(error = %v, "forwarding stopped: the agent in the container does not speak this server's protocol (an image's own ContainerSSH agent? inject ours with agent.binary)");
+            tracing::warn!(error = %v, "forwarding stopped: the agent in the container broke the forwarding protocol or its limits (an image's own ContainerSSH agent? inject ours with agent.binary)");
             break v;
         }
     };
@@ -430,14 +602,15 @@ impl MuxStream {
             },
             MuxSource {
                 guard: self.guard,
-                events: self.events,
+                inbox: self.inbox,
             },
         )
     }
 }
 
 impl MuxSink {
-    /// Sends data to the container side, waiting for credit; `Err` when the stream is gone.
+    /// Sends data to the container side, waiting for credit and for room in the queue;
+    /// `Err` when the stream is gone.
     pub async fn send(&self, data: &[u8]) -> Result<(), ForwardError> {
         let StreamGuard { id, mux } = &*self.guard;
         for chunk in data.chunks(MAX_DATA) {
@@ -447,10 +620,11 @@ impl MuxSink {
                 .await
                 .map_err(|_| ForwardError::Stopped)?;
             permits.forget();
-            mux.send(&Frame::Data {
+            mux.send_data(&Frame::Data {
                 id: *id,
                 data: chunk.to_vec(),
-            });
+            })
+            .await?;
         }
         Ok(())
     }
@@ -462,9 +636,27 @@ impl MuxSink {
 }
 
 impl MuxSource {
-    /// The next event; `None` when the agent closed the stream (or stopped).
+    /// Everything the agent sent since the last call, then its `Eof` once; `None` when the
+    /// agent closed the stream (or stopped).
     pub async fn recv(&mut self) -> Option<StreamEvent> {
-        self.events.recv().await
+        loop {
+            let ready = self.inbox.ready.notified();
+            tokio::pin!(ready);
+            ready.as_mut().enable();
+            {
+                let mut st = self.inbox.lock();
+                if !st.data.is_empty() {
+                    return Some(StreamEvent::Data(st.data.split().freeze()));
+                }
+                if std::mem::take(&mut st.eof) {
+                    return Some(StreamEvent::Eof);
+                }
+                if st.closed {
+                    return None;
+                }
+            }
+            ready.await;
+        }
     }
 
     /// Returns credit for `n` bytes received and delivered.
@@ -488,3 +680,6 @@ impl Drop for StreamGuard {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

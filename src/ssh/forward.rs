@@ -1,45 +1,37 @@
-//! SSH forwarding on top of the agent's `forward-server` ([`crate::forward::Mux`]): `-L` to TCP
-//! and unix sockets (dialled from inside the container), `-R` listeners inside the container,
-//! X11 displays and `ssh -A` agent sockets. One forward-server exec per connection, started at
-//! the first use; each forwarded connection is an SSH channel bridged to one mux stream.
+//! Forwarded channels: `-L` to TCP and unix sockets (dialled from inside the container), and
+//! the connections that listeners inside the container accept (`ssh/listen.rs`), all on top
+//! of the agent's `forward-server` ([`crate::forward::Mux`]), one per connection.
 //!
-//! Channels we open towards the client (`forwarded-tcpip`, `x11`, `auth-agent@openssh.com`)
-//! get their client-to-server queue from the handler when the client confirms them, before
-//! any of their data can arrive, and the bridge task picks it up from [`ConnForwards`].
+//! The forwarding agent starts in the background as soon as the connection's container is
+//! ready and the login may forward ([`wanted`], [`start_agent`]); nothing here runs inside a
+//! russh callback. A forwarded channel's life:
+//!
+//! | phase | from | what can happen |
+//! |---|---|---|
+//! | Opening | the client's `direct-tcpip`/`direct-streamlocal`, or a connection a listener in the container accepted | it takes one of the connection's `MAX_FORWARD_CHANNELS_PER_CONNECTION` places and its first window from the budget, or is refused (client: `ResourceShortage`; container side: closed, logged at most once a second); a client's open waits for the agent's dial (bounded), ours for the client's confirmation (bounded: `FORWARD_SETUP_TIMEOUT`), and a confirmation that comes later is closed |
+//! | Bridging | accepted / confirmed | data both ways: to the container within the mux credit, to the client within its window; EOF each way; the client's window granted as the agent takes the data |
+//! | Closing | either side closed, the agent stopped, the connection ends | after the client's close, what it sent still goes through, up to `FORWARD_CLOSE_DRAIN`; the place is given back |
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use russh::server::{ChannelOpenHandle, Handle, Msg};
 use russh::{Channel, ChannelId, ChannelOpenFailure, ChannelWriteHalf};
-use tokio::sync::{Notify, OnceCell};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::conn::ConnCtx;
-use super::stdin::{forward_queue, StdinRx, StdinTx};
+use super::connection::{ConnCtx, InUse};
+use super::flow::{self, Granter, InboundRx, InboundTx};
+use super::listen::{ListenerKind, Listeners};
+use crate::agent::proto::{MAX_HOST_LEN, MAX_PATH_LEN};
 use crate::config::model::ExecutionMode;
 use crate::forward::{ForwardError, Incoming, Mux, MuxStream, StreamEvent};
 use crate::limits::{
-    FORWARD_CLOSE_DRAIN, FORWARD_SETUP_TIMEOUT, MAX_FORWARD_CHANNELS_PER_CONNECTION,
-    MAX_LISTENERS_PER_CONNECTION, X11_DISPLAY_OFFSET, X11_MAX_DISPLAYS,
+    CHANNEL_WINDOW_INITIAL, FORWARD_CLOSE_DRAIN, FORWARD_SETUP_TIMEOUT,
+    MAX_FORWARD_CHANNELS_PER_CONNECTION,
 };
-
-/// What a listener inside the container was opened for; decides the channel type we open
-/// for each connection it accepts.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum ListenerKind {
-    /// `tcpip-forward`: the address and port as the client asked (port: the bound one).
-    Tcp {
-        address: String,
-        port: u32,
-    },
-    /// `streamlocal-forward@openssh.com`.
-    Unix {
-        path: String,
-    },
-    X11,
-    AuthAgent,
-}
 
 /// Where a client's `-L` connection goes.
 pub enum DirectTarget {
@@ -47,32 +39,65 @@ pub enum DirectTarget {
     Unix { path: String },
 }
 
-struct Forwarder {
-    mux: Arc<Mux>,
-    listeners: Mutex<HashMap<u32, ListenerKind>>,
+/// The forwarding agent of a connection.
+#[derive(Clone)]
+enum AgentSlot {
+    NotStarted,
+    Starting,
+    Ready(Arc<Mux>),
+    Failed(Arc<str>),
 }
 
 /// The client-to-container side of one forwarded channel, as the handler sees it.
 #[derive(Clone)]
 pub struct ForwardEntry {
-    pub stdin: Arc<StdinTx>,
+    pub stdin: Arc<InboundTx>,
     pub closed: CancellationToken,
 }
 
 /// A connection's forwarding state.
-#[derive(Default)]
 pub struct ConnForwards {
-    forwarder: OnceCell<Result<Arc<Forwarder>, Arc<str>>>,
-    /// The `ssh -A` socket inside the container, once made.
-    agent_socket: OnceCell<Result<String, String>>,
+    agent: watch::Sender<AgentSlot>,
+    /// Bridged channels, for the handler's data, EOF and close.
     channels: Mutex<HashMap<ChannelId, ForwardEntry>>,
-    /// Queues of channels we opened, until their bridge task takes them.
-    opened: Mutex<HashMap<ChannelId, (StdinRx, CancellationToken)>>,
+    /// Forwarded channels in any phase, opening included.
+    places: AtomicUsize,
+    /// First windows reserved for channels we opened and the client has not confirmed.
+    unconfirmed: AtomicUsize,
+    /// Queues of channels we opened, from the confirmation until their task takes them.
+    opened: Mutex<HashMap<ChannelId, (InboundRx, CancellationToken)>>,
     opened_changed: Notify,
+    pub listeners: Listeners,
+}
+
+impl Default for ConnForwards {
+    fn default() -> Self {
+        Self {
+            agent: watch::channel(AgentSlot::NotStarted).0,
+            channels: Mutex::default(),
+            places: AtomicUsize::new(0),
+            unconfirmed: AtomicUsize::new(0),
+            opened: Mutex::default(),
+            opened_changed: Notify::new(),
+            listeners: Listeners::default(),
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One of the connection's forwarded-channel places, given back on drop.
+pub struct Place {
+    conn: Arc<ConnCtx>,
+    _in_use: InUse,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.conn.forwards.places.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl ConnForwards {
@@ -84,38 +109,42 @@ impl ConnForwards {
         lock(&self.channels).remove(&id)
     }
 
-    /// A queue for a new forwarded channel; `None` beyond the per-connection limit unless
-    /// `always` (channels we opened were counted before we opened them).
-    fn register(&self, id: ChannelId, always: bool) -> Option<(StdinRx, CancellationToken)> {
-        let mut channels = lock(&self.channels);
-        if !always && channels.len() >= MAX_FORWARD_CHANNELS_PER_CONNECTION {
-            return None;
+    /// The client confirmed a channel we opened (all of ours are forwarding channels): its
+    /// queue, with the first window reserved before the open. `false`: nothing of ours is
+    /// waiting for it (its open was abandoned), and the caller closes it.
+    pub fn confirmed(&self, conn: &Arc<ConnCtx>, id: ChannelId, handle: Handle) -> bool {
+        let taken = self
+            .unconfirmed
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        if taken.is_err() {
+            return false;
         }
-        let (tx, rx) = forward_queue();
+        let (tx, rx) = flow::inbound_reserved(&conn.buffers);
+        tx.set_granter(Granter::new(handle.clone(), id));
         let closed = CancellationToken::new();
-        channels.insert(
+        lock(&self.channels).insert(
             id,
             ForwardEntry {
                 stdin: Arc::new(tx),
                 closed: closed.clone(),
             },
         );
-        Some((rx, closed))
+        lock(&self.opened).insert(id, (rx, closed));
+        self.opened_changed.notify_waiters();
+        // Its task takes it at once; one whose open timed out meanwhile never will.
+        let conn2 = Arc::clone(conn);
+        conn.tasks.spawn(async move {
+            tokio::time::sleep(FORWARD_SETUP_TIMEOUT).await;
+            let forwards = &conn2.forwards;
+            if lock(&forwards.opened).remove(&id).is_some() {
+                forwards.remove(id);
+                let _ = handle.close(id).await;
+            }
+        });
+        true
     }
 
-    fn full(&self) -> bool {
-        lock(&self.channels).len() >= MAX_FORWARD_CHANNELS_PER_CONNECTION
-    }
-
-    /// The client confirmed a channel we opened (all of ours are forwarding channels).
-    pub fn confirmed(&self, id: ChannelId) {
-        if let Some(queue) = self.register(id, true) {
-            lock(&self.opened).insert(id, queue);
-            self.opened_changed.notify_waiters();
-        }
-    }
-
-    async fn take_opened(&self, id: ChannelId) -> Option<(StdinRx, CancellationToken)> {
+    async fn take_opened(&self, id: ChannelId) -> Option<(InboundRx, CancellationToken)> {
         let wait = async {
             loop {
                 let changed = self.opened_changed.notified();
@@ -129,23 +158,98 @@ impl ConnForwards {
         };
         tokio::time::timeout(FORWARD_SETUP_TIMEOUT, wait).await.ok()
     }
+
+    /// The mux, when the agent is running.
+    pub fn ready_mux(&self) -> Option<Arc<Mux>> {
+        match &*self.agent.borrow() {
+            AgentSlot::Ready(mux) => Some(Arc::clone(mux)),
+            _ => None,
+        }
+    }
+
+    /// The mux, waiting for the agent to start (its own start is bounded by the backend's
+    /// timeouts).
+    async fn mux(&self) -> Result<Arc<Mux>, String> {
+        let mut rx = self.agent.subscribe();
+        let slot = rx
+            .wait_for(|s| matches!(s, AgentSlot::Ready(_) | AgentSlot::Failed(_)))
+            .await
+            .map(|s| s.clone())
+            .map_err(|_| "the connection is closing".to_string())?;
+        match slot {
+            AgentSlot::Ready(mux) if mux.is_stopped() => {
+                Err("the forwarding agent has stopped".into())
+            }
+            AgentSlot::Ready(mux) => Ok(mux),
+            AgentSlot::Failed(e) => Err(e.to_string()),
+            AgentSlot::NotStarted | AgentSlot::Starting => Err("forwarding unavailable".into()),
+        }
+    }
 }
 
-/// The connection's forward-server, started at the first use.
-async fn forwarder(conn: &Arc<ConnCtx>, handle: &Handle) -> Result<Arc<Forwarder>, Arc<str>> {
-    conn.forwards
-        .forwarder
-        .get_or_init(|| async {
-            start(conn, handle).await.map_err(|e| {
-                tracing::warn!(connection_id = %conn.id, error = %e, "forwarding unavailable");
-                Arc::from(e)
-            })
+/// Takes a forwarded-channel place; `None` at the connection's limit.
+fn take_place(conn: &Arc<ConnCtx>) -> Option<Place> {
+    let forwards = &conn.forwards;
+    forwards
+        .places
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < MAX_FORWARD_CHANNELS_PER_CONNECTION).then_some(n + 1)
         })
-        .await
-        .clone()
+        .ok()?;
+    Some(Place {
+        conn: Arc::clone(conn),
+        _in_use: conn.in_use(),
+    })
 }
 
-async fn start(conn: &Arc<ConnCtx>, handle: &Handle) -> Result<Arc<Forwarder>, String> {
+/// A host name or socket path the agent accepts: not empty, no NUL, within its limit.
+pub fn target_ok(s: &str, max: usize) -> bool {
+    !s.is_empty() && s.len() <= max && !s.contains('\0')
+}
+
+/// The longest host name in a forwarding request (the protocol's and the agent's limit).
+pub const MAX_FORWARD_HOST_BYTES: usize = MAX_HOST_LEN;
+/// The longest socket path in a forwarding request.
+pub const MAX_FORWARD_PATH_BYTES: usize = MAX_PATH_LEN;
+
+/// Whether the connection can forward at all: some kind enabled and not forbidden by the
+/// login's key, programs run under the agent, and not session mode (no shared container).
+pub fn wanted(conn: &ConnCtx) -> bool {
+    let settings = conn.settings();
+    let f = &settings.forwarding;
+    let opts = conn.user().and_then(|u| u.key_options.as_ref());
+    let port_ok = !opts.is_some_and(|o| o.no_port_forwarding);
+    let x11_ok = !opts.is_some_and(|o| o.no_x11_forwarding);
+    let agent_ok = !opts.is_some_and(|o| o.no_agent_forwarding);
+    let some = (port_ok && (f.local_tcp || f.remote_tcp || f.local_socket || f.remote_socket))
+        || (x11_ok && f.x11)
+        || (agent_ok && f.agent);
+    some && conn.backend().has_agent() && conn.backend().mode() != ExecutionMode::Session
+}
+
+/// Starts the connection's forwarding agent (once) in its container and its accept loop.
+pub async fn start_agent(conn: &Arc<ConnCtx>) {
+    let begun = conn.forwards.agent.send_if_modified(|s| {
+        let fresh = matches!(s, AgentSlot::NotStarted);
+        if fresh {
+            *s = AgentSlot::Starting;
+        }
+        fresh
+    });
+    if !begun {
+        return;
+    }
+    let slot = match start(conn).await {
+        Ok(mux) => AgentSlot::Ready(mux),
+        Err(e) => {
+            tracing::warn!(connection_id = %conn.id, error = %e, "forwarding unavailable");
+            AgentSlot::Failed(Arc::from(e))
+        }
+    };
+    conn.forwards.agent.send_replace(slot);
+}
+
+async fn start(conn: &Arc<ConnCtx>) -> Result<Arc<Mux>, String> {
     let backend = conn.backend();
     if !backend.has_agent() {
         return Err(format!(
@@ -162,69 +266,167 @@ async fn start(conn: &Arc<ConnCtx>, handle: &Handle) -> Result<Arc<Forwarder>, S
         .await
         .map_err(|e| e.to_string())?;
     let (mux, incoming) = Mux::start(output, input, conn.cancel.clone());
-    let fw = Arc::new(Forwarder {
-        mux,
-        listeners: Mutex::new(HashMap::new()),
-    });
-    conn.tasks.spawn(accept_loop(
-        Arc::clone(conn),
-        handle.clone(),
-        Arc::clone(&fw),
-        incoming,
-    ));
+    let Some(handle) = conn.handle() else {
+        return Err("the connection is closing".into());
+    };
+    conn.tasks
+        .spawn(accept_loop(Arc::clone(conn), handle, incoming));
     tracing::debug!(connection_id = %conn.id, "forwarding agent started");
-    Ok(fw)
+    Ok(mux)
 }
 
-async fn accept_loop(
-    conn: Arc<ConnCtx>,
-    handle: Handle,
-    fw: Arc<Forwarder>,
-    mut incoming: tokio::sync::mpsc::UnboundedReceiver<Incoming>,
-) {
-    while let Some(inc) = incoming.recv().await {
-        let kind = lock(&fw.listeners).get(&inc.listener).cloned();
-        let Some(kind) = kind else {
-            continue; // an unlistened listener's late connection: dropping closes it
-        };
-        if conn.forwards.full() {
-            tracing::info!(connection_id = %conn.id, "forwarded connection refused: too many open");
-            continue;
+/// The mux for a forwarding request: the agent is started now if it was not (a login that
+/// could not forward at first cannot ask, so this is rare).
+pub(super) async fn mux_for(conn: &Arc<ConnCtx>) -> Result<Arc<Mux>, String> {
+    if matches!(*conn.forwards.agent.borrow(), AgentSlot::NotStarted) {
+        let conn2 = Arc::clone(conn);
+        conn.tasks.spawn(async move { start_agent(&conn2).await });
+    }
+    conn.forwards.mux().await
+}
+
+/// Refusals of connections made inside the container, logged at most once a second with a
+/// count: a flood of them must not flood the log.
+#[derive(Default)]
+struct Refusals {
+    last: Option<tokio::time::Instant>,
+    unlogged: u64,
+}
+
+impl Refusals {
+    fn refused(&mut self, conn: &ConnCtx, kind: &ListenerKind, why: &str) {
+        self.unlogged += 1;
+        let now = tokio::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now < t + std::time::Duration::from_secs(1))
+        {
+            return;
         }
-        let (c, h) = (Arc::clone(&conn), handle.clone());
-        conn.tasks
-            .spawn(async move { open_incoming(c, h, kind, inc).await });
+        tracing::info!(connection_id = %conn.id, ?kind, refused = self.unlogged, "connections made inside the container refused: {why}");
+        self.last = Some(now);
+        self.unlogged = 0;
     }
 }
 
-async fn open_incoming(conn: Arc<ConnCtx>, handle: Handle, kind: ListenerKind, inc: Incoming) {
+async fn accept_loop(conn: Arc<ConnCtx>, handle: Handle, mut incoming: mpsc::Receiver<Incoming>) {
+    let mut refusals = Refusals::default();
+    while let Some(inc) = incoming.recv().await {
+        let kind = conn.forwards.listeners.kind_of(inc.listener);
+        let Some(kind) = kind else {
+            continue; // an unlistened listener's late connection: dropping closes it
+        };
+        // Counted now, before anything is spent on it: the client may be slow to confirm.
+        let Some(place) = take_place(&conn) else {
+            refusals.refused(&conn, &kind, "the connection's forwarded channels are all open or opening (MAX_FORWARD_CHANNELS_PER_CONNECTION)");
+            continue;
+        };
+        let Some(reserved) = Reserved::take(&conn) else {
+            refusals.refused(&conn, &kind, "buffer budget exhausted (ssh.buffers)");
+            continue;
+        };
+        let (c, h) = (Arc::clone(&conn), handle.clone());
+        conn.tasks
+            .spawn(async move { open_incoming(c, h, kind, inc, place, reserved).await });
+    }
+}
+
+/// A first window reserved for a channel we are opening, for its confirmation to take
+/// ([`ConnForwards::confirmed`]). Dropped unsettled (the client refused the channel), it is
+/// given back.
+struct Reserved {
+    conn: Arc<ConnCtx>,
+    settled: bool,
+}
+
+impl Reserved {
+    fn take(conn: &Arc<ConnCtx>) -> Option<Reserved> {
+        if conn
+            .buffers
+            .take(CHANNEL_WINDOW_INITIAL, CHANNEL_WINDOW_INITIAL)
+            == 0
+        {
+            return None;
+        }
+        conn.forwards.unconfirmed.fetch_add(1, Ordering::AcqRel);
+        Some(Reserved {
+            conn: Arc::clone(conn),
+            settled: false,
+        })
+    }
+
+    /// The client confirmed: its confirmation took the reservation.
+    fn confirmed(mut self) {
+        self.settled = true;
+    }
+
+    /// We stopped waiting: a confirmation that still comes takes it (and is closed).
+    fn abandoned(mut self) {
+        self.settled = true;
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let forwards = &self.conn.forwards;
+        if forwards
+            .unconfirmed
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            self.conn.buffers.give(CHANNEL_WINDOW_INITIAL);
+        }
+    }
+}
+
+async fn open_incoming(
+    conn: Arc<ConnCtx>,
+    handle: Handle,
+    kind: ListenerKind,
+    inc: Incoming,
+    place: Place,
+    reserved: Reserved,
+) {
     let peer = if inc.peer.is_empty() {
         "127.0.0.1".to_string()
     } else {
         inc.peer.clone()
     };
     let port = u32::from(inc.peer_port);
-    let opened = match &kind {
-        ListenerKind::Tcp {
-            address,
-            port: bound,
-        } => {
-            handle
-                .channel_open_forwarded_tcpip(address.clone(), *bound, peer, port)
-                .await
+    let open = async {
+        match &kind {
+            ListenerKind::Tcp {
+                address,
+                port: bound,
+            } => {
+                handle
+                    .channel_open_forwarded_tcpip(address.clone(), *bound, peer, port)
+                    .await
+            }
+            ListenerKind::Unix { path } => {
+                handle
+                    .channel_open_forwarded_streamlocal(path.clone())
+                    .await
+            }
+            ListenerKind::X11 => handle.channel_open_x11(peer, port).await,
+            ListenerKind::AuthAgent => handle.channel_open_agent().await,
         }
-        ListenerKind::Unix { path } => {
-            handle
-                .channel_open_forwarded_streamlocal(path.clone())
-                .await
-        }
-        ListenerKind::X11 => handle.channel_open_x11(peer, port).await,
-        ListenerKind::AuthAgent => handle.channel_open_agent().await,
     };
-    let channel = match opened {
-        Ok(c) => c,
-        Err(e) => {
+    let channel = match tokio::time::timeout(FORWARD_SETUP_TIMEOUT, open).await {
+        Ok(Ok(c)) => {
+            reserved.confirmed();
+            c
+        }
+        Ok(Err(e)) => {
             tracing::info!(connection_id = %conn.id, ?kind, error = %e, "the client refused a forwarded connection");
+            return;
+        }
+        Err(_) => {
+            reserved.abandoned();
+            tracing::info!(connection_id = %conn.id, ?kind, "the client did not answer a forwarded connection in time");
             return;
         }
     };
@@ -234,11 +436,11 @@ async fn open_incoming(conn: Arc<ConnCtx>, handle: Handle, kind: ListenerKind, i
         let _ = write.close().await;
         return;
     };
-    bridge(conn, id, inc.stream, write, rx, closed).await;
+    bridge(conn, id, inc.stream, write, rx, closed, place).await;
 }
 
 /// Accepts or refuses a client's `direct-tcpip`/`direct-streamlocal` channel once the agent
-/// has connected (or failed to), then bridges it.
+/// has connected (or failed to), then bridges it. Called from the handler: returns at once.
 pub fn open_direct(
     conn: &Arc<ConnCtx>,
     handle: Handle,
@@ -247,19 +449,39 @@ pub fn open_direct(
     target: DirectTarget,
 ) {
     let id = channel.id();
-    let Some((rx, closed)) = conn.forwards.register(id, false) else {
-        conn.tasks
-            .spawn(reply.reject(ChannelOpenFailure::ResourceShortage));
-        return;
+    let taken = take_place(conn).ok_or("too many open").and_then(|p| {
+        Ok((
+            p,
+            flow::inbound(&conn.buffers).map_err(|_| "buffer budget exhausted")?,
+        ))
+    });
+    let (place, (tx, rx)) = match taken {
+        Ok(x) => x,
+        Err(why) => {
+            tracing::info!(connection_id = %conn.id, "forwarded connection refused: {why}");
+            conn.tasks
+                .spawn(reply.reject(ChannelOpenFailure::ResourceShortage));
+            return;
+        }
     };
+    tx.set_granter(Granter::new(handle, id));
+    // Registered before the accept: the client's data may follow it at once.
+    let closed = CancellationToken::new();
+    lock(&conn.forwards.channels).insert(
+        id,
+        ForwardEntry {
+            stdin: Arc::new(tx),
+            closed: closed.clone(),
+        },
+    );
     let conn = Arc::clone(conn);
     conn.clone().tasks.spawn(async move {
         let dialled = async {
-            let fw = forwarder(&conn, &handle).await.map_err(|e| e.to_string())?;
+            let mux = mux_for(&conn).await?;
             let dial = async {
                 match &target {
-                    DirectTarget::Tcp { host, port } => fw.mux.dial_tcp(host, *port).await,
-                    DirectTarget::Unix { path } => fw.mux.dial_unix(path).await,
+                    DirectTarget::Tcp { host, port } => mux.dial_tcp(host, *port).await,
+                    DirectTarget::Unix { path } => mux.dial_unix(path).await,
                 }
             };
             tokio::time::timeout(FORWARD_SETUP_TIMEOUT, dial)
@@ -271,7 +493,7 @@ pub fn open_direct(
             Ok(stream) => {
                 reply.accept().await;
                 let write = write_half(channel);
-                bridge(conn, id, stream, write, rx, closed).await;
+                bridge(conn, id, stream, write, rx, closed, place).await;
             }
             Err(e) => {
                 tracing::info!(connection_id = %conn.id, error = %e, "forwarded connection failed");
@@ -297,29 +519,26 @@ async fn bridge(
     id: ChannelId,
     stream: MuxStream,
     write: ChannelWriteHalf<Msg>,
-    mut from_client: StdinRx,
+    mut from_client: InboundRx,
     closed: CancellationToken,
+    _place: Place,
 ) {
     let (sink, mut source) = stream.split();
-    let gauge = from_client.gauge();
     let up = async {
-        while let Some(chunk) = from_client.next().await {
-            let Some(data) = chunk else {
-                sink.eof();
-                break;
-            };
+        while let Some(data) = from_client.next().await {
             if sink.send(&data).await.is_err() {
-                break;
+                return;
             }
-            from_client.release(data.len());
+            from_client.delivered(data.len());
         }
+        sink.eof();
     };
     let down = async {
         let mut out = write.make_writer();
         while let Some(ev) = source.recv().await {
             match ev {
                 StreamEvent::Data(data) => {
-                    if gauge.write(&mut out, &data).await.is_err() {
+                    if out.write_all(&data).await.is_err() {
                         return;
                     }
                     source.ack(data.len());
@@ -353,162 +572,16 @@ async fn bridge(
     conn.forwards.remove(id);
 }
 
-fn remember(fw: &Forwarder, id: u32, kind: ListenerKind) -> Result<(), String> {
-    let mut listeners = lock(&fw.listeners);
-    if listeners.len() >= MAX_LISTENERS_PER_CONNECTION {
-        drop(listeners);
-        fw.mux.unlisten(id);
-        return Err(format!(
-            "at most {MAX_LISTENERS_PER_CONNECTION} listeners per connection"
-        ));
-    }
-    listeners.insert(id, kind);
-    Ok(())
-}
-
-async fn bounded<T>(
-    fut: impl std::future::Future<Output = Result<T, ForwardError>>,
-) -> Result<T, String> {
-    tokio::time::timeout(FORWARD_SETUP_TIMEOUT, fut)
-        .await
-        .map_err(|_| "the agent did not answer in time".to_string())?
-        .map_err(|e| e.to_string())
-}
-
-/// `tcpip-forward`: listens inside the container; returns the bound port.
-pub async fn listen_tcp(
-    conn: &Arc<ConnCtx>,
-    handle: &Handle,
-    address: &str,
-    port: u32,
-) -> Result<u32, String> {
-    let port = u16::try_from(port).map_err(|_| format!("port {port} is out of range"))?;
-    let fw = forwarder(conn, handle).await.map_err(|e| e.to_string())?;
-    let (id, bound) = bounded(fw.mux.listen_tcp(address, port)).await?;
-    let bound = u32::from(bound);
-    remember(
-        &fw,
-        id,
-        ListenerKind::Tcp {
-            address: address.to_string(),
-            port: bound,
-        },
-    )?;
-    Ok(bound)
-}
-
-/// `streamlocal-forward@openssh.com`: a unix socket listener inside the container.
-pub async fn listen_unix(conn: &Arc<ConnCtx>, handle: &Handle, path: &str) -> Result<(), String> {
-    let fw = forwarder(conn, handle).await.map_err(|e| e.to_string())?;
-    let id = bounded(fw.mux.listen_unix(path, false)).await?;
-    remember(
-        &fw,
-        id,
-        ListenerKind::Unix {
-            path: path.to_string(),
-        },
-    )
-}
-
-/// `cancel-tcpip-forward` / `cancel-streamlocal-forward@openssh.com`.
-fn cancel(conn: &ConnCtx, matches: impl Fn(&ListenerKind) -> bool) -> bool {
-    let Some(Ok(fw)) = conn.forwards.forwarder.get() else {
-        return false;
-    };
-    let mut listeners = lock(&fw.listeners);
-    let Some(id) = listeners
-        .iter()
-        .find(|(_, k)| matches(k))
-        .map(|(id, _)| *id)
-    else {
-        return false;
-    };
-    listeners.remove(&id);
-    fw.mux.unlisten(id);
-    true
-}
-
-pub fn cancel_tcp(conn: &ConnCtx, address: &str, port: u32) -> bool {
-    cancel(
-        conn,
-        |k| matches!(k, ListenerKind::Tcp { address: a, port: p } if a == address && *p == port),
-    )
-}
-
-pub fn cancel_unix(conn: &ConnCtx, path: &str) -> bool {
-    cancel(
-        conn,
-        |k| matches!(k, ListenerKind::Unix { path: p } if p == path),
-    )
-}
-
-/// An X11 display inside the container: a listener on the first free `127.0.0.1:6000+N`
-/// from [`X11_DISPLAY_OFFSET`]; returns N.
-pub async fn listen_x11(conn: &Arc<ConnCtx>, handle: &Handle) -> Result<u16, String> {
-    let fw = forwarder(conn, handle).await.map_err(|e| e.to_string())?;
-    let mut last = String::new();
-    for display in X11_DISPLAY_OFFSET..X11_DISPLAY_OFFSET + X11_MAX_DISPLAYS {
-        match bounded(fw.mux.listen_tcp("127.0.0.1", 6000 + display)).await {
-            Ok((id, _)) => {
-                remember(&fw, id, ListenerKind::X11)?;
-                return Ok(display);
-            }
-            Err(e) => last = e,
-        }
-        if fw.mux.is_stopped() {
-            break;
-        }
-    }
-    Err(format!("no free X11 display: {last}"))
-}
-
-/// The `ssh -A` socket inside the container (one per connection), in a fresh 0700 directory.
-pub async fn agent_socket(conn: &Arc<ConnCtx>, handle: &Handle) -> Result<String, String> {
-    conn.forwards
-        .agent_socket
-        .get_or_init(|| async {
-            let fw = forwarder(conn, handle).await.map_err(|e| e.to_string())?;
-            let path = format!("/tmp/ssh-{}/agent.sock", &conn.id[..12]);
-            let id = bounded(fw.mux.listen_unix(&path, true)).await?;
-            remember(&fw, id, ListenerKind::AuthAgent)?;
-            Ok(path)
-        })
-        .await
-        .clone()
-}
-
-/// The Xauthority file for one display: a single FamilyWild entry with the client's cookie,
-/// so any X client in the container that reads `$XAUTHORITY` authenticates.
-pub fn xauthority(display: u16, protocol: &str, cookie: &[u8]) -> Vec<u8> {
-    const FAMILY_WILD: u16 = 0xffff;
-    let mut out = Vec::new();
-    let mut field = |b: &[u8]| {
-        out.extend_from_slice(&(b.len() as u16).to_be_bytes());
-        out.extend_from_slice(b);
-    };
-    let number = display.to_string();
-    field(&[]);
-    field(number.as_bytes());
-    field(protocol.as_bytes());
-    field(cookie);
-    let mut file = FAMILY_WILD.to_be_bytes().to_vec();
-    file.extend_from_slice(&out);
-    file
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn xauthority_entry_layout() {
-        let f = xauthority(10, "MIT-MAGIC-COOKIE-1", &[0xab; 16]);
-        assert_eq!(&f[..2], &[0xff, 0xff]);
-        assert_eq!(&f[2..4], &[0, 0]); // empty address
-        assert_eq!(&f[4..8], &[0, 2, b'1', b'0']);
-        assert_eq!(&f[8..10], &[0, 18]);
-        assert_eq!(&f[10..28], b"MIT-MAGIC-COOKIE-1");
-        assert_eq!(&f[28..30], &[0, 16]);
-        assert_eq!(&f[30..], &[0xab; 16]);
+    fn forwarding_targets_within_the_agents_limits() {
+        assert!(target_ok("example.com", MAX_FORWARD_HOST_BYTES));
+        assert!(!target_ok("", MAX_FORWARD_HOST_BYTES));
+        assert!(!target_ok("a\0b", MAX_FORWARD_HOST_BYTES));
+        assert!(target_ok(&"a".repeat(255), MAX_FORWARD_HOST_BYTES));
+        assert!(!target_ok(&"a".repeat(256), MAX_FORWARD_HOST_BYTES));
     }
 }

@@ -1,295 +1,57 @@
-//! The russh [`Handler`]: a thin adapter. It authenticates, answers each channel request at
-//! once (success or failure, from cheap checks only), and turns accepted requests into events
-//! for the channel's own task. Nothing here waits on the container engine.
+//! The russh [`Handler`]: a thin adapter. Authentication callbacks go to the
+//! [`Authenticator`]; channel callbacks check the request (policy, the login's key
+//! restrictions, limits), answer it at once, and hand it to the channel's lifecycle
+//! (`ssh/session_channel.rs`, `ssh/forward.rs`). No callback waits on the container engine:
+//! forwarding requests that need the container are answered later (russh vendor patch 0003),
+//! and client data only uses up a window that is granted again as it is delivered (patch
+//! 0002), so the handler never waits for a consumer either.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use russh::keys::PublicKey;
 use russh::server::{Auth, ChannelOpenHandle, Msg, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, ChannelOpenFailure, Pty, Sig};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
-use super::channel::{self, ChannelEvent};
-use super::conn::{AuthedUser, ConnCtx};
-use super::forward::{self as fwd, DirectTarget};
+use super::auth::Authenticator;
+use super::connection::ConnCtx;
+use super::forward::{
+    self as fwd, target_ok, DirectTarget, MAX_FORWARD_HOST_BYTES, MAX_FORWARD_PATH_BYTES,
+};
+use super::listen;
 use super::program::exec_argv;
-use super::stdin::{self, Overflow, StdinTx};
-use crate::auth::authorized_keys::KeyOptions;
-use crate::auth::metadata::{env_name_ok, LoginMetadata};
-use crate::auth::webhook::{self as auth_webhook, LoginState, Peer, Verdict};
+use super::session_channel::{Program, SessionChannel, X11Request};
+use crate::auth::metadata::env_name_ok;
+use crate::auth::webhook::{self as auth_webhook, LoginState};
 use crate::backend::Terminal;
 use crate::limits::{
-    CHANNEL_EVENT_QUEUE, MAX_CHANNELS_PER_CONNECTION, MAX_COMMAND_BYTES, MAX_ENV_VALUE_BYTES,
-    MAX_ENV_VARS, MAX_TERMINAL_DIMENSION, MAX_TERM_BYTES,
+    MAX_CHANNELS_PER_CONNECTION, MAX_COMMAND_BYTES, MAX_ENV_VALUE_BYTES, MAX_TERMINAL_DIMENSION,
+    MAX_TERM_BYTES,
 };
-
-/// Longest host name or socket path accepted in a forwarding request.
-const MAX_FORWARD_TARGET_BYTES: usize = 1024;
-/// Public keys whose webhook answer is kept between the offer and the signed attempt.
-const MAX_PUBKEY_ANSWERS: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
     #[error(transparent)]
     Ssh(#[from] russh::Error),
-    #[error(transparent)]
-    StdinOverflow(#[from] Overflow),
-}
-
-struct ChannelEntry {
-    events: mpsc::Sender<ChannelEvent>,
-    stdin: StdinTx,
-    /// Cancelled when the client closes the channel.
-    closed: CancellationToken,
-    started: bool,
-    pty: bool,
-    x11: bool,
-    agent: bool,
-    env_count: usize,
 }
 
 pub struct Handler {
     conn: Arc<ConnCtx>,
-    channels: HashMap<ChannelId, ChannelEntry>,
-    /// The auth webhook's answers for public keys offered on this connection (`None`:
-    /// refused), so that the signed attempt after an offer costs no second call.
-    pubkey_answers: HashMap<String, Option<LoginState>>,
-    /// The user name of the first authentication request (it may not change, as in sshd).
-    auth_user: Option<String>,
-    /// Authentication requests seen (callbacks, so a signed key after its offer counts twice:
-    /// only "is this the first" matters).
-    auth_requests: u32,
-    /// Refusals counted towards `ssh.maxAuthTries`.
-    auth_failures: u32,
+    auth: Authenticator,
+    channels: HashMap<ChannelId, SessionChannel>,
 }
 
 impl Handler {
     pub fn new(conn: Arc<ConnCtx>) -> Self {
         Self {
+            auth: Authenticator::new(Arc::clone(&conn)),
             conn,
             channels: HashMap::new(),
-            pubkey_answers: HashMap::new(),
-            auth_user: None,
-            auth_requests: 0,
-            auth_failures: 0,
         }
     }
 
-    /// The answer to a refused request: every configured method stays offered (russh's
-    /// `Auth::reject()` would drop the one just tried, locking out a user who mistyped).
-    fn rejection(&self) -> Auth {
-        Auth::Reject {
-            proceed_with_methods: Some(self.conn.shared.ssh.methods.clone()),
-            partial_success: false,
-        }
-    }
-
-    /// Every authentication callback starts here. `Err` carries the answer when the user name
-    /// changed between requests: sshd disconnects then, and so do we (a login's state must
-    /// never carry over to another user).
-    fn begin_auth(&mut self, user: &str) -> Result<(), Auth> {
-        self.auth_requests += 1;
-        match &self.auth_user {
-            None => {
-                self.auth_user = Some(user.to_string());
-                Ok(())
-            }
-            Some(first) if first == user => Ok(()),
-            Some(first) => {
-                tracing::info!(connection_id = %self.conn.id, first = %first.escape_debug(), user = %user.escape_debug(), "the user name changed between authentication requests: disconnecting");
-                self.conn.disconnect(
-                    russh::Disconnect::ProtocolError,
-                    "Change of username or service not allowed",
-                );
-                Err(self.rejection())
-            }
-        }
-    }
-
-    /// A refused attempt, counted as sshd counts them (every method together); at
-    /// `ssh.maxAuthTries` the client is disconnected with the reason.
-    fn refuse(&mut self) -> Auth {
-        self.auth_failures += 1;
-        self.conn.auth_failed();
-        let max = self.conn.shared.settings.max_auth_tries;
-        if self.auth_failures >= max {
-            tracing::info!(connection_id = %self.conn.id, user = %self.auth_user.as_deref().unwrap_or("").escape_debug(), failures = self.auth_failures, "too many authentication failures (ssh.maxAuthTries): disconnecting");
-            self.conn.disconnect(
-                russh::Disconnect::NoMoreAuthMethodsAvailable,
-                "Too many authentication failures",
-            );
-        }
-        self.rejection()
-    }
-
-    fn peer(&self) -> Peer {
-        Peer {
-            connection_id: self.conn.id.clone(),
-            remote_address: self.conn.peer.to_string(),
-            client_version: self.conn.hello.version.get().cloned().unwrap_or_default(),
-        }
-    }
-
-    /// Asks the public-key webhook (once per user and key on this connection).
-    async fn webhook_key(&mut self, user: &str, key: &PublicKey) -> Option<LoginState> {
-        let hook = self.conn.shared.webhooks.public_key.clone()?;
-        let Ok(text) = key.to_openssh() else {
-            return None;
-        };
-        // authorized_keys form without a comment.
-        let text: String = text.split(' ').take(2).collect::<Vec<_>>().join(" ");
-        let cache_key = format!("{user}\0{text}");
-        if let Some(answer) = self.pubkey_answers.get(&cache_key) {
-            return answer.clone();
-        }
-        let answer = match auth_webhook::public_key(&hook, user, &text, &self.peer()).await {
-            Ok(Verdict::Allowed(state)) => Some(state),
-            Ok(Verdict::Denied) => {
-                tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), "public key refused by the auth webhook");
-                None
-            }
-            Err(e) => {
-                tracing::warn!(connection_id = %self.conn.id, user = %user.escape_debug(), error = %e, "auth webhook failed: public key refused");
-                None
-            }
-        };
-        if self.pubkey_answers.len() < MAX_PUBKEY_ANSWERS {
-            self.pubkey_answers.insert(cache_key, answer.clone());
-        }
-        answer
-    }
-
-    /// Merges the config webhook's configuration onto the file's: the login's own settings and
-    /// backend, not yet applied.
-    fn login_config(
-        &self,
-        user: &str,
-        overlay: &serde_json::Value,
-    ) -> Result<(Arc<crate::config::Settings>, Arc<crate::backend::Backend>), String> {
-        let shared = &self.conn.shared;
-        let label = format!("config webhook answer for {}", user.escape_debug());
-        let settings = crate::config::merge::merge(&label, &shared.settings.file, overlay)
-            .map_err(|e| e.to_string())?;
-        let settings = Arc::new(settings);
-        let backend = shared.backend.for_login(&shared.settings, &settings)?;
-        Ok((settings, backend))
-    }
-
-    /// After a successful authentication: the authz webhook (when configured), the config
-    /// webhook, then the login's metadata; the connection is authenticated as the webhook's
-    /// `authenticatedUsername` when it names one. Nothing is applied to the connection until
-    /// the last check that can refuse the login has passed.
-    async fn finish_login(
-        &mut self,
-        user: &str,
-        key_options: Option<KeyOptions>,
-        mut state: LoginState,
-        method: &'static str,
-    ) -> Auth {
-        if let Some(hook) = self.conn.shared.webhooks.authz.clone() {
-            match auth_webhook::authz(&hook, user, state, &self.peer()).await {
-                Ok(Verdict::Allowed(s)) => state = s,
-                Ok(Verdict::Denied) => {
-                    tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), method, "login refused by the authz webhook");
-                    return self.refuse();
-                }
-                Err(e) => {
-                    tracing::warn!(connection_id = %self.conn.id, user = %user.escape_debug(), error = %e, "authz webhook failed: login refused");
-                    return self.refuse();
-                }
-            }
-        }
-        let mut profile = None;
-        if let Some(hook) = self.conn.shared.webhooks.config.clone() {
-            let sensitive = self.conn.shared.settings.transmit_sensitive_metadata;
-            match auth_webhook::config(&hook, user, state, &self.peer(), sensitive).await {
-                Ok((s, overlay)) => {
-                    state = s;
-                    if let Some(overlay) = overlay {
-                        match self.login_config(user, &overlay) {
-                            Ok(p) => profile = Some(p),
-                            Err(e) => {
-                                tracing::warn!(connection_id = %self.conn.id, user = %user.escape_debug(), error = %e, "login refused: the config webhook's configuration cannot be used");
-                                return self.refuse();
-                            }
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(connection_id = %self.conn.id, user = %user.escape_debug(), error = %e, "config webhook failed: login refused");
-                    return self.refuse();
-                }
-            }
-        }
-        let name = if state.authenticated_username.is_empty() {
-            user.to_string()
-        } else {
-            state.authenticated_username.clone()
-        };
-        let Some(base) = self.metadata(&name).await else {
-            return self.refuse();
-        };
-        // Every check has passed: from here on the login is what the connection runs with.
-        let metadata = Arc::new(state.apply(&base));
-        if let Some((settings, backend)) = profile {
-            if settings.log.level != self.conn.shared.settings.log.level {
-                crate::log::set_connection_level(&self.conn.id, settings.log.level);
-            }
-            tracing::debug!(connection_id = %self.conn.id, backend = ?settings.backend, mode = ?settings.mode(), "per-login configuration");
-            self.conn.set_profile(settings, backend);
-        }
-        tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), authenticated_as = %name.escape_debug(), method, "authenticated");
-        self.conn.authenticated(AuthedUser {
-            name,
-            key_options,
-            metadata,
-        });
-        Auth::Accept
-    }
-
-    fn check_key(&self, user: &str, key: &PublicKey) -> Option<KeyOptions> {
-        let ak = self.conn.shared.authorized_keys.as_ref()?;
-        match ak.find(user, key, self.conn.peer.ip(), SystemTime::now()) {
-            Ok(found) => found,
-            Err(e) => {
-                tracing::warn!(connection_id = %self.conn.id, error = %e, "cannot read authorized keys");
-                None
-            }
-        }
-    }
-
-    /// The login's environment and files; `None` (login refused, reason logged) when a file
-    /// cannot be read: a login never starts without what the operator configured for it.
-    async fn metadata(&self, user: &str) -> Option<Arc<LoginMetadata>> {
-        let template = &self.conn.shared.settings.metadata;
-        let resolved = if template.has_files() {
-            let (t, u) = (template.clone(), user.to_string());
-            tokio::task::spawn_blocking(move || t.resolve(&u))
-                .await
-                .unwrap_or_else(|_| Err("file reader failed".into()))
-        } else {
-            template.resolve(user)
-        };
-        match resolved {
-            Ok(m) => Some(Arc::new(m)),
-            Err(e) => {
-                tracing::warn!(connection_id = %self.conn.id, user = %user.escape_debug(), error = %e, "login refused: auth.metadata");
-                None
-            }
-        }
-    }
-
-    /// Sends an event to the channel's task; a task that has ended simply drops it.
-    async fn send(&self, id: ChannelId, ev: ChannelEvent) {
-        if let Some(ch) = self.channels.get(&id) {
-            let _ = ch.events.send(ev).await;
-        }
-    }
-
-    /// Accepts a program request: marks the channel started and hands the program over.
+    /// Accepts a program request: the channel moves on to Starting with the program and the
+    /// environment the login adds.
     fn start(
         &mut self,
         id: ChannelId,
@@ -297,13 +59,6 @@ impl Handler {
         extra_env: Vec<String>,
         session: &mut Session,
     ) -> Result<(), HandlerError> {
-        let Some(ch) = self.channels.get_mut(&id) else {
-            return Ok(session.channel_failure(id)?);
-        };
-        if ch.started {
-            return Ok(session.channel_failure(id)?);
-        }
-        ch.started = true;
         let mut env = extra_env;
         if let Some(user) = self.conn.user() {
             if let Some(opts) = &user.key_options {
@@ -325,15 +80,15 @@ impl Handler {
             let md = &user.metadata.environment;
             env.extend(md.iter().map(|(k, v)| format!("{k}={v}")));
         }
-        // The queue is empty before a start (only ≤ MAX_ENV_VARS + 2 events precede it).
-        if ch
-            .events
-            .try_send(ChannelEvent::Start { argv, env })
-            .is_err()
-        {
-            return Ok(session.channel_failure(id)?);
+        let started = self
+            .channels
+            .get_mut(&id)
+            .map(|ch| ch.start(Program { argv, env }));
+        match started {
+            Some(Ok(())) => session.channel_success(id)?,
+            _ => session.channel_failure(id)?,
         }
-        Ok(session.channel_success(id)?)
+        Ok(())
     }
 
     /// `security.forceCommand`, else `command=` from authorized_keys, replaces whatever the
@@ -347,6 +102,23 @@ impl Handler {
             vec!["/bin/sh".into(), "-c".into(), cmd],
             vec![format!("SSH_ORIGINAL_COMMAND={original}")],
         ))
+    }
+
+    /// Answers a channel request with what the channel's phase says.
+    fn answer<E: std::fmt::Display>(
+        &self,
+        id: ChannelId,
+        what: &str,
+        r: Result<(), E>,
+        session: &mut Session,
+    ) -> Result<(), HandlerError> {
+        match r {
+            Ok(()) => Ok(session.channel_success(id)?),
+            Err(e) => {
+                tracing::debug!(connection_id = %self.conn.id, request = what, reason = %e, "channel request refused");
+                Ok(session.channel_failure(id)?)
+            }
+        }
     }
 }
 
@@ -397,6 +169,24 @@ fn allowed(conn: &ConnCtx, enabled: bool, what: &str, restriction: KeyRestrictio
     !denied
 }
 
+/// Whether the backend can forward at all for this login, logging why not: the agent must
+/// run in the containers, and session mode has no shared container to forward into.
+fn can_forward(conn: &ConnCtx, what: &str) -> bool {
+    let backend = conn.backend();
+    let why = if !backend.has_agent() {
+        format!(
+            "forwarding needs the in-container agent ({} is set)",
+            backend.disable_agent_key()
+        )
+    } else if backend.mode() == crate::config::model::ExecutionMode::Session {
+        "forwarding does not work in session mode".to_string()
+    } else {
+        return true;
+    };
+    tracing::info!(connection_id = %conn.id, kind = what, reason = %why, "forwarding refused");
+    false
+}
+
 /// The variables a client may still set when a command is forced: locale, time zone, terminal
 /// and Git's protocol version. Anything else can run code of the client's choosing before or
 /// inside the forced command — `LD_PRELOAD`, `BASH_ENV`, `ENV`, `SHELLOPTS`=xtrace with `PS4`,
@@ -410,10 +200,6 @@ fn forced_command_allows(name: &str) -> bool {
         )
 }
 
-fn target_ok(s: &str) -> bool {
-    !s.is_empty() && s.len() <= MAX_FORWARD_TARGET_BYTES && !s.contains('\0')
-}
-
 fn dims_ok(cols: u32, rows: u32) -> bool {
     cols <= MAX_TERMINAL_DIMENSION && rows <= MAX_TERMINAL_DIMENSION
 }
@@ -422,16 +208,10 @@ impl russh::server::Handler for Handler {
     type Error = HandlerError;
 
     async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
-        if let Err(answer) = self.begin_auth(user) {
+        if let Err(answer) = self.auth.begin(user) {
             return Ok(answer);
         }
-        // Clients open with a `none` probe for the method list; like sshd, only a later one
-        // counts as a failed attempt.
-        Ok(if self.auth_requests == 1 {
-            self.rejection()
-        } else {
-            self.refuse()
-        })
+        Ok(self.auth.none())
     }
 
     async fn auth_keyboard_interactive<'a>(
@@ -440,11 +220,11 @@ impl russh::server::Handler for Handler {
         _submethods: &str,
         _response: Option<russh::server::Response<'a>>,
     ) -> Result<Auth, Self::Error> {
-        if let Err(answer) = self.begin_auth(user) {
+        if let Err(answer) = self.auth.begin(user) {
             return Ok(answer);
         }
         // Not offered; answered at once like any other refusal.
-        Ok(self.refuse())
+        Ok(self.auth.refuse())
     }
 
     async fn auth_publickey_offered(
@@ -452,7 +232,7 @@ impl russh::server::Handler for Handler {
         user: &str,
         offer: russh::server::PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
-        if let Err(answer) = self.begin_auth(user) {
+        if let Err(answer) = self.auth.begin(user) {
             return Ok(answer);
         }
         if self.conn.shared.trusted_cas.is_some() {
@@ -461,15 +241,17 @@ impl russh::server::Handler for Handler {
             return Ok(Auth::Accept);
         }
         if self.conn.shared.authorized_keys.is_some() {
-            return Ok(if self.check_key(user, offer.public_key).is_some() {
-                Auth::Accept
-            } else {
-                self.refuse()
-            });
+            return Ok(
+                if self.auth.check_key(user, offer.public_key).await.is_some() {
+                    Auth::Accept
+                } else {
+                    self.auth.refuse()
+                },
+            );
         }
-        Ok(match self.webhook_key(user, offer.public_key).await {
+        Ok(match self.auth.webhook_key(user, offer.public_key).await {
             Some(_) => Auth::Accept,
-            None => self.refuse(),
+            None => self.auth.refuse(),
         })
     }
 
@@ -478,7 +260,7 @@ impl russh::server::Handler for Handler {
         user: &str,
         key: VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
-        if let Err(answer) = self.begin_auth(user) {
+        if let Err(answer) = self.auth.begin(user) {
             return Ok(answer);
         }
         if self.conn.shared.authorized_keys.is_none()
@@ -486,21 +268,22 @@ impl russh::server::Handler for Handler {
         {
             // Only certificates are accepted.
             tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), "public key refused: only certificates are trusted");
-            return Ok(self.refuse());
+            return Ok(self.auth.refuse());
         }
         if self.conn.shared.authorized_keys.is_some() {
-            let Some(opts) = self.check_key(user, key.public_key) else {
+            let Some(opts) = self.auth.check_key(user, key.public_key).await else {
                 tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), "public key refused");
-                return Ok(self.refuse());
+                return Ok(self.auth.refuse());
             };
             return Ok(self
-                .finish_login(user, Some(opts), LoginState::default(), "publickey")
+                .auth
+                .finish(user, Some(opts), LoginState::default(), "publickey")
                 .await);
         }
-        let Some(state) = self.webhook_key(user, key.public_key).await else {
-            return Ok(self.refuse());
+        let Some(state) = self.auth.webhook_key(user, key.public_key).await else {
+            return Ok(self.auth.refuse());
         };
-        Ok(self.finish_login(user, None, state, "publickey").await)
+        Ok(self.auth.finish(user, None, state, "publickey").await)
     }
 
     async fn auth_openssh_certificate(
@@ -508,11 +291,11 @@ impl russh::server::Handler for Handler {
         user: &str,
         certificate: &russh::keys::Certificate,
     ) -> Result<Auth, Self::Error> {
-        if let Err(answer) = self.begin_auth(user) {
+        if let Err(answer) = self.auth.begin(user) {
             return Ok(answer);
         }
         let Some(cas) = &self.conn.shared.trusted_cas else {
-            return Ok(self.refuse());
+            return Ok(self.auth.refuse());
         };
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -522,7 +305,7 @@ impl russh::server::Handler for Handler {
             Ok(l) => l,
             Err(e) => {
                 tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), key_id = %certificate.key_id().escape_debug(), reason = %e, "certificate refused");
-                return Ok(self.refuse());
+                return Ok(self.auth.refuse());
             }
         };
         // The webhooks see which certificate it was.
@@ -540,48 +323,16 @@ impl russh::server::Handler for Handler {
         );
         tracing::debug!(connection_id = %self.conn.id, key_id = %login.key_id.escape_debug(), "certificate accepted");
         Ok(self
-            .finish_login(user, Some(login.options), state, "publickey-certificate")
+            .auth
+            .finish(user, Some(login.options), state, "publickey-certificate")
             .await)
     }
 
     async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
-        if let Err(answer) = self.begin_auth(user) {
+        if let Err(answer) = self.auth.begin(user) {
             return Ok(answer);
         }
-        let Some(checker) = self.conn.shared.passwords.as_ref() else {
-            let Some(hook) = self.conn.shared.webhooks.password.clone() else {
-                return Ok(self.refuse());
-            };
-            let pw = zeroize_string(password);
-            let verdict = auth_webhook::password(&hook, user, pw.as_bytes(), &self.peer()).await;
-            drop(pw);
-            return Ok(match verdict {
-                Ok(Verdict::Allowed(state)) => {
-                    self.finish_login(user, None, state, "password").await
-                }
-                Ok(Verdict::Denied) => {
-                    tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), "password refused by the auth webhook");
-                    self.refuse()
-                }
-                Err(e) => {
-                    tracing::warn!(connection_id = %self.conn.id, user = %user.escape_debug(), error = %e, "auth webhook failed: password refused");
-                    self.refuse()
-                }
-            });
-        };
-        match checker.verify(user, password.as_bytes()).await {
-            Ok(true) => Ok(self
-                .finish_login(user, None, LoginState::default(), "password")
-                .await),
-            Ok(false) => {
-                tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), "password refused");
-                Ok(self.refuse())
-            }
-            Err(e) => {
-                tracing::warn!(connection_id = %self.conn.id, error = %e, "cannot check password");
-                Ok(self.refuse())
-            }
-        }
+        Ok(self.auth.password(user, password).await)
     }
 
     async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
@@ -602,52 +353,33 @@ impl russh::server::Handler for Handler {
         reply: ChannelOpenHandle,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if self.channels.len() >= MAX_CHANNELS_PER_CONNECTION || self.conn.cancel.is_cancelled() {
-            reply
-                .reject(russh::ChannelOpenFailure::ResourceShortage)
-                .await;
-            return Ok(());
-        }
-        // A parallel limit: closed sessions give their place back (ContainerSSH counted all).
-        if let Some(max) = self.conn.settings().policy.max_sessions {
-            if self.channels.len() >= max {
-                tracing::info!(connection_id = %self.conn.id, max, "session refused: security.maxSessions");
-                reply
-                    .reject(russh::ChannelOpenFailure::ResourceShortage)
-                    .await;
-                return Ok(());
+        let open = self.channels.len();
+        let refused = if open >= MAX_CHANNELS_PER_CONNECTION || self.conn.cancel.is_cancelled() {
+            Some(format!("{MAX_CHANNELS_PER_CONNECTION} open"))
+        } else {
+            // A parallel limit: closed sessions give their place back (ContainerSSH counted
+            // all of them).
+            match self.conn.settings().policy.max_sessions {
+                Some(max) if open >= max => Some(format!("security.maxSessions ({max})")),
+                _ => None,
+            }
+        };
+        let id = channel.id();
+        let opened = match refused {
+            Some(why) => Err(why),
+            None => SessionChannel::open(&self.conn, session.handle(), channel)
+                .map_err(|e| e.to_string()),
+        };
+        match opened {
+            Ok(ch) => {
+                self.channels.insert(id, ch);
+                reply.accept().await;
+            }
+            Err(why) => {
+                tracing::info!(connection_id = %self.conn.id, "session refused: {why}");
+                reply.reject(ChannelOpenFailure::ResourceShortage).await;
             }
         }
-        let id = channel.id();
-        // Requests and data reach us through the callbacks below; the read half is dropped so
-        // russh never blocks on it.
-        let (_read, write) = channel.split();
-        let (events_tx, events_rx) = mpsc::channel(CHANNEL_EVENT_QUEUE);
-        let (stdin_tx, stdin_rx) = stdin::stdin_queue();
-        let closed = CancellationToken::new();
-        self.channels.insert(
-            id,
-            ChannelEntry {
-                events: events_tx,
-                stdin: stdin_tx,
-                closed: closed.clone(),
-                started: false,
-                pty: false,
-                x11: false,
-                agent: false,
-                env_count: 0,
-            },
-        );
-        reply.accept().await;
-        let conn = Arc::clone(&self.conn);
-        self.conn.tasks.spawn(channel::run(
-            conn,
-            session.handle(),
-            write,
-            events_rx,
-            stdin_rx,
-            closed,
-        ));
         Ok(())
     }
 
@@ -667,24 +399,23 @@ impl russh::server::Handler for Handler {
             .user()
             .and_then(|u| u.key_options.as_ref())
             .is_some_and(|o| o.no_pty);
-        let Some(ch) = self.channels.get_mut(&id) else {
-            return Ok(session.channel_failure(id)?);
-        };
-        if no_pty || ch.started || ch.pty || term.len() > MAX_TERM_BYTES || !dims_ok(cols, rows) {
+        if no_pty || term.len() > MAX_TERM_BYTES || !dims_ok(cols, rows) {
             return Ok(session.channel_failure(id)?);
         }
         if !self.conn.settings().policy.tty {
             tracing::info!(connection_id = %self.conn.id, "terminal refused: security.tty");
             return Ok(session.channel_failure(id)?);
         }
-        ch.pty = true;
         let t = Terminal {
             term: term.to_string(),
             cols,
             rows,
         };
-        self.send(id, ChannelEvent::Pty(t)).await;
-        Ok(session.channel_success(id)?)
+        let r = match self.channels.get_mut(&id) {
+            Some(ch) => ch.pty(t),
+            None => return Ok(session.channel_failure(id)?),
+        };
+        self.answer(id, "pty-req", r, session)
     }
 
     async fn env_request(
@@ -694,19 +425,10 @@ impl russh::server::Handler for Handler {
         value: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let forced = !forced_command_allows(name) && self.forced("").is_some();
-        let Some(ch) = self.channels.get_mut(&id) else {
-            return Ok(session.channel_failure(id)?);
-        };
-        if ch.started
-            || ch.env_count >= MAX_ENV_VARS
-            || !env_name_ok(name)
-            || value.len() > MAX_ENV_VALUE_BYTES
-            || value.contains('\0')
-        {
+        if !env_name_ok(name) || value.len() > MAX_ENV_VALUE_BYTES || value.contains('\0') {
             return Ok(session.channel_failure(id)?);
         }
-        if forced {
+        if !forced_command_allows(name) && self.forced("").is_some() {
             tracing::info!(connection_id = %self.conn.id, name = %name.escape_debug(), "environment variable refused: a command is forced");
             return Ok(session.channel_failure(id)?);
         }
@@ -714,10 +436,11 @@ impl russh::server::Handler for Handler {
             tracing::info!(connection_id = %self.conn.id, name = %name.escape_debug(), "environment variable refused: security.env");
             return Ok(session.channel_failure(id)?);
         }
-        ch.env_count += 1;
-        self.send(id, ChannelEvent::Env(format!("{name}={value}")))
-            .await;
-        Ok(session.channel_success(id)?)
+        let r = match self.channels.get_mut(&id) {
+            Some(ch) => ch.env(format!("{name}={value}")),
+            None => return Ok(session.channel_failure(id)?),
+        };
+        self.answer(id, "env", r, session)
     }
 
     async fn shell_request(
@@ -790,11 +513,13 @@ impl russh::server::Handler for Handler {
         _pix_height: u32,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if !dims_ok(cols, rows) {
-            return Ok(session.channel_failure(id)?);
+        match self.channels.get(&id) {
+            Some(ch) if dims_ok(cols, rows) => {
+                ch.resize(cols, rows);
+                Ok(session.channel_success(id)?)
+            }
+            _ => Ok(session.channel_failure(id)?),
         }
-        self.send(id, ChannelEvent::Resize { cols, rows }).await;
-        Ok(session.channel_success(id)?)
     }
 
     async fn signal(
@@ -808,7 +533,11 @@ impl russh::server::Handler for Handler {
             tracing::info!(connection_id = %self.conn.id, signal = %name.escape_debug(), "signal refused: security.signal");
             return Ok(());
         }
-        self.send(id, ChannelEvent::Signal(name)).await;
+        if let Some(ch) = self.channels.get(&id) {
+            if let Err(e) = ch.signal(name.clone()) {
+                tracing::info!(connection_id = %self.conn.id, signal = %name.escape_debug(), reason = %e, "signal dropped");
+            }
+        }
         Ok(())
     }
 
@@ -819,15 +548,9 @@ impl russh::server::Handler for Handler {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         if let Some(ch) = self.channels.get(&id) {
-            if let Err(e) = ch.stdin.push(data).await {
-                tracing::warn!(connection_id = %self.conn.id, error = %e, "disconnecting");
-                return Err(e.into());
-            }
+            ch.data(data);
         } else if let Some(f) = self.conn.forwards.entry(id) {
-            if let Err(e) = f.stdin.push(data).await {
-                tracing::warn!(connection_id = %self.conn.id, error = %e, "disconnecting");
-                return Err(e.into());
-            }
+            f.stdin.push(data);
         }
         Ok(())
     }
@@ -838,14 +561,7 @@ impl russh::server::Handler for Handler {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         if let Some(ch) = self.channels.get(&id) {
-            if ch.pty {
-                // As sshd: the client's EOF does not close a terminal (closing it would hang
-                // the program up and lose its output, e.g. `ssh -tt host cmd </dev/null`);
-                // on a terminal, end of input is the user's ^D.
-                tracing::debug!(connection_id = %self.conn.id, "EOF on a terminal session: the terminal stays open");
-            } else {
-                ch.stdin.eof();
-            }
+            ch.eof();
         } else if let Some(f) = self.conn.forwards.entry(id) {
             f.stdin.eof();
         }
@@ -858,8 +574,7 @@ impl russh::server::Handler for Handler {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         if let Some(ch) = self.channels.remove(&id) {
-            ch.closed.cancel();
-            ch.stdin.eof();
+            ch.close();
         } else if let Some(f) = self.conn.forwards.remove(id) {
             f.closed.cancel();
             f.stdin.eof();
@@ -872,10 +587,18 @@ impl russh::server::Handler for Handler {
         id: ChannelId,
         _max_packet_size: u32,
         _window_size: u32,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Self::Error> {
-        // Only forwarding opens channels towards the client.
-        self.conn.forwards.confirmed(id);
+        // Only forwarding opens channels towards the client; one whose open we gave up on is
+        // closed again.
+        if !self
+            .conn
+            .forwards
+            .confirmed(&self.conn, id, session.handle())
+        {
+            tracing::info!(connection_id = %self.conn.id, channel = %id, "a forwarded channel confirmed after its open was abandoned: closed");
+            session.close(id)?;
+        }
         Ok(())
     }
 
@@ -894,7 +617,8 @@ impl russh::server::Handler for Handler {
         match port {
             Some(port)
                 if allowed(&self.conn, enabled, "direct-tcpip", KeyRestriction::Port)
-                    && target_ok(host_to_connect) =>
+                    && can_forward(&self.conn, "direct-tcpip")
+                    && target_ok(host_to_connect, MAX_FORWARD_HOST_BYTES) =>
             {
                 let target = DirectTarget::Tcp {
                     host: host_to_connect.to_string(),
@@ -924,7 +648,8 @@ impl russh::server::Handler for Handler {
             enabled,
             "direct-streamlocal",
             KeyRestriction::Port,
-        ) && target_ok(socket_path)
+        ) && can_forward(&self.conn, "direct-streamlocal")
+            && target_ok(socket_path, MAX_FORWARD_PATH_BYTES)
         {
             let target = DirectTarget::Unix {
                 path: socket_path.to_string(),
@@ -945,22 +670,21 @@ impl russh::server::Handler for Handler {
         session: &mut Session,
     ) -> Result<bool, Self::Error> {
         let enabled = self.conn.settings().forwarding.remote_tcp;
+        let Ok(port16) = u16::try_from(*port) else {
+            return Ok(false);
+        };
+        // An empty address means all interfaces (RFC 4254).
+        let address_ok = address.is_empty() || target_ok(address, MAX_FORWARD_HOST_BYTES);
         if !allowed(&self.conn, enabled, "tcpip-forward", KeyRestriction::Port)
-            || address.len() > MAX_FORWARD_TARGET_BYTES
+            || !can_forward(&self.conn, "tcpip-forward")
+            || !address_ok
         {
             return Ok(false);
         }
-        match fwd::listen_tcp(&self.conn, &session.handle(), address, *port).await {
-            Ok(bound) => {
-                tracing::info!(connection_id = %self.conn.id, address = %address.escape_debug(), port = bound, "remote forwarding listener opened in the container");
-                *port = bound;
-                Ok(true)
-            }
-            Err(e) => {
-                tracing::info!(connection_id = %self.conn.id, error = %e, "remote forwarding refused");
-                Ok(false)
-            }
-        }
+        // Answered when the container listens; what this returns is not sent.
+        let reply = session.defer_global_reply();
+        listen::listen_tcp(&self.conn, address.to_string(), port16, reply);
+        Ok(true)
     }
 
     async fn cancel_tcpip_forward(
@@ -969,7 +693,7 @@ impl russh::server::Handler for Handler {
         port: u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        Ok(fwd::cancel_tcp(&self.conn, address, port))
+        Ok(listen::cancel_tcp(&self.conn, address, port))
     }
 
     async fn streamlocal_forward(
@@ -983,17 +707,14 @@ impl russh::server::Handler for Handler {
             enabled,
             "streamlocal-forward",
             KeyRestriction::Port,
-        ) || !target_ok(socket_path)
+        ) || !can_forward(&self.conn, "streamlocal-forward")
+            || !target_ok(socket_path, MAX_FORWARD_PATH_BYTES)
         {
             return Ok(false);
         }
-        match fwd::listen_unix(&self.conn, &session.handle(), socket_path).await {
-            Ok(()) => Ok(true),
-            Err(e) => {
-                tracing::info!(connection_id = %self.conn.id, error = %e, "remote socket forwarding refused");
-                Ok(false)
-            }
-        }
+        let reply = session.defer_global_reply();
+        listen::listen_unix(&self.conn, socket_path.to_string(), reply);
+        Ok(true)
     }
 
     async fn cancel_streamlocal_forward(
@@ -1001,9 +722,11 @@ impl russh::server::Handler for Handler {
         socket_path: &str,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        Ok(fwd::cancel_unix(&self.conn, socket_path))
+        Ok(listen::cancel_unix(&self.conn, socket_path))
     }
 
+    /// Accepted from cheap checks alone; the display is set up by the channel's task before
+    /// its program starts (a failure then is reported on the session's stderr).
     async fn x11_request(
         &mut self,
         id: ChannelId,
@@ -1015,84 +738,41 @@ impl russh::server::Handler for Handler {
     ) -> Result<(), Self::Error> {
         let enabled = self.conn.settings().forwarding.x11;
         let cookie = hex::decode(x11_auth_cookie).ok().filter(|c| c.len() <= 256);
-        let fresh = self
-            .channels
-            .get(&id)
-            .is_some_and(|ch| !ch.started && !ch.x11);
         let (Some(cookie), true, true, true) = (
             cookie,
-            fresh,
             allowed(&self.conn, enabled, "x11", KeyRestriction::X11),
+            can_forward(&self.conn, "x11"),
             x11_auth_protocol == "MIT-MAGIC-COOKIE-1",
         ) else {
             return Ok(session.channel_failure(id)?);
         };
-        match fwd::listen_x11(&self.conn, &session.handle()).await {
-            Ok(display) => {
-                if let Some(ch) = self.channels.get_mut(&id) {
-                    ch.x11 = true;
-                }
-                let ev = ChannelEvent::X11 {
-                    display,
-                    screen: x11_screen_number.min(1000),
-                    protocol: x11_auth_protocol.to_string(),
-                    cookie,
-                };
-                self.send(id, ev).await;
-                Ok(session.channel_success(id)?)
-            }
-            Err(e) => {
-                tracing::info!(connection_id = %self.conn.id, error = %e, "X11 forwarding refused");
-                Ok(session.channel_failure(id)?)
-            }
-        }
+        let req = X11Request {
+            screen: x11_screen_number.min(1000),
+            protocol: x11_auth_protocol.to_string(),
+            cookie,
+        };
+        let r = match self.channels.get_mut(&id) {
+            Some(ch) => ch.x11(req),
+            None => return Ok(session.channel_failure(id)?),
+        };
+        self.answer(id, "x11-req", r, session)
     }
 
+    /// As `x11-req`: accepted from cheap checks, the socket made before the program starts.
     async fn agent_request(
         &mut self,
         id: ChannelId,
-        session: &mut Session,
+        _session: &mut Session,
     ) -> Result<bool, Self::Error> {
         let enabled = self.conn.settings().forwarding.agent;
-        let fresh = self
-            .channels
-            .get(&id)
-            .is_some_and(|ch| !ch.started && !ch.agent);
-        if !fresh || !allowed(&self.conn, enabled, "auth-agent", KeyRestriction::Agent) {
+        if !allowed(&self.conn, enabled, "auth-agent", KeyRestriction::Agent)
+            || !can_forward(&self.conn, "auth-agent")
+        {
             return Ok(false);
         }
-        match fwd::agent_socket(&self.conn, &session.handle()).await {
-            Ok(path) => {
-                if let Some(ch) = self.channels.get_mut(&id) {
-                    ch.agent = true;
-                }
-                self.send(id, ChannelEvent::Env(format!("SSH_AUTH_SOCK={path}")))
-                    .await;
-                Ok(true)
-            }
-            Err(e) => {
-                tracing::info!(connection_id = %self.conn.id, error = %e, "agent forwarding refused");
-                Ok(false)
-            }
-        }
-    }
-}
-
-/// Copies the password so it can move to the hashing thread; the copy is wiped on drop.
-fn zeroize_string(s: &str) -> Secret {
-    Secret(s.as_bytes().to_vec())
-}
-
-struct Secret(Vec<u8>);
-
-impl Secret {
-    fn as_bytes(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl Drop for Secret {
-    fn drop(&mut self) {
-        self.0.iter_mut().for_each(|b| *b = 0);
+        Ok(match self.channels.get_mut(&id) {
+            Some(ch) => ch.agent().is_ok(),
+            None => false,
+        })
     }
 }

@@ -1,14 +1,20 @@
 //! The SSH side: russh configuration built field by field from our settings (never from
 //! russh's defaults, which offer `none`/`hostbased` and ten auth attempts), the thin russh
-//! [`handler`], and the per-channel tasks in [`channel`].
+//! [`handler`], and one file per lifecycle: [`connection`] (with [`auth`] for its
+//! Authenticating phase), [`session_channel`], [`forward`] (forwarded channels) and
+//! [`listen`] (listeners in the container); [`flow`] bounds what clients send, [`timeouts`]
+//! what sessions may last.
 
-pub mod channel;
-pub mod conn;
+pub mod auth;
+pub mod connection;
+pub mod flow;
 pub mod forward;
 pub mod handler;
 pub mod hostkey;
+pub mod listen;
 pub mod program;
-pub mod stdin;
+pub mod session_channel;
+pub mod timeouts;
 pub mod version;
 
 use std::borrow::Cow;
@@ -23,9 +29,6 @@ use crate::config::Settings;
 /// Failed authentication attempts all take this long, so timing does not tell a wrong user
 /// from a wrong key or password.
 pub const AUTH_REJECTION_TIME: std::time::Duration = std::time::Duration::from_millis(500);
-
-/// Channel window we grant clients (OpenSSH uses the same 2 MiB for sessions).
-pub const WINDOW_SIZE: u32 = 2 * 1024 * 1024;
 
 /// Largest packet we accept; OpenSSH's value.
 pub const MAX_PACKET_SIZE: u32 = 32 * 1024;
@@ -106,8 +109,10 @@ pub fn russh_config(
         keys,
         certificates: Vec::new(),
         limits: russh::Limits::default(),
-        window_size: WINDOW_SIZE,
-        manual_window_adjust: false,
+        // Every channel starts with this window and is granted more as its consumer drains it
+        // (`flow`): one channel whose program does not read stops only its own client.
+        window_size: crate::limits::CHANNEL_WINDOW_INITIAL as u32,
+        manual_window_adjust: true,
         maximum_packet_size: MAX_PACKET_SIZE,
         channel_buffer_size: 100,
         event_buffer_size: 64,

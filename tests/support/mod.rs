@@ -1631,6 +1631,15 @@ impl TestEnv {
     }
 }
 
+/// `ssh` (as built by [`TestEnv::ssh`]) with `-tt` and `remote`, as one shell command line
+/// for a terminal (tmux) to run.
+pub fn tty_command_line(ssh: &Command, remote: &str) -> String {
+    let mut line: Vec<String> = vec![ssh.get_program().to_string_lossy().into_owned()];
+    line.extend(ssh.get_args().map(|a| format!("'{}'", a.to_string_lossy())));
+    line.insert(1, "-tt".into());
+    format!("{} '{}'", line.join(" "), remote)
+}
+
 /// A tmux server of our own, so a real terminal drives `ssh -tt`.
 pub struct Tmux {
     socket: String,
@@ -1647,6 +1656,22 @@ impl Tmux {
         let mut c = Command::new("tmux");
         c.args(["-L", &self.socket, "-f", "/dev/null"]);
         c
+    }
+
+    /// Starts the terminal (`cols` × `rows`) running `line` in a shell.
+    pub fn start(&self, cols: u16, rows: u16, line: &str) {
+        let (cols, rows) = (cols.to_string(), rows.to_string());
+        self.run(&[
+            "new-session",
+            "-d",
+            "-s",
+            "t",
+            "-x",
+            &cols,
+            "-y",
+            &rows,
+            line,
+        ]);
     }
 
     pub fn run(&self, args: &[&str]) {
@@ -1680,6 +1705,42 @@ impl Tmux {
 impl Drop for Tmux {
     fn drop(&mut self) {
         let _ = self.cmd().arg("kill-server").status();
+    }
+}
+
+/// A process's resident memory, from `/proc`.
+pub mod rss {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::thread;
+    use std::time::Duration;
+
+    /// `pid`'s resident memory now, in KiB (0 when it is gone).
+    pub fn kib(pid: u32) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Samples `pid`'s resident memory every 20 ms until `stop`; the peak so far, in KiB.
+    pub fn sample_peak(
+        pid: u32,
+        stop: Arc<AtomicBool>,
+    ) -> (Arc<AtomicU64>, thread::JoinHandle<()>) {
+        let peak = Arc::new(AtomicU64::new(0));
+        let sampler = {
+            let peak = Arc::clone(&peak);
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    peak.fetch_max(kib(pid), Ordering::Relaxed);
+                    thread::sleep(Duration::from_millis(20));
+                }
+            })
+        };
+        (peak, sampler)
     }
 }
 
@@ -1750,8 +1811,17 @@ pub mod russh_client {
     }
 
     pub async fn connect(env: &TestEnv, server: &TestServer) -> Handle<Recorder> {
+        connect_with(env, server, Recorder::default()).await
+    }
+
+    /// [`connect`] with a client handler of the test's own.
+    pub async fn connect_with<H: client::Handler + Send + 'static>(
+        env: &TestEnv,
+        server: &TestServer,
+        handler: H,
+    ) -> Handle<H> {
         let config = Arc::new(client::Config::default());
-        let mut handle = client::connect(config, server.addr, Recorder::default())
+        let mut handle = client::connect(config, server.addr, handler)
             .await
             .expect("connect");
         let key = load_secret_key(&env.client_key, None).expect("client key");
@@ -1761,6 +1831,21 @@ pub mod russh_client {
             .expect("auth");
         assert!(auth.success(), "authentication failed");
         handle
+    }
+
+    /// Runs `cmd` on a new channel of `handle`: its stdout and exit status.
+    pub async fn run<H: client::Handler>(handle: &Handle<H>, cmd: &str) -> (Vec<u8>, Option<u32>) {
+        let mut ch = handle.channel_open_session().await.expect("channel opens");
+        ch.exec(true, cmd).await.expect("exec");
+        let (mut out, mut status) = (Vec::new(), None);
+        while let Some(msg) = ch.wait().await {
+            match msg {
+                russh::ChannelMsg::Data { data } => out.extend_from_slice(&data),
+                russh::ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
+                _ => {}
+            }
+        }
+        (out, status)
     }
 }
 

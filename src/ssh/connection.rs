@@ -1,14 +1,25 @@
-//! One SSH connection's shared state: identity, the authenticated user, the connection-mode
-//! container, and the token and task tracker that let the connection end cleanly.
+//! One SSH connection's life, and the state its tasks share ([`ConnCtx`]).
+//!
+//! | phase | from | what can happen, and the answer |
+//! |---|---|---|
+//! | Handshake | the front door let it in (`server.rs`) | version and key exchange, in russh, within `ssh.handshakeTimeout` from the accept; anything else is russh's protocol error |
+//! | Authenticating | the first authentication request | requests of every method, each answered after the fixed delay (`ssh/auth.rs`); the user may not change; `ssh.maxAuthTries` refusals or the login grace time end it; channels and global requests are refused by russh |
+//! | Authenticated | the login's last check passed: [`ConnCtx::authenticated`] sets the [`Login`], once | channels (`ssh/session_channel.rs`, `ssh/forward.rs`) and forwarding requests; in connection and persistent modes the container starts in the background, then the forwarding agent when the login may forward; `security.timeouts.unusedConnection` closes it while it has no channel and no listener |
+//! | Closing | the client left, a deadline, a disconnect we sent, shutdown | [`ConnCtx::cancel`]: channels end (with a notice on shutdown), tasks get the stop timeout, then every container labelled with the connection goes |
+//!
+//! Nothing in this file waits on the backend inside a russh callback: the container start and
+//! the forwarding agent run as tasks, and callbacks read what they need from watch channels.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::flow::Budget;
 use crate::auth::authorized_keys::KeyOptions;
 use crate::auth::metadata::LoginMetadata;
 use crate::backend::{Backend, ConnMeta, StartError, Target};
@@ -16,7 +27,7 @@ use crate::config::model::ExecutionMode;
 use crate::config::Settings;
 use crate::front::Startup;
 use crate::limits::DISCONNECT_FLUSH;
-use crate::server::Shared;
+use crate::shared::Shared;
 
 #[derive(Clone, Debug)]
 pub struct AuthedUser {
@@ -27,6 +38,14 @@ pub struct AuthedUser {
     pub metadata: Arc<LoginMetadata>,
 }
 
+/// Who logged in and what the connection runs with, fixed once every check has passed.
+pub struct Login {
+    pub user: AuthedUser,
+    /// The login's own settings (from the config webhook) or the file's.
+    pub settings: Arc<Settings>,
+    pub backend: Arc<Backend>,
+}
+
 /// The connection-mode container or pod as sessions see it.
 #[derive(Clone, Debug)]
 pub enum ContainerSlot {
@@ -35,13 +54,31 @@ pub enum ContainerSlot {
     Failed(Arc<str>),
 }
 
+/// Channels and listeners a connection has open, for `unusedConnection`.
+#[derive(Default)]
+pub struct Usage {
+    open: AtomicUsize,
+    changed: Notify,
+}
+
+/// One channel or listener counted in [`Usage`] while it lives.
+pub struct InUse(Arc<ConnCtx>);
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        let usage = &self.0.usage;
+        usage.open.fetch_sub(1, Ordering::AcqRel);
+        usage.changed.notify_waiters();
+    }
+}
+
 pub struct ConnCtx {
     pub id: String,
     /// The client's address: the TCP peer's, or the one a trusted proxy's header names
     /// (IPv4-mapped addresses as plain IPv4).
     pub peer: SocketAddr,
     pub shared: Arc<Shared>,
-    user: OnceLock<AuthedUser>,
+    login: OnceLock<Login>,
     container: watch::Sender<ContainerSlot>,
     /// Cancelled when the connection ends or the server drains.
     pub cancel: CancellationToken,
@@ -51,8 +88,9 @@ pub struct ConnCtx {
     pub forwards: super::forward::ConnForwards,
     /// The client's identification line once read, and whether it opened with a PROXY header.
     pub hello: Arc<super::version::ClientHello>,
-    /// The login's own settings and backend (from the config webhook), once known.
-    profile: OnceLock<(Arc<Settings>, Arc<Backend>)>,
+    /// `ssh.buffers.perConnection`: what this connection's channels may hold.
+    pub buffers: Arc<Budget>,
+    usage: Usage,
     /// The russh session's handle, once the version exchange is done.
     handle: OnceLock<russh::server::Handle>,
     /// Cancelled at the client's first authentication request: the key exchange is done.
@@ -107,17 +145,19 @@ impl ConnCtx {
         stream_end: CancellationToken,
     ) -> Arc<Self> {
         let cancel = shared.shutdown.child_token();
+        let buffers = shared.buffers.child(shared.settings.buffers.per_connection);
         Arc::new(Self {
             id: new_connection_id(),
             peer,
             shared,
-            user: OnceLock::new(),
+            login: OnceLock::new(),
             container: watch::channel(ContainerSlot::Starting).0,
             cancel,
             tasks: TaskTracker::new(),
             forwards: Default::default(),
             hello: Arc::default(),
-            profile: OnceLock::new(),
+            buffers,
+            usage: Usage::default(),
             handle: OnceLock::new(),
             handshaken: CancellationToken::new(),
             stream_end,
@@ -136,6 +176,11 @@ impl ConnCtx {
 
     pub fn set_handle(&self, handle: russh::server::Handle) {
         let _ = self.handle.set(handle);
+    }
+
+    /// The russh session's handle, once the version exchange is done.
+    pub fn handle(&self) -> Option<russh::server::Handle> {
+        self.handle.get().cloned()
     }
 
     /// Gives this connection's place among the unauthenticated ones back.
@@ -175,33 +220,32 @@ impl ConnCtx {
         });
     }
 
+    pub fn login(&self) -> Option<&Login> {
+        self.login.get()
+    }
+
     /// The settings this connection runs with: the login's own, or the file's.
     pub fn settings(&self) -> &Settings {
-        self.profile
+        self.login
             .get()
-            .map(|p| p.0.as_ref())
+            .map(|l| l.settings.as_ref())
             .unwrap_or(&self.shared.settings)
     }
 
     /// The backend this connection's containers or pods come from.
     pub fn backend(&self) -> &Backend {
-        self.profile
+        self.login
             .get()
-            .map(|p| p.1.as_ref())
+            .map(|l| l.backend.as_ref())
             .unwrap_or(self.shared.backend.as_ref())
     }
 
-    /// Sets the login's own settings and backend (before [`Self::authenticated`]).
-    pub fn set_profile(&self, settings: Arc<Settings>, backend: Arc<Backend>) {
-        let _ = self.profile.set((settings, backend));
-    }
-
     pub fn user(&self) -> Option<&AuthedUser> {
-        self.user.get()
+        self.login.get().map(|l| &l.user)
     }
 
     pub fn is_authenticated(&self) -> bool {
-        self.user.get().is_some()
+        self.login.get().is_some()
     }
 
     pub fn meta(&self) -> ConnMeta {
@@ -212,13 +256,35 @@ impl ConnCtx {
         }
     }
 
-    /// Records the login and, in connection mode, starts the container in the background so
-    /// the SSH event loop never waits on the engine.
-    pub fn authenticated(self: &Arc<Self>, user: AuthedUser) {
-        if self.user.set(user).is_err() {
+    /// Counts a channel or listener as in use until the returned guard is dropped.
+    pub fn in_use(self: &Arc<Self>) -> InUse {
+        self.usage.open.fetch_add(1, Ordering::AcqRel);
+        self.usage.changed.notify_waiters();
+        InUse(Arc::clone(self))
+    }
+
+    /// Disconnects with `reason` when no channel or listener is left (a timeout closed the
+    /// last one).
+    pub fn close_if_unused(&self, reason: &'static str) {
+        if self.usage.open.load(Ordering::Acquire) == 0 {
+            tracing::info!(connection_id = %self.id, reason, "closing the connection: its last channel was closed");
+            self.disconnect(russh::Disconnect::ByApplication, reason);
+        }
+    }
+
+    /// Enters the Authenticated phase with `login` (once), and starts in the background what
+    /// the login needs: the container (connection and persistent modes), then the forwarding
+    /// agent when the login may forward; and the unused-connection timer. The SSH event loop
+    /// never waits on any of them.
+    pub fn authenticated(self: &Arc<Self>, login: Login) {
+        if self.login.set(login).is_err() {
             return;
         }
         self.authenticated.cancel();
+        if let Some(after) = self.settings().policy.timeouts.unused_connection {
+            self.tasks
+                .spawn(unused_connection_timer(Arc::clone(self), after));
+        }
         if self.backend().mode() == ExecutionMode::Session {
             return;
         }
@@ -239,7 +305,11 @@ impl ConnCtx {
                     ContainerSlot::Failed(Arc::from(e.to_string()))
                 }
             };
+            let ready = matches!(slot, ContainerSlot::Ready(_));
             me.container.send_replace(slot);
+            if ready && super::forward::wanted(&me) {
+                super::forward::start_agent(&me).await;
+            }
         });
     }
 
@@ -280,6 +350,36 @@ impl ConnCtx {
             Err(e) => {
                 tracing::error!(connection_id = %self.id, error = %e, "cannot remove containers; the reaper will retry at next start")
             }
+        }
+    }
+}
+
+/// OpenSSH's UnusedConnectionTimeout: while the connection has no channel and no listener,
+/// it is closed once `after` has passed.
+async fn unused_connection_timer(conn: Arc<ConnCtx>, after: Duration) {
+    let usage = &conn.usage;
+    loop {
+        let changed = usage.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if usage.open.load(Ordering::Acquire) > 0 {
+            tokio::select! {
+                () = changed => continue,
+                () = conn.cancel.cancelled() => return,
+            }
+        }
+        tokio::select! {
+            () = changed => continue,
+            () = conn.cancel.cancelled() => return,
+            () = tokio::time::sleep(after) => {}
+        }
+        if usage.open.load(Ordering::Acquire) == 0 {
+            tracing::info!(connection_id = %conn.id, after = ?after, "closing the connection: no channel or listener (security.timeouts.unusedConnection)");
+            conn.disconnect(
+                russh::Disconnect::ByApplication,
+                "unused connection timeout",
+            );
+            return;
         }
     }
 }
