@@ -8,10 +8,18 @@
 //! - [`shared`]: what every connection shares (settings, credentials, backend, budgets).
 //! - [`ssh`]: russh configuration, the thin handler, one file per lifecycle (connection,
 //!   session channel, forwarded channel), flow control and timeouts, host keys.
-//! - [`auth`]: authentication (`authorized_keys` files, password hashes, the auth webhook).
-//! - [`webhook`]: the HTTP client of the auth and config webhooks.
-//! - [`backend`]: container backends; [`backend::docker`] talks to the Docker engine.
+//! - [`auth`]: authentication (`authorized_keys` files, password hashes, certificates, the
+//!   auth webhook).
+//! - [`webhook`]: the auth and config webhooks' client (retries, redirects).
+//! - [`backend`]: the seam to container backends ([`backend::Backend`],
+//!   [`backend::Container`], [`backend::Process`]), [`backend::docker`] and
+//!   [`backend::kubernetes`] behind it, and (tests) an in-memory fake.
+//! - [`forward`]: port, socket, X11 and agent forwarding through the in-container agent.
+//! - [`agent`]: the in-container agent's side (its own binary) and its wire protocol.
+//! - [`sandbox`]: privilege dropping and seccomp; the only room with `unsafe`.
+//! - [`log`]: log setup and formats.
 //! - [`limits`]: every bound on what clients and containers can make us hold.
+//! - `testing` (feature `test-support`): the server in-process, for tests with the fake.
 #![deny(unsafe_code)]
 
 pub mod agent;
@@ -28,6 +36,8 @@ pub mod sandbox;
 pub mod server;
 pub mod shared;
 pub mod ssh;
+#[cfg(feature = "test-support")]
+pub mod testing;
 pub mod webhook;
 
 #[doc(hidden)]

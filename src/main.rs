@@ -3,16 +3,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
-use containerssh::auth::authorized_keys::AuthorizedKeys;
-use containerssh::auth::password::{hash_password_argon2id, PasswordFile};
-use containerssh::backend::Backend;
+use containerssh::auth::password::hash_password_argon2id;
+
 use containerssh::config::model::SeccompMode;
 use containerssh::config::{self, Settings};
 use containerssh::server;
-use containerssh::shared::Shared;
-use containerssh::ssh;
+use containerssh::shared::Prepared;
 
 const HELP: &str = "\
 containerssh - an SSH server that gives every login its own container
@@ -158,24 +155,8 @@ fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
 
-    let keys = if settings.host_keys.is_empty() {
-        vec![ssh::hostkey::load_or_generate(&settings.state_directory)?]
-    } else {
-        ssh::hostkey::load(&settings.host_keys)?
-    };
-    let authorized_keys = settings.authorized_keys.clone().map(AuthorizedKeys::new);
-    if let Some(ak) = &authorized_keys {
-        ak.check_template()?;
-    }
-    let passwords = settings.password_file.clone().map(PasswordFile::new);
-    let backend = std::sync::Arc::new(Backend::build(&settings)?);
-    let webhooks = containerssh::shared::AuthWebhooks::new(&settings)?;
-    let trusted_cas = settings
-        .trusted_user_ca_keys
-        .as_deref()
-        .map(containerssh::auth::certificate::TrustedCas::load)
-        .transpose()?;
-    let ssh_config = ssh::russh_config(&settings, keys)?;
+    let backend = containerssh::backend::build::build(&settings)?;
+    let prepared = Prepared::read(&settings, backend)?;
 
     // Everything privileged is done: confine the process before any thread exists.
     let report = containerssh::sandbox::enter(&settings.sandbox)?;
@@ -193,10 +174,9 @@ fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
         "sandbox entered: {report}"
     );
 
-    // Threads of its own, so after the sandbox (which needs to be entered single-threaded).
-    let passwords = passwords
-        .map(containerssh::auth::hashing::PasswordChecker::start)
-        .transpose()?;
+    // Password hashing threads of its own, so after the sandbox (which needs to be entered
+    // single-threaded).
+    let shared = prepared.into_shared(settings)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -204,20 +184,6 @@ fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        let door = containerssh::front::Door::new(settings.door.clone());
-        let settings_buffers_total = settings.buffers.total;
-        let shared = Arc::new(Shared {
-            door,
-            settings: Arc::new(settings),
-            ssh: ssh_config,
-            authorized_keys,
-            trusted_cas,
-            passwords,
-            backend,
-            webhooks,
-            shutdown: tokio_util::sync::CancellationToken::new(),
-            buffers: containerssh::ssh::flow::Budget::total(settings_buffers_total),
-        });
         match shared.backend.reap().await {
             Ok(0) => {}
             Ok(n) => tracing::warn!(removed = n, "removed containers or pods a previous run of this instance left behind"),

@@ -22,7 +22,7 @@ pub struct Shared {
     /// `auth.publicKey.trustedUserCAKeys`, loaded.
     pub trusted_cas: Option<crate::auth::certificate::TrustedCas>,
     pub passwords: Option<PasswordChecker>,
-    pub backend: Arc<Backend>,
+    pub backend: Arc<dyn Backend>,
     pub webhooks: AuthWebhooks,
     /// Cancelled on SIGTERM/SIGINT.
     pub shutdown: CancellationToken,
@@ -53,5 +53,73 @@ impl AuthWebhooks {
             authz: make("auth.authz.webhook", &settings.authz_webhook)?,
             config: make("configserver", &settings.config_webhook)?,
         })
+    }
+}
+
+/// What the server reads before it confines itself: host keys, credentials, webhooks (with
+/// their TLS material) and the backend. [`Prepared::into_shared`] finishes the job once the
+/// sandbox is entered.
+pub struct Prepared {
+    ssh: Arc<russh::server::Config>,
+    authorized_keys: Option<AuthorizedKeys>,
+    passwords: Option<crate::auth::password::PasswordFile>,
+    trusted_cas: Option<crate::auth::certificate::TrustedCas>,
+    webhooks: AuthWebhooks,
+    backend: Arc<dyn Backend>,
+}
+
+impl Prepared {
+    pub fn read(
+        settings: &Settings,
+        backend: Arc<dyn Backend>,
+    ) -> Result<Self, Box<dyn std::error::Error>> {
+        let keys = if settings.host_keys.is_empty() {
+            vec![crate::ssh::hostkey::load_or_generate(
+                &settings.state_directory,
+            )?]
+        } else {
+            crate::ssh::hostkey::load(&settings.host_keys)?
+        };
+        let authorized_keys = settings.authorized_keys.clone().map(AuthorizedKeys::new);
+        if let Some(ak) = &authorized_keys {
+            ak.check_template()?;
+        }
+        let trusted_cas = settings
+            .trusted_user_ca_keys
+            .as_deref()
+            .map(crate::auth::certificate::TrustedCas::load)
+            .transpose()?;
+        Ok(Self {
+            ssh: crate::ssh::russh_config(settings, keys)?,
+            authorized_keys,
+            passwords: settings
+                .password_file
+                .clone()
+                .map(crate::auth::password::PasswordFile::new),
+            trusted_cas,
+            webhooks: AuthWebhooks::new(settings)?,
+            backend,
+        })
+    }
+
+    /// What connections share: starts the password hashing threads (so, after the sandbox,
+    /// which must be entered while the process has one thread).
+    pub fn into_shared(
+        self,
+        settings: Settings,
+    ) -> Result<Arc<Shared>, Box<dyn std::error::Error>> {
+        let passwords = self.passwords.map(PasswordChecker::start).transpose()?;
+        Ok(Arc::new(Shared {
+            door: Door::new(settings.door.clone()),
+            buffers: Budget::total(settings.buffers.total),
+            settings: Arc::new(settings),
+            ssh: self.ssh,
+            authorized_keys: self.authorized_keys,
+            trusted_cas: self.trusted_cas,
+            passwords,
+            backend: self.backend,
+            webhooks: self.webhooks,
+            shutdown: CancellationToken::new(),
+        }))
     }
 }

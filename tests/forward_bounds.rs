@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use russh::client::{self, ChannelOpenHandle, Msg};
 use russh::keys::PublicKeyOrCertificate;
 use russh::{Channel, ChannelMsg};
-use support::russh_client::{connect, connect_with, run};
+use support::russh_client::{connect, connect_with, reply, run};
 use support::{poll_until, KubeFake, TestEnv};
 
 /// The server's limit (`limits::MAX_FORWARD_CHANNELS_PER_CONNECTION`).
@@ -136,18 +136,6 @@ async fn an_overlong_forwarding_host_is_refused_without_ending_forwarding() {
         "{}",
         server.output()
     );
-}
-
-/// The reply to the channel request just sent.
-async fn reply(ch: &mut Channel<Msg>) -> bool {
-    loop {
-        match ch.wait().await {
-            Some(ChannelMsg::Success) => return true,
-            Some(ChannelMsg::Failure) => return false,
-            Some(_) => {}
-            None => panic!("channel closed before the reply"),
-        }
-    }
 }
 
 /// While the connection's pod takes seconds to start (an init container sleeps), `-R`,

@@ -3,19 +3,32 @@
 //! `SSH_ORIGINAL_COMMAND`, and `maxSessions` as a limit on sessions open at once.
 //! (Signals, which OpenSSH's client cannot send, are checked through the same rule type in
 //! the unit tests of `config::validate`.)
+//!
+//! The filter is the SSH side's: these run the server in this process on the fake backend,
+//! whose programs are a very small shell (`support::fake_sh`), so no engine is needed.
 
 mod support;
 
 use std::process::{Child, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
+use containerssh::backend::fake::FakeBackend;
+use containerssh::config::model::ExecutionMode;
 use support::{describe, run_with_timeout, TestEnv, TestServer};
 
 const CMD_TIMEOUT: Duration = Duration::from_secs(90);
 
+fn fake() -> Arc<FakeBackend> {
+    Arc::new(FakeBackend::new(
+        ExecutionMode::Connection,
+        support::fake_sh::sh,
+    ))
+}
+
 fn start(env: &TestEnv, security: &str) -> TestServer {
     let yaml = format!("{}security:\n{security}", env.config_yaml("connection"));
-    env.start(&yaml)
+    env.start_in_process(&yaml, fake())
 }
 
 fn text(b: &[u8]) -> String {
@@ -335,7 +348,7 @@ fn a_forced_command_gets_no_code_running_variables_from_the_client() {
                 format!("command=\"env\" {}\n", env.client_pubkey),
             )
             .unwrap();
-            env.start_mode("connection")
+            env.start_in_process(&env.config_yaml("connection"), fake())
         };
         let out = run_with_timeout(
             env.ssh(&server, "alice")

@@ -1,10 +1,14 @@
-//! The agent binary this server copies into containers (`agent.binary`): found once at
-//! start-up, checked to be a static ELF executable (it must run in images without a libc, or
-//! with a different one), and held in memory for every injection.
+//! The in-container agent, for every backend: the binary this server copies into containers
+//! (`agent.binary`: found once at start-up, checked to be a static ELF executable, since it
+//! must run in images without a libc or with another one, and held in memory for every
+//! injection), and every command line the server runs it with, with what its answers mean.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::process::ControlError;
+use super::{signal_number, AgentAt, Container, Terminal};
+use crate::auth::metadata::LoginFile;
 use crate::config::model::AgentConfig;
 
 /// The file name looked for next to the server's own executable.
@@ -136,9 +140,179 @@ pub fn locate(cfg: &AgentConfig) -> Result<Option<AgentBinary>, AgentBinaryError
     }
 }
 
+/// The agent's `console` in front of a program: it reports the program's PID first on stdout,
+/// sizes the terminal before the program starts, and (`env`: exec APIs without an environment
+/// of their own) sets variables. An image's own agent (`ours: false`), which may be
+/// ContainerSSH's, gets `--pid` only. `wait`: the program starts on the first byte of stdin
+/// (session mode on Kubernetes: attached before it runs).
+pub fn console_argv(
+    agent: &AgentAt,
+    tty: Option<&Terminal>,
+    env: &[String],
+    wait: bool,
+    program: Vec<String>,
+) -> Vec<String> {
+    let mut argv: Vec<String> = vec![agent.path.clone(), "console".into(), "--pid".into()];
+    if wait {
+        argv.push("--wait".into());
+    }
+    if agent.ours {
+        if let Some((rows, cols)) = tty.and_then(|t| t.size()) {
+            let dim = |v: u32| u16::try_from(v).unwrap_or(u16::MAX).to_string();
+            argv.extend(["--rows".into(), dim(rows), "--cols".into(), dim(cols)]);
+        }
+        for e in env {
+            argv.extend(["--env".into(), e.clone()]);
+        }
+    }
+    argv.push("--".into());
+    argv.extend(program);
+    argv
+}
+
+/// `write-file` for `path` with `mode` and `size` bytes on stdin. Ours takes `--mode` and
+/// `--size` (with `--size` a cut-off upload leaves the file untouched, and no stdin EOF is
+/// needed, which Kubernetes' v4 exec cannot send); ContainerSSH's agent has neither.
+pub fn write_file_argv(agent: &AgentAt, path: &str, mode: u32, size: usize) -> Vec<String> {
+    let mut argv = vec![agent.path.clone(), "write-file".into(), path.to_string()];
+    if agent.ours {
+        argv.extend([
+            "--mode".into(),
+            format!("{mode:o}"),
+            "--size".into(),
+            size.to_string(),
+        ]);
+    }
+    argv
+}
+
+/// Writes one file into a running container through its agent, as the container's user.
+pub async fn write_file(
+    container: &dyn Container,
+    path: &str,
+    mode: u32,
+    data: &[u8],
+) -> Result<(), String> {
+    let Some(agent) = container.agent() else {
+        return Err("writing files needs the in-container agent".into());
+    };
+    let argv = write_file_argv(agent, path, mode, data.len());
+    let out = container.capture(argv, Some(data)).await?;
+    if out.code != 0 {
+        return Err(format!("cannot write {path}: {}", out.message()));
+    }
+    Ok(())
+}
+
+/// Writes the login's files into a running container; failures are logged, as in ContainerSSH.
+pub async fn write_login_files(container: &dyn Container, files: &[LoginFile]) {
+    for f in files {
+        if let Err(e) = write_file(container, &f.path, f.mode, &f.data).await {
+            tracing::warn!(container = container.name(), path = %f.path, error = %e, "cannot write a login file into the container");
+        }
+    }
+}
+
+/// Sends `name` to the program the agent started as `pid`.
+pub async fn signal(container: &dyn Container, pid: u32, name: &str) -> Result<(), ControlError> {
+    let Some(agent) = container.agent() else {
+        return Err(ControlError::Agent("no agent in the container".into()));
+    };
+    let argv = [
+        &agent.path,
+        "signal",
+        "--pid",
+        &pid.to_string(),
+        "--signal",
+        name,
+    ]
+    .map(String::from)
+    .to_vec();
+    let out = container
+        .capture(argv, None)
+        .await
+        .map_err(ControlError::Backend)?;
+    if out.code != 0 {
+        return Err(ControlError::Agent(out.message()));
+    }
+    Ok(())
+}
+
+/// The signal the program the agent started as `pid` died of, when it did (the agent's
+/// exit record); `None` when it exited, or the agent cannot tell.
+pub async fn exit_signal(container: &dyn Container, pid: u32) -> Option<String> {
+    let agent = container.agent()?;
+    let argv = [&agent.path, "exit-info", "--pid", &pid.to_string()]
+        .map(String::from)
+        .to_vec();
+    match container.capture(argv, None).await {
+        Ok(out) if out.code == 0 => {
+            let name = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            signal_number(&name).map(|_| name)
+        }
+        Ok(out) => {
+            tracing::debug!(message = %out.message(), "agent exit-info failed");
+            None
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "agent exit-info failed");
+            None
+        }
+    }
+}
+
+/// The agent's command line for a long-running subcommand (`forward-server`).
+pub fn command_argv(agent: &AgentAt, args: &[&str]) -> Vec<String> {
+    let mut argv = vec![agent.path.clone()];
+    argv.extend(args.iter().map(|a| a.to_string()));
+    argv
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn command_lines_for_our_agent_and_an_images_own() {
+        let ours = AgentAt {
+            path: "/a".into(),
+            ours: true,
+        };
+        let theirs = AgentAt {
+            path: "/b".into(),
+            ours: false,
+        };
+        let tty = Terminal {
+            term: "xterm".into(),
+            cols: 80,
+            rows: 24,
+        };
+        assert_eq!(
+            console_argv(&ours, Some(&tty), &["A=1".into()], true, vec!["sh".into()]),
+            [
+                "/a", "console", "--pid", "--wait", "--rows", "24", "--cols", "80", "--env", "A=1",
+                "--", "sh"
+            ]
+        );
+        assert_eq!(
+            console_argv(
+                &theirs,
+                Some(&tty),
+                &["A=1".into()],
+                false,
+                vec!["sh".into()]
+            ),
+            ["/b", "console", "--pid", "--", "sh"]
+        );
+        assert_eq!(
+            write_file_argv(&ours, "/f", 0o600, 5),
+            ["/a", "write-file", "/f", "--mode", "600", "--size", "5"]
+        );
+        assert_eq!(
+            write_file_argv(&theirs, "/f", 0o600, 5),
+            ["/b", "write-file", "/f"]
+        );
+    }
 
     #[test]
     fn this_test_binary_is_dynamic_and_garbage_is_not_elf() {

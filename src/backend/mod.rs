@@ -1,16 +1,395 @@
-//! Container backends. A backend turns "run this program for this user" into a process with
-//! stdin, output and control (resize, signal, exit status) inside a container it owns, and
-//! guarantees that what it created is removed.
+//! Container backends behind one seam. The SSH side sees only the two traits here:
+//!
+//! - [`Backend`]: starts a connection's container or pod (connection and persistent modes),
+//!   a session's own (session mode), and removes what it created (per connection, and at
+//!   start-up for what a crashed run left).
+//! - [`Container`]: one running container or pod, carrying its own backend: run a program in
+//!   it ([`Container::exec`]), a helper to completion ([`Container::capture`]), the agent's
+//!   long-running `forward-server`, and (session containers) its removal.
+//!
+//! A started program is one [`Process`] (stdin, output chunks, and a [`ProcessControl`]
+//! that resizes, signals and waits), defined once in [`process`] for every backend: the
+//! backends supply only what differs ([`process::Program`]); signals through the agent and
+//! the agent's exit records are [`agent`]'s, shared.
+//!
+//! A backend implements one trait, [`Runtime`] (plain `async fn`s); [`Engine`] makes the
+//! [`Backend`] of it and [`Handle`] the [`Container`]s, once for every backend, so the
+//! behaviour they share (login files after start, the agent's presence) is written once.
+//!
+//! Traits with boxed futures rather than one enum per operation: the backend is chosen per
+//! login at run time (the config webhook may pick another engine or cluster), a test can plug
+//! in its own ([`fake`]), and adding a backend touches its own directory and [`build`] only.
 
 pub mod agent;
-mod dispatch;
+pub mod build;
 pub mod docker;
+#[cfg(any(test, feature = "test-support"))]
+pub mod fake;
 pub mod kubernetes;
 pub mod process;
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 
-pub use dispatch::{AgentStreams, Backend, Target};
+pub use process::{Process, ProcessControl, ProcessInput, ProcessOutput};
+
+use crate::auth::metadata::LoginMetadata;
+use crate::config::model::ExecutionMode;
+
+/// The futures the traits return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A container runtime: Docker, Kubernetes, or a test's fake.
+pub trait Backend: Send + Sync {
+    fn mode(&self) -> ExecutionMode;
+
+    /// Whether programs run under the agent (signals to exec'd programs, forwarding and files
+    /// need it).
+    fn has_agent(&self) -> bool;
+
+    /// The configuration key that turns the agent off, for messages.
+    fn disable_agent_key(&self) -> &'static str;
+
+    /// Variables a program gets from the login's metadata beyond its own environment
+    /// (Docker's `exposeAuthMetadataAsEnv`; Kubernetes puts them into the pod).
+    fn login_env(&self, login: &LoginMetadata) -> Vec<String>;
+
+    /// Connection and persistent modes: the connection's container or pod, ready, with the
+    /// login's files written into it.
+    fn start_connection<'a>(
+        &'a self,
+        meta: &'a ConnMeta,
+        login: &'a LoginMetadata,
+    ) -> BoxFuture<'a, Result<Arc<dyn Container>, StartError>>;
+
+    /// Session mode: a container or pod of the program's own, running it; remove it with
+    /// [`Container::remove`].
+    fn run_session<'a>(
+        &'a self,
+        meta: &'a ConnMeta,
+        spec: &'a ProgramSpec,
+    ) -> BoxFuture<'a, Result<SessionStart, StartError>>;
+
+    /// Removes everything of one connection (found by label); how many were removed.
+    fn remove_connection<'a>(
+        &'a self,
+        connection_id: &'a str,
+    ) -> BoxFuture<'a, Result<usize, String>>;
+
+    /// Removes what a crashed run of this instance left behind.
+    fn reap(&self) -> BoxFuture<'_, Result<usize, String>>;
+
+    /// A backend for a login whose own settings (from the config webhook) differ from this
+    /// one's in what it can take over while sharing its connection to the engine and its
+    /// agent (`same_connection`: the login names the same engine or cluster); `None`: the
+    /// login needs a backend of its own ([`build::for_login`]).
+    fn derive(
+        &self,
+        login: &crate::config::Settings,
+        same_connection: bool,
+    ) -> Option<Arc<dyn Backend>>;
+}
+
+/// Where the agent is in a container, and whether it is ours (every flag) or an image's own
+/// (ContainerSSH's, which knows only `console --pid`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentAt {
+    pub path: String,
+    pub ours: bool,
+}
+
+/// A session's own container and the program running in it.
+pub type SessionStart = (Arc<dyn Container>, Process);
+
+/// An agent command's output and stdin.
+pub type AgentStreams = (Box<dyn process::OutputSource>, ProcessInput);
+
+/// One running container or pod.
+pub trait Container: Send + Sync + fmt::Debug {
+    /// Its id or name, for logs.
+    fn name(&self) -> &str;
+
+    /// The agent in it, when programs run under one.
+    fn agent(&self) -> Option<&AgentAt>;
+
+    /// Starts one program in it.
+    fn exec<'a>(&'a self, spec: &'a ProgramSpec) -> BoxFuture<'a, Result<Process, StartError>>;
+
+    /// Runs a helper program (`agent write-file`, `agent signal`, ...) to completion: optional
+    /// stdin, output kept up to [`process::MAX_CAPTURE_BYTES`] per stream; bounded by the
+    /// backend's command start timeout.
+    fn capture<'a>(
+        &'a self,
+        argv: Vec<String>,
+        stdin: Option<&'a [u8]>,
+    ) -> BoxFuture<'a, Result<process::Captured, String>>;
+
+    /// Starts a long-running agent command (`forward-server`) with its stdin and stdout; it
+    /// ends when its stdin closes.
+    fn start_agent_command<'a>(
+        &'a self,
+        args: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<AgentStreams, StartError>>;
+
+    /// Removes it (session mode's own containers; the connection's go by label).
+    fn remove(&self) -> BoxFuture<'_, ()>;
+}
+
+/// What one backend (Docker, Kubernetes, a test's fake) implements; [`Engine`] makes a
+/// [`Backend`] of it and [`Handle`] a [`Container`], once for every backend.
+pub trait Runtime: Send + Sync + Sized + 'static {
+    /// The configuration key that turns the agent off, for messages.
+    const DISABLE_AGENT_KEY: &'static str;
+
+    fn mode(&self) -> ExecutionMode;
+
+    /// See [`Backend::has_agent`].
+    fn has_agent(&self) -> bool;
+
+    /// See [`Backend::login_env`].
+    fn login_env(&self, _login: &LoginMetadata) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Connection mode: starts the connection's container or pod; persistent mode: finds or
+    /// starts the user's. Its name, and the agent in it.
+    fn connection_container(
+        &self,
+        meta: &ConnMeta,
+        login: &LoginMetadata,
+    ) -> impl Future<Output = Result<(String, Option<AgentAt>), StartError>> + Send;
+
+    /// Writes the login's files into a container without the agent, where the backend can.
+    fn put_files(
+        &self,
+        name: &str,
+        files: &[crate::auth::metadata::LoginFile],
+    ) -> impl Future<Output = ()> + Send;
+
+    /// See [`Backend::run_session`].
+    fn run_session(
+        self: &Arc<Self>,
+        meta: &ConnMeta,
+        spec: &ProgramSpec,
+    ) -> impl Future<Output = Result<SessionStart, StartError>> + Send;
+
+    /// See [`Backend::remove_connection`].
+    fn remove_connection(
+        &self,
+        connection_id: &str,
+    ) -> impl Future<Output = Result<usize, String>> + Send;
+
+    /// See [`Backend::reap`].
+    fn reap(&self) -> impl Future<Output = Result<usize, String>> + Send;
+
+    /// See [`Backend::derive`].
+    fn derive(
+        &self,
+        _login: &crate::config::Settings,
+        _same_connection: bool,
+    ) -> Option<Arc<dyn Backend>> {
+        None
+    }
+
+    /// Starts a program in container `name`; `handle` is that container, for the program's
+    /// control (signals through the agent run there).
+    fn exec(
+        &self,
+        name: &str,
+        spec: &ProgramSpec,
+        handle: Arc<dyn Container>,
+    ) -> impl Future<Output = Result<Process, StartError>> + Send;
+
+    /// See [`Container::capture`].
+    fn capture(
+        &self,
+        name: &str,
+        argv: Vec<String>,
+        stdin: Option<&[u8]>,
+    ) -> impl Future<Output = Result<process::Captured, String>> + Send;
+
+    /// See [`Container::start_agent_command`].
+    fn start_agent_command(
+        &self,
+        name: &str,
+        agent: Option<&AgentAt>,
+        args: &[&str],
+    ) -> impl Future<Output = Result<AgentStreams, StartError>> + Send;
+
+    /// Removes a session's own container.
+    fn remove(&self, name: &str) -> impl Future<Output = ()> + Send;
+}
+
+/// The [`Backend`] of one [`Runtime`]; cheap to clone, clones share it.
+pub struct Engine<R>(Arc<R>);
+
+impl<R> Engine<R> {
+    pub fn of(runtime: R) -> Self {
+        Self(Arc::new(runtime))
+    }
+
+    pub fn runtime(&self) -> &Arc<R> {
+        &self.0
+    }
+}
+
+impl<R> Clone for Engine<R> {
+    fn clone(&self) -> Self {
+        Self(Arc::clone(&self.0))
+    }
+}
+
+impl<R: Runtime> Backend for Engine<R> {
+    fn mode(&self) -> ExecutionMode {
+        self.0.mode()
+    }
+
+    fn has_agent(&self) -> bool {
+        self.0.has_agent()
+    }
+
+    fn disable_agent_key(&self) -> &'static str {
+        R::DISABLE_AGENT_KEY
+    }
+
+    fn login_env(&self, login: &LoginMetadata) -> Vec<String> {
+        self.0.login_env(login)
+    }
+
+    fn start_connection<'a>(
+        &'a self,
+        meta: &'a ConnMeta,
+        login: &'a LoginMetadata,
+    ) -> BoxFuture<'a, Result<Arc<dyn Container>, StartError>> {
+        Box::pin(async move {
+            let (name, agent) = self.0.connection_container(meta, login).await?;
+            let container = Handle::new(Arc::clone(&self.0), name, agent, false);
+            if container.agent().is_some() {
+                agent::write_login_files(&container, &login.files).await;
+            } else if !login.files.is_empty() {
+                self.0.put_files(container.name(), &login.files).await;
+            }
+            Ok(Arc::new(container) as Arc<dyn Container>)
+        })
+    }
+
+    fn run_session<'a>(
+        &'a self,
+        meta: &'a ConnMeta,
+        spec: &'a ProgramSpec,
+    ) -> BoxFuture<'a, Result<SessionStart, StartError>> {
+        Box::pin(self.0.run_session(meta, spec))
+    }
+
+    fn remove_connection<'a>(
+        &'a self,
+        connection_id: &'a str,
+    ) -> BoxFuture<'a, Result<usize, String>> {
+        Box::pin(self.0.remove_connection(connection_id))
+    }
+
+    fn reap(&self) -> BoxFuture<'_, Result<usize, String>> {
+        Box::pin(self.0.reap())
+    }
+
+    fn derive(
+        &self,
+        login: &crate::config::Settings,
+        same_connection: bool,
+    ) -> Option<Arc<dyn Backend>> {
+        self.0.derive(login, same_connection)
+    }
+}
+
+/// One container of a backend's: the connection's (or the persistent one), or a session's
+/// own (`own`: removed with it).
+pub struct Handle<R> {
+    runtime: Arc<R>,
+    name: String,
+    agent: Option<AgentAt>,
+    own: bool,
+}
+
+impl<R> Handle<R> {
+    pub fn new(runtime: Arc<R>, name: String, agent: Option<AgentAt>, own: bool) -> Self {
+        Self {
+            runtime,
+            name,
+            agent,
+            own,
+        }
+    }
+}
+
+impl<R> Clone for Handle<R> {
+    fn clone(&self) -> Self {
+        Self {
+            runtime: Arc::clone(&self.runtime),
+            name: self.name.clone(),
+            agent: self.agent.clone(),
+            own: self.own,
+        }
+    }
+}
+
+impl<R> fmt::Debug for Handle<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Container")
+            .field("name", &self.name)
+            .field("own", &self.own)
+            .finish()
+    }
+}
+
+impl<R: Runtime> Container for Handle<R> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn agent(&self) -> Option<&AgentAt> {
+        self.agent.as_ref()
+    }
+
+    fn exec<'a>(&'a self, spec: &'a ProgramSpec) -> BoxFuture<'a, Result<Process, StartError>> {
+        let handle: Arc<dyn Container> = Arc::new(self.clone());
+        Box::pin(self.runtime.exec(&self.name, spec, handle))
+    }
+
+    fn capture<'a>(
+        &'a self,
+        argv: Vec<String>,
+        stdin: Option<&'a [u8]>,
+    ) -> BoxFuture<'a, Result<process::Captured, String>> {
+        Box::pin(self.runtime.capture(&self.name, argv, stdin))
+    }
+
+    fn start_agent_command<'a>(
+        &'a self,
+        args: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<AgentStreams, StartError>> {
+        Box::pin(
+            self.runtime
+                .start_agent_command(&self.name, self.agent.as_ref(), args),
+        )
+    }
+
+    fn remove(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if self.own {
+                self.runtime.remove(&self.name).await;
+            }
+        })
+    }
+}
+
+/// Where a program's output comes from, per chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputKind {
+    Stdout,
+    Stderr,
+}
 
 /// Who a container is for; written into labels so cleanup can find it again.
 #[derive(Clone, Debug)]
@@ -45,7 +424,7 @@ pub struct ProgramSpec {
     pub env: Vec<String>,
     pub tty: Option<Terminal>,
     /// What the login brings; its files are written into session containers before start.
-    pub login: std::sync::Arc<crate::auth::metadata::LoginMetadata>,
+    pub login: Arc<LoginMetadata>,
 }
 
 /// How a program ended, in SSH terms.

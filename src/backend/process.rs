@@ -1,21 +1,27 @@
-//! A started program, whichever backend runs it: stdin as a writer, output as a stream of
-//! stdout/stderr chunks with the agent's PID report taken off the front, and a control handle
-//! for resize, signals and the exit status.
+//! A started program, whichever backend runs it: stdin as a writer, output as chunks of
+//! stdout and stderr with the agent's PID report taken off the front, and a control that
+//! resizes, signals and waits.
+//!
+//! Backends supply what only they can do ([`Program`]: resize, the raw exit code, a signal
+//! without the agent); everything about the agent is here and in [`super::agent`], once:
+//! signals go to the PID the agent reported, and an exit code of 128+N is told apart from a
+//! death by signal N by asking the agent (exec'd programs) or by the signal we sent.
 
 use std::io;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::AsyncWrite;
 use tokio::sync::watch;
 
-use super::docker::session::{OutputStream, ProcessControl as DockerControl};
-use super::docker::StreamKind;
-use super::kubernetes::session::{KubeControl, KubeOutput};
-use super::ExitReport;
+use super::{agent, signal_number, BoxFuture, Container, ExitReport, OutputKind};
 
 /// The program's stdin. Shutting it down passes EOF on (where the backend can).
 pub type ProcessInput = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Exit status reported when the backend cannot tell one (ContainerSSH sends 137 too).
+pub const UNKNOWN_EXIT_STATUS: u32 = 137;
 
 /// A started program: its stdin, its output and a handle to control it.
 pub struct Process {
@@ -24,25 +30,39 @@ pub struct Process {
     pub control: ProcessControl,
 }
 
-/// Where a program's output comes from.
-pub enum OutputSource {
-    Docker(OutputStream),
-    Kube(KubeOutput),
+/// Where a program's (or an agent command's) output comes from.
+pub trait OutputSource: Send {
+    /// The next chunk; `None` at its end.
+    fn next(&mut self) -> BoxFuture<'_, io::Result<Option<(OutputKind, Bytes)>>>;
 }
 
-impl OutputSource {
-    /// The next chunk of output; `None` at its end.
-    pub async fn next(&mut self) -> io::Result<Option<(StreamKind, Bytes)>> {
-        match self {
-            OutputSource::Docker(s) => s.next().await,
-            OutputSource::Kube(s) => Ok(s.next().await),
-        }
+/// What only the backend can do for a running program.
+pub trait Program: Send + Sync {
+    /// Resizes its terminal (a size the client knows: both dimensions above 0).
+    fn resize(&self, rows: u32, cols: u32) -> BoxFuture<'_, Result<(), ControlError>>;
+
+    /// Its exit code, once its output has ended.
+    fn exit_code(&self) -> BoxFuture<'_, Result<u32, ControlError>>;
+
+    /// Delivers a signal without the agent, where the backend can (a session container's
+    /// main process). `key` names the setting that turned the agent off, for the refusal.
+    fn signal_directly<'a>(
+        &'a self,
+        name: &'a str,
+        key: &'static str,
+    ) -> BoxFuture<'a, Result<(), ControlError>> {
+        let _ = name;
+        Box::pin(async move { Err(ControlError::SignalUnsupported(key)) })
     }
+
+    /// Whether it was exec'd into a running container: only then can the agent say whether
+    /// an exit code of 128+N was a death by signal N.
+    fn is_exec(&self) -> bool;
 }
 
 /// A program's output, with the agent's PID report taken off the front.
 pub struct ProcessOutput {
-    source: OutputSource,
+    source: Box<dyn OutputSource>,
     /// Set while the 4 PID bytes the agent writes first are still being read.
     pid: Option<PidReport>,
 }
@@ -67,7 +87,7 @@ pub(crate) fn pid_channel(agent: bool) -> (PidSender, PidReceiver) {
 }
 
 /// The PID the agent reported, waiting for the report up to `limit`.
-pub(crate) async fn reported_pid(rx: &PidReceiver, limit: Duration) -> Option<u32> {
+async fn reported_pid(rx: &PidReceiver, limit: Duration) -> Option<u32> {
     let mut rx = rx.as_ref()?.clone();
     let waited = tokio::time::timeout(limit, rx.wait_for(Option::is_some)).await;
     match waited {
@@ -77,7 +97,7 @@ pub(crate) async fn reported_pid(rx: &PidReceiver, limit: Duration) -> Option<u3
 }
 
 impl ProcessOutput {
-    pub(crate) fn new(source: OutputSource, pid: PidSender) -> Self {
+    pub(crate) fn new(source: Box<dyn OutputSource>, pid: PidSender) -> Self {
         Self {
             source,
             pid: pid.map(|tx| PidReport {
@@ -88,14 +108,14 @@ impl ProcessOutput {
     }
 
     /// The next chunk of output; `None` when the program's output has ended.
-    pub async fn next(&mut self) -> io::Result<Option<(StreamKind, Bytes)>> {
+    pub async fn next(&mut self) -> io::Result<Option<(OutputKind, Bytes)>> {
         loop {
             let item = self.source.next().await?;
             let Some(report) = self.pid.as_mut() else {
                 return Ok(item);
             };
             match item {
-                Some((StreamKind::Stdout, data)) => {
+                Some((OutputKind::Stdout, data)) => {
                     let take = (4 - report.got.len()).min(data.len());
                     report.got.extend_from_slice(&data[..take]);
                     if let Ok(bytes) = <[u8; 4]>::try_from(report.got.as_slice()) {
@@ -104,7 +124,7 @@ impl ProcessOutput {
                     }
                     let rest = data.slice(take..);
                     if !rest.is_empty() {
-                        return Ok(Some((StreamKind::Stdout, rest)));
+                        return Ok(Some((OutputKind::Stdout, rest)));
                     }
                 }
                 None => {
@@ -131,42 +151,121 @@ pub enum ControlError {
     UnknownSignal(String),
     #[error("{0}")]
     Backend(String),
+    #[error("{0} timed out")]
+    Timeout(&'static str),
+}
+
+/// The agent's view of one program: the container to run `agent signal` in, and the PID.
+struct AgentCtl {
+    container: Arc<dyn Container>,
+    pid: PidReceiver,
 }
 
 /// Resize, signal and wait for a started program.
-pub enum ProcessControl {
-    Docker(DockerControl),
-    Kube(KubeControl),
+pub struct ProcessControl {
+    program: Box<dyn Program>,
+    agent: Option<AgentCtl>,
+    /// The setting that turns the agent off, for refusals.
+    disable_agent_key: &'static str,
+    last_signal: Mutex<Option<String>>,
+    /// How long a signal (and the agent's exit record) may take.
+    signal_timeout: Duration,
 }
 
 impl ProcessControl {
+    /// The control of a program that runs under the agent in `container` (reporting its PID
+    /// to `pid`) when `pid` is set.
+    pub(crate) fn new(
+        program: Box<dyn Program>,
+        container: Arc<dyn Container>,
+        pid: PidReceiver,
+        disable_agent_key: &'static str,
+        signal_timeout: Duration,
+    ) -> Self {
+        let agent =
+            (pid.is_some() && container.agent().is_some()).then_some(AgentCtl { container, pid });
+        Self {
+            program,
+            agent,
+            disable_agent_key,
+            last_signal: Mutex::new(None),
+            signal_timeout,
+        }
+    }
+
     pub async fn resize(&self, rows: u32, cols: u32) -> Result<(), ControlError> {
         if rows == 0 || cols == 0 {
             // An unknown size: the terminal keeps the one it has.
             return Ok(());
         }
-        match self {
-            ProcessControl::Docker(c) => c
-                .resize(rows, cols)
-                .await
-                .map_err(|e| ControlError::Backend(e.to_string())),
-            ProcessControl::Kube(c) => c.resize(rows, cols).await,
+        self.program.resize(rows, cols).await
+    }
+
+    fn remember(&self, name: &str) {
+        if let Ok(mut last) = self.last_signal.lock() {
+            *last = Some(name.to_string());
         }
     }
 
     pub async fn signal(&self, name: &str) -> Result<(), ControlError> {
-        match self {
-            ProcessControl::Docker(c) => c.signal(name).await,
-            ProcessControl::Kube(c) => c.signal(name).await,
+        if signal_number(name).is_none() {
+            return Err(ControlError::UnknownSignal(name.into()));
         }
+        let Some(agent) = &self.agent else {
+            self.remember(name);
+            return self
+                .program
+                .signal_directly(name, self.disable_agent_key)
+                .await;
+        };
+        let pid = reported_pid(&agent.pid, self.signal_timeout)
+            .await
+            .ok_or(ControlError::NoPid)?;
+        self.remember(name);
+        let sent = agent::signal(agent.container.as_ref(), pid, name);
+        tokio::time::timeout(self.signal_timeout, sent)
+            .await
+            .map_err(|_| ControlError::Timeout("the agent's signal"))?
     }
 
     /// How the program ended. Call after its output stream has ended.
     pub async fn wait(&self) -> ExitReport {
-        match self {
-            ProcessControl::Docker(c) => c.wait().await,
-            ProcessControl::Kube(c) => c.wait().await,
+        let code = match self.program.exit_code().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read exit status");
+                return ExitReport::Status(UNKNOWN_EXIT_STATUS);
+            }
+        };
+        // Death by signal N shows as 128+N, the same as `exit 128+N`. The agent knows which it
+        // was while the container runs (exec'd programs); otherwise only a signal we sent
+        // tells.
+        if self.program.is_exec() {
+            if let Some(name) = self.exit_signal(code).await {
+                return ExitReport::Signal { name };
+            }
         }
+        let last = self.last_signal.lock().ok().and_then(|l| l.clone());
+        if let Some(name) = last {
+            if signal_number(&name).map(|n| 128 + n as u32) == Some(code) {
+                return ExitReport::Signal { name };
+            }
+        }
+        ExitReport::Status(code)
+    }
+
+    /// Asks the agent whether a program that exited with `code` died of a signal.
+    async fn exit_signal(&self, code: u32) -> Option<String> {
+        let agent = self.agent.as_ref()?;
+        if !(129..=128 + 64).contains(&code) {
+            return None;
+        }
+        let pid = (*agent.pid.as_ref()?.borrow())?;
+        let asked = agent::exit_signal(agent.container.as_ref(), pid);
+        tokio::time::timeout(self.signal_timeout, asked)
+            .await
+            .ok()
+            .flatten()
     }
 }
 
@@ -197,34 +296,4 @@ pub const MAX_CAPTURE_BYTES: usize = 64 * 1024;
 pub(crate) fn keep(buf: &mut Vec<u8>, data: &[u8]) {
     let room = MAX_CAPTURE_BYTES.saturating_sub(buf.len());
     buf.extend_from_slice(&data[..data.len().min(room)]);
-}
-
-/// The agent's `console` in front of a program: it reports the program's PID first on stdout,
-/// sizes the terminal before the program starts, and (`env`, exec APIs without an environment
-/// of their own) sets variables. `ours` is false for an image's own agent, which may be
-/// ContainerSSH's and know only `--pid`.
-pub(crate) fn console_argv(
-    agent: &str,
-    tty: Option<&super::Terminal>,
-    env: &[String],
-    wait: bool,
-    program: Vec<String>,
-    ours: bool,
-) -> Vec<String> {
-    let mut argv: Vec<String> = vec![agent.into(), "console".into(), "--pid".into()];
-    if wait {
-        argv.push("--wait".into());
-    }
-    if ours {
-        if let Some((rows, cols)) = tty.and_then(|t| t.size()) {
-            let dim = |v: u32| u16::try_from(v).unwrap_or(u16::MAX).to_string();
-            argv.extend(["--rows".into(), dim(rows), "--cols".into(), dim(cols)]);
-        }
-        for e in env {
-            argv.extend(["--env".into(), e.clone()]);
-        }
-    }
-    argv.push("--".into());
-    argv.extend(program);
-    argv
 }

@@ -26,8 +26,8 @@ use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::proto::{self, Frame, AGENT_ID_BASE, INITIAL_CREDIT, MAX_DATA, MAX_STREAMS};
-use crate::backend::docker::StreamKind;
 use crate::backend::process::OutputSource;
+use crate::backend::{BoxFuture, OutputKind};
 use crate::limits::{MAX_MUX_QUEUE_BYTES, MAX_PENDING_ACCEPTS};
 
 /// Largest stderr line from the agent copied into our log.
@@ -58,32 +58,20 @@ pub struct Incoming {
     pub stream: MuxStream,
 }
 
-/// Where the agent's output comes from: the exec's output, or (tests, other transports) any
-/// byte stream, read as stdout.
-pub trait AgentOutput: Send + 'static {
-    fn next(
-        &mut self,
-    ) -> impl std::future::Future<Output = io::Result<Option<(StreamKind, Bytes)>>> + Send;
-}
-
-impl AgentOutput for OutputSource {
-    async fn next(&mut self) -> io::Result<Option<(StreamKind, Bytes)>> {
-        OutputSource::next(self).await
-    }
-}
-
-/// A plain byte stream as the agent's stdout.
+/// A plain byte stream as an agent's stdout (tests, other transports).
 pub struct ReadOutput<R>(pub R);
 
-impl<R: AsyncRead + Unpin + Send + 'static> AgentOutput for ReadOutput<R> {
-    async fn next(&mut self) -> io::Result<Option<(StreamKind, Bytes)>> {
-        let mut buf = vec![0u8; 64 * 1024];
-        let n = self.0.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        buf.truncate(n);
-        Ok(Some((StreamKind::Stdout, Bytes::from(buf))))
+impl<R: AsyncRead + Unpin + Send + 'static> OutputSource for ReadOutput<R> {
+    fn next(&mut self) -> BoxFuture<'_, io::Result<Option<(OutputKind, Bytes)>>> {
+        Box::pin(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            let n = self.0.read(&mut buf).await?;
+            if n == 0 {
+                return Ok(None);
+            }
+            buf.truncate(n);
+            Ok(Some((OutputKind::Stdout, Bytes::from(buf))))
+        })
     }
 }
 
@@ -183,13 +171,12 @@ struct StreamGuard {
 impl Mux {
     /// Runs the protocol over a started `forward-server` exec. `cancel` ends it (closing the
     /// agent's stdin, which makes it exit and remove its sockets).
-    pub fn start<O, W>(
-        output: O,
+    pub fn start<W>(
+        output: Box<dyn OutputSource>,
         input: W,
         cancel: CancellationToken,
     ) -> (Arc<Mux>, mpsc::Receiver<Incoming>)
     where
-        O: AgentOutput,
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let mux = Arc::new(Mux {
@@ -531,9 +518,9 @@ async fn write_frames<W: AsyncWrite + Unpin>(
     mux.stop("the forwarding agent's input closed");
 }
 
-async fn read_frames<O: AgentOutput>(
+async fn read_frames(
     mux: Arc<Mux>,
-    mut output: O,
+    mut output: Box<dyn OutputSource>,
     incoming: mpsc::Sender<Incoming>,
 ) {
     let mut buf = BytesMut::new();
@@ -543,13 +530,12 @@ async fn read_frames<O: AgentOutput>(
             () = mux.stopped.cancelled() => break "stopped".to_string(),
         };
         let chunk = match chunk {
-            Ok(Some((StreamKind::Stdout, data))) => data,
-            Ok(Some((StreamKind::Stderr, data))) => {
+            Ok(Some((OutputKind::Stdout, data))) => data,
+            Ok(Some((OutputKind::Stderr, data))) => {
                 let text = String::from_utf8_lossy(&data[..data.len().min(MAX_AGENT_LOG_BYTES)]);
                 tracing::info!(message = %text.trim_end(), "forwarding agent");
                 continue;
             }
-            Ok(Some(_)) => continue,
             Ok(None) => break "the forwarding agent exited".to_string(),
             Err(e) => break format!("reading from the forwarding agent failed: {e}"),
         };

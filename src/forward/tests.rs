@@ -17,7 +17,11 @@ struct Double {
 fn start() -> (Arc<Mux>, mpsc::Receiver<Incoming>, Double) {
     let (agent_out, mux_reads) = tokio::io::duplex(256 * 1024);
     let (mux_writes, agent_in) = tokio::io::duplex(256 * 1024);
-    let (mux, incoming) = Mux::start(ReadOutput(mux_reads), mux_writes, CancellationToken::new());
+    let (mux, incoming) = Mux::start(
+        Box::new(ReadOutput(mux_reads)),
+        mux_writes,
+        CancellationToken::new(),
+    );
     let double = Double {
         to_mux: agent_out,
         from_mux: agent_in,

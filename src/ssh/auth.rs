@@ -170,7 +170,13 @@ impl Authenticator {
         &self,
         user: &str,
         overlay: &serde_json::Value,
-    ) -> Result<(Arc<crate::config::Settings>, Arc<crate::backend::Backend>), String> {
+    ) -> Result<
+        (
+            Arc<crate::config::Settings>,
+            Arc<dyn crate::backend::Backend>,
+        ),
+        String,
+    > {
         let shared = Arc::clone(&self.conn.shared);
         let label = format!("config webhook answer for {}", user.escape_debug());
         let overlay = overlay.clone();
@@ -178,7 +184,8 @@ impl Authenticator {
             let settings = crate::config::merge::merge(&label, &shared.settings.file, &overlay)
                 .map_err(|e| e.to_string())?;
             let settings = Arc::new(settings);
-            let backend = shared.backend.for_login(&shared.settings, &settings)?;
+            let backend =
+                crate::backend::build::for_login(&shared.backend, &shared.settings, &settings)?;
             Ok((settings, backend))
         })
         .await

@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use super::flow::Budget;
 use crate::auth::authorized_keys::KeyOptions;
 use crate::auth::metadata::LoginMetadata;
-use crate::backend::{Backend, ConnMeta, StartError, Target};
+use crate::backend::{Backend, ConnMeta, Container, StartError};
 use crate::config::model::ExecutionMode;
 use crate::config::Settings;
 use crate::front::Startup;
@@ -43,14 +43,14 @@ pub struct Login {
     pub user: AuthedUser,
     /// The login's own settings (from the config webhook) or the file's.
     pub settings: Arc<Settings>,
-    pub backend: Arc<Backend>,
+    pub backend: Arc<dyn Backend>,
 }
 
 /// The connection-mode container or pod as sessions see it.
 #[derive(Clone, Debug)]
 pub enum ContainerSlot {
     Starting,
-    Ready(Target),
+    Ready(Arc<dyn Container>),
     Failed(Arc<str>),
 }
 
@@ -233,7 +233,7 @@ impl ConnCtx {
     }
 
     /// The backend this connection's containers or pods come from.
-    pub fn backend(&self) -> &Backend {
+    pub fn backend(&self) -> &dyn Backend {
         self.login
             .get()
             .map(|l| l.backend.as_ref())
@@ -314,7 +314,7 @@ impl ConnCtx {
     }
 
     /// Waits for the connection's container or pod (connection and persistent modes).
-    pub async fn container(&self) -> Result<Target, StartError> {
+    pub async fn container(&self) -> Result<Arc<dyn Container>, StartError> {
         let mut rx = self.container.subscribe();
         let slot = tokio::select! {
             r = rx.wait_for(|s| !matches!(s, ContainerSlot::Starting)) => {

@@ -261,8 +261,8 @@ async fn start(conn: &Arc<ConnCtx>) -> Result<Arc<Mux>, String> {
         return Err("forwarding does not work in session mode".into());
     }
     let container = conn.container().await.map_err(|e| e.to_string())?;
-    let (output, input) = backend
-        .start_agent_command(&container, &["forward-server"])
+    let (output, input) = container
+        .start_agent_command(&["forward-server"])
         .await
         .map_err(|e| e.to_string())?;
     let (mux, incoming) = Mux::start(output, input, conn.cancel.clone());

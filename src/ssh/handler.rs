@@ -64,18 +64,7 @@ impl Handler {
             if let Some(opts) = &user.key_options {
                 env.extend(opts.environment.iter().map(|(k, v)| format!("{k}={v}")));
             }
-            let settings = self.conn.settings();
-            if settings.backend == crate::config::model::BackendName::Docker
-                && settings.docker.execution.expose_auth_metadata_as_env
-            {
-                let values = &user.metadata.values;
-                env.extend(
-                    values
-                        .iter()
-                        .filter(|(k, _)| env_name_ok(k))
-                        .map(|(k, v)| format!("{k}={v}")),
-                );
-            }
+            env.extend(self.conn.backend().login_env(&user.metadata));
             // Last, so the operator's values win over the client's.
             let md = &user.metadata.environment;
             env.extend(md.iter().map(|(k, v)| format!("{k}={v}")));

@@ -271,26 +271,10 @@ pub async fn x11_env(conn: &Arc<ConnCtx>, req: &X11Request) -> Result<Vec<String
             return Err(e);
         }
     };
-    let backend = conn.backend();
     let container = conn.container().await.map_err(|e| e.to_string())?;
-    let agent = backend
-        .agent_in(&container)
-        .ok_or("X11 forwarding needs the in-container agent")?;
     let path = format!("/tmp/.containerssh-Xauthority-{display}");
     let file = xauthority(display, &req.protocol, &req.cookie);
-    let cmd = vec![
-        agent,
-        "write-file".into(),
-        path.clone(),
-        "--mode".into(),
-        "600".into(),
-        "--size".into(),
-        file.len().to_string(),
-    ];
-    let out = backend.capture(&container, cmd, Some(&file)).await?;
-    if out.code != 0 {
-        return Err(format!("cannot write {path}: {}", out.message()));
-    }
+    crate::backend::agent::write_file(container.as_ref(), &path, 0o600, &file).await?;
     Ok(vec![
         format!("DISPLAY=localhost:{display}.{}", req.screen),
         format!("XAUTHORITY={path}"),

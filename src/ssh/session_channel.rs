@@ -24,9 +24,8 @@ use tokio_util::sync::CancellationToken;
 use super::connection::{ConnCtx, InUse};
 use super::flow::{self, BudgetExhausted, Granter, InboundRx, InboundTx};
 use super::timeouts::{Activity, Enforcer, Step};
-use crate::backend::docker::StreamKind;
 use crate::backend::process::{Process, ProcessControl, ProcessOutput};
-use crate::backend::{ExitReport, ProgramSpec, StartError, Terminal};
+use crate::backend::{Container, ExitReport, OutputKind, ProgramSpec, StartError, Terminal};
 use crate::config::model::ExecutionMode;
 use crate::limits::{MAX_ENV_VARS, MAX_PENDING_SIGNALS};
 
@@ -321,13 +320,7 @@ impl Task {
 
         // Starting: not cancelled midway; requests that come meanwhile stay in the inbox.
         let mut spec = self.spec(prepared).await;
-        if let Some(t) = spec.tty.as_mut() {
-            // A window-change while nothing ran yet sizes the terminal from the start.
-            if let Some((cols, rows)) = self.inbox.lock().size.take() {
-                (t.cols, t.rows) = (cols, rows);
-            }
-        }
-        let started = self.start(&spec).await;
+        let started = self.start(&mut spec).await;
         let (session_container, process) = match started {
             Ok(x) => x,
             Err(StartError::Closing) if self.conn.shared.shutdown.is_cancelled() => {
@@ -376,8 +369,8 @@ impl Task {
             }
         }
         stdin_task.abort();
-        if let Some(id) = session_container {
-            self.conn.backend().remove_session(&id).await;
+        if let Some(own) = session_container {
+            own.remove().await;
         }
         if matches!(ended, Ended::TimedOut(_)) {
             // The connection goes with its last channel.
@@ -437,16 +430,31 @@ impl Task {
     }
 
     /// Starts the program: an exec in the connection's container, or a container of its own.
-    async fn start(&self, spec: &ProgramSpec) -> Result<(Option<String>, Process), StartError> {
+    /// The terminal's size is the latest the client sent, as late as it can be: a window
+    /// change while the container started sizes the terminal from the program's start.
+    async fn start(
+        &self,
+        spec: &mut ProgramSpec,
+    ) -> Result<(Option<Arc<dyn Container>>, Process), StartError> {
         let backend = self.conn.backend();
         match backend.mode() {
             ExecutionMode::Connection | ExecutionMode::Persistent => {
                 let container = self.conn.container().await?;
-                Ok((None, backend.exec(&container, spec).await?))
+                self.latest_size(spec);
+                Ok((None, container.exec(spec).await?))
             }
             ExecutionMode::Session => {
-                let (id, p) = backend.run_session(&self.conn.meta(), spec).await?;
-                Ok((Some(id), p))
+                self.latest_size(spec);
+                let (own, p) = backend.run_session(&self.conn.meta(), spec).await?;
+                Ok((Some(own), p))
+            }
+        }
+    }
+
+    fn latest_size(&self, spec: &mut ProgramSpec) {
+        if let Some(t) = spec.tty.as_mut() {
+            if let Some((cols, rows)) = self.inbox.lock().size.take() {
+                (t.cols, t.rows) = (cols, rows);
             }
         }
     }
@@ -574,9 +582,8 @@ async fn pump_output(
     while let Some((kind, data)) = output.next().await? {
         activity.touch();
         match kind {
-            StreamKind::Stdout => stdout.write_all(&data).await?,
-            StreamKind::Stderr => stderr.write_all(&data).await?,
-            StreamKind::Stdin | StreamKind::SystemErr => {}
+            OutputKind::Stdout => stdout.write_all(&data).await?,
+            OutputKind::Stderr => stderr.write_all(&data).await?,
         }
     }
     Ok(())

@@ -5,6 +5,8 @@
 //! `instanceId` that labels every container the server starts for it
 //! (`containerssh_instance=<instance>`), so a test only ever sees and cleans up
 //! its own containers. [`TestEnv::start`] runs the real server binary;
+//! [`TestEnv::start_in_process`] runs it in the test's own process on a backend of the
+//! test's choosing (the fake, for the SSH side without an engine);
 //! [`TestEnv::ssh`] / [`TestEnv::scp`] / [`TestEnv::sftp`] build commands for
 //! the real OpenSSH clients; [`run_with_timeout`] runs them with a deadline.
 //!
@@ -25,6 +27,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The test server for the authentication webhooks (tests/webhook_auth.rs).
 pub mod webhook;
+
+/// Programs for the fake backend: a very small shell.
+pub mod fake_sh;
 
 /// How long [`TestEnv::start`] waits for the server's `listening on ADDR` line.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -352,6 +357,59 @@ impl SharedLog {
     }
 }
 
+/// `yaml` with 127.0.0.1 exempt from the per-source penalties unless it sets the list: the
+/// tests log in from there many times, failing on purpose included.
+fn exempt_loopback(yaml: &str) -> String {
+    if yaml.contains("perSourcePenaltyExemptList") {
+        return yaml.to_string();
+    }
+    yaml.replacen(
+        "ssh:\n",
+        "ssh:\n  perSourcePenaltyExemptList: [127.0.0.1/32]\n",
+        1,
+    )
+}
+
+/// Where a server in this process logs: each event's lines into the [`SharedLog`].
+struct LogSink(Arc<SharedLog>);
+
+/// One event's text, pushed line by line when the event is written out.
+struct LogLines {
+    log: Arc<SharedLog>,
+    buf: Vec<u8>,
+}
+
+impl std::io::Write for LogLines {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LogLines {
+    fn drop(&mut self) {
+        for line in String::from_utf8_lossy(&self.buf).lines() {
+            eprintln!("[server] {line}");
+            self.log.push_line(line);
+        }
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogSink {
+    type Writer = LogLines;
+
+    fn make_writer(&'a self) -> LogLines {
+        LogLines {
+            log: Arc::clone(&self.0),
+            buf: Vec::new(),
+        }
+    }
+}
+
 fn spawn_log_reader<R: Read + Send + 'static>(
     pipe: R,
     log: Arc<SharedLog>,
@@ -380,7 +438,9 @@ fn spawn_log_reader<R: Read + Send + 'static>(
 pub struct TestServer {
     /// The address from the server's `listening on ADDR` line.
     pub addr: SocketAddr,
-    child: Child,
+    /// The server process; `None` for one in this process ([`TestEnv::start_in_process`]).
+    child: Option<Child>,
+    in_process: Option<containerssh::testing::Running>,
     log: Arc<SharedLog>,
 }
 
@@ -389,8 +449,17 @@ impl TestServer {
         self.addr.port()
     }
 
+    fn child(&mut self) -> &mut Child {
+        self.child
+            .as_mut()
+            .expect("a server process (not one in this process)")
+    }
+
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child
+            .as_ref()
+            .expect("a server process (not one in this process)")
+            .id()
     }
 
     /// Everything the server printed so far (stdout + stderr, by line).
@@ -419,13 +488,13 @@ impl TestServer {
 
     /// SIGKILL, then reap.
     pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.child().kill();
+        let _ = self.child().wait();
     }
 
     /// `Some(status)` if the process has exited.
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().expect("try_wait on the server")
+        self.child().try_wait().expect("try_wait on the server")
     }
 
     /// Sends SIGTERM and waits up to `within` for the process to exit; `None`
@@ -437,12 +506,13 @@ impl TestServer {
         if let Some(status) = self.try_wait() {
             return Some(status);
         }
+        let pid = self.pid();
         let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args(["-TERM", &pid.to_string()])
             .status()
             .map(|s| s.success())
             .unwrap_or(false);
-        assert!(ok, "kill -TERM {} failed", self.child.id());
+        assert!(ok, "kill -TERM {pid} failed");
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.try_wait() {
@@ -461,17 +531,24 @@ impl Drop for TestServer {
     /// including a container whose creation was still in flight), then SIGKILL if it hangs.
     /// Never panics: it may run while unwinding from a failed test.
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
+        if let Some(mut running) = self.in_process.take() {
+            running.stop();
+            self.log.pipe_closed();
+        }
+        let Some(child) = self.child.as_mut() else {
+            return;
+        };
+        if let Ok(None) = child.try_wait() {
             let _ = Command::new("kill")
-                .args(["-TERM", &self.child.id().to_string()])
+                .args(["-TERM", &child.id().to_string()])
                 .status();
             let deadline = Instant::now() + Duration::from_secs(30);
-            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
                 thread::sleep(Duration::from_millis(10));
             }
-            let _ = self.child.kill();
+            let _ = child.kill();
         }
-        let _ = self.child.wait();
+        let _ = child.wait();
     }
 }
 
@@ -617,12 +694,7 @@ stateDirectory: {state}
     /// (tests/front_door.rs) and by the auditor (tests/audit.rs), which clear the list.
     pub fn start(&self, yaml: &str) -> TestServer {
         let config = self.dir.path().join("config.yaml");
-        let exempt = "ssh:\n  perSourcePenaltyExemptList: [127.0.0.1/32]\n";
-        let yaml = if yaml.contains("perSourcePenaltyExemptList") {
-            yaml.to_string()
-        } else {
-            yaml.replacen("ssh:\n", exempt, 1)
-        };
+        let yaml = exempt_loopback(yaml);
         let yaml = if yaml.lines().any(|l| l.starts_with("sandbox:")) {
             yaml.to_string()
         } else {
@@ -652,7 +724,8 @@ stateDirectory: {state}
         // From here on a panic drops the TestServer, which kills the process.
         let mut server = TestServer {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            child,
+            child: Some(child),
+            in_process: None,
             log,
         };
         let found = server
@@ -677,6 +750,42 @@ stateDirectory: {state}
     /// `start(&config_yaml(mode))`.
     pub fn start_mode(&self, mode: &str) -> TestServer {
         self.start(&self.config_yaml(mode))
+    }
+
+    /// The server in this process on `backend` (the fake, usually) with `yaml`'s settings:
+    /// the whole SSH side without an engine. Its log lines are kept as a process's would be.
+    pub fn start_in_process(
+        &self,
+        yaml: &str,
+        backend: Arc<dyn containerssh::backend::Backend>,
+    ) -> TestServer {
+        let yaml = exempt_loopback(yaml);
+        let raw =
+            containerssh::config::load::parse_yaml("config.yaml", &yaml).unwrap_or_else(|e| {
+                panic!(
+                    "test configuration: {e}
+{yaml}"
+                )
+            });
+        let settings =
+            containerssh::config::validate::validate("config.yaml", raw).unwrap_or_else(|e| {
+                panic!(
+                    "test configuration: {e}
+{yaml}"
+                )
+            });
+        let log = Arc::new(SharedLog {
+            open_pipes: AtomicUsize::new(1),
+            ..SharedLog::default()
+        });
+        let running = containerssh::testing::serve(settings, backend, LogSink(Arc::clone(&log)))
+            .unwrap_or_else(|e| panic!("cannot start the server: {e}"));
+        TestServer {
+            addr: running.addr,
+            child: None,
+            in_process: Some(running),
+            log,
+        }
     }
 
     /// Writes (once per port) and returns the OpenSSH client config for
@@ -1831,6 +1940,18 @@ pub mod russh_client {
             .expect("auth");
         assert!(auth.success(), "authentication failed");
         handle
+    }
+
+    /// The reply to the channel request just sent (`want_reply`): success or failure.
+    pub async fn reply(ch: &mut russh::Channel<client::Msg>) -> bool {
+        loop {
+            match ch.wait().await {
+                Some(russh::ChannelMsg::Success) => return true,
+                Some(russh::ChannelMsg::Failure) => return false,
+                Some(_) => {}
+                None => panic!("channel closed before the reply"),
+            }
+        }
     }
 
     /// Runs `cmd` on a new channel of `handle`: its stdout and exit status.

@@ -3,28 +3,34 @@
 //! and at start-up for what a crashed run of the same instance left behind).
 
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{watch, OnceCell};
+use tokio::sync::OnceCell;
 
 use super::archive::{build_tar, ArchiveError, TarData, TarEntry};
 use super::{
     Demuxer, DockerClient, DockerConnection, DockerError, ExecSpec, HijackedReader, HijackedWriter,
     ReadSizer, StreamKind,
 };
-use crate::auth::metadata::LoginFile;
-use crate::backend::agent::AgentBinary;
+use crate::auth::metadata::{LoginFile, LoginMetadata};
+use crate::backend::agent::{self, console_argv, AgentBinary};
 use crate::backend::process::{
-    console_argv, keep, pid_channel, reported_pid, Captured, ControlError, OutputSource, Process,
-    ProcessOutput,
+    keep, pid_channel, Captured, ControlError, OutputSource, Process, ProcessControl,
+    ProcessOutput, Program, UNKNOWN_EXIT_STATUS,
 };
-use crate::backend::{signal_number, ConnMeta, ExitReport, ProgramSpec, StartError};
-use crate::config::model::{DockerConfig, DockerExecutionConfig, DockerTimeouts, PullPolicy};
+use crate::backend::{
+    AgentAt, AgentStreams, Backend, BoxFuture, ConnMeta, Container, Engine, Handle, OutputKind,
+    ProgramSpec, Runtime, SessionStart, StartError,
+};
+use crate::config::model::{
+    DockerConfig, DockerExecutionConfig, DockerTimeouts, ExecutionMode, PullPolicy,
+};
+use crate::config::Settings;
 
 pub const LABEL_INSTANCE: &str = "containerssh_instance";
 pub const LABEL_CONNECTION_ID: &str = "containerssh_connection_id";
@@ -37,8 +43,8 @@ pub const LABEL_PERSISTENT: &str = "containerssh_persistent";
 /// First API version that applies `ConsoleSize` at container and exec creation (Docker 23).
 const CONSOLE_SIZE_API: (u32, u32) = (1, 42);
 
-/// Exit status reported when the engine cannot tell one (ContainerSSH sends 137 too).
-const UNKNOWN_EXIT_STATUS: u32 = 137;
+/// The key that turns the agent off, for messages.
+const DISABLE_AGENT_KEY: &str = "docker.execution.disableAgent";
 
 struct ApiLevel {
     console_size: bool,
@@ -56,7 +62,7 @@ struct AgentTars {
     dirs: Bytes,
 }
 
-/// How programs reach the agent: `None` in [`DockerBackend`] when `disableAgent` is set.
+/// How programs reach the agent: `None` in [`Docker`] when `disableAgent` is set.
 #[derive(Clone)]
 struct AgentUse {
     /// `docker.execution.agentPath`.
@@ -65,7 +71,11 @@ struct AgentUse {
     inject: Option<AgentTars>,
 }
 
-pub struct DockerBackend {
+/// The Docker backend; its containers share it.
+pub type DockerBackend = Engine<Docker>;
+
+/// The Docker [`Runtime`].
+pub struct Docker {
     client: DockerClient,
     exec: DockerExecutionConfig,
     timeouts: DockerTimeouts,
@@ -134,16 +144,30 @@ pub enum OutputStream {
 }
 
 impl OutputStream {
-    pub(crate) async fn next(&mut self) -> io::Result<Option<(StreamKind, Bytes)>> {
+    async fn next_chunk(&mut self) -> io::Result<Option<(OutputKind, Bytes)>> {
         match self {
             OutputStream::Raw(r, buf, sizer) => {
                 sizer.prepare(buf);
                 let n = r.read_buf(buf).await?;
                 sizer.record(n);
-                Ok((n > 0).then(|| (StreamKind::Stdout, buf.split_to(n).freeze())))
+                Ok((n > 0).then(|| (OutputKind::Stdout, buf.split_to(n).freeze())))
             }
-            OutputStream::Muxed(d) => d.next_frame().await,
+            OutputStream::Muxed(d) => loop {
+                return Ok(match d.next_frame().await? {
+                    Some((StreamKind::Stdout, b)) => Some((OutputKind::Stdout, b)),
+                    Some((StreamKind::Stderr, b)) => Some((OutputKind::Stderr, b)),
+                    // Not the program's output.
+                    Some((StreamKind::Stdin | StreamKind::SystemErr, _)) => continue,
+                    None => None,
+                });
+            },
         }
+    }
+}
+
+impl OutputSource for OutputStream {
+    fn next(&mut self) -> BoxFuture<'_, io::Result<Option<(OutputKind, Bytes)>>> {
+        Box::pin(self.next_chunk())
     }
 }
 
@@ -153,21 +177,10 @@ enum Target {
     Container(String),
 }
 
-/// The agent's view of one program: where to run `agent signal`, and the program's PID.
-#[derive(Clone)]
-struct AgentCtl {
-    path: String,
-    container: String,
-    pid: watch::Receiver<Option<u32>>,
-}
-
-/// Resize, signal and wait for a started program.
-#[derive(Clone)]
-pub struct ProcessControl {
+/// What only the engine can do for a started program.
+struct DockerProgram {
     client: DockerClient,
     target: Target,
-    last_signal: Arc<Mutex<Option<String>>>,
-    agent: Option<AgentCtl>,
     exit_deadline: Duration,
     /// `docker.timeouts.window` and `.signal`.
     resize_timeout: Duration,
@@ -185,8 +198,8 @@ async fn within<T>(
         .unwrap_or(Err(DockerError::Timeout { op }))
 }
 
-impl ProcessControl {
-    pub async fn resize(&self, rows: u32, cols: u32) -> Result<(), DockerError> {
+impl DockerProgram {
+    async fn resize_now(&self, rows: u32, cols: u32) -> Result<(), DockerError> {
         within(self.resize_timeout, "resize", async {
             match &self.target {
                 Target::Exec(id) => self.client.resize_exec(id, rows, cols).await,
@@ -195,130 +208,48 @@ impl ProcessControl {
         })
         .await
     }
+}
 
-    /// The program's PID as the agent reported it, waiting for the report up to `limit`.
-    async fn pid(&self, limit: Duration) -> Option<u32> {
-        reported_pid(&Some(self.agent.as_ref()?.pid.clone()), limit).await
-    }
-
-    pub async fn signal(&self, name: &str) -> Result<(), ControlError> {
-        if signal_number(name).is_none() {
-            return Err(ControlError::UnknownSignal(name.into()));
-        }
-        if let Some(agent) = &self.agent {
-            let pid = self
-                .pid(self.signal_timeout)
+impl Program for DockerProgram {
+    fn resize(&self, rows: u32, cols: u32) -> BoxFuture<'_, Result<(), ControlError>> {
+        Box::pin(async move {
+            self.resize_now(rows, cols)
                 .await
-                .ok_or(ControlError::NoPid)?;
-            if let Ok(mut last) = self.last_signal.lock() {
-                *last = Some(name.to_string());
+                .map_err(|e| ControlError::Backend(e.to_string()))
+        })
+    }
+
+    fn exit_code(&self) -> BoxFuture<'_, Result<u32, ControlError>> {
+        Box::pin(async move {
+            let code = match &self.target {
+                Target::Exec(id) => self.client.exec_exit_code(id, self.exit_deadline).await,
+                Target::Container(id) => self.client.wait_container(id).await,
             }
-            let cmd = [
-                &agent.path,
-                "signal",
-                "--pid",
-                &pid.to_string(),
-                "--signal",
-                name,
-            ]
-            .map(String::from)
-            .to_vec();
-            let out = within(
-                self.signal_timeout,
-                "signal",
-                run_capture(
-                    &self.client,
-                    &agent.container,
-                    cmd,
-                    None,
-                    self.signal_timeout,
-                ),
-            )
-            .await
             .map_err(|e| ControlError::Backend(e.to_string()))?;
-            if out.code != 0 {
-                return Err(ControlError::Agent(out.message()));
-            }
-            return Ok(());
-        }
-        let Target::Container(id) = &self.target else {
-            return Err(ControlError::SignalUnsupported(
-                "docker.execution.disableAgent",
-            ));
-        };
-        if let Ok(mut last) = self.last_signal.lock() {
-            *last = Some(name.to_string());
-        }
-        let sig = format!("SIG{name}");
-        within(
-            self.signal_timeout,
-            "signal",
-            self.client.kill_container(id, &sig),
-        )
-        .await
-        .map_err(|e| ControlError::Backend(e.to_string()))?;
-        Ok(())
+            Ok(u32::try_from(code).unwrap_or(UNKNOWN_EXIT_STATUS))
+        })
     }
 
-    /// How the program ended. Call after its output stream has ended.
-    pub async fn wait(&self) -> ExitReport {
-        let code = match &self.target {
-            Target::Exec(id) => self.client.exec_exit_code(id, self.exit_deadline).await,
-            Target::Container(id) => self.client.wait_container(id).await,
-        };
-        let code = match code {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read exit status");
-                return ExitReport::Status(UNKNOWN_EXIT_STATUS);
-            }
-        };
-        // Docker reports death by signal N as 128+N, the same as `exit 128+N`. The agent knows
-        // which it was while the container runs (exec programs); otherwise it is only
-        // unambiguous for a signal we delivered ourselves.
-        if let (Some(name), Target::Exec(_)) = (self.exit_signal(code).await, &self.target) {
-            return ExitReport::Signal { name };
-        }
-        let last = self.last_signal.lock().ok().and_then(|l| l.clone());
-        if let Some(name) = last {
-            if signal_number(&name).map(|n| 128 + i64::from(n)) == Some(code) {
-                return ExitReport::Signal { name };
-            }
-        }
-        ExitReport::Status(u32::try_from(code).unwrap_or(UNKNOWN_EXIT_STATUS))
+    /// A session container's main process can be signalled through the engine.
+    fn signal_directly<'a>(
+        &'a self,
+        name: &'a str,
+        key: &'static str,
+    ) -> BoxFuture<'a, Result<(), ControlError>> {
+        Box::pin(async move {
+            let Target::Container(id) = &self.target else {
+                return Err(ControlError::SignalUnsupported(key));
+            };
+            let sig = format!("SIG{name}");
+            let kill = self.client.kill_container(id, &sig);
+            within(self.signal_timeout, "signal", kill)
+                .await
+                .map_err(|e| ControlError::Backend(e.to_string()))
+        })
     }
 
-    /// Asks the agent whether an exec'd program that exited with `code` died of a signal.
-    async fn exit_signal(&self, code: i64) -> Option<String> {
-        let agent = self.agent.as_ref()?;
-        if !(129..=128 + 64).contains(&code) || !matches!(self.target, Target::Exec(_)) {
-            return None;
-        }
-        let pid = *agent.pid.borrow();
-        let cmd = [&agent.path, "exit-info", "--pid", &pid?.to_string()]
-            .map(String::from)
-            .to_vec();
-        let run = run_capture(
-            &self.client,
-            &agent.container,
-            cmd,
-            None,
-            self.signal_timeout,
-        );
-        match within(self.signal_timeout, "exit-info", run).await {
-            Ok(out) if out.code == 0 => {
-                let name = String::from_utf8_lossy(&out.stdout).trim().to_string();
-                signal_number(&name).map(|_| name)
-            }
-            Ok(out) => {
-                tracing::debug!(message = %out.message(), "agent exit-info failed");
-                None
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "agent exit-info failed");
-                None
-            }
-        }
+    fn is_exec(&self) -> bool {
+        matches!(self.target, Target::Exec(_))
     }
 }
 
@@ -402,8 +333,8 @@ fn get_ci<'a>(map: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
         .map(|(_, v)| v)
 }
 
-impl DockerBackend {
-    pub fn new(cfg: &DockerConfig, instance: &str) -> Result<Self, DockerError> {
+impl Docker {
+    fn new(cfg: &DockerConfig, instance: &str) -> Result<Self, DockerError> {
         let opt = |s: &String| (!s.is_empty()).then(|| s.clone());
         let conn = DockerConnection {
             host: cfg.connection.host.clone(),
@@ -425,36 +356,19 @@ impl DockerBackend {
     }
 
     /// Copies `binary` into every container before it starts (unless the agent is disabled).
-    pub fn inject_agent(mut self, binary: Option<&AgentBinary>) -> Result<Self, ArchiveError> {
+    fn inject_agent(mut self, binary: Option<&AgentBinary>) -> Result<Self, ArchiveError> {
         if let (Some(agent), Some(binary)) = (self.agent.as_mut(), binary) {
             agent.inject = Some(AgentTars::new(&agent.path, binary)?);
         }
         Ok(self)
     }
 
-    pub fn mode(&self) -> crate::config::model::ExecutionMode {
-        self.exec.mode
-    }
-
-    /// This backend with a login's own `docker` block (the config webhook's), sharing the
-    /// engine client and the agent archive; `None` when the block names another engine or
-    /// moves or disables the agent (then a backend of its own is needed).
-    pub fn derive(&self, cfg: &DockerConfig, same_connection: bool) -> Option<DockerBackend> {
-        let same_agent = self.agent.as_ref().map(|a| a.path.as_str())
-            == (!cfg.execution.disable_agent).then_some(cfg.execution.agent_path.as_str());
-        (same_connection && same_agent).then(|| DockerBackend {
-            client: self.client.clone(),
-            exec: cfg.execution.clone(),
-            timeouts: cfg.timeouts.clone(),
-            instance: self.instance.clone(),
-            api: OnceCell::new(),
-            agent: self.agent.clone(),
+    /// The agent as programs in our containers see it.
+    fn agent_at(&self) -> Option<AgentAt> {
+        self.agent.as_ref().map(|a| AgentAt {
+            path: a.path.clone(),
+            ours: a.inject.is_some(),
         })
-    }
-
-    /// Whether programs run under the agent (signals, forwarding and files need it).
-    pub fn agent_path(&self) -> Option<&str> {
-        self.agent.as_ref().map(|a| a.path.as_str())
     }
 
     /// Uploads the agent into a container (created or running), bounded by `containerStart`.
@@ -487,38 +401,6 @@ impl DockerBackend {
             })
     }
 
-    /// Writes the login's files into a container: through the agent (as the container's user)
-    /// when `running` and the agent is on, else with the archive API (owned by root; the only
-    /// way before a session container starts). Failures are logged, as in ContainerSSH.
-    pub async fn write_files(&self, container: &str, files: &[LoginFile], running: bool) {
-        for f in files {
-            let written = match (&self.agent, running) {
-                (Some(agent), true) => {
-                    let mut cmd = vec![agent.path.clone(), "write-file".into(), f.path.clone()];
-                    if agent.inject.is_some() {
-                        // ContainerSSH's agent has neither --mode nor --size (with which a
-                        // cut-off upload leaves the file untouched).
-                        cmd.extend([
-                            "--mode".into(),
-                            format!("{:o}", f.mode),
-                            "--size".into(),
-                            f.data.len().to_string(),
-                        ]);
-                    }
-                    match self.capture(container, cmd, Some(&f.data)).await {
-                        Ok(out) if out.code == 0 => Ok(()),
-                        Ok(out) => Err(out.message()),
-                        Err(e) => Err(e.to_string()),
-                    }
-                }
-                _ => self.put_file(container, f).await,
-            };
-            if let Err(e) = written {
-                tracing::warn!(container, path = %f.path, error = %e, "cannot write a login file into the container");
-            }
-        }
-    }
-
     async fn put_file(&self, container: &str, f: &LoginFile) -> Result<(), String> {
         let (dir, name) = f.path.rsplit_once('/').ok_or("not an absolute path")?;
         let tar = build_tar(&[TarEntry {
@@ -534,52 +416,7 @@ impl DockerBackend {
             .map_err(|e| e.to_string())
     }
 
-    /// Starts a long-running agent command (`forward-server`) with its stdio attached; it
-    /// ends when its stdin is closed.
-    pub async fn start_agent_command(
-        &self,
-        container: &str,
-        args: &[&str],
-    ) -> Result<(Demuxer<HijackedReader>, HijackedWriter), StartError> {
-        let Some(agent) = &self.agent else {
-            return Err(StartError::ExecFailed(
-                "the in-container agent is disabled (docker.execution.disableAgent)".into(),
-            ));
-        };
-        let mut cmd = vec![agent.path.clone()];
-        cmd.extend(args.iter().map(|a| a.to_string()));
-        let spec = ExecSpec {
-            cmd,
-            ..ExecSpec::default()
-        };
-        let fail = |e: DockerError| StartError::ExecFailed(e.to_string());
-        let limit = self.timeouts.command_start.0;
-        let started = within(limit, "agent exec", async {
-            let id = self.client.create_exec(container, &spec).await?;
-            self.client.start_exec(&id, false).await
-        })
-        .await
-        .map_err(fail)?;
-        Ok((Demuxer::new(started.reader), started.writer))
-    }
-
-    /// Runs a helper exec in a running container, bounded by `docker.timeouts.commandStart`.
-    pub async fn capture(
-        &self,
-        container: &str,
-        cmd: Vec<String>,
-        stdin: Option<&[u8]>,
-    ) -> Result<Captured, DockerError> {
-        let limit = self.timeouts.command_start.0;
-        within(
-            limit,
-            "helper exec",
-            run_capture(&self.client, container, cmd, stdin, limit),
-        )
-        .await
-    }
-
-    pub fn image(&self) -> String {
+    fn image(&self) -> String {
         get_ci(&self.exec.container, "image")
             .and_then(Value::as_str)
             .unwrap_or_default()
@@ -607,49 +444,8 @@ impl DockerBackend {
             .await
     }
 
-    /// Removes every container this instance labelled: what a crashed run left behind.
-    pub async fn reap(&self) -> Result<usize, DockerError> {
-        self.client.negotiate().await?;
-        let ids = self
-            .client
-            .list_containers(&[(LABEL_INSTANCE, &self.instance)])
-            .await?;
-        let mut removed = 0;
-        for id in &ids {
-            // One stuck container must not keep the others alive.
-            match self.remove_container(id).await {
-                Ok(()) => removed += 1,
-                Err(e) => {
-                    tracing::warn!(container = %id, error = %e, "cannot remove leftover container")
-                }
-            }
-        }
-        Ok(removed)
-    }
-
-    /// Removes every container of one connection, found by label, so that nothing created
-    /// while the connection was closing escapes.
-    pub async fn remove_connection(&self, connection_id: &str) -> Result<usize, DockerError> {
-        if self.api.get().is_none() {
-            // Never reached the engine for this connection: nothing can exist.
-            return Ok(0);
-        }
-        let ids = self
-            .client
-            .list_containers(&[
-                (LABEL_INSTANCE, &self.instance),
-                (LABEL_CONNECTION_ID, connection_id),
-            ])
-            .await?;
-        for id in &ids {
-            self.remove_container(id).await?;
-            tracing::debug!(container = %id, connection_id, "container removed");
-        }
-        Ok(ids.len())
-    }
-
     /// Force-removes one container, bounded by `docker.timeouts.containerStop`.
-    pub async fn remove_container(&self, id: &str) -> Result<(), DockerError> {
+    async fn remove_container(&self, id: &str) -> Result<(), DockerError> {
         let limit = self.timeouts.container_stop.0;
         within(limit, "container remove", self.client.remove_container(id)).await
     }
@@ -765,7 +561,7 @@ impl DockerBackend {
     }
 
     /// Connection mode: the per-connection container running `idleCommand`.
-    pub async fn start_idle_container(&self, meta: &ConnMeta) -> Result<String, StartError> {
+    async fn start_idle_container(&self, meta: &ConnMeta) -> Result<String, StartError> {
         self.bounded(async {
             self.ready().await?;
             self.ensure_image().await?;
@@ -794,7 +590,7 @@ impl DockerBackend {
 
     /// Persistent mode: the container named `containername`, started if it is stopped, created
     /// (running `idleCommand`) if missing and `createMissingContainer` allows.
-    pub async fn find_persistent_container(&self, meta: &ConnMeta) -> Result<String, StartError> {
+    async fn find_persistent_container(&self, meta: &ConnMeta) -> Result<String, StartError> {
         self.bounded(async {
             self.ready().await?;
             let name = self.exec.container_name.clone();
@@ -861,52 +657,243 @@ impl DockerBackend {
             })
     }
 
-    fn control(
-        &self,
-        target: Target,
-        container: &str,
-        pid: Option<watch::Receiver<Option<u32>>>,
-    ) -> ProcessControl {
-        ProcessControl {
+    fn program(&self, target: Target) -> DockerProgram {
+        DockerProgram {
             client: self.client.clone(),
             target,
-            last_signal: Arc::new(Mutex::new(None)),
-            agent: self.agent.as_ref().zip(pid).map(|(a, pid)| AgentCtl {
-                path: a.path.clone(),
-                container: container.to_string(),
-                pid,
-            }),
             exit_deadline: self.timeouts.command_start.0,
             resize_timeout: self.timeouts.window.0,
             signal_timeout: self.timeouts.signal.0,
         }
     }
 
-    /// Connection mode: one program as an exec in the connection's container.
-    /// The command a program really runs as: under the agent's `console`, or on its own.
+    /// The command a program really runs as: under the agent's `console` (ours sizes the
+    /// terminal itself; before an image's own agent, a shell does), or on its own.
     fn program_argv(&self, spec: &ProgramSpec, api: &ApiLevel) -> Vec<String> {
-        match &self.agent {
-            Some(a) if a.inject.is_some() => console_argv(
-                &a.path,
-                spec.tty.as_ref(),
-                &[],
-                false,
-                spec.argv.clone(),
-                true,
-            ),
-            Some(a) => console_argv(
-                &a.path,
-                spec.tty.as_ref(),
-                &[],
-                false,
-                sized_argv(spec, api),
-                false,
-            ),
+        match self.agent_at() {
+            Some(a) if a.ours => console_argv(&a, spec.tty.as_ref(), &[], false, spec.argv.clone()),
+            Some(a) => console_argv(&a, spec.tty.as_ref(), &[], false, sized_argv(spec, api)),
             None => sized_argv(spec, api),
         }
     }
 
-    pub async fn exec(&self, container: &str, spec: &ProgramSpec) -> Result<Process, StartError> {
+    async fn process(
+        &self,
+        reader: HijackedReader,
+        writer: HijackedWriter,
+        spec: &ProgramSpec,
+        target: Target,
+        container: Arc<dyn Container>,
+    ) -> Process {
+        let (pid, pid_rx) = pid_channel(self.agent.is_some());
+        let control = ProcessControl::new(
+            Box::new(self.program(target)),
+            container,
+            pid_rx,
+            DISABLE_AGENT_KEY,
+            self.timeouts.signal.0,
+        );
+        let stream = match &spec.tty {
+            Some(t) => {
+                // Also resize after start: covers engines that ignore ConsoleSize.
+                if let Err(e) = control.resize(t.rows, t.cols).await {
+                    tracing::debug!(error = %e, "initial resize failed");
+                }
+                OutputStream::Raw(reader, BytesMut::new(), ReadSizer::default())
+            }
+            None => OutputStream::Muxed(Demuxer::new(reader)),
+        };
+        Process {
+            stdin: Box::new(writer),
+            output: ProcessOutput::new(Box::new(stream), pid),
+            control,
+        }
+    }
+}
+
+impl Docker {
+    /// The backend for `docker`, copying `agent` into every container it starts (unless the
+    /// agent is disabled).
+    pub fn backend(
+        cfg: &DockerConfig,
+        instance: &str,
+        agent: Option<&AgentBinary>,
+    ) -> Result<DockerBackend, Box<dyn std::error::Error>> {
+        Ok(Engine::of(Docker::new(cfg, instance)?.inject_agent(agent)?))
+    }
+
+    /// Where the agent is in our containers, for the start-up log.
+    pub fn agent_path(&self) -> Option<&str> {
+        self.agent.as_ref().map(|a| a.path.as_str())
+    }
+}
+
+impl Runtime for Docker {
+    const DISABLE_AGENT_KEY: &'static str = DISABLE_AGENT_KEY;
+
+    fn mode(&self) -> ExecutionMode {
+        self.exec.mode
+    }
+
+    fn has_agent(&self) -> bool {
+        self.agent.is_some()
+    }
+
+    fn login_env(&self, login: &LoginMetadata) -> Vec<String> {
+        if !self.exec.expose_auth_metadata_as_env {
+            return Vec::new();
+        }
+        login
+            .values
+            .iter()
+            .filter(|(k, _)| crate::auth::metadata::env_name_ok(k))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect()
+    }
+
+    async fn connection_container(
+        &self,
+        meta: &ConnMeta,
+        _login: &LoginMetadata,
+    ) -> Result<(String, Option<AgentAt>), StartError> {
+        let id = if self.mode() == ExecutionMode::Persistent {
+            self.find_persistent_container(meta).await?
+        } else {
+            self.start_idle_container(meta).await?
+        };
+        Ok((id, self.agent_at()))
+    }
+
+    /// With the archive API (owned by root): the only way before a session container starts,
+    /// or without the agent. Failures are logged, as in ContainerSSH.
+    async fn put_files(&self, container: &str, files: &[LoginFile]) {
+        for f in files {
+            if let Err(e) = self.put_file(container, f).await {
+                tracing::warn!(container, path = %f.path, error = %e, "cannot write a login file into the container");
+            }
+        }
+    }
+
+    /// A container whose main process is the program, attached before it starts so that no
+    /// output is lost.
+    async fn run_session(
+        self: &Arc<Self>,
+        meta: &ConnMeta,
+        spec: &ProgramSpec,
+    ) -> Result<SessionStart, StartError> {
+        self.bounded(async {
+            let api = self.ready().await?;
+            self.ensure_image().await?;
+            let body = self.create_body(meta, &self.program_argv(spec, api), Some(spec));
+            let id = self.create(&body).await?;
+            if let Err(e) = self.put_agent(&id).await {
+                self.discard(&id).await;
+                return Err(e);
+            }
+            self.put_files(&id, &spec.login.files).await;
+            let started = async {
+                let hijacked = self.client.attach_container(&id).await?;
+                self.client.start_container(&id).await?;
+                Ok::<_, DockerError>(hijacked)
+            };
+            let hijacked = match started.await {
+                Ok(h) => h,
+                Err(e) => {
+                    self.discard(&id).await;
+                    return Err(StartError::ContainerFailed(e.to_string()));
+                }
+            };
+            let container: Arc<dyn Container> = Arc::new(Handle::new(
+                Arc::clone(self),
+                id.clone(),
+                self.agent_at(),
+                true,
+            ));
+            let process = self
+                .process(
+                    hijacked.reader,
+                    hijacked.writer,
+                    spec,
+                    Target::Container(id),
+                    Arc::clone(&container),
+                )
+                .await;
+            Ok((container, process))
+        })
+        .await
+    }
+
+    /// Every container of one connection, found by label, so that nothing created while the
+    /// connection was closing escapes.
+    async fn remove_connection(&self, connection_id: &str) -> Result<usize, String> {
+        if self.api.get().is_none() {
+            // Never reached the engine for this connection: nothing can exist.
+            return Ok(0);
+        }
+        let removed = async {
+            let ids = self
+                .client
+                .list_containers(&[
+                    (LABEL_INSTANCE, &self.instance),
+                    (LABEL_CONNECTION_ID, connection_id),
+                ])
+                .await?;
+            for id in &ids {
+                self.remove_container(id).await?;
+                tracing::debug!(container = %id, connection_id, "container removed");
+            }
+            Ok::<_, DockerError>(ids.len())
+        };
+        removed.await.map_err(|e| e.to_string())
+    }
+
+    /// Every container this instance labelled.
+    async fn reap(&self) -> Result<usize, String> {
+        let ids = async {
+            self.client.negotiate().await?;
+            self.client
+                .list_containers(&[(LABEL_INSTANCE, &self.instance)])
+                .await
+        };
+        let ids = ids.await.map_err(|e| e.to_string())?;
+        let mut removed = 0;
+        for id in &ids {
+            // One stuck container must not keep the others alive.
+            match self.remove_container(id).await {
+                Ok(()) => removed += 1,
+                Err(e) => {
+                    tracing::warn!(container = %id, error = %e, "cannot remove leftover container")
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// A login's own `docker` block (the config webhook's) that names the same engine and
+    /// keeps the agent where it is: this backend's client and agent archive, shared.
+    fn derive(&self, login: &Settings, same_connection: bool) -> Option<Arc<dyn Backend>> {
+        let cfg = &login.docker;
+        let same_agent = self.agent_path()
+            == (!cfg.execution.disable_agent).then_some(cfg.execution.agent_path.as_str());
+        (same_connection && same_agent).then(|| {
+            Arc::new(Engine::of(Docker {
+                client: self.client.clone(),
+                exec: cfg.execution.clone(),
+                timeouts: cfg.timeouts.clone(),
+                instance: self.instance.clone(),
+                api: OnceCell::new(),
+                agent: self.agent.clone(),
+            })) as Arc<dyn Backend>
+        })
+    }
+
+    /// Connection and persistent modes: one program as an exec in the container.
+    async fn exec(
+        &self,
+        container: &str,
+        spec: &ProgramSpec,
+        handle: Arc<dyn Container>,
+    ) -> Result<Process, StartError> {
         let api = self.ready().await?;
         let cmd = self.program_argv(spec, api);
         let exec_spec = ExecSpec {
@@ -934,78 +921,56 @@ impl DockerBackend {
                 hijacked.writer,
                 spec,
                 Target::Exec(exec_id),
-                container,
+                handle,
             )
             .await)
     }
 
-    /// Session mode: a container whose main process is the program, attached before it starts
-    /// so that no output is lost. The caller removes it with [`Self::remove_container`].
-    pub async fn run_session_container(
+    /// A helper exec, bounded by `docker.timeouts.commandStart`.
+    async fn capture(
         &self,
-        meta: &ConnMeta,
-        spec: &ProgramSpec,
-    ) -> Result<(String, Process), StartError> {
-        self.bounded(async {
-            let api = self.ready().await?;
-            self.ensure_image().await?;
-            let body = self.create_body(meta, &self.program_argv(spec, api), Some(spec));
-            let id = self.create(&body).await?;
-            if let Err(e) = self.put_agent(&id).await {
-                self.discard(&id).await;
-                return Err(e);
-            }
-            self.write_files(&id, &spec.login.files, false).await;
-            let started = async {
-                let hijacked = self.client.attach_container(&id).await?;
-                self.client.start_container(&id).await?;
-                Ok::<_, DockerError>(hijacked)
-            };
-            let hijacked = match started.await {
-                Ok(h) => h,
-                Err(e) => {
-                    self.discard(&id).await;
-                    return Err(StartError::ContainerFailed(e.to_string()));
-                }
-            };
-            let process = self
-                .process(
-                    hijacked.reader,
-                    hijacked.writer,
-                    spec,
-                    Target::Container(id.clone()),
-                    &id,
-                )
-                .await;
-            Ok((id, process))
-        })
-        .await
+        container: &str,
+        cmd: Vec<String>,
+        stdin: Option<&[u8]>,
+    ) -> Result<Captured, String> {
+        let limit = self.timeouts.command_start.0;
+        let run = run_capture(&self.client, container, cmd, stdin, limit);
+        within(limit, "helper exec", run)
+            .await
+            .map_err(|e| e.to_string())
     }
 
-    async fn process(
+    async fn start_agent_command(
         &self,
-        reader: HijackedReader,
-        writer: HijackedWriter,
-        spec: &ProgramSpec,
-        target: Target,
         container: &str,
-    ) -> Process {
-        let (pid, pid_rx) = pid_channel(self.agent.is_some());
-        let control = self.control(target, container, pid_rx);
-        let stream = match &spec.tty {
-            Some(t) => {
-                // Also resize after start: covers engines that ignore ConsoleSize.
-                if let Err(e) = control.resize(t.rows, t.cols).await {
-                    tracing::debug!(error = %e, "initial resize failed");
-                }
-                OutputStream::Raw(reader, BytesMut::new(), ReadSizer::default())
-            }
-            None => OutputStream::Muxed(Demuxer::new(reader)),
+        _agent: Option<&AgentAt>,
+        args: &[&str],
+    ) -> Result<AgentStreams, StartError> {
+        let Some(agent) = self.agent_at() else {
+            return Err(StartError::ExecFailed(format!(
+                "the in-container agent is disabled ({DISABLE_AGENT_KEY})"
+            )));
         };
-        Process {
-            stdin: Box::new(writer),
-            output: ProcessOutput::new(OutputSource::Docker(stream), pid),
-            control: crate::backend::process::ProcessControl::Docker(control),
+        let cmd = agent::command_argv(&agent, args);
+        let spec = ExecSpec {
+            cmd,
+            ..ExecSpec::default()
+        };
+        let fail = |e: DockerError| StartError::ExecFailed(e.to_string());
+        let limit = self.timeouts.command_start.0;
+        let started = within(limit, "agent exec", async {
+            let id = self.client.create_exec(container, &spec).await?;
+            self.client.start_exec(&id, false).await
+        })
+        .await
+        .map_err(fail)?;
+        let output = OutputStream::Muxed(Demuxer::new(started.reader));
+        Ok((Box::new(output), Box::new(started.writer)))
+    }
+
+    async fn remove(&self, name: &str) {
+        if let Err(e) = self.remove_container(name).await {
+            tracing::warn!(container = %name, error = %e, "cannot remove session container");
         }
     }
 }
@@ -1028,11 +993,11 @@ mod tests {
     #[test]
     fn platform_becomes_the_query_form() {
         let mut cfg = DockerConfig::default();
-        let b = DockerBackend::new(&cfg, "i").unwrap();
+        let b = Docker::new(&cfg, "i").unwrap();
         assert_eq!(b.platform(), None);
         cfg.execution.platform =
             serde_json::from_str(r#"{"Architecture":"arm64","variant":"v8"}"#).unwrap();
-        let b = DockerBackend::new(&cfg, "i").unwrap();
+        let b = Docker::new(&cfg, "i").unwrap();
         assert_eq!(b.platform().as_deref(), Some("linux/arm64/v8"));
     }
 
@@ -1042,7 +1007,7 @@ mod tests {
         cfg.execution.container =
             serde_json::from_str(r#"{"image":"img","labels":{"team":"blue"},"env":["A=1"]}"#)
                 .unwrap();
-        let b = DockerBackend::new(&cfg, "inst").unwrap();
+        let b = Docker::new(&cfg, "inst").unwrap();
         let meta = ConnMeta {
             connection_id: "c1".into(),
             username: "alice".into(),

@@ -2,6 +2,7 @@
 //! per session, or an existing named one), runs programs in them over exec or attach, brings
 //! the agent in through an init container, and deletes what it created.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -14,10 +15,12 @@ use super::pods::{self, PodError};
 use super::session::{self, capture, Limits, PodRef};
 use super::wire::{self, Pod, PodState};
 use crate::auth::metadata::{LoginFile, LoginMetadata};
-use crate::backend::process::{
-    console_argv, pid_channel, Captured, OutputSource, Process, ProcessControl, ProcessOutput,
+use crate::backend::agent::{self, console_argv};
+use crate::backend::process::{pid_channel, Captured, Process, ProcessControl, ProcessOutput};
+use crate::backend::{
+    AgentAt, AgentStreams, ConnMeta, Container, Engine, Handle, ProgramSpec, Runtime, SessionStart,
+    StartError,
 };
-use crate::backend::{ConnMeta, ProgramSpec, StartError};
 use crate::config::model::{
     AgentConfig, ExecutionMode, KubernetesConfig, KubernetesPodConfig, KubernetesTimeouts,
 };
@@ -41,6 +44,8 @@ pub const DEFAULT_AGENT_INIT_IMAGE: &str = concat!(
 pub const LABEL_PERSISTENT: &str = "containerssh_persistent";
 /// Grace period of the delete at disconnect: the program gets TERM, then the pod goes.
 const DISCONNECT_GRACE_SECONDS: u32 = 2;
+/// The key that turns the agent off, for messages.
+const DISABLE_AGENT_KEY: &str = "kubernetes.pod.disableAgent";
 
 /// How programs reach the agent.
 struct Agent {
@@ -52,15 +57,11 @@ struct Agent {
     source: String,
 }
 
-/// The connection's pod and how to reach the agent in it.
-#[derive(Clone, Debug)]
-pub struct KubeTarget {
-    pub pod: String,
-    /// The agent's path in this pod, and whether it is ours (all flags) or the image's own.
-    pub agent: Option<(String, bool)>,
-}
+/// The Kubernetes backend; its pods share it.
+pub type KubeBackend = Engine<Kube>;
 
-pub struct KubeBackend {
+/// The Kubernetes [`Runtime`].
+pub struct Kube {
     client: KubeClient,
     /// `kubernetes.pod` with `metadata.namespace` filled in.
     pod: KubernetesPodConfig,
@@ -84,17 +85,18 @@ fn exec_error(e: exec::ExecError) -> StartError {
     StartError::ExecFailed(e.to_string())
 }
 
-impl KubeBackend {
+impl Kube {
     /// Resolves where the cluster is and builds the client; no network traffic.
-    pub fn new(
+    pub fn backend(
         cfg: &KubernetesConfig,
         agent: &AgentConfig,
         instance: &str,
-    ) -> Result<Self, Box<dyn std::error::Error>> {
+    ) -> Result<KubeBackend, Box<dyn std::error::Error>> {
         let conn = connection::resolve(&cfg.connection, &|k| std::env::var(k).ok())?;
         let client = KubeClient::new(&conn, cfg.timeouts.http.0)?;
         tracing::info!(server = %client.server(), connection = ?conn, "Kubernetes API");
-        Self::with_client(client, conn.namespace, cfg, agent, instance)
+        let kube = Self::with_client(client, conn.namespace, cfg, agent, instance)?;
+        Ok(Engine::of(kube))
     }
 
     /// [`Self::new`] with the client made; `namespace` is the connection's suggestion, used
@@ -142,7 +144,7 @@ impl KubeBackend {
             }
         });
         tracing::info!(namespace = %namespace, "pods are created in this namespace");
-        Ok(Self {
+        Ok(Kube {
             client,
             pod,
             namespace,
@@ -153,11 +155,7 @@ impl KubeBackend {
         })
     }
 
-    pub fn mode(&self) -> ExecutionMode {
-        self.pod.mode
-    }
-
-    /// Whether programs run under the agent (signals, forwarding and files need it).
+    /// Where the agent is in our pods, for the start-up log.
     pub fn agent_path(&self) -> Option<&str> {
         self.agent.as_ref().map(|a| a.path.as_str())
     }
@@ -173,7 +171,6 @@ impl KubeBackend {
     fn limits(&self) -> Limits {
         let t = &self.timeouts;
         Limits {
-            signal: t.signal.0,
             window: t.window.0,
             exit: t.pod_stop.0,
         }
@@ -246,8 +243,10 @@ impl KubeBackend {
         self.timeouts.pod_start.0
     }
 
-    fn target(&self, pod: &str, spec: Option<&wire::PodSpec>) -> KubeTarget {
-        let agent = self.agent.as_ref().map(|a| {
+    /// The agent in a pod: ours when the init container put it there (a persistent pod we
+    /// did not create may have none), else the image's own.
+    fn agent_in(&self, spec: Option<&wire::PodSpec>) -> Option<AgentAt> {
+        self.agent.as_ref().map(|a| {
             let injected = a.init_image.is_some()
                 && spec.is_none_or(|s| {
                     s.init_containers
@@ -255,36 +254,38 @@ impl KubeBackend {
                         .any(|c| c.name == AGENT_INIT_CONTAINER)
                 });
             if injected {
-                (a.path.clone(), true)
+                AgentAt {
+                    path: a.path.clone(),
+                    ours: true,
+                }
             } else {
-                (a.source.clone(), false)
+                AgentAt {
+                    path: a.source.clone(),
+                    ours: false,
+                }
             }
-        });
-        KubeTarget {
-            pod: pod.to_string(),
-            agent,
-        }
+        })
     }
 
     /// Connection mode: the per-connection pod running the idle command.
-    pub async fn start_idle_pod(
+    async fn start_idle_pod(
         &self,
         meta: &ConnMeta,
         login: &LoginMetadata,
-    ) -> Result<KubeTarget, StartError> {
+    ) -> Result<(String, Option<AgentAt>), StartError> {
         let body = self.body(meta, login, &self.idle_command(), None);
         let name = self.create(&body).await?;
         tracing::debug!(pod = %name, connection_id = %meta.connection_id, "pod started");
-        Ok(self.target(&name, None))
+        Ok((name, self.agent_in(None)))
     }
 
     /// Persistent mode: the pod named by `metadata.name`, created (running the idle command,
     /// without instance or connection labels) when missing and `createMissingPods` allows.
-    pub async fn find_persistent_pod(
+    async fn find_persistent_pod(
         &self,
         meta: &ConnMeta,
         login: &LoginMetadata,
-    ) -> Result<KubeTarget, StartError> {
+    ) -> Result<(String, Option<AgentAt>), StartError> {
         let name = self
             .pod
             .metadata
@@ -318,7 +319,7 @@ impl KubeBackend {
         {
             Ok(pod) => {
                 tracing::info!(pod = %name, "created persistent pod");
-                Ok(self.target(&name, Some(&pod.spec)))
+                Ok((name, self.agent_in(Some(&pod.spec))))
             }
             // Another connection created it first: use theirs once it is ready.
             Err(PodError::Api(e)) if e.http_code() == Some(409) => {
@@ -333,9 +334,13 @@ impl KubeBackend {
         }
     }
 
-    async fn persistent_ready(&self, name: &str, pod: Pod) -> Result<KubeTarget, StartError> {
+    async fn persistent_ready(
+        &self,
+        name: &str,
+        pod: Pod,
+    ) -> Result<(String, Option<AgentAt>), StartError> {
         match wire::evaluate(&pod, &self.console) {
-            PodState::Ready => Ok(self.target(name, Some(&pod.spec))),
+            PodState::Ready => Ok((name.to_string(), self.agent_in(Some(&pod.spec)))),
             PodState::Pending => {
                 let ready = pods::wait_ready_existing(
                     &self.client,
@@ -346,7 +351,7 @@ impl KubeBackend {
                 )
                 .await
                 .map_err(start_error)?;
-                Ok(self.target(name, Some(&ready.spec)))
+                Ok((name.to_string(), self.agent_in(Some(&ready.spec))))
             }
             PodState::Failed { reason, message } => Err(StartError::ContainerFailed(format!(
                 "pod {name}: {reason}: {message}"
@@ -359,53 +364,14 @@ impl KubeBackend {
 
     /// The command a program runs as: under the agent's `console` (which also sets the
     /// environment, as exec has none of its own), else through `env`.
-    fn program_argv(
-        &self,
-        agent: Option<&(String, bool)>,
-        spec: &ProgramSpec,
-        wait: bool,
-    ) -> Vec<String> {
+    fn program_argv(&self, agent: Option<&AgentAt>, spec: &ProgramSpec, wait: bool) -> Vec<String> {
         match agent {
-            Some((path, true)) => console_argv(
-                path,
-                spec.tty.as_ref(),
-                &spec.env,
-                wait,
-                spec.argv.clone(),
-                true,
-            ),
-            Some((path, false)) => console_argv(path, None, &[], wait, with_env(spec), false),
+            Some(a) if a.ours => {
+                console_argv(a, spec.tty.as_ref(), &spec.env, wait, spec.argv.clone())
+            }
+            Some(a) => console_argv(a, None, &[], wait, with_env(spec)),
             None => with_env(spec),
         }
-    }
-
-    /// Connection and persistent modes: one program as an exec in the connection's pod.
-    pub async fn exec(
-        &self,
-        target: &KubeTarget,
-        spec: &ProgramSpec,
-    ) -> Result<Process, StartError> {
-        let argv = self.program_argv(target.agent.as_ref(), spec, false);
-        let tty = spec.tty.is_some();
-        let at = self.at(&target.pod);
-        let started = tokio::time::timeout(
-            self.timeouts.command_start.0,
-            exec::exec(
-                &self.client,
-                &at.namespace,
-                &at.pod,
-                &at.container,
-                &argv,
-                tty,
-                true,
-            ),
-        )
-        .await
-        .map_err(|_| StartError::Timeout(self.timeouts.command_start.0))?
-        .map_err(exec_error)?;
-        Ok(self
-            .process(started, at, false, target.agent.as_ref(), spec)
-            .await)
     }
 
     async fn process(
@@ -413,20 +379,18 @@ impl KubeBackend {
         started: exec::ExecSession,
         at: PodRef,
         attach: bool,
-        agent: Option<&(String, bool)>,
+        container: Arc<dyn Container>,
         spec: &ProgramSpec,
     ) -> Process {
-        let (pid_tx, pid_rx) = pid_channel(agent.is_some());
-        let parts = session::split(
-            started,
-            &self.client,
-            at,
-            attach,
-            agent.map(|a| a.0.as_str()),
+        let (pid_tx, pid_rx) = pid_channel(container.agent().is_some());
+        let parts = session::split(started, &self.client, at, attach, self.limits());
+        let control = ProcessControl::new(
+            Box::new(parts.program),
+            container,
             pid_rx,
-            self.limits(),
+            DISABLE_AGENT_KEY,
+            self.timeouts.signal.0,
         );
-        let control = ProcessControl::Kube(parts.control);
         if let Some(t) = &spec.tty {
             if let Err(e) = control.resize(t.rows, t.cols).await {
                 tracing::debug!(error = %e, "initial resize failed");
@@ -434,44 +398,41 @@ impl KubeBackend {
         }
         Process {
             stdin: Box::new(parts.stdin),
-            output: ProcessOutput::new(OutputSource::Kube(parts.output), pid_tx),
+            output: ProcessOutput::new(Box::new(parts.output), pid_tx),
             control,
         }
     }
 
-    /// Session mode: a pod whose console container runs the program under `agent console
-    /// --wait`, attached before the start byte is sent so that no output is lost. The caller
-    /// deletes it with [`Self::remove_pod`].
-    pub async fn run_session_pod(
+    /// Starts `argv` in the console container over exec, bounded by `commandStart`.
+    async fn exec_at(
         &self,
-        meta: &ConnMeta,
-        spec: &ProgramSpec,
-    ) -> Result<(String, Process), StartError> {
-        let target = self.target("", None);
-        let agent = target.agent.as_ref();
-        let argv = self.program_argv(agent, spec, agent.is_some());
-        let body = self.body(meta, &spec.login, &argv, Some(spec));
-        let name = self.create(&body).await?;
-        let target = KubeTarget {
-            pod: name.clone(),
-            ..target
-        };
-        match self.attach_session(&target, spec).await {
-            Ok(p) => Ok((name, p)),
-            Err(e) => {
-                self.remove_pod(&name).await;
-                Err(e)
-            }
-        }
+        at: &PodRef,
+        argv: &[String],
+        tty: bool,
+    ) -> Result<exec::ExecSession, StartError> {
+        let limit = self.timeouts.command_start.0;
+        let started = exec::exec(
+            &self.client,
+            &at.namespace,
+            &at.pod,
+            &at.container,
+            argv,
+            tty,
+            true,
+        );
+        tokio::time::timeout(limit, started)
+            .await
+            .map_err(|_| StartError::Timeout(limit))?
+            .map_err(exec_error)
     }
 
     async fn attach_session(
         &self,
-        target: &KubeTarget,
+        container: Arc<dyn Container>,
         spec: &ProgramSpec,
     ) -> Result<Process, StartError> {
-        self.write_files(target, &spec.login.files).await;
-        let at = self.at(&target.pod);
+        agent::write_login_files(container.as_ref(), &spec.login.files).await;
+        let at = self.at(container.name());
         let limit = self.timeouts.command_start.0;
         let tty = spec.tty.is_some();
         let started = tokio::time::timeout(
@@ -481,10 +442,9 @@ impl KubeBackend {
         .await
         .map_err(|_| StartError::Timeout(limit))?
         .map_err(exec_error)?;
-        let mut process = self
-            .process(started, at, true, target.agent.as_ref(), spec)
-            .await;
-        if target.agent.is_some() {
+        let with_agent = container.agent().is_some();
+        let mut process = self.process(started, at, true, container, spec).await;
+        if with_agent {
             // `console --wait` starts the program on this byte, now that we are attached.
             process
                 .stdin
@@ -494,9 +454,128 @@ impl KubeBackend {
         }
         Ok(process)
     }
+}
 
-    /// Deletes one pod (short grace), bounded by `podStop`.
-    pub async fn remove_pod(&self, name: &str) {
+impl Runtime for Kube {
+    const DISABLE_AGENT_KEY: &'static str = DISABLE_AGENT_KEY;
+
+    fn mode(&self) -> ExecutionMode {
+        self.pod.mode
+    }
+
+    fn has_agent(&self) -> bool {
+        self.agent.is_some()
+    }
+
+    async fn connection_container(
+        &self,
+        meta: &ConnMeta,
+        login: &LoginMetadata,
+    ) -> Result<(String, Option<AgentAt>), StartError> {
+        if self.mode() == ExecutionMode::Persistent {
+            self.find_persistent_pod(meta, login).await
+        } else {
+            self.start_idle_pod(meta, login).await
+        }
+    }
+
+    /// Files need the agent here: there is no archive API.
+    async fn put_files(&self, pod: &str, _files: &[LoginFile]) {
+        tracing::warn!(
+            pod,
+            "login files need the agent ({DISABLE_AGENT_KEY} is set): not written"
+        );
+    }
+
+    /// A pod whose console container runs the program under `agent console --wait`, attached
+    /// before the start byte is sent so that no output is lost.
+    async fn run_session(
+        self: &Arc<Self>,
+        meta: &ConnMeta,
+        spec: &ProgramSpec,
+    ) -> Result<SessionStart, StartError> {
+        let agent = self.agent_in(None);
+        let argv = self.program_argv(agent.as_ref(), spec, agent.is_some());
+        let body = self.body(meta, &spec.login, &argv, Some(spec));
+        let name = self.create(&body).await?;
+        let container: Arc<dyn Container> =
+            Arc::new(Handle::new(Arc::clone(self), name.clone(), agent, true));
+        match self.attach_session(Arc::clone(&container), spec).await {
+            Ok(p) => Ok((container, p)),
+            Err(e) => {
+                self.remove(&name).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Deletes every pod of one connection, found by label.
+    async fn remove_connection(&self, connection_id: &str) -> Result<usize, String> {
+        let limit = self.timeouts.pod_stop.0;
+        let del =
+            pods::delete_connection(&self.client, &self.namespace, &self.instance, connection_id);
+        let removed = tokio::time::timeout(limit, del).await.unwrap_or_else(|_| {
+            Err(PodError::Timeout {
+                pod: format!("(connection {connection_id})"),
+                timeout: limit,
+            })
+        });
+        removed.map_err(|e| e.to_string())
+    }
+
+    /// Deletes every pod this instance labelled.
+    async fn reap(&self) -> Result<usize, String> {
+        pods::reap(&self.client, &self.namespace, &self.instance)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Connection and persistent modes: one program as an exec in the connection's pod.
+    async fn exec(
+        &self,
+        pod: &str,
+        spec: &ProgramSpec,
+        container: Arc<dyn Container>,
+    ) -> Result<Process, StartError> {
+        let argv = self.program_argv(container.agent(), spec, false);
+        let at = self.at(pod);
+        let started = self.exec_at(&at, &argv, spec.tty.is_some()).await?;
+        Ok(self.process(started, at, false, container, spec).await)
+    }
+
+    /// Runs a helper program in a pod, bounded by `commandStart`.
+    async fn capture(
+        &self,
+        pod: &str,
+        argv: Vec<String>,
+        stdin: Option<&[u8]>,
+    ) -> Result<Captured, String> {
+        let at = self.at(pod);
+        let limit = self.timeouts.command_start.0;
+        capture(&self.client, &at, &argv, stdin, limit).await
+    }
+
+    /// Its stderr goes to the log. It ends when its stdin is closed or the stream ends.
+    async fn start_agent_command(
+        &self,
+        pod: &str,
+        agent: Option<&AgentAt>,
+        args: &[&str],
+    ) -> Result<AgentStreams, StartError> {
+        let Some(agent) = agent else {
+            return Err(StartError::ExecFailed(format!(
+                "the in-pod agent is disabled ({DISABLE_AGENT_KEY})"
+            )));
+        };
+        let argv = agent::command_argv(agent, args);
+        let at = self.at(pod);
+        let started = self.exec_at(&at, &argv, false).await?;
+        let parts = session::split(started, &self.client, at, false, self.limits());
+        Ok((Box::new(parts.output), Box::new(parts.stdin)))
+    }
+
+    /// Deletes the pod (short grace), bounded by `podStop`.
+    async fn remove(&self, name: &str) {
         let limit = self.timeouts.pod_stop.0;
         let del = pods::delete(
             &self.client,
@@ -509,106 +588,6 @@ impl KubeBackend {
             Ok(Err(e)) => tracing::warn!(pod = %name, error = %e, "cannot delete pod"),
             Err(_) => tracing::warn!(pod = %name, "deleting the pod timed out"),
         }
-    }
-
-    /// Deletes every pod of one connection, found by label.
-    pub async fn remove_connection(&self, connection_id: &str) -> Result<usize, PodError> {
-        let limit = self.timeouts.pod_stop.0;
-        let del =
-            pods::delete_connection(&self.client, &self.namespace, &self.instance, connection_id);
-        tokio::time::timeout(limit, del).await.unwrap_or_else(|_| {
-            Err(PodError::Timeout {
-                pod: format!("(connection {connection_id})"),
-                timeout: limit,
-            })
-        })
-    }
-
-    /// Deletes every pod this instance labelled: what a crashed run left behind.
-    pub async fn reap(&self) -> Result<usize, PodError> {
-        pods::reap(&self.client, &self.namespace, &self.instance).await
-    }
-
-    /// Runs a helper program in the connection's pod, bounded by `commandStart`.
-    pub async fn capture(
-        &self,
-        target: &KubeTarget,
-        argv: &[String],
-        stdin: Option<&[u8]>,
-    ) -> Result<Captured, String> {
-        let at = self.at(&target.pod);
-        capture(
-            &self.client,
-            &at,
-            argv,
-            stdin,
-            self.timeouts.command_start.0,
-        )
-        .await
-    }
-
-    /// Writes the login's files through the agent. Failures are logged, as in ContainerSSH.
-    pub async fn write_files(&self, target: &KubeTarget, files: &[LoginFile]) {
-        for f in files {
-            let written = match &target.agent {
-                Some((path, ours)) => {
-                    let mut argv = vec![path.clone(), "write-file".into(), f.path.clone()];
-                    if *ours {
-                        // --size: the agent needs no stdin EOF, which v4 exec cannot send.
-                        argv.extend([
-                            "--mode".into(),
-                            format!("{:o}", f.mode),
-                            "--size".into(),
-                            f.data.len().to_string(),
-                        ]);
-                    }
-                    match self.capture(target, &argv, Some(&f.data)).await {
-                        Ok(out) if out.code == 0 => Ok(()),
-                        Ok(out) => Err(out.message()),
-                        Err(e) => Err(e),
-                    }
-                }
-                None => Err("files need the agent (kubernetes.pod.disableAgent is set)".into()),
-            };
-            if let Err(e) = written {
-                tracing::warn!(pod = %target.pod, path = %f.path, error = %e, "cannot write a login file into the pod");
-            }
-        }
-    }
-
-    /// Starts a long-running agent command (`forward-server`) with its stdin and stdout; its
-    /// stderr goes to the log. It ends when its stdin is closed or the stream ends.
-    pub async fn start_agent_command(
-        &self,
-        target: &KubeTarget,
-        args: &[&str],
-    ) -> Result<crate::backend::AgentStreams, StartError> {
-        let Some((path, _)) = &target.agent else {
-            return Err(StartError::ExecFailed(
-                "the in-pod agent is disabled (kubernetes.pod.disableAgent)".into(),
-            ));
-        };
-        let mut argv = vec![path.clone()];
-        argv.extend(args.iter().map(|a| a.to_string()));
-        let at = self.at(&target.pod);
-        let limit = self.timeouts.command_start.0;
-        let started = tokio::time::timeout(
-            limit,
-            exec::exec(
-                &self.client,
-                &at.namespace,
-                &at.pod,
-                &at.container,
-                &argv,
-                false,
-                true,
-            ),
-        )
-        .await
-        .map_err(|_| StartError::Timeout(limit))?
-        .map_err(exec_error)?;
-        let parts = session::split(started, &self.client, at, false, None, None, self.limits());
-        Ok((OutputSource::Kube(parts.output), Box::new(parts.stdin)))
     }
 }
 
@@ -704,7 +683,7 @@ mod tests {
         assert_eq!(spec["containers"][1]["volumeMounts"][1]["readOnly"], true);
     }
 
-    fn backend(pod: serde_json::Value, inject: bool) -> KubeBackend {
+    fn backend(pod: serde_json::Value, inject: bool) -> Kube {
         static CA: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
         let ca = CA.get_or_init(|| super::super::client::testing::certs().ca.clone());
         let conn = crate::backend::kubernetes::ClusterConnection {
@@ -721,7 +700,7 @@ mod tests {
             inject,
             ..Default::default()
         };
-        KubeBackend::with_client(client, Some("from-context".into()), &cfg, &agent, "inst").unwrap()
+        Kube::with_client(client, Some("from-context".into()), &cfg, &agent, "inst").unwrap()
     }
 
     fn meta() -> ConnMeta {
@@ -791,8 +770,8 @@ mod tests {
             }),
             login: Default::default(),
         };
-        let target = k.target("", None);
-        let argv = k.program_argv(target.agent.as_ref(), &spec, true);
+        let agent = k.agent_in(None);
+        let argv = k.program_argv(agent.as_ref(), &spec, true);
         assert_eq!(
             argv,
             [

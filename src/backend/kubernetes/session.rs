@@ -7,7 +7,6 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -19,9 +18,10 @@ use tokio_util::sync::PollSender;
 use super::client::KubeClient;
 use super::exec::{self, ExecReceiver, ExecSender, ExitOutcome, Output, STDIN_CHUNK};
 use super::pods;
-use crate::backend::docker::StreamKind;
-use crate::backend::process::{keep, reported_pid, Captured, ControlError, PidReceiver};
-use crate::backend::{signal_number, ExitReport};
+use crate::backend::process::{
+    keep, Captured, ControlError, OutputSource, Program, UNKNOWN_EXIT_STATUS,
+};
+use crate::backend::{BoxFuture, OutputKind};
 
 /// Stdin chunks (of at most [`STDIN_CHUNK`] bytes) queued for the WebSocket writer.
 const STDIN_QUEUE_CHUNKS: usize = 4;
@@ -29,8 +29,6 @@ const STDIN_QUEUE_CHUNKS: usize = 4;
 const CONTROL_QUEUE: usize = 8;
 /// How long the writer spends sending our Close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Exit status reported when the cluster cannot tell one (ContainerSSH sends 137 too).
-pub const UNKNOWN_EXIT_STATUS: u32 = 137;
 
 /// Where a program runs.
 #[derive(Clone, Debug)]
@@ -135,12 +133,18 @@ pub struct KubeOutput {
     cmds: mpsc::Sender<Cmd>,
 }
 
+impl OutputSource for KubeOutput {
+    fn next(&mut self) -> BoxFuture<'_, io::Result<Option<(OutputKind, Bytes)>>> {
+        Box::pin(async move { Ok(self.next_chunk().await) })
+    }
+}
+
 impl KubeOutput {
-    pub(crate) async fn next(&mut self) -> Option<(StreamKind, Bytes)> {
+    async fn next_chunk(&mut self) -> Option<(OutputKind, Bytes)> {
         let rx = self.rx.as_mut()?;
         match rx.next_output().await {
-            Some(Output::Stdout(b)) => Some((StreamKind::Stdout, b)),
-            Some(Output::Stderr(b)) => Some((StreamKind::Stderr, b)),
+            Some(Output::Stdout(b)) => Some((OutputKind::Stdout, b)),
+            Some(Output::Stderr(b)) => Some((OutputKind::Stderr, b)),
             None => {
                 let rx = self.rx.take()?;
                 self.outcome.send_replace(Some(rx.exit().await));
@@ -160,21 +164,12 @@ enum Exit {
     Container { within: Duration },
 }
 
-/// The agent's view of one program: where it is and its PID.
-struct AgentCtl {
-    path: String,
-    pid: PidReceiver,
-}
-
-/// Resize, signal and wait for a program in a pod.
-pub struct KubeControl {
+/// What only the cluster can do for a program in a pod: resize and its exit code.
+pub struct KubeProgram {
     client: KubeClient,
     at: PodRef,
     cmds: mpsc::Sender<Cmd>,
     exit: Exit,
-    agent: Option<AgentCtl>,
-    last_signal: Arc<Mutex<Option<String>>>,
-    signal_timeout: Duration,
     window_timeout: Duration,
 }
 
@@ -182,27 +177,23 @@ pub struct KubeControl {
 pub struct Parts {
     pub stdin: KubeStdin,
     pub output: KubeOutput,
-    pub control: KubeControl,
+    pub program: KubeProgram,
 }
 
 /// Timeouts for one program.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
-    pub signal: Duration,
     pub window: Duration,
     /// Session mode: how long the console container may take to show as terminated.
     pub exit: Duration,
 }
 
-/// Splits an exec or attach session into stdin, output and control.
-#[allow(clippy::too_many_arguments)]
+/// Splits an exec or attach session into stdin, output and what controls it.
 pub fn split(
     session: exec::ExecSession,
     client: &KubeClient,
     at: PodRef,
     attach: bool,
-    agent_path: Option<&str>,
-    pid: PidReceiver,
     limits: Limits,
 ) -> Parts {
     let (sender, receiver) = session.split();
@@ -226,17 +217,11 @@ pub fn split(
             outcome: outcome_tx,
             cmds: cmd_tx.clone(),
         },
-        control: KubeControl {
+        program: KubeProgram {
             client: client.clone(),
             at,
             cmds: cmd_tx,
             exit,
-            agent: agent_path.map(|p| AgentCtl {
-                path: p.to_string(),
-                pid,
-            }),
-            last_signal: Arc::new(Mutex::new(None)),
-            signal_timeout: limits.signal,
             window_timeout: limits.window,
         },
     }
@@ -289,56 +274,9 @@ pub async fn capture(
         .unwrap_or_else(|_| Err(format!("no answer within {limit:?}")))
 }
 
-impl KubeControl {
-    pub async fn resize(&self, rows: u32, cols: u32) -> Result<(), ControlError> {
-        let dim = |v: u32| u16::try_from(v).unwrap_or(u16::MAX);
-        let cmd = Cmd::Resize {
-            cols: dim(cols),
-            rows: dim(rows),
-        };
-        match tokio::time::timeout(self.window_timeout, self.cmds.send(cmd)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(ControlError::Backend("the stream is closed".into())),
-            Err(_) => Err(ControlError::Backend("resize timed out".into())),
-        }
-    }
-
-    pub async fn signal(&self, name: &str) -> Result<(), ControlError> {
-        if signal_number(name).is_none() {
-            return Err(ControlError::UnknownSignal(name.into()));
-        }
-        let Some(agent) = &self.agent else {
-            return Err(ControlError::SignalUnsupported(
-                "kubernetes.pod.disableAgent",
-            ));
-        };
-        let pid = reported_pid(&agent.pid, self.signal_timeout)
-            .await
-            .ok_or(ControlError::NoPid)?;
-        if let Ok(mut last) = self.last_signal.lock() {
-            *last = Some(name.to_string());
-        }
-        let argv = [
-            &agent.path,
-            "signal",
-            "--pid",
-            &pid.to_string(),
-            "--signal",
-            name,
-        ]
-        .map(String::from);
-        let out = capture(&self.client, &self.at, &argv, None, self.signal_timeout)
-            .await
-            .map_err(ControlError::Backend)?;
-        if out.code != 0 {
-            return Err(ControlError::Agent(out.message()));
-        }
-        Ok(())
-    }
-
-    /// How the program ended. Call after its output stream has ended.
-    pub async fn wait(&self) -> ExitReport {
-        let code = match &self.exit {
+impl KubeProgram {
+    async fn exit_code_now(&self) -> Result<u32, ControlError> {
+        match &self.exit {
             Exit::Stream(rx) => {
                 let mut rx = rx.clone();
                 let outcome = match rx.wait_for(Option::is_some).await {
@@ -346,68 +284,49 @@ impl KubeControl {
                     Err(_) => None,
                 };
                 match outcome {
-                    Some(ExitOutcome::Exited(c)) => c,
-                    Some(ExitOutcome::Failed { reason, message }) => {
-                        tracing::warn!(pod = %self.at.pod, %reason, %message, "the exec failed");
-                        return ExitReport::Status(UNKNOWN_EXIT_STATUS);
-                    }
-                    Some(ExitOutcome::Lost(why)) => {
-                        tracing::warn!(pod = %self.at.pod, %why, "the exec ended without an exit status");
-                        return ExitReport::Status(UNKNOWN_EXIT_STATUS);
-                    }
-                    None => return ExitReport::Status(UNKNOWN_EXIT_STATUS),
+                    Some(ExitOutcome::Exited(c)) => Ok(c),
+                    Some(ExitOutcome::Failed { reason, message }) => Err(ControlError::Backend(
+                        format!("the exec failed: {reason}: {message}"),
+                    )),
+                    Some(ExitOutcome::Lost(why)) => Err(ControlError::Backend(format!(
+                        "the exec ended without an exit status: {why}"
+                    ))),
+                    None => Ok(UNKNOWN_EXIT_STATUS),
                 }
             }
             Exit::Container { within } => {
                 let at = &self.at;
-                match pods::wait_exit(&self.client, &at.namespace, &at.pod, &at.container, *within)
-                    .await
-                {
-                    Ok(c) => u32::try_from(c).unwrap_or(UNKNOWN_EXIT_STATUS),
-                    Err(e) => {
-                        tracing::warn!(pod = %at.pod, error = %e, "cannot read the exit status");
-                        return ExitReport::Status(UNKNOWN_EXIT_STATUS);
-                    }
-                }
-            }
-        };
-        // Death by signal N shows as 128+N, the same as `exit 128+N`. The agent knows which it
-        // was while the pod runs (exec); otherwise only a signal we sent tells.
-        if matches!(self.exit, Exit::Stream(_)) {
-            if let Some(name) = self.exit_signal(code).await {
-                return ExitReport::Signal { name };
+                let code =
+                    pods::wait_exit(&self.client, &at.namespace, &at.pod, &at.container, *within)
+                        .await
+                        .map_err(|e| ControlError::Backend(e.to_string()))?;
+                Ok(u32::try_from(code).unwrap_or(UNKNOWN_EXIT_STATUS))
             }
         }
-        let last = self.last_signal.lock().ok().and_then(|l| l.clone());
-        if let Some(name) = last {
-            if signal_number(&name).map(|n| 128 + n as u32) == Some(code) {
-                return ExitReport::Signal { name };
+    }
+}
+
+impl Program for KubeProgram {
+    fn resize(&self, rows: u32, cols: u32) -> BoxFuture<'_, Result<(), ControlError>> {
+        Box::pin(async move {
+            let dim = |v: u32| u16::try_from(v).unwrap_or(u16::MAX);
+            let cmd = Cmd::Resize {
+                cols: dim(cols),
+                rows: dim(rows),
+            };
+            match tokio::time::timeout(self.window_timeout, self.cmds.send(cmd)).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(ControlError::Backend("the stream is closed".into())),
+                Err(_) => Err(ControlError::Timeout("resize")),
             }
-        }
-        ExitReport::Status(code)
+        })
     }
 
-    /// Asks the agent whether an exec'd program that exited with `code` died of a signal.
-    async fn exit_signal(&self, code: u32) -> Option<String> {
-        let agent = self.agent.as_ref()?;
-        if !(129..=128 + 64).contains(&code) {
-            return None;
-        }
-        let pid = (*agent.pid.as_ref()?.borrow())?;
-        let argv = [&agent.path, "exit-info", "--pid", &pid.to_string()].map(String::from);
-        match capture(&self.client, &self.at, &argv, None, self.signal_timeout).await {
-            Ok(out) if out.code == 0 => {
-                let name = String::from_utf8_lossy(&out.stdout).trim().to_string();
-                signal_number(&name).map(|_| name)
-            }
-            Ok(out) => {
-                tracing::debug!(message = %out.message(), "agent exit-info failed");
-                None
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "agent exit-info failed");
-                None
-            }
-        }
+    fn exit_code(&self) -> BoxFuture<'_, Result<u32, ControlError>> {
+        Box::pin(self.exit_code_now())
+    }
+
+    fn is_exec(&self) -> bool {
+        matches!(self.exit, Exit::Stream(_))
     }
 }

@@ -1,0 +1,77 @@
+//! The only place that names the backends: the one the configuration selects, and the one a
+//! login's own configuration (from the config webhook) needs.
+
+use std::sync::Arc;
+
+use super::docker::session::Docker;
+use super::kubernetes::backend::{Kube, DEFAULT_AGENT_INIT_IMAGE};
+use super::Backend;
+use crate::config::model::BackendName;
+use crate::config::Settings;
+
+/// Two configuration blocks with the same JSON form.
+fn same<T: serde::Serialize>(a: &T, b: &T) -> bool {
+    serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
+}
+
+const NO_AGENT: &str =
+    "the agent is disabled: no signals to exec'd programs, no forwarding, no files";
+
+/// The configured backend, with the agent it injects.
+pub fn build(settings: &Settings) -> Result<Arc<dyn Backend>, Box<dyn std::error::Error>> {
+    if settings.backend == BackendName::Kubernetes {
+        let k = &settings.kubernetes.pod;
+        let backend = Kube::backend(&settings.kubernetes, &settings.agent, &settings.instance_id)?;
+        match backend.runtime().agent_path() {
+            None => tracing::info!("{NO_AGENT}"),
+            Some(p) if settings.agent.inject => {
+                let image = if k.agent_init_image.is_empty() {
+                    DEFAULT_AGENT_INIT_IMAGE
+                } else {
+                    &k.agent_init_image
+                };
+                tracing::info!(%image, path = %p, "pods get the agent from an init container");
+            }
+            Some(p) => tracing::info!(path = %p, "pods' images carry the agent"),
+        }
+        return Ok(Arc::new(backend));
+    }
+    let agent = super::agent::locate(&settings.agent)?;
+    if settings.docker.execution.disable_agent {
+        tracing::info!("{NO_AGENT}");
+    } else if let Some(a) = &agent {
+        tracing::info!(binary = %a.path.display(), bytes = a.bytes.len(), to = %settings.docker.execution.agent_path, "injecting the agent into containers");
+    }
+    // The backend keeps its own archive of the agent.
+    let docker = Docker::backend(&settings.docker, &settings.instance_id, agent.as_ref())?;
+    Ok(Arc::new(docker))
+}
+
+/// The backend for a login whose merged settings are `login` (`base`: the file's, which
+/// `current` was built from): `current` when the backend blocks are unchanged; one sharing
+/// its engine client and agent when the backend can take the change over; else one built for
+/// the login.
+pub fn for_login(
+    current: &Arc<dyn Backend>,
+    base: &Settings,
+    login: &Settings,
+) -> Result<Arc<dyn Backend>, String> {
+    if base.backend == login.backend
+        && same(&base.docker, &login.docker)
+        && same(&base.kubernetes, &login.kubernetes)
+    {
+        return Ok(Arc::clone(current));
+    }
+    if base.backend == login.backend {
+        let same_connection = match login.backend {
+            BackendName::Docker => same(&base.docker.connection, &login.docker.connection),
+            BackendName::Kubernetes => {
+                same(&base.kubernetes.connection, &login.kubernetes.connection)
+            }
+        };
+        if let Some(derived) = current.derive(login, same_connection) {
+            return Ok(derived);
+        }
+    }
+    build(login).map_err(|e| format!("cannot set up the login's backend: {e}"))
+}
