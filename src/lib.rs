@@ -11,6 +11,8 @@
 //! - [`auth`]: authentication (`authorized_keys` files, password hashes, certificates, the
 //!   auth webhook).
 //! - [`webhook`]: the auth and config webhooks' client (retries, redirects).
+//! - [`http`]: HTTP client plumbing the webhooks, Docker and Kubernetes share (connections,
+//!   TLS settings, capped reads, one error type).
 //! - [`backend`]: the seam to container backends ([`backend::Backend`],
 //!   [`backend::Container`], [`backend::Process`]), [`backend::docker`] and
 //!   [`backend::kubernetes`] behind it, and (tests) an in-memory fake.
@@ -28,6 +30,7 @@ pub mod backend;
 pub mod config;
 pub mod forward;
 pub mod front;
+pub mod http;
 pub mod limits;
 pub mod log;
 // The only module allowed `unsafe` (each block carries a `// SAFETY:` line).

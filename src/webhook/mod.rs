@@ -8,18 +8,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use http_body_util::Full;
+use rustls::pki_types::ServerName;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::config::model::WebhookConfig;
+use crate::http::tls::{self, TlsPart};
+use crate::http::{self as httpc, HttpError};
 
 /// Largest response body accepted (login files travel base64-encoded in it).
 pub const MAX_WEBHOOK_RESPONSE_BYTES: usize = 4 << 20;
@@ -49,8 +48,12 @@ pub enum WebhookError {
     RedirectOffOrigin { url: String, location: String },
     #[error("{url}: no answer within {timeout:?}")]
     Timeout { url: String, timeout: Duration },
-    #[error("{url}: response body larger than {MAX_WEBHOOK_RESPONSE_BYTES} bytes")]
-    TooLarge { url: String },
+    #[error("{url}: {source}")]
+    Http {
+        url: String,
+        #[source]
+        source: HttpError,
+    },
     #[error("{url}: cannot decode the response: {reason}")]
     Decode { url: String, reason: String },
     #[error("{what}: gave up after {attempts} attempt(s) within {within:?}; last error: {last}")]
@@ -139,14 +142,6 @@ fn tls_config(key: &str, cfg: &WebhookConfig) -> Result<rustls::ClientConfig, St
             format!("{key}.cacert: required for https (no {SYSTEM_CA_BUNDLE}: {e})")
         })?,
     };
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(&ca) {
-        let c = c.map_err(|e| format!("{key}.cacert: {e}"))?;
-        roots.add(c).map_err(|e| format!("{key}.cacert: {e}"))?;
-    }
-    if roots.is_empty() {
-        return Err(format!("{key}.cacert: no certificate in the PEM data"));
-    }
     let mut provider = rustls::crypto::ring::default_provider();
     if !cfg.curves.0.is_empty() {
         let mut groups = Vec::new();
@@ -170,37 +165,33 @@ fn tls_config(key: &str, cfg: &WebhookConfig) -> Result<rustls::ClientConfig, St
             .map(|n| cipher_suite(n).ok_or_else(|| format!("{key}.cipher: unknown cipher {n:?}")))
             .collect::<Result<_, _>>()?;
     }
-    let versions: &[&rustls::SupportedProtocolVersion] = match cfg.tls_version.as_str() {
-        "" | "1.3" => &[&rustls::version::TLS13],
-        "1.2" => &[&rustls::version::TLS13, &rustls::version::TLS12],
+    let versions = match cfg.tls_version.as_str() {
+        "" | "1.3" => tls::TLS13_ONLY,
+        "1.2" => tls::TLS12_AND_13,
         other => {
             return Err(format!(
                 "{key}.tlsVersion: {other:?} is not supported; use \"1.3\" or \"1.2\""
             ))
         }
     };
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-        .with_protocol_versions(versions)
-        .map_err(|e| format!("{key}: TLS settings: {e}"))?
-        .with_root_certificates(roots);
-    let mut config = match (pem(key, "cert", &cfg.cert)?, pem(key, "key", &cfg.key)?) {
-        (Some(cert), Some(k)) => {
-            let chain = CertificateDer::pem_slice_iter(&cert)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("{key}.cert: {e}"))?;
-            if chain.is_empty() {
-                return Err(format!("{key}.cert: no certificate in the PEM data"));
-            }
-            let k = PrivateKeyDer::from_pem_slice(&k).map_err(|e| format!("{key}.key: {e}"))?;
-            builder
-                .with_client_auth_cert(chain, k)
-                .map_err(|e| format!("{key}.cert: {e}"))?
-        }
-        (None, None) => builder.with_no_client_auth(),
-        _ => return Err(format!("{key}: cert and key must be given together")),
-    };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+    let (cert, client_key) = (pem(key, "cert", &cfg.cert)?, pem(key, "key", &cfg.key)?);
+    tls::client_config(tls::ClientTls {
+        ca: &ca,
+        cert: cert.as_deref(),
+        key: client_key.as_deref(),
+        versions,
+        provider: Some(provider),
+        alpn_http1: true,
+    })
+    .map_err(|e| {
+        let field = match e.part {
+            TlsPart::Ca => "cacert",
+            TlsPart::Cert => "cert",
+            TlsPart::Key => "key",
+            TlsPart::Versions => "tlsVersion",
+        };
+        format!("{key}.{field}: {}", e.reason)
+    })
 }
 
 impl Webhook {
@@ -346,6 +337,10 @@ impl Webhook {
             url: url.to_string(),
             reason,
         };
+        let failed = |source| WebhookError::Http {
+            url: url.to_string(),
+            source,
+        };
         let uri: Uri = url.parse().map_err(|e| transport(format!("{e}")))?;
         let https = uri.scheme_str() == Some("https");
         let host = uri.host().unwrap_or_default().to_string();
@@ -354,10 +349,7 @@ impl Webhook {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_string();
-        let tcp = TcpStream::connect((bare.as_str(), port))
-            .await
-            .map_err(|e| transport(format!("connect: {e}")))?;
-        let _ = tcp.set_nodelay(true);
+        let tcp = httpc::connect_tcp(&bare, port).await.map_err(failed)?;
         let authority = uri
             .authority()
             .map(|a| a.as_str().to_string())
@@ -374,8 +366,8 @@ impl Webhook {
             .header(http::header::ACCEPT, "application/json")
             .header(http::header::USER_AGENT, "containerssh")
             .body(Full::new(body))
-            .map_err(|e| transport(format!("request: {e}")))?;
-        let response = if https {
+            .map_err(|e| failed(HttpError::Build(e)))?;
+        let (response, _guard) = if https {
             let Some(tls) = self.inner.tls.clone() else {
                 return Err(transport(
                     "https after a redirect from http is not set up".into(),
@@ -383,57 +375,23 @@ impl Webhook {
             };
             let name = ServerName::try_from(bare.clone())
                 .map_err(|_| transport(format!("{bare:?} is not a TLS server name")))?;
-            let stream = tokio_rustls::TlsConnector::from(tls)
-                .connect(name, tcp)
-                .await
-                .map_err(|e| transport(format!("TLS: {e}")))?;
-            send(TokioIo::new(stream), request).await
+            let stream = httpc::connect_tls(tcp, tls, name).await.map_err(failed)?;
+            httpc::send(stream, request, false).await
         } else {
-            send(TokioIo::new(tcp), request).await
+            httpc::send(tcp, request, false).await
         }
-        .map_err(transport)?;
+        .map_err(failed)?;
         let status = response.status();
         let location = response
             .headers()
             .get(http::header::LOCATION)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let mut body = response.into_body();
-        let mut buf = BytesMut::new();
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| transport(format!("reading the body: {e}")))?;
-            if let Ok(data) = frame.into_data() {
-                if buf.len() + data.len() > MAX_WEBHOOK_RESPONSE_BYTES {
-                    return Err(WebhookError::TooLarge {
-                        url: url.to_string(),
-                    });
-                }
-                buf.extend_from_slice(&data);
-            }
-        }
-        Ok((status, location, buf.freeze()))
+        let body = httpc::read_capped(response.into_body(), MAX_WEBHOOK_RESPONSE_BYTES)
+            .await
+            .map_err(failed)?;
+        Ok((status, location, body))
     }
-}
-
-async fn send<T>(
-    io: T,
-    request: Request<Full<Bytes>>,
-) -> Result<http::Response<hyper::body::Incoming>, String>
-where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|e| format!("HTTP: {e}"))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "webhook connection ended with an error");
-        }
-    });
-    sender
-        .send_request(request)
-        .await
-        .map_err(|e| format!("HTTP: {e}"))
 }
 
 /// `(scheme, host, port)` of a URL, the port defaulted by scheme.

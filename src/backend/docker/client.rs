@@ -6,13 +6,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::sync::OnceCell;
-use tokio::task::JoinHandle;
 
 use super::stream::Hijacked;
 use super::transport::Transport;
@@ -20,6 +18,8 @@ use super::{
     DockerConnection, DockerError, MAX_API_VERSION, MAX_ERROR_MESSAGE_BYTES, MAX_RESPONSE_BYTES,
     MIN_API_VERSION,
 };
+use crate::http::ConnGuard;
+use crate::http::{self as httpc, HttpError};
 
 struct Inner {
     transport: Transport,
@@ -31,15 +31,6 @@ struct Inner {
 #[derive(Clone)]
 pub struct DockerClient {
     inner: Arc<Inner>,
-}
-
-/// Aborts the spawned hyper connection task when dropped (e.g. on timeout).
-pub(super) struct ConnGuard(JoinHandle<()>);
-
-impl Drop for ConnGuard {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Outcome of a hijack request: the raw stream, or the engine's error reply.
@@ -118,7 +109,10 @@ impl DockerClient {
             b = b.header(*k, *v);
         }
         b.body(Full::new(body.unwrap_or_default()))
-            .map_err(|source| DockerError::BuildRequest { op, source })
+            .map_err(|e| DockerError::Http {
+                op,
+                source: HttpError::Build(e),
+            })
     }
 
     /// Sends one request on a fresh connection; the guard keeps it alive.
@@ -128,29 +122,12 @@ impl DockerClient {
         req: Request<Full<Bytes>>,
         upgrades: bool,
     ) -> Result<(Response<Incoming>, ConnGuard), DockerError> {
-        let io = TokioIo::new(self.inner.transport.connect().await?);
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-            .await
-            .map_err(|source| DockerError::Request { op, source })?;
-        let task = if upgrades {
-            tokio::spawn(async move {
-                if let Err(e) = conn.with_upgrades().await {
-                    tracing::debug!(op, error = %e, "Docker connection ended with error");
-                }
-            })
-        } else {
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(op, error = %e, "Docker connection ended with error");
-                }
-            })
+        let sent = async {
+            let io = self.inner.transport.connect().await?;
+            httpc::send(io, req, upgrades).await
         };
-        let guard = ConnGuard(task);
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|source| DockerError::Request { op, source })?;
-        Ok((resp, guard))
+        sent.await
+            .map_err(|source| DockerError::Http { op, source })
     }
 
     /// Runs `fut` under the HTTP timeout.
@@ -209,8 +186,7 @@ impl DockerClient {
     ) -> Result<(StatusCode, Bytes), DockerError> {
         let (resp, _guard) = self.send(op, req, false).await?;
         let status = resp.status();
-        let mut body = resp.into_body();
-        let bytes = read_capped(op, &mut body, MAX_RESPONSE_BYTES).await?;
+        let bytes = read_capped(op, resp.into_body()).await?;
         Ok((status, bytes))
     }
 
@@ -246,9 +222,13 @@ impl DockerClient {
             let (resp, guard) = self.send(op, req, true).await?;
             match resp.status() {
                 StatusCode::SWITCHING_PROTOCOLS => {
-                    let upgraded = hyper::upgrade::on(resp)
-                        .await
-                        .map_err(|source| DockerError::Request { op, source })?;
+                    let upgraded =
+                        hyper::upgrade::on(resp)
+                            .await
+                            .map_err(|e| DockerError::Http {
+                                op,
+                                source: HttpError::Exchange(e),
+                            })?;
                     Ok(HijackReply::Stream(Hijacked::from_upgraded(upgraded)))
                 }
                 StatusCode::OK => Ok(HijackReply::Stream(Hijacked::from_body(
@@ -256,8 +236,7 @@ impl DockerClient {
                     guard,
                 ))),
                 status => {
-                    let mut body = resp.into_body();
-                    let bytes = read_capped(op, &mut body, MAX_RESPONSE_BYTES).await?;
+                    let bytes = read_capped(op, resp.into_body()).await?;
                     Ok(HijackReply::Failed(status, bytes))
                 }
             }
@@ -266,23 +245,11 @@ impl DockerClient {
     }
 }
 
-/// Reads a whole body, failing once it exceeds `limit` bytes.
-async fn read_capped(
-    op: &'static str,
-    body: &mut Incoming,
-    limit: usize,
-) -> Result<Bytes, DockerError> {
-    let mut buf = BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|source| DockerError::Request { op, source })?;
-        if let Ok(data) = frame.into_data() {
-            if buf.len() + data.len() > limit {
-                return Err(DockerError::ResponseTooLarge { op, limit });
-            }
-            buf.extend_from_slice(&data);
-        }
-    }
-    Ok(buf.freeze())
+/// Reads a whole body, up to [`MAX_RESPONSE_BYTES`].
+async fn read_capped(op: &'static str, body: Incoming) -> Result<Bytes, DockerError> {
+    httpc::read_capped(body, MAX_RESPONSE_BYTES)
+        .await
+        .map_err(|source| DockerError::Http { op, source })
 }
 
 /// Message from Docker's `{"message": "..."}` error body, else the (truncated) raw text.

@@ -119,7 +119,10 @@ async fn oversized_body_is_rejected() {
     let (_d, c) = fake(big, Duration::from_secs(10)).await;
     assert!(matches!(
         c.inspect_exec("e").await,
-        Err(DockerError::ResponseTooLarge { .. })
+        Err(DockerError::Http {
+            source: crate::http::HttpError::TooLarge { .. },
+            ..
+        })
     ));
 }
 

@@ -67,28 +67,14 @@ pub enum DockerError {
     #[error("invalid Docker host {host:?}: {reason}")]
     InvalidHost { host: String, reason: &'static str },
     /// The CA certificate, client certificate or key could not be used.
-    #[error("invalid Docker TLS configuration: {reason}")]
-    TlsConfig { reason: String },
-    /// The socket or TCP/TLS connection to the engine could not be opened.
-    #[error("connecting to Docker at {host} failed: {source}")]
-    Connect {
-        host: String,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The HTTP exchange with the engine failed.
+    #[error("invalid Docker TLS configuration: {0}")]
+    TlsConfig(#[source] crate::http::tls::TlsError),
+    /// The exchange with the engine failed: no connection, TLS, HTTP, an oversized body.
     #[error("Docker request {op} failed: {source}")]
-    Request {
+    Http {
         op: &'static str,
         #[source]
-        source: hyper::Error,
-    },
-    /// The HTTP request could not be built (bad characters in a parameter).
-    #[error("building Docker request {op} failed: {source}")]
-    BuildRequest {
-        op: &'static str,
-        #[source]
-        source: http::Error,
+        source: crate::http::HttpError,
     },
     /// The engine answered with an unexpected status code.
     #[error("Docker request {op} failed with status {status}: {message}")]
@@ -104,7 +90,7 @@ pub enum DockerError {
         size: usize,
         limit: usize,
     },
-    /// The response body exceeded [`MAX_RESPONSE_BYTES`] (or a progress line [`MAX_PROGRESS_LINE_BYTES`]).
+    /// A line of the image pull's progress stream exceeded [`MAX_PROGRESS_LINE_BYTES`].
     #[error("Docker response to {op} exceeds {limit} bytes")]
     ResponseTooLarge { op: &'static str, limit: usize },
     /// Reading a streamed response body failed.
@@ -158,4 +144,11 @@ pub enum DockerError {
     /// The engine did not answer within the HTTP timeout.
     #[error("Docker request {op} timed out")]
     Timeout { op: &'static str },
+}
+
+impl DockerError {
+    /// The engine could not be reached at all (its socket or port answers nothing).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, DockerError::Http { source, .. } if source.is_unreachable())
+    }
 }

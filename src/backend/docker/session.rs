@@ -652,7 +652,7 @@ impl Docker {
             .map_err(|e| match e {
                 // The engine's 404 does not say which image; we know.
                 DockerError::ImageNotFound { .. } => StartError::ImageNotFound(self.image()),
-                DockerError::Connect { .. } => StartError::EngineUnreachable(e.to_string()),
+                e if e.is_unreachable() => StartError::EngineUnreachable(e.to_string()),
                 other => StartError::ContainerFailed(other.to_string()),
             })
     }

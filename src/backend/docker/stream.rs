@@ -13,7 +13,7 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
 
-use super::client::ConnGuard;
+use crate::http::ConnGuard;
 
 /// A hijacked engine connection: output comes from `reader`, stdin goes to
 /// `writer`. `writer.shutdown()` half-closes the socket, which the engine

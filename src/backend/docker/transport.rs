@@ -5,12 +5,12 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::UnixStream;
 
 use super::{DockerConnection, DockerError};
+use crate::http::{self as httpc, tls, HttpError};
 
 /// Default plain-text engine port when `tcp://host` has none.
 const DEFAULT_TCP_PORT: u16 = 2375;
@@ -23,9 +23,13 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
 enum Kind {
     Unix(PathBuf),
-    Tcp(String),
+    Tcp {
+        host: String,
+        port: u16,
+    },
     Tls {
-        addr: String,
+        host: String,
+        port: u16,
         server_name: ServerName<'static>,
         config: Arc<rustls::ClientConfig>,
     },
@@ -68,9 +72,11 @@ impl Transport {
             } else {
                 format!("{hostname}:{port}")
             };
+            let host = hostname.to_string();
             let kind = match tls {
                 Some((ca, cert, key)) => Kind::Tls {
-                    addr: addr.clone(),
+                    host,
+                    port,
                     server_name: ServerName::try_from(hostname.to_string())
                         .map_err(|_| invalid("host is not a valid TLS server name"))?,
                     config: Arc::new(tls_config(ca, cert, key)?),
@@ -82,7 +88,7 @@ impl Transport {
                     {
                         tracing::warn!(host = %conn.host, "Docker TLS needs cacert, cert and key; some are missing, connecting without TLS");
                     }
-                    Kind::Tcp(addr.clone())
+                    Kind::Tcp { host, port }
                 }
             };
             (kind, addr)
@@ -96,32 +102,24 @@ impl Transport {
         })
     }
 
-    pub(super) async fn connect(&self) -> Result<Box<dyn Io>, DockerError> {
-        let err = |source| DockerError::Connect {
-            host: self.host.clone(),
-            source,
-        };
+    pub(super) async fn connect(&self) -> Result<Box<dyn Io>, HttpError> {
         Ok(match &self.kind {
-            Kind::Unix(path) => Box::new(UnixStream::connect(path).await.map_err(err)?),
-            Kind::Tcp(addr) => {
-                let s = TcpStream::connect(addr).await.map_err(err)?;
-                s.set_nodelay(true).map_err(err)?;
-                Box::new(s)
+            Kind::Unix(path) => {
+                let socket = UnixStream::connect(path).await;
+                Box::new(socket.map_err(|source| HttpError::Connect {
+                    to: self.host.clone(),
+                    source,
+                })?)
             }
+            Kind::Tcp { host, port } => Box::new(httpc::connect_tcp(host, *port).await?),
             Kind::Tls {
-                addr,
+                host,
+                port,
                 server_name,
                 config,
             } => {
-                let s = TcpStream::connect(addr).await.map_err(err)?;
-                s.set_nodelay(true).map_err(err)?;
-                let connector = tokio_rustls::TlsConnector::from(config.clone());
-                Box::new(
-                    connector
-                        .connect(server_name.clone(), s)
-                        .await
-                        .map_err(err)?,
-                )
+                let tcp = httpc::connect_tcp(host, *port).await?;
+                Box::new(httpc::connect_tls(tcp, config.clone(), server_name.clone()).await?)
             }
         })
     }
@@ -156,32 +154,17 @@ fn tls_material(conn: &DockerConnection) -> Option<(&str, &str, &str)> {
     Some((get(&conn.cacert)?, get(&conn.cert)?, get(&conn.key)?))
 }
 
+/// Only the given CA, and the client certificate: what the engine's `--tlsverify` expects.
 fn tls_config(ca: &str, cert: &str, key: &str) -> Result<rustls::ClientConfig, DockerError> {
-    let bad = |what: &str, e: &dyn std::fmt::Display| DockerError::TlsConfig {
-        reason: format!("{what}: {e}"),
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
-        let c = c.map_err(|e| bad("cacert", &e))?;
-        roots.add(c).map_err(|e| bad("cacert", &e))?;
-    }
-    if roots.is_empty() {
-        return Err(bad("cacert", &"no certificate found"));
-    }
-    let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad("cert", &e))?;
-    if chain.is_empty() {
-        return Err(bad("cert", &"no certificate found"));
-    }
-    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| bad("key", &e))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad("protocol versions", &e))?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .map_err(|e| bad("client certificate", &e))
+    tls::client_config(tls::ClientTls {
+        ca: ca.as_bytes(),
+        cert: Some(cert.as_bytes()),
+        key: Some(key.as_bytes()),
+        versions: tls::TLS12_AND_13,
+        provider: None,
+        alpn_http1: false,
+    })
+    .map_err(DockerError::TlsConfig)
 }
 
 #[cfg(test)]
@@ -212,7 +195,7 @@ mod tests {
         };
         assert!(matches!(
             Transport::parse(&bad_tls),
-            Err(DockerError::TlsConfig { .. })
+            Err(DockerError::TlsConfig(_))
         ));
     }
 }

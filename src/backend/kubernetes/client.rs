@@ -19,16 +19,14 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
-use tokio::task::JoinHandle;
 
 use super::{ClusterConnection, TokenSource};
+use crate::http::tls::{self, TlsError, TlsPart};
+use crate::http::{self as httpc, ConnGuard, HttpError};
 
 /// Largest response body read into memory.
 pub const MAX_RESPONSE_BYTES: usize = 16 << 20;
@@ -53,31 +51,28 @@ pub enum KubeError {
         server: String,
         reason: &'static str,
     },
-    #[error("Kubernetes TLS configuration: {reason}")]
-    TlsConfig { reason: String },
+    #[error("Kubernetes TLS configuration: {0}")]
+    TlsConfig(#[source] TlsError),
+    #[error("Kubernetes API server name {name:?}: not a valid TLS server name")]
+    ServerName { name: String },
     #[error("Kubernetes bearer token file {path}: {source}")]
     TokenFile { path: PathBuf, source: io::Error },
     #[error("Kubernetes credentials: {reason}")]
     Credentials { reason: &'static str },
-    #[error("{op}: connecting to {server}: {source}")]
-    Connect {
+    /// The exchange failed: no connection, TLS, HTTP, an oversized body.
+    #[error("{op}: {source}")]
+    Transport {
         op: String,
-        server: String,
-        source: io::Error,
+        #[source]
+        source: HttpError,
     },
-    #[error("{op}: building the request: {source}")]
-    BuildRequest { op: String, source: http::Error },
     #[error("{op}: encoding the request body: {source}")]
     Encode {
         op: String,
         source: serde_json::Error,
     },
-    #[error("{op}: {source}")]
-    Request { op: String, source: hyper::Error },
     #[error("{op}: no response within {timeout:?}")]
     Timeout { op: String, timeout: Duration },
-    #[error("{op}: response body larger than {limit} bytes")]
-    ResponseTooLarge { op: String, limit: usize },
     #[error("{op}: watch line longer than {limit} bytes")]
     LineTooLong { op: String, limit: usize },
     #[error("{op}: decoding the response: {source}")]
@@ -255,54 +250,23 @@ impl Endpoint {
 }
 
 /// The TLS client configuration: only the cluster CA(s) as roots, an optional client
-/// certificate, TLS 1.2 and 1.3 with the ring provider, ALPN `http/1.1`.
+/// certificate, TLS 1.2 and 1.3, ALPN `http/1.1`.
 fn tls_config(conn: &ClusterConnection) -> Result<rustls::ClientConfig, KubeError> {
-    let bad = |what: &str, e: &dyn std::fmt::Display| KubeError::TlsConfig {
-        reason: format!("{what}: {e}"),
-    };
     let ca = conn.ca_pem.as_deref().ok_or_else(|| {
-        bad(
-            "CA",
-            &"no CA certificate configured; the server cannot be verified",
-        )
+        KubeError::TlsConfig(TlsError {
+            part: TlsPart::Ca,
+            reason: "none configured; the server cannot be verified".into(),
+        })
     })?;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(ca) {
-        let c = c.map_err(|e| bad("CA", &e))?;
-        roots.add(c).map_err(|e| bad("CA", &e))?;
-    }
-    if roots.is_empty() {
-        return Err(bad("CA", &"no certificate found in the PEM data"));
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| bad("protocol versions", &e))?
-        .with_root_certificates(roots);
-    let mut config = match (&conn.client_cert_pem, &conn.client_key_pem) {
-        (Some(cert), Some(key)) => {
-            let chain = CertificateDer::pem_slice_iter(cert)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| bad("client certificate", &e))?;
-            if chain.is_empty() {
-                return Err(bad("client certificate", &"no certificate found"));
-            }
-            // PKCS#8, PKCS#1 (RSA) or SEC1 (EC), whichever the PEM label says.
-            let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| bad("client key", &e))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| bad("client certificate", &e))?
-        }
-        (None, None) => builder.with_no_client_auth(),
-        _ => {
-            return Err(bad(
-                "client certificate",
-                &"a certificate and its key must be given together",
-            ))
-        }
-    };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+    tls::client_config(tls::ClientTls {
+        ca,
+        cert: conn.client_cert_pem.as_deref(),
+        key: conn.client_key_pem.as_deref(),
+        versions: tls::TLS12_AND_13,
+        provider: None,
+        alpn_http1: true,
+    })
+    .map_err(KubeError::TlsConfig)
 }
 
 /// A bearer token file, re-read when stale or rejected; the last good token survives failed
@@ -451,15 +415,6 @@ impl Auth {
     }
 }
 
-/// Aborts the spawned hyper connection task when dropped (e.g. on timeout).
-pub(super) struct ConnGuard(JoinHandle<()>);
-
-impl Drop for ConnGuard {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 struct Inner {
     endpoint: Endpoint,
     server_name: ServerName<'static>,
@@ -493,8 +448,8 @@ impl KubeClient {
             .filter(|s| !s.is_empty())
             .unwrap_or(&endpoint.host);
         let server_name =
-            ServerName::try_from(name.to_string()).map_err(|_| KubeError::TlsConfig {
-                reason: format!("{name:?} is not a valid TLS server name"),
+            ServerName::try_from(name.to_string()).map_err(|_| KubeError::ServerName {
+                name: name.to_string(),
             })?;
         let tls = Arc::new(tls_config(conn)?);
         let auth = Auth::new(conn)?;
@@ -575,7 +530,7 @@ impl KubeClient {
         self.timed(op, async {
             let (resp, _guard) = self.send(op, method, path, body, &[], false).await?;
             let status = resp.status();
-            let bytes = read_capped(op, resp.into_body(), MAX_RESPONSE_BYTES).await?;
+            let bytes = read_capped(op, resp.into_body()).await?;
             Ok((status, bytes))
         })
         .await
@@ -606,9 +561,7 @@ impl KubeClient {
             .await?;
         let status = resp.status();
         if !status.is_success() {
-            let bytes = self
-                .timed(&op, read_capped(&op, resp.into_body(), MAX_RESPONSE_BYTES))
-                .await?;
+            let bytes = self.timed(&op, read_capped(&op, resp.into_body())).await?;
             return Err(http_error(op, status, &bytes));
         }
         Ok(WatchLines {
@@ -686,84 +639,31 @@ impl KubeClient {
         for (k, v) in extra {
             b = b.header(k, v);
         }
-        let req = b
-            .body(Full::new(body.unwrap_or_default()))
-            .map_err(|source| KubeError::BuildRequest {
-                op: op.to_string(),
-                source,
-            })?;
-
-        let io = TokioIo::new(self.connect(op).await?);
-        let request_err = |source| KubeError::Request {
+        let sent = async {
+            let req = b
+                .body(Full::new(body.unwrap_or_default()))
+                .map_err(HttpError::Build)?;
+            let ep = &self.inner.endpoint;
+            let tcp = httpc::connect_tcp(&ep.host, ep.port).await?;
+            let tls = self.inner.tls.clone();
+            let io = httpc::connect_tls(tcp, tls, self.inner.server_name.clone()).await?;
+            httpc::send(io, req, upgrades).await
+        };
+        sent.await.map_err(|source| KubeError::Transport {
             op: op.to_string(),
             source,
-        };
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-            .await
-            .map_err(request_err)?;
-        let log_op = op.to_string();
-        let task = if upgrades {
-            tokio::spawn(async move {
-                if let Err(error) = conn.with_upgrades().await {
-                    tracing::debug!(op = log_op, %error, "Kubernetes connection ended with error");
-                }
-            })
-        } else {
-            tokio::spawn(async move {
-                if let Err(error) = conn.await {
-                    tracing::debug!(op = log_op, %error, "Kubernetes connection ended with error");
-                }
-            })
-        };
-        let guard = ConnGuard(task);
-        let resp = sender.send_request(req).await.map_err(request_err)?;
-        Ok((resp, guard))
-    }
-
-    async fn connect(
-        &self,
-        op: &str,
-    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, KubeError> {
-        let ep = &self.inner.endpoint;
-        let err = |source| KubeError::Connect {
-            op: op.to_string(),
-            server: ep.server.clone(),
-            source,
-        };
-        let tcp = TcpStream::connect((ep.host.as_str(), ep.port))
-            .await
-            .map_err(err)?;
-        tcp.set_nodelay(true).map_err(err)?;
-        tokio_rustls::TlsConnector::from(self.inner.tls.clone())
-            .connect(self.inner.server_name.clone(), tcp)
-            .await
-            .map_err(err)
+        })
     }
 }
 
-/// Reads a whole body, failing once it exceeds `limit` bytes.
-pub(super) async fn read_capped(
-    op: &str,
-    mut body: Incoming,
-    limit: usize,
-) -> Result<Bytes, KubeError> {
-    let mut buf = BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|source| KubeError::Request {
+/// Reads a whole body, up to [`MAX_RESPONSE_BYTES`].
+pub(super) async fn read_capped(op: &str, body: Incoming) -> Result<Bytes, KubeError> {
+    httpc::read_capped(body, MAX_RESPONSE_BYTES)
+        .await
+        .map_err(|source| KubeError::Transport {
             op: op.to_string(),
             source,
-        })?;
-        if let Ok(data) = frame.into_data() {
-            if buf.len() + data.len() > limit {
-                return Err(KubeError::ResponseTooLarge {
-                    op: op.to_string(),
-                    limit,
-                });
-            }
-            buf.extend_from_slice(&data);
-        }
-    }
-    Ok(buf.freeze())
+        })
 }
 
 /// The lines of a watch response, each one JSON event (`{"type":…,"object":…}`), without the
@@ -807,9 +707,9 @@ impl WatchLines {
                 }
                 Some(Err(source)) => {
                     self.body = None;
-                    return Some(Err(KubeError::Request {
+                    return Some(Err(KubeError::Transport {
                         op: self.op.clone(),
-                        source,
+                        source: HttpError::Body(source),
                     }));
                 }
                 None => {
@@ -1137,18 +1037,27 @@ mod tests {
         wrong.ca_pem = Some(certs.other_ca.clone());
         let c = KubeClient::new(&wrong, T).unwrap();
         let e = c.get_json::<Value>("/api").await.unwrap_err();
-        assert!(matches!(e, KubeError::Connect { .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                KubeError::Transport {
+                    source: HttpError::Tls { .. },
+                    ..
+                }
+            ),
+            "{e}"
+        );
 
         let mut none = srv.conn(&certs);
         none.ca_pem = None;
         assert!(matches!(
             KubeClient::new(&none, T),
-            Err(KubeError::TlsConfig { .. })
+            Err(KubeError::TlsConfig(_))
         ));
         none.ca_pem = Some(b"junk".to_vec());
         assert!(matches!(
             KubeClient::new(&none, T),
-            Err(KubeError::TlsConfig { .. })
+            Err(KubeError::TlsConfig(_))
         ));
     }
 
@@ -1165,7 +1074,16 @@ mod tests {
             .get_json::<Value>("/")
             .await
             .unwrap_err();
-        assert!(matches!(e, KubeError::Connect { .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                KubeError::Transport {
+                    source: HttpError::Tls { .. },
+                    ..
+                }
+            ),
+            "{e}"
+        );
         conn.server_name = Some("kubernetes.default.svc".into());
         let c = KubeClient::new(&conn, T).unwrap();
         c.get_json::<Value>("/").await.unwrap();
@@ -1195,7 +1113,7 @@ mod tests {
         conn.client_key_pem = None;
         assert!(matches!(
             KubeClient::new(&conn, T),
-            Err(KubeError::TlsConfig { .. })
+            Err(KubeError::TlsConfig(_))
         ));
     }
 

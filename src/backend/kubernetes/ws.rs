@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use super::client::{http_error, op_name, read_capped, KubeClient, KubeError, MAX_RESPONSE_BYTES};
+use super::client::{http_error, op_name, read_capped, KubeClient, KubeError};
 
 /// Largest incoming WebSocket message and frame.
 pub const MAX_WS_MESSAGE_BYTES: usize = 16 << 20;
@@ -89,7 +89,7 @@ impl KubeClient {
                     .await?;
                 let status = resp.status();
                 if status != StatusCode::SWITCHING_PROTOCOLS {
-                    let body = read_capped(&op, resp.into_body(), MAX_RESPONSE_BYTES).await?;
+                    let body = read_capped(&op, resp.into_body()).await?;
                     return Err(http_error(op.clone(), status, &body));
                 }
                 let h = resp.headers();
@@ -122,9 +122,9 @@ impl KubeClient {
                 let upgraded =
                     hyper::upgrade::on(resp)
                         .await
-                        .map_err(|source| KubeError::Request {
+                        .map_err(|e| KubeError::Transport {
                             op: op.clone(),
-                            source,
+                            source: crate::http::HttpError::Exchange(e),
                         })?;
                 Ok((upgraded, chosen))
             })
