@@ -21,14 +21,24 @@ pub fn fuzz_config(data: &[u8]) {
         parse_json::<AppConfig>("fuzz", text),
     ];
     for cfg in parsed.into_iter().flatten() {
-        let before = serde_json::to_value(&cfg).expect("an accepted config serializes");
-        let yaml = serde_yaml::to_string(&cfg).expect("an accepted config serializes to YAML");
-        let again: AppConfig = parse_yaml("fuzz-rewritten", &yaml)
-            .unwrap_or_else(|e| panic!("re-reading our own YAML failed: {e}\n{yaml}"));
-        let after = serde_json::to_value(&again).expect("an accepted config serializes");
-        assert_eq!(before, after, "YAML round trip changed the config:\n{yaml}");
+        assert_eq!(yaml_round_trip(&cfg), Ok(()));
         let _ = crate::config::validate::validate("fuzz", cfg);
     }
+}
+
+/// Writes an accepted config out as YAML and reads it back: every step must succeed (the
+/// error says which failed) and the config must come back unchanged.
+fn yaml_round_trip(cfg: &AppConfig) -> Result<(), String> {
+    let before = serde_json::to_value(cfg)
+        .map_err(|e| format!("an accepted config does not serialize: {e}"))?;
+    let yaml = serde_yaml::to_string(cfg)
+        .map_err(|e| format!("an accepted config does not serialize to YAML: {e}"))?;
+    let again: AppConfig = parse_yaml("fuzz-rewritten", &yaml)
+        .map_err(|e| format!("re-reading our own YAML failed: {e}\n{yaml}"))?;
+    let after = serde_json::to_value(&again)
+        .map_err(|e| format!("a re-read config does not serialize: {e}"))?;
+    assert_eq!(before, after, "YAML round trip changed the config:\n{yaml}");
+    Ok(())
 }
 
 /// The Docker stream demultiplexer: bounded output, no panic.
@@ -45,13 +55,15 @@ pub fn fuzz_go_duration(data: &[u8]) {
     let Ok(d) = parse_go_duration(text) else {
         return;
     };
-    let printed = match serde_json::to_value(GoDuration(d)) {
-        Ok(serde_json::Value::String(s)) => s,
-        other => panic!("GoDuration must serialize to a string, got {other:?}"),
+    // GoDuration must serialize to a string (anything else fails the assertion as `None`).
+    let printed = serde_json::to_value(GoDuration(d));
+    let reparsed = match &printed {
+        Ok(serde_json::Value::String(s)) => Some(parse_go_duration(s)),
+        _ => None,
     };
     assert_eq!(
-        parse_go_duration(&printed),
-        Ok(d),
+        reparsed,
+        Some(Ok(d)),
         "{text:?} parsed to {d:?}, printed as {printed:?}"
     );
 }
@@ -87,12 +99,17 @@ const FUZZ_KEY: &str =
 /// `expiry-time=`, `environment=`): no panic, whatever the file holds. The parser is private
 /// to `auth`, so the input goes through the real file read, once per client address family.
 pub fn fuzz_authorized_keys(data: &[u8]) {
-    static SETUP: OnceLock<(
-        PathBuf,
-        crate::auth::authorized_keys::AuthorizedKeys,
-        russh::keys::PublicKey,
-    )> = OnceLock::new();
-    let (file, keys, key) = SETUP.get_or_init(|| {
+    static SETUP: OnceLock<
+        Result<
+            (
+                PathBuf,
+                crate::auth::authorized_keys::AuthorizedKeys,
+                russh::keys::PublicKey,
+            ),
+            String,
+        >,
+    > = OnceLock::new();
+    let setup = SETUP.get_or_init(|| {
         // One directory per fuzzing process (libFuzzer's -fork/-jobs run several); a process
         // cannot clean up after itself (libFuzzer ends with exit()), so each start removes
         // the directories of processes that are gone.
@@ -109,16 +126,31 @@ pub fn fuzz_authorized_keys(data: &[u8]) {
             }
         }
         let dir = tmp.join(format!("{PREFIX}{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create the fuzz temp dir");
-        let template = dir.join("%u").to_str().expect("UTF-8 temp dir").to_owned();
-        let key = russh::keys::PublicKey::from_openssh(FUZZ_KEY).expect("FUZZ_KEY parses");
-        (
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("create the fuzz temp dir {}: {e}", dir.display()))?;
+        let template = dir
+            .join("%u")
+            .to_str()
+            .ok_or_else(|| format!("the fuzz temp dir {} is not UTF-8", dir.display()))?
+            .to_owned();
+        let key = russh::keys::PublicKey::from_openssh(FUZZ_KEY)
+            .map_err(|e| format!("FUZZ_KEY does not parse: {e}"))?;
+        Ok((
             dir.join("fuzz"),
             crate::auth::authorized_keys::AuthorizedKeys::new(template),
             key,
-        )
+        ))
     });
-    std::fs::write(file, data).expect("write the fuzz authorized_keys file");
+    // Without its file the harness tests nothing: a failed setup fails the run.
+    assert_eq!(setup.as_ref().err(), None, "fuzz setup");
+    let Ok((file, keys, key)) = setup else {
+        return;
+    };
+    let written = std::fs::write(file, data);
+    assert!(
+        written.is_ok(),
+        "write the fuzz authorized_keys file: {written:?}"
+    );
     // 2026-01-01: expiry times on either side are in the seeds.
     let now = UNIX_EPOCH + Duration::from_secs(1_767_225_600);
     for ip in [
@@ -162,15 +194,19 @@ pub fn fuzz_agent_proto(data: &[u8]) {
 
     let mut rest = data;
     while let Ok(Some((frame, used))) = decode(rest) {
+        let consumed = rest.split_at_checked(used);
         assert!(
-            (HEADER_LEN..=HEADER_LEN + MAX_PAYLOAD).contains(&used) && used <= rest.len(),
+            (HEADER_LEN..=HEADER_LEN + MAX_PAYLOAD).contains(&used) && consumed.is_some(),
             "consumed {used} of {}",
             rest.len()
         );
+        let Some((bytes, after)) = consumed else {
+            return;
+        };
         let mut again = Vec::new();
         frame.encode(&mut again);
-        assert_eq!(again, &rest[..used], "{frame:?} re-encodes differently");
-        rest = &rest[used..];
+        assert_eq!(again, bytes, "{frame:?} re-encodes differently");
+        rest = after;
     }
 }
 
@@ -187,10 +223,16 @@ pub fn fuzz_kube_frames(data: &[u8]) {
     if let [a, b, c, d, ..] = data {
         let (cols, rows) = (u16::from_be_bytes([*a, *b]), u16::from_be_bytes([*c, *d]));
         let msg = resize(cols, rows);
-        let size: serde_json::Value =
-            serde_json::from_slice(&msg[1..]).expect("resize writes JSON");
-        assert_eq!(size["Width"], u64::from(cols));
-        assert_eq!(size["Height"], u64::from(rows));
+        // The channel byte, then JSON with the size.
+        let size = msg
+            .split_first()
+            .and_then(|(_, json)| serde_json::from_slice::<serde_json::Value>(json).ok());
+        let field = |name: &str| size.as_ref().and_then(|s| s.get(name)?.as_u64());
+        assert_eq!(
+            (field("Width"), field("Height")),
+            (Some(u64::from(cols)), Some(u64::from(rows))),
+            "resize wrote {msg:?}"
+        );
     }
     let mut errors = ErrorChannel::new();
     let mut total = 0usize;
@@ -199,21 +241,38 @@ pub fn fuzz_kube_frames(data: &[u8]) {
         let len = usize::from(u16::from_be_bytes([*hi, *lo])).min(tail.len());
         let (msg, after) = tail.split_at(len);
         rest = after;
+        // The channel byte and the payload; no channel for an empty message.
+        let (channel, payload) = match msg.split_first() {
+            Some((&ch, payload)) => (Some(ch), payload),
+            None => (None, msg),
+        };
         match decode(msg) {
-            Ok(Incoming::Empty) => assert!(msg.len() == 1 && (1..=3).contains(&msg[0])),
-            Ok(Incoming::Stdout(p)) => assert!(msg[0] == 1 && p == &msg[1..] && !p.is_empty()),
-            Ok(Incoming::Stderr(p)) => assert!(msg[0] == 2 && p == &msg[1..] && !p.is_empty()),
+            Ok(Incoming::Empty) => {
+                assert!(payload.is_empty() && channel.is_some_and(|ch| (1..=3).contains(&ch)))
+            }
+            Ok(Incoming::Stdout(p)) => {
+                assert!(channel == Some(1) && p == payload && !p.is_empty())
+            }
+            Ok(Incoming::Stderr(p)) => {
+                assert!(channel == Some(2) && p == payload && !p.is_empty())
+            }
             Ok(Incoming::Error(p)) => {
-                assert!(msg[0] == 3 && p == &msg[1..] && !p.is_empty());
+                assert!(channel == Some(3) && p == payload && !p.is_empty());
                 total += p.len();
                 let pushed = errors.push(p);
                 assert_eq!(pushed.is_ok(), total <= MAX_STATUS_BYTES, "{total} bytes");
             }
-            Err(WireError::EmptyMessage) => assert!(msg.is_empty()),
-            Err(WireError::UnexpectedChannel(ch)) => {
-                assert!(msg[0] == ch && !(1..=3).contains(&ch))
+            Err(e) => {
+                // Only these two errors, each for its own reason.
+                let expected = match e {
+                    WireError::EmptyMessage => msg.is_empty(),
+                    WireError::UnexpectedChannel(ch) => {
+                        channel == Some(ch) && !(1..=3).contains(&ch)
+                    }
+                    _ => false,
+                };
+                assert!(expected, "decode gave {e:?} for {msg:?}");
             }
-            Err(e) => panic!("decode gave {e:?}"),
         }
         assert!(errors.bytes().len() <= MAX_STATUS_BYTES);
     }
@@ -241,11 +300,16 @@ pub fn fuzz_proxy_header(data: &[u8]) {
     use crate::front::proxy::{parse, V2_MAX_BYTES};
     match parse(data) {
         Ok(Some((header, n))) => {
-            assert!(n <= data.len() && n <= V2_MAX_BYTES);
-            assert_eq!(parse(&data[..n]), Ok(Some((header, n))));
+            let own = data.get(..n);
+            assert!(own.is_some() && n <= V2_MAX_BYTES);
+            assert_eq!(own.map(parse), Some(Ok(Some((header, n)))));
             for cut in [0, 1, n / 2, n.saturating_sub(1)] {
                 if cut < n {
-                    assert_eq!(parse(&data[..cut]), Ok(None), "prefix of {cut}");
+                    assert_eq!(
+                        data.get(..cut).map(parse),
+                        Some(Ok(None)),
+                        "prefix of {cut}"
+                    );
                 }
             }
         }

@@ -23,6 +23,14 @@
 //! - [`limits`]: every bound on what clients and containers can make us hold.
 //! - `testing` (feature `test-support`): the server in-process, for tests with the fake.
 #![deny(unsafe_code)]
+// House rules: no unwrap, expect, unchecked indexing or panic in the product (tests may,
+// clippy.toml); a broken assumption becomes an error the caller handles.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 
 pub mod agent;
 pub mod auth;

@@ -1,5 +1,13 @@
 //! `containerssh`: parse the command line, load and validate the config, bind, read keys, then
 //! build the runtime and serve. Everything that can fail on bad input fails before serving.
+// House rules: no unwrap, expect, unchecked indexing or panic in the product (tests may,
+// clippy.toml); a broken assumption becomes an error the caller handles.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -21,6 +21,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 section() { printf '\n==> %s\n' "$*"; }
 die() { printf 'tests/run.sh: ERROR: %s\n' "$*" >&2; exit 1; }
 
+# --- 0. the pinned toolchain -------------------------------------------------------
+section "rust toolchain"
+# shellcheck source=scripts/toolchain.sh
+source scripts/toolchain.sh
+pinned_toolchain || die "the toolchain rust-toolchain.toml pins is not available"
+
 # --- 1. packages ---------------------------------------------------------------
 # openssh-server is only needed by the benchmarks (a reference sshd); it is not
 # installed here.

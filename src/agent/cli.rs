@@ -132,8 +132,8 @@ impl<'a> Args<'a> {
             return Some(Arg::DashDash);
         }
         if bytes.starts_with(b"-") && bytes.len() > 1 {
-            let (name, value) = match bytes.iter().position(|&b| b == b'=') {
-                Some(i) => (&bytes[..i], Some(OsStr::from_bytes(&bytes[i + 1..]))),
+            let (name, value) = match split_at_equals(bytes) {
+                Some((name, value)) => (name, Some(OsStr::from_bytes(value))),
                 None => (bytes, None),
             };
             // A non-UTF-8 option name is unknown anyway; show it lossily.
@@ -194,12 +194,17 @@ fn parse_size(name: &str, text: &str) -> Result<u16, UsageError> {
     }
 }
 
+/// The bytes before and after the first `=`; `None` without one.
+fn split_at_equals(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let mut parts = bytes.splitn(2, |&b| b == b'=');
+    Some((parts.next()?, parts.next()?))
+}
+
 fn parse_env(value: &OsStr) -> Result<(OsString, OsString), UsageError> {
-    let bytes = value.as_bytes();
-    match bytes.iter().position(|&b| b == b'=') {
-        Some(i) if i > 0 => Ok((
-            OsString::from_vec(bytes[..i].to_vec()),
-            OsString::from_vec(bytes[i + 1..].to_vec()),
+    match split_at_equals(value.as_bytes()) {
+        Some((name, value)) if !name.is_empty() => Ok((
+            OsString::from_vec(name.to_vec()),
+            OsString::from_vec(value.to_vec()),
         )),
         _ => Err(usage(format!(
             "--env: {:?} is not NAME=VALUE",

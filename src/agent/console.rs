@@ -101,7 +101,11 @@ pub fn run(c: &Console, argv0: Option<OsString>) -> Result<i32, AgentError> {
     cmd.arg("--").args(&c.argv);
     cmd.envs(c.env.iter().map(|(k, v)| (k, v)));
     let child = cmd.spawn().map_err(|source| AgentError::Spawn {
-        program: c.argv[0].to_string_lossy().into_owned(),
+        program: c
+            .argv
+            .first()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         source,
     })?;
     let Some(child_pid) = rustix::process::Pid::from_raw(child.id() as i32) else {
@@ -159,10 +163,15 @@ pub fn exec_child(report_pid: bool, argv: &[OsString]) -> Result<i32, AgentError
     if report_pid {
         write_pid(std::process::id()).map_err(AgentError::ReportPid)?;
     }
-    let err = Command::new(&argv[0]).args(&argv[1..]).exec();
+    // The parser refuses `exec-child` without a program; were there none, nothing is found.
+    let Some((program, args)) = argv.split_first() else {
+        eprintln!("containerssh-agent: exec-child: no program to execute");
+        return Ok(127);
+    };
+    let err = Command::new(program).args(args).exec();
     eprintln!(
         "containerssh-agent: cannot execute {}: {err}",
-        argv[0].to_string_lossy()
+        program.to_string_lossy()
     );
     // The shell's codes: 127 not found, 126 found but not executable.
     Ok(if err.kind() == io::ErrorKind::NotFound {

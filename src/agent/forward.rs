@@ -231,18 +231,21 @@ pub fn run() -> Result<i32, AgentError> {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => finish(&shared, 0),
         };
-        buf.extend_from_slice(&chunk[..n]);
-        let mut used = 0;
+        // A read never reports more bytes than the buffer holds.
+        buf.extend(chunk.iter().take(n));
+        let mut rest = buf.as_slice();
         loop {
-            match decode(&buf[used..]) {
+            match decode(rest) {
                 Ok(Some((frame, len))) => {
-                    used += len;
+                    // `len` is at most `rest.len()`: decode never consumes more than it has.
+                    rest = rest.get(len..).unwrap_or_default();
                     handle(&shared, frame);
                 }
                 Ok(None) => break,
                 Err(e) => violation(&shared, e),
             }
         }
+        let used = buf.len() - rest.len();
         buf.drain(..used);
     }
 }
@@ -718,7 +721,9 @@ fn socket_reader(shared: &Shared, stream: &Stream) {
             }
             (*credit as usize).min(MAX_DATA)
         };
-        let n = match stream.sock.read(&mut buf[..allowed]) {
+        // `allowed` is at most MAX_DATA, the buffer's size.
+        let window = buf.get_mut(..allowed).unwrap_or_default();
+        let n = match stream.sock.read(window) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => {
@@ -737,7 +742,7 @@ fn socket_reader(shared: &Shared, stream: &Stream) {
         *stream.credit.lock().unwrap_or_else(|e| e.into_inner()) -= n as u32;
         shared.send(Frame::Data {
             id: stream.id,
-            data: buf[..n].to_vec(),
+            data: buf.iter().take(n).copied().collect(),
         });
     }
 }

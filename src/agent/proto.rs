@@ -264,7 +264,10 @@ impl Frame {
         }
         // Saturates only for frames far beyond anything decode accepts.
         let len = u32::try_from(out.len() - start - 4).unwrap_or(u32::MAX);
-        out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+        // The 4 placeholder bytes pushed at `start` above, so always there.
+        if let Some(slot) = out.get_mut(start..).and_then(<[u8]>::first_chunk_mut) {
+            *slot = len.to_be_bytes();
+        }
     }
 
     fn type_byte(&self) -> u8 {
@@ -284,14 +287,6 @@ impl Frame {
             Frame::Ack { .. } => kind::ACK,
         }
     }
-}
-
-fn be16(b: &[u8]) -> u16 {
-    u16::from_be_bytes([b[0], b[1]])
-}
-
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
 }
 
 /// Checks a text field's length and encoding.
@@ -330,23 +325,29 @@ fn path(kind: &'static str, b: &[u8]) -> Result<Vec<u8>, ProtoError> {
 /// Decodes the frame at the start of `buf`: `Ok(None)` when `buf` holds only part of it,
 /// `Ok(Some((frame, bytes consumed)))`, or why the bytes are no valid frame. Never panics.
 pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, ProtoError> {
-    let Some(len_bytes) = buf.get(..4) else {
+    let Some((len_bytes, rest)) = buf.split_first_chunk::<4>() else {
         return Ok(None);
     };
-    let len32 = be32(len_bytes);
+    let len32 = u32::from_be_bytes(*len_bytes);
     let len = len32 as usize;
     if !(MIN_LEN..=MIN_LEN + MAX_PAYLOAD).contains(&len) {
         return Err(ProtoError::BadLength(len32));
     }
-    let Some(body) = buf.get(4..4 + len) else {
+    let Some(body) = rest.get(..len) else {
         return Ok(None);
     };
-    let (ty, id, p) = (body[0], be32(&body[1..5]), &body[5..]);
-    let size = |kind: &'static str, ok: bool| {
-        if ok {
+    // `len >= MIN_LEN`, so the type byte and the id are there; were they not, the length
+    // would be the one at fault.
+    let Some((&[ty, i0, i1, i2, i3], p)) = body.split_first_chunk::<MIN_LEN>() else {
+        return Err(ProtoError::BadLength(len32));
+    };
+    let id = u32::from_be_bytes([i0, i1, i2, i3]);
+    let bad_size = |kind: &'static str| ProtoError::BadPayloadSize { kind, len: p.len() };
+    let empty = |kind: &'static str| {
+        if p.is_empty() {
             Ok(())
         } else {
-            Err(ProtoError::BadPayloadSize { kind, len: p.len() })
+            Err(bad_size(kind))
         }
     };
     let frame = match ty {
@@ -356,9 +357,11 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, ProtoError> {
             } else {
                 "ListenTcp"
             };
-            size(name, p.len() >= 2)?;
-            let port = be16(p);
-            let host = text(name, "host", &p[2..], MAX_HOST_LEN)?;
+            let &[p0, p1, ref host @ ..] = p else {
+                return Err(bad_size(name));
+            };
+            let port = u16::from_be_bytes([p0, p1]);
+            let host = text(name, "host", host, MAX_HOST_LEN)?;
             if ty == kind::DIAL_TCP {
                 Frame::DialTcp { id, port, host }
             } else {
@@ -370,43 +373,54 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, ProtoError> {
             path: path("DialUnix", p)?,
         },
         kind::LISTEN_UNIX => {
-            size("ListenUnix", !p.is_empty())?;
-            if p[0] & !FLAG_PRIVATE_DIR != 0 {
-                return Err(ProtoError::BadFlags(p[0]));
+            let &[flags, ref socket @ ..] = p else {
+                return Err(bad_size("ListenUnix"));
+            };
+            if flags & !FLAG_PRIVATE_DIR != 0 {
+                return Err(ProtoError::BadFlags(flags));
             }
             Frame::ListenUnix {
                 id,
-                private_dir: p[0] & FLAG_PRIVATE_DIR != 0,
-                path: path("ListenUnix", &p[1..])?,
+                private_dir: flags & FLAG_PRIVATE_DIR != 0,
+                path: path("ListenUnix", socket)?,
             }
         }
         kind::LISTEN_X11 => {
-            size("ListenX11", p.len() == 4)?;
+            let &[f0, f1, c0, c1] = p else {
+                return Err(bad_size("ListenX11"));
+            };
             Frame::ListenX11 {
                 id,
-                first: be16(p),
-                count: be16(&p[2..]),
+                first: u16::from_be_bytes([f0, f1]),
+                count: u16::from_be_bytes([c0, c1]),
             }
         }
         kind::UNLISTEN => {
-            size("Unlisten", p.is_empty())?;
+            empty("Unlisten")?;
             Frame::Unlisten { id }
         }
         kind::OPENED => {
-            size("Opened", p.len() == 2)?;
-            Frame::Opened { id, port: be16(p) }
+            let &[p0, p1] = p else {
+                return Err(bad_size("Opened"));
+            };
+            Frame::Opened {
+                id,
+                port: u16::from_be_bytes([p0, p1]),
+            }
         }
         kind::FAILED => Frame::Failed {
             id,
             message: text("Failed", "message", p, MAX_MESSAGE_LEN)?,
         },
         kind::ACCEPTED => {
-            size("Accepted", p.len() >= 6)?;
+            let &[s0, s1, s2, s3, p0, p1, ref peer @ ..] = p else {
+                return Err(bad_size("Accepted"));
+            };
             Frame::Accepted {
                 listener: id,
-                id: be32(p),
-                peer_port: be16(&p[4..]),
-                peer: text("Accepted", "peer", &p[6..], MAX_HOST_LEN)?,
+                id: u32::from_be_bytes([s0, s1, s2, s3]),
+                peer_port: u16::from_be_bytes([p0, p1]),
+                peer: text("Accepted", "peer", peer, MAX_HOST_LEN)?,
             }
         }
         kind::DATA => {
@@ -422,16 +436,21 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, ProtoError> {
             }
         }
         kind::EOF => {
-            size("Eof", p.is_empty())?;
+            empty("Eof")?;
             Frame::Eof { id }
         }
         kind::CLOSE => {
-            size("Close", p.is_empty())?;
+            empty("Close")?;
             Frame::Close { id }
         }
         kind::ACK => {
-            size("Ack", p.len() == 4)?;
-            Frame::Ack { id, bytes: be32(p) }
+            let &[b0, b1, b2, b3] = p else {
+                return Err(bad_size("Ack"));
+            };
+            Frame::Ack {
+                id,
+                bytes: u32::from_be_bytes([b0, b1, b2, b3]),
+            }
         }
         other => return Err(ProtoError::UnknownType(other)),
     };

@@ -210,10 +210,10 @@ pub fn fuzz_cert_options(data: &[u8]) {
         };
         map.insert(k.to_string(), v.to_string());
     }
-    let peer: IpAddr = if data.first().is_some_and(|b| b % 2 == 0) {
-        "127.0.0.1".parse().unwrap()
+    let peer = if data.first().is_some_and(|b| b % 2 == 0) {
+        IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
     } else {
-        "::1".parse().unwrap()
+        IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
     };
     if let Ok(opts) = check_options(&critical, &extensions, peer) {
         assert_eq!(opts.command.as_ref(), critical.get("force-command"));

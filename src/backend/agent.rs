@@ -49,10 +49,11 @@ pub enum AgentBinaryError {
 /// Why an ELF file cannot be injected, or `None` when it is a static 64-bit executable.
 pub fn static_elf_problem(bytes: &[u8]) -> Option<&'static str> {
     const PT_INTERP: u32 = 3;
-    if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" {
-        return Some("not an ELF executable");
-    }
-    if bytes[4] != 2 || bytes[5] != 1 {
+    let header = match bytes.first_chunk::<64>() {
+        Some(h) if h.starts_with(b"\x7fELF") => h,
+        _ => return Some("not an ELF executable"),
+    };
+    if header[4] != 2 || header[5] != 1 {
         return Some("not a 64-bit little-endian ELF file");
     }
     let u16_at = |o: usize| -> Option<usize> {

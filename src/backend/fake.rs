@@ -73,7 +73,10 @@ pub fn echo() -> Script {
         loop {
             match io.stdin.read(&mut buf).await {
                 Ok(0) | Err(_) => return 0,
-                Ok(n) => io.stdout(Bytes::copy_from_slice(&buf[..n])).await,
+                Ok(n) => {
+                    io.stdout(Bytes::copy_from_slice(buf.get(..n).unwrap_or(&buf)))
+                        .await
+                }
             }
         }
     })
@@ -109,9 +112,10 @@ pub enum FakeEvent {
     RemovedConnection(String),
 }
 
-type Programs = Box<dyn Fn(&ProgramSpec) -> Script + Send + Sync>;
+type Programs = Arc<dyn Fn(&ProgramSpec) -> Script + Send + Sync>;
 
 /// The fake [`Runtime`].
+#[derive(Clone)]
 pub struct Fake {
     mode: ExecutionMode,
     programs: Programs,
@@ -148,17 +152,17 @@ impl FakeBackend {
     ) -> Self {
         Engine::of(Fake {
             mode,
-            programs: Box::new(programs),
+            programs: Arc::new(programs),
             start_delay: Duration::ZERO,
             fail_start: None,
             log: Arc::default(),
         })
     }
 
+    /// Configures the backend; meant before it is shared. A shared one is copied: the result
+    /// shares the record with the other clones, which keep their own settings.
     fn edit(self, f: impl FnOnce(&mut Fake)) -> Self {
-        let mut inner = Arc::try_unwrap(self.0)
-            .ok()
-            .expect("configure a fake backend before sharing it");
+        let mut inner = Arc::unwrap_or_clone(self.0);
         f(&mut inner);
         Engine::of(inner)
     }

@@ -117,7 +117,7 @@ impl ProcessOutput {
             match item {
                 Some((OutputKind::Stdout, data)) => {
                     let take = (4 - report.got.len()).min(data.len());
-                    report.got.extend_from_slice(&data[..take]);
+                    report.got.extend(data.iter().take(take));
                     if let Ok(bytes) = <[u8; 4]>::try_from(report.got.as_slice()) {
                         report.tx.send_replace(Some(u32::from_le_bytes(bytes)));
                         self.pid = None;
@@ -295,5 +295,5 @@ pub const MAX_CAPTURE_BYTES: usize = 64 * 1024;
 /// Appends `data` to `buf` up to [`MAX_CAPTURE_BYTES`].
 pub(crate) fn keep(buf: &mut Vec<u8>, data: &[u8]) {
     let room = MAX_CAPTURE_BYTES.saturating_sub(buf.len());
-    buf.extend_from_slice(&data[..data.len().min(room)]);
+    buf.extend_from_slice(data.get(..room).unwrap_or(data));
 }

@@ -1062,16 +1062,21 @@ pub enum LogLevel {
 }
 
 impl LogLevel {
-    const NAMES: [(&'static str, LogLevel); 8] = [
-        ("emergency", LogLevel::Emergency),
-        ("alert", LogLevel::Alert),
-        ("critical", LogLevel::Critical),
-        ("error", LogLevel::Error),
-        ("warning", LogLevel::Warning),
-        ("notice", LogLevel::Notice),
-        ("info", LogLevel::Info),
-        ("debug", LogLevel::Debug),
+    /// Every level, in the order of their numbers.
+    const ALL: [LogLevel; 8] = [
+        LogLevel::Emergency,
+        LogLevel::Alert,
+        LogLevel::Critical,
+        LogLevel::Error,
+        LogLevel::Warning,
+        LogLevel::Notice,
+        LogLevel::Info,
+        LogLevel::Debug,
     ];
+
+    fn from_number(n: u8) -> Option<Self> {
+        Self::ALL.get(usize::from(n)).copied()
+    }
 
     fn from_name(s: &str) -> Option<Self> {
         let s = s.to_ascii_lowercase();
@@ -1081,14 +1086,20 @@ impl LogLevel {
             "warn" => "warning",
             other => other,
         };
-        Self::NAMES
-            .iter()
-            .find(|(n, _)| *n == alias)
-            .map(|(_, l)| *l)
+        Self::ALL.into_iter().find(|l| l.name() == alias)
     }
 
     fn name(self) -> &'static str {
-        Self::NAMES[self as usize].0
+        match self {
+            LogLevel::Emergency => "emergency",
+            LogLevel::Alert => "alert",
+            LogLevel::Critical => "critical",
+            LogLevel::Error => "error",
+            LogLevel::Warning => "warning",
+            LogLevel::Notice => "notice",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+        }
     }
 }
 
@@ -1112,14 +1123,11 @@ impl<'de> Deserialize<'de> for LogLevel {
             )
         };
         match Form::deserialize(d)? {
-            Form::Num(n) => Self::NAMES
-                .get(usize::from(n))
-                .map(|(_, l)| *l)
-                .ok_or_else(bad),
+            Form::Num(n) => Self::from_number(n).ok_or_else(bad),
             Form::Text(t) => t
                 .parse::<u8>()
                 .ok()
-                .and_then(|n| Self::NAMES.get(usize::from(n)).map(|(_, l)| *l))
+                .and_then(Self::from_number)
                 .or_else(|| Self::from_name(&t))
                 .ok_or_else(bad),
         }

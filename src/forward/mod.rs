@@ -532,7 +532,8 @@ async fn read_frames(
         let chunk = match chunk {
             Ok(Some((OutputKind::Stdout, data))) => data,
             Ok(Some((OutputKind::Stderr, data))) => {
-                let text = String::from_utf8_lossy(&data[..data.len().min(MAX_AGENT_LOG_BYTES)]);
+                let text =
+                    String::from_utf8_lossy(data.get(..MAX_AGENT_LOG_BYTES).unwrap_or(&data));
                 tracing::info!(message = %text.trim_end(), "forwarding agent");
                 continue;
             }

@@ -74,10 +74,10 @@ pub enum ParseError {
 /// `Ok(Some((header, n)))` with `n` the header's length (what follows is the client's).
 pub fn parse(buf: &[u8]) -> Result<Option<(Header, usize)>, ParseError> {
     if starts_like(buf, V2_SIGNATURE) {
-        if buf.len() < 16 {
-            return Ok(None);
-        }
-        return parse_v2(buf);
+        return match buf.split_first_chunk::<16>() {
+            Some((fixed, rest)) => parse_v2(fixed, rest),
+            None => Ok(None),
+        };
     }
     if starts_like(buf, V1_PREFIX) {
         return parse_v1(buf);
@@ -87,8 +87,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Header, usize)>, ParseError> {
 
 /// Whether `buf` and `sig` agree on their common prefix.
 fn starts_like(buf: &[u8], sig: &[u8]) -> bool {
-    let n = buf.len().min(sig.len());
-    buf[..n] == sig[..n]
+    buf.iter().zip(sig).all(|(a, b)| a == b)
 }
 
 /// Whether a client's first bytes are a PROXY header (which only trusted proxies may send).
@@ -99,15 +98,20 @@ pub fn looks_like_header(first: &[u8]) -> bool {
 }
 
 fn parse_v1(buf: &[u8]) -> Result<Option<(Header, usize)>, ParseError> {
-    let scan = &buf[..buf.len().min(V1_MAX_BYTES)];
-    let Some(lf) = scan.iter().position(|&b| b == b'\n') else {
+    let scan = buf.get(..V1_MAX_BYTES).unwrap_or(buf);
+    // The bytes before the first LF; `None` without one.
+    let Some(line) = scan
+        .split_inclusive(|&b| b == b'\n')
+        .next()
+        .and_then(|l| l.strip_suffix(b"\n"))
+    else {
         return if buf.len() >= V1_MAX_BYTES {
             Err(ParseError::V1TooLong)
         } else {
             Ok(None)
         };
     };
-    let line = &scan[..lf];
+    let used = line.len() + 1;
     let line = line
         .strip_suffix(b"\r")
         .ok_or(ParseError::V1("no CR before LF"))?;
@@ -134,7 +138,7 @@ fn parse_v1(buf: &[u8]) -> Result<Option<(Header, usize)>, ParseError> {
         }
         _ => return Err(ParseError::V1("unknown protocol")),
     };
-    Ok(Some((header, lf + 1)))
+    Ok(Some((header, used)))
 }
 
 fn v1_ip(s: &str, v4: bool) -> Result<IpAddr, ParseError> {
@@ -153,10 +157,11 @@ fn v1_port(s: &str) -> Result<u16, ParseError> {
         .ok_or(ParseError::V1("bad port"))
 }
 
-fn parse_v2(buf: &[u8]) -> Result<Option<(Header, usize)>, ParseError> {
-    let ver_cmd = buf[12];
-    let fam = buf[13];
-    let len = usize::from(u16::from_be_bytes([buf[14], buf[15]]));
+/// A v2 header: `fixed` is its first 16 bytes (signature, version and command, family,
+/// length), `rest` what follows them.
+fn parse_v2(fixed: &[u8; 16], rest: &[u8]) -> Result<Option<(Header, usize)>, ParseError> {
+    let [.., ver_cmd, fam, len_hi, len_lo] = *fixed;
+    let len = usize::from(u16::from_be_bytes([len_hi, len_lo]));
     let total = 16 + len;
     if total > V2_MAX_BYTES {
         return Err(ParseError::V2TooLong(total));
@@ -164,38 +169,27 @@ fn parse_v2(buf: &[u8]) -> Result<Option<(Header, usize)>, ParseError> {
     if ver_cmd >> 4 != 2 {
         return Err(ParseError::V2("version is not 2"));
     }
-    if buf.len() < total {
+    let Some(body) = rest.get(..len) else {
         return Ok(None);
-    }
-    let body = &buf[16..total];
+    };
     let header = match ver_cmd & 0x0f {
         0 => Header::Local,
         1 => match fam {
             0x00 => Header::Unknown,
             0x11 => {
-                let a = body
-                    .get(..12)
-                    .ok_or(ParseError::V2("short IPv4 addresses"))?;
-                let ip = |o: usize| IpAddr::V4(Ipv4Addr::new(a[o], a[o + 1], a[o + 2], a[o + 3]));
-                let port = |o: usize| u16::from_be_bytes([a[o], a[o + 1]]);
+                let (src, dst, sport, dport) =
+                    v2_addresses::<4>(body).ok_or(ParseError::V2("short IPv4 addresses"))?;
                 Header::Tcp {
-                    source: SocketAddr::new(ip(0), port(8)),
-                    destination: SocketAddr::new(ip(4), port(10)),
+                    source: SocketAddr::new(Ipv4Addr::from(src).into(), sport),
+                    destination: SocketAddr::new(Ipv4Addr::from(dst).into(), dport),
                 }
             }
             0x21 => {
-                let a = body
-                    .get(..36)
-                    .ok_or(ParseError::V2("short IPv6 addresses"))?;
-                let ip = |o: usize| {
-                    let mut b = [0u8; 16];
-                    b.copy_from_slice(&a[o..o + 16]);
-                    IpAddr::V6(Ipv6Addr::from(b))
-                };
-                let port = |o: usize| u16::from_be_bytes([a[o], a[o + 1]]);
+                let (src, dst, sport, dport) =
+                    v2_addresses::<16>(body).ok_or(ParseError::V2("short IPv6 addresses"))?;
                 Header::Tcp {
-                    source: SocketAddr::new(ip(0), port(32)),
-                    destination: SocketAddr::new(ip(16), port(34)),
+                    source: SocketAddr::new(Ipv6Addr::from(src).into(), sport),
+                    destination: SocketAddr::new(Ipv6Addr::from(dst).into(), dport),
                 }
             }
             _ => return Err(ParseError::V2("not a TCP connection")),
@@ -203,6 +197,21 @@ fn parse_v2(buf: &[u8]) -> Result<Option<(Header, usize)>, ParseError> {
         _ => return Err(ParseError::V2("unknown command")),
     };
     Ok(Some((header, total)))
+}
+
+/// The start of a v2 TCP body: source and destination address (`N` bytes each), then source
+/// and destination port; `None` when `body` is shorter. Bytes after them (TLVs) are ignored.
+fn v2_addresses<const N: usize>(body: &[u8]) -> Option<([u8; N], [u8; N], u16, u16)> {
+    let (src, rest) = body.split_first_chunk::<N>()?;
+    let (dst, rest) = rest.split_first_chunk::<N>()?;
+    let (sport, rest) = rest.split_first_chunk::<2>()?;
+    let (dport, _) = rest.split_first_chunk::<2>()?;
+    Some((
+        *src,
+        *dst,
+        u16::from_be_bytes(*sport),
+        u16::from_be_bytes(*dport),
+    ))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -227,7 +236,8 @@ pub async fn read_header<S: AsyncRead + Unpin>(
         let mut chunk = [0u8; 256];
         loop {
             if let Some((h, n)) = parse(&buf)? {
-                return Ok((h, buf[n..].to_vec()));
+                // `n` is at most `buf.len()`: parse never claims more than it was given.
+                return Ok((h, buf.get(n..).unwrap_or_default().to_vec()));
             }
             // Never more than a header can hold, plus one chunk of what follows.
             if buf.len() >= V2_MAX_BYTES {
@@ -237,7 +247,7 @@ pub async fn read_header<S: AsyncRead + Unpin>(
             if n == 0 {
                 return Err(ReadError::Eof);
             }
-            buf.extend_from_slice(&chunk[..n]);
+            buf.extend(chunk.iter().take(n));
         }
     };
     tokio::time::timeout(timeout, read)
@@ -272,18 +282,18 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.pos < self.prefix.len() {
-            let n = (self.prefix.len() - self.pos).min(buf.remaining());
-            let start = self.pos;
-            buf.put_slice(&self.prefix[start..start + n]);
-            self.pos += n;
-            if self.pos == self.prefix.len() {
-                self.prefix = Vec::new();
-                self.pos = 0;
+        let this = &mut *self;
+        if let Some(rest) = this.prefix.get(this.pos..).filter(|r| !r.is_empty()) {
+            let piece = rest.get(..buf.remaining()).unwrap_or(rest);
+            buf.put_slice(piece);
+            this.pos += piece.len();
+            if this.pos == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.pos = 0;
             }
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        Pin::new(&mut this.inner).poll_read(cx, buf)
     }
 }
 

@@ -98,16 +98,17 @@ fn listen_done(
     outcome: Option<(u32, ListenerKind)>,
 ) -> bool {
     let mut listeners = conn.forwards.listeners.lock();
-    let Some(i) = listeners
-        .iter()
-        .position(|l| l.id.is_none() && &l.kind == kind)
+    let Some((i, listener)) = listeners
+        .iter_mut()
+        .enumerate()
+        .find(|(_, l)| l.id.is_none() && &l.kind == kind)
     else {
         return false;
     };
     match outcome {
-        Some((id, bound)) if !listeners[i].cancelled => {
-            listeners[i].id = Some(id);
-            listeners[i].kind = bound;
+        Some((id, bound)) if !listener.cancelled => {
+            listener.id = Some(id);
+            listener.kind = bound;
             true
         }
         Some((id, _)) => {
@@ -210,13 +211,14 @@ pub fn listen_unix(conn: &Arc<ConnCtx>, path: String, reply: GlobalRequestReply)
 /// listening yet stops as soon as it is.
 fn cancel(conn: &ConnCtx, matches: impl Fn(&ListenerKind) -> bool) -> bool {
     let mut listeners = conn.forwards.listeners.lock();
-    let Some(i) = listeners
-        .iter()
-        .position(|l| !l.cancelled && matches(&l.kind))
+    let Some((i, listener)) = listeners
+        .iter_mut()
+        .enumerate()
+        .find(|(_, l)| !l.cancelled && matches(&l.kind))
     else {
         return false;
     };
-    match listeners[i].id {
+    match listener.id {
         Some(id) => {
             listeners.remove(i);
             drop(listeners);
@@ -224,7 +226,7 @@ fn cancel(conn: &ConnCtx, matches: impl Fn(&ListenerKind) -> bool) -> bool {
                 mux.unlisten(id);
             }
         }
-        None => listeners[i].cancelled = true,
+        None => listener.cancelled = true,
     }
     true
 }

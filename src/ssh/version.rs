@@ -70,8 +70,9 @@ impl<S> VersionRecorder<S> {
         if self.head.len() >= HEAD_BYTES {
             return false;
         }
-        let take = (HEAD_BYTES - self.head.len()).min(data.len());
-        self.head.extend_from_slice(&data[..take]);
+        let room = HEAD_BYTES - self.head.len();
+        self.head
+            .extend_from_slice(data.get(..room).unwrap_or(data));
         if crate::front::proxy::looks_like_header(&self.head) {
             self.hello.proxy_header.store(true, Ordering::Relaxed);
             return true;
@@ -117,7 +118,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for VersionRecorder<S> {
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if !self.done {
             if let Poll::Ready(Ok(())) = &r {
-                let new = buf.filled()[before..].to_vec();
+                let new = buf.filled().get(before..).unwrap_or_default().to_vec();
                 if self.proxy_header(&new) {
                     buf.set_filled(before);
                     return Poll::Ready(Err(io::Error::new(

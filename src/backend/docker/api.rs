@@ -435,14 +435,13 @@ async fn read_line_capped(
         if buf.is_empty() {
             return Ok(line.len() - start);
         }
-        let (take, done) = match buf.iter().position(|&b| b == b'\n') {
-            Some(i) => (i + 1, true),
-            None => (buf.len(), false),
-        };
+        // Up to and including the first `\n`, or all of `buf` without one.
+        let piece = buf.split_inclusive(|&b| b == b'\n').next().unwrap_or(buf);
+        let (take, done) = (piece.len(), piece.ends_with(b"\n"));
         if line.len() - start + take > max {
             return Err(DockerError::ResponseTooLarge { op, limit: max });
         }
-        line.extend_from_slice(&buf[..take]);
+        line.extend_from_slice(piece);
         reader.consume(take);
         if done {
             return Ok(line.len() - start);

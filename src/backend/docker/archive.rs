@@ -149,12 +149,13 @@ fn header(e: &TarEntry) -> Result<[u8; BLOCK], ArchiveError> {
             size,
         });
     }
-    let (prefix, name) = split_path(&path).ok_or_else(|| ArchiveError::PathTooLong {
+    let too_long = || ArchiveError::PathTooLong {
         path: e.path.to_string(),
-    })?;
+    };
+    let (prefix, name) = split_path(&path).ok_or_else(too_long)?;
 
     let mut h = [0u8; BLOCK];
-    h[..name.len()].copy_from_slice(name.as_bytes());
+    put_bytes(&mut h[..NAME_LEN], name.as_bytes()).ok_or_else(too_long)?;
     put_octal(&mut h[100..108], u64::from(e.mode));
     put_octal(&mut h[108..116], 0); // uid
     put_octal(&mut h[116..124], 0); // gid
@@ -163,7 +164,7 @@ fn header(e: &TarEntry) -> Result<[u8; BLOCK], ArchiveError> {
     h[156] = typeflag;
     h[257..263].copy_from_slice(b"ustar\0");
     h[263..265].copy_from_slice(b"00");
-    h[345..345 + prefix.len()].copy_from_slice(prefix.as_bytes());
+    put_bytes(&mut h[345..345 + PREFIX_LEN], prefix.as_bytes()).ok_or_else(too_long)?;
     // The checksum is summed with its own field filled with spaces, then
     // stored as six octal digits, NUL, space.
     h[148..156].fill(b' ');
@@ -214,13 +215,22 @@ fn split_path(path: &str) -> Option<(&str, &str)> {
         .next()
 }
 
+/// Writes `bytes` at the start of `field`; `None` when they do not fit (then nothing is written).
+fn put_bytes(field: &mut [u8], bytes: &[u8]) -> Option<()> {
+    field.get_mut(..bytes.len())?.copy_from_slice(bytes);
+    Some(())
+}
+
 /// Writes `v` as zero-padded octal filling the field, then a terminating NUL.
 fn put_octal(field: &mut [u8], v: u64) {
-    let digits = field.len() - 1;
-    let s = format!("{v:0digits$o}");
-    debug_assert_eq!(s.len(), digits, "value {v} does not fit");
-    field[..digits].copy_from_slice(s.as_bytes());
-    field[digits] = 0;
+    let Some((nul, digits)) = field.split_last_mut() else {
+        return;
+    };
+    let width = digits.len();
+    let s = format!("{v:0width$o}");
+    debug_assert_eq!(s.len(), width, "value {v} does not fit");
+    digits.copy_from_slice(s.as_bytes());
+    *nul = 0;
 }
 
 #[cfg(test)]

@@ -79,8 +79,11 @@ impl DemuxState {
                 return Ok(Step::Payload(kind, n));
             }
         }
-        let n = (8 - self.have).min(input.len());
-        self.header[self.have..self.have + n].copy_from_slice(&input[..n]);
+        // `have` is below 8 between calls (it is reset when it reaches 8), so there is room
+        // for at least one more header byte.
+        let free = self.header.get_mut(self.have..).unwrap_or_default();
+        let n = free.len().min(input.len());
+        free.iter_mut().zip(input).for_each(|(slot, &b)| *slot = b);
         self.have += n;
         if self.have == 8 {
             self.have = 0;
@@ -107,6 +110,12 @@ impl DemuxState {
     }
 }
 
+/// `input` cut after its first `n` bytes (after all of it when it is shorter). [`DemuxState::step`]
+/// never counts more bytes than it was given, so for its counts nothing is cut short.
+fn split_at_most(input: &[u8], n: usize) -> (&[u8], &[u8]) {
+    input.split_at_checked(n).unwrap_or((input, &[]))
+}
+
 /// Parses a complete multiplexed buffer into (stream, payload) slices;
 /// empty frames are skipped. Allocates at most one entry per 8 input bytes.
 pub fn parse_frames(input: &[u8]) -> Result<Vec<(StreamKind, &[u8])>, DemuxError> {
@@ -115,10 +124,11 @@ pub fn parse_frames(input: &[u8]) -> Result<Vec<(StreamKind, &[u8])>, DemuxError
     let mut rest = input;
     while !rest.is_empty() {
         match state.step(rest)? {
-            Step::Header(n) => rest = &rest[n..],
+            Step::Header(n) => rest = split_at_most(rest, n).1,
             Step::Payload(kind, n) => {
-                out.push((kind, &rest[..n]));
-                rest = &rest[n..];
+                let (payload, after) = split_at_most(rest, n);
+                out.push((kind, payload));
+                rest = after;
             }
         }
     }
@@ -137,7 +147,8 @@ pub fn fuzz_demux(data: &[u8]) {
     }
     let mut state = DemuxState::new();
     let mut rest = data;
-    let mut piece = 0usize;
+    // Piece sizes come from the input bytes in turn, starting over at its end.
+    let mut sizes = data.iter().cycle();
     let mut total = 0usize;
     let mut result = Ok(());
     // Concatenated payload must match the whole-buffer parse, byte for byte.
@@ -146,25 +157,25 @@ pub fn fuzz_demux(data: &[u8]) {
         .ok()
         .map(|f| f.iter().flat_map(|(k, p)| p.iter().map(move |b| (*k, *b))));
     while !rest.is_empty() && result.is_ok() {
-        let size = 1 + usize::from(data[piece % data.len()] % 13);
-        piece += 1;
-        let mut chunk = &rest[..size.min(rest.len())];
-        rest = &rest[chunk.len()..];
+        let size = 1 + usize::from(sizes.next().map_or(0, |b| b % 13));
+        let (mut chunk, after) = split_at_most(rest, size);
+        rest = after;
         while !chunk.is_empty() {
             match state.step(chunk) {
                 Ok(Step::Header(n)) => {
                     assert!((1..=8).contains(&n));
-                    chunk = &chunk[n..];
+                    chunk = split_at_most(chunk, n).1;
                 }
                 Ok(Step::Payload(kind, n)) => {
                     assert!(n >= 1 && n <= chunk.len());
                     total += n;
+                    let (payload, after) = split_at_most(chunk, n);
                     if let Some(exp) = expected.as_mut() {
-                        for b in &chunk[..n] {
+                        for b in payload {
                             assert_eq!(exp.next(), Some((kind, *b)));
                         }
                     }
-                    chunk = &chunk[n..];
+                    chunk = after;
                 }
                 Err(e) => {
                     result = Err(e);
@@ -252,7 +263,8 @@ impl<R: AsyncRead + Unpin> Demuxer<R> {
                 match self.state.step(&self.buf).map_err(invalid)? {
                     Step::Header(n) => self.buf.advance(n),
                     Step::Payload(StreamKind::SystemErr, n) => {
-                        let msg = String::from_utf8_lossy(&self.buf[..n]).into_owned();
+                        let text = split_at_most(&self.buf, n).0;
+                        let msg = String::from_utf8_lossy(text).into_owned();
                         return Err(io::Error::other(format!(
                             "error from Docker in stream: {}",
                             msg.trim()

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use http::{Method, StatusCode};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Map, Value};
 
 use super::api::{container_error, decode, ok_or, seg, IdReply};
 use super::client::{error_message, status_error, DockerClient, HijackReply};
@@ -64,26 +64,24 @@ impl DockerClient {
         let path = self
             .versioned(&format!("/containers/{}/exec", seg(container)))
             .await?;
-        let mut body = json!({
-            "AttachStdin": true,
-            "AttachStdout": true,
-            "AttachStderr": true,
-            "Tty": spec.tty,
-            "Cmd": spec.cmd,
-            "Env": spec.env,
-        });
+        let mut body = Map::new();
+        body.insert("AttachStdin".into(), json!(true));
+        body.insert("AttachStdout".into(), json!(true));
+        body.insert("AttachStderr".into(), json!(true));
+        body.insert("Tty".into(), json!(spec.tty));
+        body.insert("Cmd".into(), json!(spec.cmd));
+        body.insert("Env".into(), json!(spec.env));
         if let Some(user) = &spec.user {
-            body["User"] = json!(user);
+            body.insert("User".into(), json!(user));
         }
         if let Some(dir) = &spec.working_dir {
-            body["WorkingDir"] = json!(dir);
+            body.insert("WorkingDir".into(), json!(dir));
         }
         if let Some((rows, cols)) = spec.console_size {
-            body["ConsoleSize"] = json!([rows, cols]);
+            body.insert("ConsoleSize".into(), json!([rows, cols]));
         }
-        let (status, reply) = self
-            .call(OP, Method::POST, &path, Some(body.to_string().into_bytes()))
-            .await?;
+        let body = Value::Object(body).to_string().into_bytes();
+        let (status, reply) = self.call(OP, Method::POST, &path, Some(body)).await?;
         ok_or(status, &reply, |s, b| container_error(OP, container, s, b))?;
         Ok(decode::<IdReply>(OP, &reply)?.id)
     }

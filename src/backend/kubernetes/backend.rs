@@ -202,12 +202,12 @@ impl Kube {
         let labels = exposed(&self.pod.expose_auth_metadata_as_labels, login);
         for (k, v) in labels {
             if let Some(v) = pods::label_value(&v) {
-                body["metadata"]["labels"][k] = json!(v);
+                pods::object_at(&mut body, &["metadata", "labels"]).insert(k, json!(v));
             }
         }
         let annotations = exposed(&self.pod.expose_auth_metadata_as_annotations, login);
         for (k, v) in annotations {
-            body["metadata"]["annotations"][k] = json!(v);
+            pods::object_at(&mut body, &["metadata", "annotations"]).insert(k, json!(v));
         }
         if let Some(image) = self
             .agent
@@ -217,14 +217,17 @@ impl Kube {
             add_agent(&mut body, &image.0, &image.1);
         }
         if let Some(spec) = session {
-            body["spec"]["restartPolicy"] = json!("Never");
-            if let Some(c) = body["spec"]["containers"]
-                .as_array_mut()
+            let pod_spec = pods::object_at(&mut body, &["spec"]);
+            pod_spec.insert("restartPolicy".into(), json!("Never"));
+            if let Some(c) = pod_spec
+                .get_mut("containers")
+                .and_then(Value::as_array_mut)
                 .and_then(|a| a.get_mut(self.pod.console_container_number))
             {
-                c["stdin"] = json!(true);
-                c["stdinOnce"] = json!(true);
-                c["tty"] = json!(spec.tty.is_some());
+                let c = pods::object_at(c, &[]);
+                c.insert("stdin".into(), json!(true));
+                c.insert("stdinOnce".into(), json!(true));
+                c.insert("tty".into(), json!(spec.tty.is_some()));
             }
         }
         body
@@ -310,7 +313,10 @@ impl Kube {
             Err(e) => return Err(StartError::EngineUnreachable(e.to_string())),
         }
         let mut body = self.body(meta, login, &self.idle_command(), None);
-        if let Some(labels) = body["metadata"]["labels"].as_object_mut() {
+        if let Some(labels) = body
+            .pointer_mut("/metadata/labels")
+            .and_then(Value::as_object_mut)
+        {
             labels.remove(pods::LABEL_INSTANCE);
             labels.remove(pods::LABEL_CONNECTION_ID);
             labels.insert(LABEL_PERSISTENT.into(), json!("1"));
@@ -615,24 +621,14 @@ fn with_env(spec: &ProgramSpec) -> Vec<String> {
 /// Adds the agent's volume, the init container that copies the agent into it, and the
 /// read-only mount of it in every container.
 fn add_agent(body: &mut Value, image: &str, source: &str) {
-    let spec = &mut body["spec"];
+    let spec = pods::object_at(body, &["spec"]);
     let mount = json!({"name": AGENT_VOLUME, "mountPath": AGENT_DIR, "readOnly": true});
-    if let Some(list) = spec["containers"].as_array_mut() {
-        for c in list.iter_mut().filter(|c| c.is_object()) {
-            if !c["volumeMounts"].is_array() {
-                c["volumeMounts"] = json!([]);
-            }
-            if let Some(m) = c["volumeMounts"].as_array_mut() {
-                m.push(mount.clone());
-            }
+    if let Some(list) = spec.get_mut("containers").and_then(Value::as_array_mut) {
+        for c in list.iter_mut().filter_map(Value::as_object_mut) {
+            pods::array_at(c, "volumeMounts").push(mount.clone());
         }
     }
-    if !spec["volumes"].is_array() {
-        spec["volumes"] = json!([]);
-    }
-    if let Some(v) = spec["volumes"].as_array_mut() {
-        v.push(json!({"name": AGENT_VOLUME, "emptyDir": {}}));
-    }
+    pods::array_at(spec, "volumes").push(json!({"name": AGENT_VOLUME, "emptyDir": {}}));
     let init = json!({
         "name": AGENT_INIT_CONTAINER,
         "image": image,
@@ -644,13 +640,8 @@ fn add_agent(body: &mut Value, image: &str, source: &str) {
             "capabilities": {"drop": ["ALL"]}
         }
     });
-    if !spec["initContainers"].is_array() {
-        spec["initContainers"] = json!([]);
-    }
-    if let Some(list) = spec["initContainers"].as_array_mut() {
-        // First: later init containers may already use the agent.
-        list.insert(0, init);
-    }
+    // First: later init containers may already use the agent.
+    pods::array_at(spec, "initContainers").insert(0, init);
 }
 
 #[cfg(test)]

@@ -115,11 +115,41 @@ fn seg(s: &str) -> String {
     encode_query(s)
 }
 
-fn object<'a>(v: &'a mut Value, key: &str) -> &'a mut Map<String, Value> {
-    if !v.get(key).is_some_and(Value::is_object) {
-        v[key] = Value::Object(Map::new());
+/// `v` as an object; anything else (null, a string, ...) is replaced by an empty one first.
+fn as_object(v: &mut Value) -> &mut Map<String, Value> {
+    match v {
+        Value::Object(map) => map,
+        other => {
+            *other = Value::Object(Map::new());
+            // An object now: this call takes the first arm.
+            as_object(other)
+        }
     }
-    v[key].as_object_mut().expect("just made an object")
+}
+
+/// The object at `path` below `v` (`&[]`: `v` itself), made where missing: every value on
+/// the way that is not an object is replaced by an empty one, a missing key is added.
+pub(super) fn object_at<'a>(v: &'a mut Value, path: &[&str]) -> &'a mut Map<String, Value> {
+    path.iter().fold(as_object(v), |map, key| {
+        as_object(map.entry(*key).or_insert(Value::Null))
+    })
+}
+
+/// The array under `key` in `map`, made (empty) where missing or not an array.
+pub(super) fn array_at<'a>(map: &'a mut Map<String, Value>, key: &str) -> &'a mut Vec<Value> {
+    as_array(map.entry(key).or_insert(Value::Null))
+}
+
+/// `v` as an array; anything else (null, a string, ...) is replaced by an empty one first.
+fn as_array(v: &mut Value) -> &mut Vec<Value> {
+    match v {
+        Value::Array(list) => list,
+        other => {
+            *other = Value::Array(Vec::new());
+            // An array now: this call takes the first arm.
+            as_array(other)
+        }
+    }
 }
 
 /// The pod to create for one connection (or session):
@@ -139,17 +169,16 @@ pub fn pod_body(
     env: &[(String, String)],
 ) -> Value {
     let mut metadata = Value::Object(cfg.metadata.clone());
+    let fields = object_at(&mut metadata, &[]);
     let empty = |v: Option<&Value>| v.and_then(Value::as_str).is_none_or(str::is_empty);
-    if empty(metadata.get("namespace")) {
-        metadata["namespace"] = json!("default");
+    if empty(fields.get("namespace")) {
+        fields.insert("namespace".into(), json!("default"));
     }
-    if empty(metadata.get("name")) && empty(metadata.get("generateName")) {
-        if let Some(m) = metadata.as_object_mut() {
-            m.remove("name");
-        }
-        metadata["generateName"] = json!("containerssh-");
+    if empty(fields.get("name")) && empty(fields.get("generateName")) {
+        fields.remove("name");
+        fields.insert("generateName".into(), json!("containerssh-"));
     }
-    let labels = object(&mut metadata, "labels");
+    let labels = object_at(&mut metadata, &["labels"]);
     labels.insert(LABEL_CONNECTION_ID.into(), json!(meta.connection_id));
     if let Some(u) = label_value(&meta.username) {
         labels.insert(LABEL_USERNAME.into(), json!(u));
@@ -157,7 +186,7 @@ pub fn pod_body(
     if let Some(i) = label_value(instance) {
         labels.insert(LABEL_INSTANCE.into(), json!(i));
     }
-    object(&mut metadata, "annotations").insert(ANNOTATION_IP.into(), json!(meta.remote_ip));
+    object_at(&mut metadata, &["annotations"]).insert(ANNOTATION_IP.into(), json!(meta.remote_ip));
 
     let mut spec = Value::Object(cfg.spec.clone());
     if let Some(command) = command {
@@ -177,11 +206,8 @@ pub fn pod_body(
             let Some(list) = spec.get_mut(key).and_then(Value::as_array_mut) else {
                 continue;
             };
-            for c in list.iter_mut().filter(|c| c.is_object()) {
-                if !c.get("env").is_some_and(Value::is_array) {
-                    c["env"] = json!([]);
-                }
-                let list = c["env"].as_array_mut().expect("just made an array");
+            for c in list.iter_mut().filter_map(Value::as_object_mut) {
+                let list = array_at(c, "env");
                 for (k, v) in env {
                     list.push(json!({"name": k, "value": v}));
                 }
@@ -203,8 +229,9 @@ pub async fn create_and_wait(
     timeout: Duration,
 ) -> Result<Pod, PodError> {
     let deadline = Instant::now() + timeout;
-    let ns = body["metadata"]["namespace"]
-        .as_str()
+    let ns = body
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
         .unwrap_or("default")
         .to_string();
@@ -280,19 +307,20 @@ fn failing_image(raw: Option<&Value>, reason: &str) -> Option<String> {
     let raw = raw?;
     ["containerStatuses", "initContainerStatuses"]
         .iter()
-        .filter_map(|k| raw["status"][k].as_array())
+        .filter_map(|k| raw.get("status")?.get(k)?.as_array())
         .flatten()
-        .find(|c| c["state"]["waiting"]["reason"].as_str() == Some(reason))
-        .and_then(|c| c["image"].as_str())
+        .find(|c| c.pointer("/state/waiting/reason").and_then(Value::as_str) == Some(reason))
+        .and_then(|c| c.get("image")?.as_str())
         .map(str::to_string)
 }
 
 /// The image of `container` in a pod body.
 fn container_image(body: &Value, container: &str) -> Option<String> {
-    body["spec"]["containers"]
+    body.pointer("/spec/containers")?
         .as_array()?
         .iter()
-        .find(|c| c["name"].as_str() == Some(container))?["image"]
+        .find(|c| c.get("name").and_then(Value::as_str) == Some(container))?
+        .get("image")?
         .as_str()
         .map(str::to_string)
 }
@@ -379,7 +407,11 @@ async fn watch_pod<T>(
     );
     'list: loop {
         let list: Value = client.get_json(&base).await?;
-        let items = list["items"].as_array().cloned().unwrap_or_default();
+        let items = list
+            .get("items")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
         let Some(raw) = items.into_iter().next() else {
             return Err(gone(name));
         };
@@ -388,8 +420,9 @@ async fn watch_pod<T>(
         if let Some(r) = decide(pod, Some(&raw)) {
             return r;
         }
-        let mut rv = list["metadata"]["resourceVersion"]
-            .as_str()
+        let mut rv = list
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
             .unwrap_or_default()
             .to_string();
         loop {
@@ -432,9 +465,10 @@ async fn watch_pod<T>(
                 if let Some(v) = pod.metadata.resource_version.clone() {
                     rv = v;
                 }
+                // The event's `object` (null when absent).
                 let raw = serde_json::from_slice::<Value>(&line)
                     .ok()
-                    .map(|mut v| v["object"].take());
+                    .map(|mut v| v.get_mut("object").map_or(Value::Null, Value::take));
                 if let Some(r) = decide(*pod, raw.as_ref()) {
                     return r;
                 }
@@ -457,7 +491,7 @@ pub async fn delete(
     let mut opts =
         json!({"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"});
     if let Some(g) = grace_seconds {
-        opts["gracePeriodSeconds"] = json!(g);
+        object_at(&mut opts, &[]).insert("gracePeriodSeconds".into(), json!(g));
     }
     match client.delete::<_, Value>(&path, Some(&opts)).await {
         Ok(_) => Ok(()),
@@ -502,11 +536,15 @@ async fn delete_selected(
     );
     let list: Value = client.get_json(&path).await?;
     let mut n = 0;
-    for item in list["items"].as_array().into_iter().flatten() {
-        let Some(name) = item["metadata"]["name"].as_str() else {
+    let items = list.get("items").and_then(Value::as_array);
+    for item in items.into_iter().flatten() {
+        let Some(name) = item.pointer("/metadata/name").and_then(Value::as_str) else {
             continue;
         };
-        let ns = item["metadata"]["namespace"].as_str().unwrap_or(namespace);
+        let ns = item
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .unwrap_or(namespace);
         delete(client, ns, name, Some(0)).await?;
         n += 1;
     }

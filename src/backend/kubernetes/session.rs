@@ -67,11 +67,11 @@ impl AsyncWrite for KubeStdin {
             Poll::Ready(Err(_)) => return Poll::Ready(Err(closed())),
             Poll::Ready(Ok(())) => {}
         }
-        let n = buf.len().min(STDIN_CHUNK);
+        let chunk = buf.get(..STDIN_CHUNK).unwrap_or(buf);
         self.tx
-            .send_item(Bytes::copy_from_slice(&buf[..n]))
+            .send_item(Bytes::copy_from_slice(chunk))
             .map_err(|_| closed())?;
-        Poll::Ready(Ok(n))
+        Poll::Ready(Ok(chunk.len()))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {

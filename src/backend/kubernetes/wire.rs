@@ -464,10 +464,10 @@ impl LineSplitter {
             return Err(WireError::LineTooLong);
         }
         let mut lines = Vec::new();
-        let mut rest = chunk;
-        while let Some(pos) = rest.iter().position(|&b| b == b'\n') {
-            let (piece, after) = (&rest[..pos], &rest[pos + 1..]);
-            rest = after;
+        // Every piece but the last ends at a `\n`; the last is the start of a line to come.
+        let mut pieces = chunk.split(|&b| b == b'\n');
+        let rest = pieces.next_back().unwrap_or_default();
+        for piece in pieces {
             if self.partial.len() + piece.len() > MAX_WATCH_LINE_BYTES {
                 return Err(self.fail());
             }
