@@ -22,7 +22,7 @@ pub fn fuzz_config(data: &[u8]) {
     ];
     for cfg in parsed.into_iter().flatten() {
         assert_eq!(yaml_round_trip(&cfg), Ok(()));
-        let _ = crate::config::validate::validate("fuzz", cfg);
+        let _ = crate::backend::build::checked_settings("fuzz", cfg);
     }
 }
 

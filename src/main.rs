@@ -136,7 +136,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    let settings = match config::validate::validate(&label, raw) {
+    let settings = match containerssh::backend::build::checked_settings(&label, raw) {
         Ok(s) => s,
         Err(e) => {
             print_chain(&e);

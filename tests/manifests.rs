@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_yaml::Value;
 
+use containerssh::backend::build::checked_settings;
 use containerssh::backend::kubernetes::connection::resolve_with;
 use containerssh::config::load::parse_yaml;
 use containerssh::config::model::{AppConfig, BackendName, InClusterMode};
-use containerssh::config::validate::validate;
 
 fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes")
@@ -360,7 +360,7 @@ fn embedded_server_config_loads_and_validates() {
     let text = server_config_text();
     let file = "deploy/kubernetes/config.yaml#config.yaml";
     let raw: AppConfig = parse_yaml(file, &text).unwrap_or_else(|e| panic!("{e}"));
-    let s = validate(file, raw).unwrap_or_else(|e| panic!("{e}"));
+    let s = checked_settings(file, raw).unwrap_or_else(|e| panic!("{e}"));
 
     assert_eq!(s.listen.to_string(), "0.0.0.0:2222");
     assert_eq!(

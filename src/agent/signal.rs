@@ -71,6 +71,15 @@ pub fn by_name(name: &str) -> Option<SignalName> {
     SIGNALS.iter().copied().find(|s| s.name == bare)
 }
 
+/// The number of a signal SSH names without an `@domain` suffix (RFC 4254 §6.10): `TERM` → 15;
+/// `None` for any other name (`SIGTERM`, `WINCH`).
+pub fn ssh_signal_number(name: &str) -> Option<i32> {
+    SIGNALS
+        .iter()
+        .find(|s| s.rfc4254 && s.name == name)
+        .map(|s| s.signal.as_raw())
+}
+
 /// The name of signal number `n`, or `SIG<n>` for one without a name (real-time signals).
 pub fn name_of(n: i32) -> String {
     SIGNALS

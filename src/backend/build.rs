@@ -3,11 +3,13 @@
 
 use std::sync::Arc;
 
+use super::docker::config::DockerSettings;
 use super::docker::session::Docker;
 use super::kubernetes::backend::{Kube, DEFAULT_AGENT_INIT_IMAGE};
+use super::kubernetes::config::KubeSettings;
 use super::Backend;
 use crate::config::model::BackendName;
-use crate::config::Settings;
+use crate::config::{AppConfig, ConfigError, KeyError, Settings};
 
 /// Two configuration blocks with the same JSON form.
 fn same<T: serde::Serialize>(a: &T, b: &T) -> bool {
@@ -17,11 +19,28 @@ fn same<T: serde::Serialize>(a: &T, b: &T) -> bool {
 const NO_AGENT: &str =
     "the agent is disabled: no signals to exec'd programs, no forwarding, no files";
 
+/// Checks both backend blocks, the configured one and the other (a config webhook may switch a
+/// login to it): a mistake in either is found at start, not at a login.
+pub fn check_blocks(settings: &Settings) -> Result<(), KeyError> {
+    DockerSettings::check(&settings.docker)?;
+    KubeSettings::check(&settings.kubernetes)?;
+    Ok(())
+}
+
+/// A configuration read from `file`, checked whole: the settings
+/// ([`crate::config::validate::validate`]), then both backend blocks ([`check_blocks`]).
+pub fn checked_settings(file: &str, raw: AppConfig) -> Result<Settings, ConfigError> {
+    let settings = crate::config::validate::validate(file, raw)?;
+    check_blocks(&settings).map_err(|e| e.in_file(file))?;
+    Ok(settings)
+}
+
 /// The configured backend, with the agent it injects.
 pub fn build(settings: &Settings) -> Result<Arc<dyn Backend>, Box<dyn std::error::Error>> {
     if settings.backend == BackendName::Kubernetes {
         let k = &settings.kubernetes.pod;
-        let backend = Kube::backend(&settings.kubernetes, &settings.agent, &settings.instance_id)?;
+        let checked = KubeSettings::check(&settings.kubernetes)?;
+        let backend = Kube::backend(&checked, &settings.agent, &settings.instance_id)?;
         match backend.runtime().agent_path() {
             None => tracing::info!("{NO_AGENT}"),
             Some(p) if settings.agent.inject => {
@@ -43,7 +62,8 @@ pub fn build(settings: &Settings) -> Result<Arc<dyn Backend>, Box<dyn std::error
         tracing::info!(binary = %a.path.display(), bytes = a.bytes.len(), to = %settings.docker.execution.agent_path, "injecting the agent into containers");
     }
     // The backend keeps its own archive of the agent.
-    let docker = Docker::backend(&settings.docker, &settings.instance_id, agent.as_ref())?;
+    let checked = DockerSettings::check(&settings.docker)?;
+    let docker = Docker::backend(&checked, &settings.instance_id, agent.as_ref())?;
     Ok(Arc::new(docker))
 }
 
@@ -62,6 +82,7 @@ pub fn for_login(
     {
         return Ok(Arc::clone(current));
     }
+    check_blocks(login).map_err(|e| format!("the login's configuration: {e}"))?;
     if base.backend == login.backend {
         let same_connection = match login.backend {
             BackendName::Docker => same(&base.docker.connection, &login.docker.connection),
@@ -74,4 +95,36 @@ pub fn for_login(
         }
     }
     build(login).map_err(|e| format!("cannot set up the login's backend: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::load::parse_yaml;
+
+    const BASE: &str = "auth:\n  publicKey:\n    method: authorizedKeys\n    authorizedKeys: {path: /k/%u}\ndocker:\n  execution:\n    container: {image: base}\n";
+
+    #[test]
+    fn a_mistake_in_the_unselected_block_stops_the_start() {
+        let yaml = format!("{BASE}kubernetes:\n  pod:\n    spec:\n      containers: []\n");
+        let e = checked_settings("c.yaml", parse_yaml("c.yaml", &yaml).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("c.yaml") && e.contains("kubernetes.pod.spec.containers"), "{e}");
+        let yaml = format!("{BASE}kubernetes:\n  connection:\n    qps: 20\n");
+        let e = checked_settings("c.yaml", parse_yaml("c.yaml", &yaml).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kubernetes.connection.qps"), "{e}");
+        assert!(checked_settings("c.yaml", parse_yaml("c.yaml", BASE).unwrap()).is_ok());
+    }
+
+    #[test]
+    fn a_login_configuration_is_checked_before_its_backend_is_built() {
+        let file = parse_yaml("c.yaml", BASE).unwrap();
+        let overlay = serde_json::json!({"docker": {"execution": {"mode": "persistent"}}});
+        let login = crate::config::merge::merge("webhook", &file, &overlay).unwrap();
+        let e = check_blocks(&login).unwrap_err().to_string();
+        assert!(e.contains("containername"), "{e}");
+    }
 }

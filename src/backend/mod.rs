@@ -460,26 +460,8 @@ pub enum StartError {
     Earlier(std::sync::Arc<str>),
 }
 
-/// Signal names SSH uses (RFC 4254 §6.10) and their Linux numbers.
-pub const SIGNALS: &[(&str, i32)] = &[
-    ("HUP", 1),
-    ("INT", 2),
-    ("QUIT", 3),
-    ("ILL", 4),
-    ("ABRT", 6),
-    ("FPE", 8),
-    ("KILL", 9),
-    ("USR1", 10),
-    ("SEGV", 11),
-    ("USR2", 12),
-    ("PIPE", 13),
-    ("ALRM", 14),
-    ("TERM", 15),
-];
-
-pub fn signal_number(name: &str) -> Option<i32> {
-    SIGNALS.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
-}
+/// The signals SSH names (RFC 4254 §6.10): the agent's table, shared.
+pub use crate::agent::signal::ssh_signal_number as signal_number;
 
 impl fmt::Display for ExitReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

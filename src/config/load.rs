@@ -32,6 +32,40 @@ pub enum ConfigError {
     },
 }
 
+impl ConfigError {
+    /// A value that is wrong: `key` is its path from the top of the file.
+    pub fn invalid(file: &str, key: &str, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            file: file.into(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A value a block's own check (a backend's, say) found wrong, before it is known which file
+/// it came from: the key path from the top of the file, and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct KeyError {
+    pub key: String,
+    pub message: String,
+}
+
+impl KeyError {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The same, in `file`.
+    pub fn in_file(self, file: &str) -> ConfigError {
+        ConfigError::invalid(file, &self.key, self.message)
+    }
+}
+
 /// Loads YAML (`.yaml`/`.yml`, and anything else) or JSON (`.json`), as ContainerSSH does.
 pub fn load_file(path: &Path) -> Result<AppConfig, ConfigError> {
     let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {

@@ -146,10 +146,6 @@ mod tests {
             ),
             (json!({"ssh": {"listen": "0.0.0.0:1"}}), "\"ssh\""),
             (json!({"backend": "podman"}), "backend"),
-            (
-                json!({"docker": {"execution": {"mode": "persistent"}}}),
-                "containername",
-            ),
             (json!(["x"]), "not an object"),
         ] {
             let e = merge("webhook", &file(), &overlay).unwrap_err().to_string();

@@ -11,7 +11,7 @@ pub mod validate;
 
 use std::path::Path;
 
-pub use load::ConfigError;
+pub use load::{ConfigError, KeyError};
 pub use model::AppConfig;
 pub use validate::Settings;
 

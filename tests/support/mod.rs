@@ -767,8 +767,8 @@ stateDirectory: {state}
 {yaml}"
                 )
             });
-        let settings =
-            containerssh::config::validate::validate("config.yaml", raw).unwrap_or_else(|e| {
+        let settings = containerssh::backend::build::checked_settings("config.yaml", raw)
+            .unwrap_or_else(|e| {
                 panic!(
                     "test configuration: {e}
 {yaml}"

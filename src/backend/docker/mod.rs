@@ -11,6 +11,7 @@
 mod api;
 mod archive;
 mod client;
+pub mod config;
 mod demux;
 mod exec;
 pub mod session;

@@ -13,9 +13,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
 
 use super::archive::{build_tar, ArchiveError, TarData, TarEntry};
+use super::config::{get_ci, DockerSettings};
 use super::{
-    Demuxer, DockerClient, DockerConnection, DockerError, ExecSpec, HijackedReader, HijackedWriter,
-    ReadSizer, StreamKind,
+    Demuxer, DockerClient, DockerError, ExecSpec, HijackedReader, HijackedWriter, ReadSizer,
+    StreamKind,
 };
 use crate::auth::metadata::{LoginFile, LoginMetadata};
 use crate::backend::agent::{self, console_argv, AgentBinary};
@@ -27,9 +28,7 @@ use crate::backend::{
     AgentAt, AgentStreams, Backend, BoxFuture, ConnMeta, Container, Engine, Handle, OutputKind,
     ProgramSpec, Runtime, SessionStart, StartError,
 };
-use crate::config::model::{
-    DockerConfig, DockerExecutionConfig, DockerTimeouts, ExecutionMode, PullPolicy,
-};
+use crate::config::model::{DockerExecutionConfig, DockerTimeouts, ExecutionMode, PullPolicy};
 use crate::config::Settings;
 
 pub const LABEL_INSTANCE: &str = "containerssh_instance";
@@ -78,6 +77,8 @@ pub type DockerBackend = Engine<Docker>;
 pub struct Docker {
     client: DockerClient,
     exec: DockerExecutionConfig,
+    image: String,
+    platform: Option<String>,
     timeouts: DockerTimeouts,
     instance: String,
     api: OnceCell<ApiLevel>,
@@ -327,24 +328,13 @@ fn replace_ci(map: &mut Map<String, Value>, key: &str, value: Value) -> Option<V
     old
 }
 
-fn get_ci<'a>(map: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
-    map.iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(key))
-        .map(|(_, v)| v)
-}
-
 impl Docker {
-    fn new(cfg: &DockerConfig, instance: &str) -> Result<Self, DockerError> {
-        let opt = |s: &String| (!s.is_empty()).then(|| s.clone());
-        let conn = DockerConnection {
-            host: cfg.connection.host.clone(),
-            cacert: opt(&cfg.connection.cacert),
-            cert: opt(&cfg.connection.cert),
-            key: opt(&cfg.connection.key),
-        };
+    fn new(cfg: &DockerSettings, instance: &str) -> Result<Self, DockerError> {
         Ok(Self {
-            client: DockerClient::new(&conn, cfg.timeouts.http.0)?,
+            client: DockerClient::new(&cfg.connection, cfg.timeouts.http.0)?,
             exec: cfg.execution.clone(),
+            image: cfg.image.clone(),
+            platform: cfg.platform.clone(),
             timeouts: cfg.timeouts.clone(),
             instance: instance.to_string(),
             api: OnceCell::new(),
@@ -416,13 +406,6 @@ impl Docker {
             .map_err(|e| e.to_string())
     }
 
-    fn image(&self) -> String {
-        get_ci(&self.exec.container, "image")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string()
-    }
-
     /// Negotiates the API version once; an engine that is down now may be up for the next login.
     async fn ready(&self) -> Result<&ApiLevel, StartError> {
         self.api
@@ -451,7 +434,7 @@ impl Docker {
     }
 
     async fn ensure_image(&self) -> Result<(), StartError> {
-        let image = self.image();
+        let image = self.image.clone();
         let pull = match self.exec.image_pull_policy {
             PullPolicy::Never => false,
             PullPolicy::Always => true,
@@ -536,16 +519,6 @@ impl Docker {
     }
 
     /// `os/architecture[/variant]` from the OCI platform block, as the engine's query wants it.
-    fn platform(&self) -> Option<String> {
-        let field = |k: &str| get_ci(&self.exec.platform, k).and_then(Value::as_str);
-        let os = field("os").unwrap_or("linux");
-        let arch = field("architecture")?;
-        Some(match field("variant") {
-            Some(v) => format!("{os}/{arch}/{v}"),
-            None => format!("{os}/{arch}"),
-        })
-    }
-
     fn name(&self) -> Option<&str> {
         (!self.exec.container_name.is_empty()).then_some(self.exec.container_name.as_str())
     }
@@ -627,14 +600,14 @@ impl Docker {
             }
             match self
                 .client
-                .create_container(Some(&name), self.platform().as_deref(), &body)
+                .create_container(Some(&name), self.platform.as_deref(), &body)
                 .await
             {
                 Ok(_) => self.put_agent(&name).await?,
                 // 409: another connection created it first; use theirs.
                 Err(DockerError::Status { status: 409, .. }) => {}
                 Err(DockerError::ImageNotFound { .. }) => {
-                    return Err(StartError::ImageNotFound(self.image()))
+                    return Err(StartError::ImageNotFound(self.image.clone()))
                 }
                 Err(e) => return Err(failed(e)),
             }
@@ -647,11 +620,11 @@ impl Docker {
 
     async fn create(&self, body: &Value) -> Result<String, StartError> {
         self.client
-            .create_container(self.name(), self.platform().as_deref(), body)
+            .create_container(self.name(), self.platform.as_deref(), body)
             .await
             .map_err(|e| match e {
                 // The engine's 404 does not say which image; we know.
-                DockerError::ImageNotFound { .. } => StartError::ImageNotFound(self.image()),
+                DockerError::ImageNotFound { .. } => StartError::ImageNotFound(self.image.clone()),
                 e if e.is_unreachable() => StartError::EngineUnreachable(e.to_string()),
                 other => StartError::ContainerFailed(other.to_string()),
             })
@@ -715,7 +688,7 @@ impl Docker {
     /// The backend for `docker`, copying `agent` into every container it starts (unless the
     /// agent is disabled).
     pub fn backend(
-        cfg: &DockerConfig,
+        cfg: &DockerSettings,
         instance: &str,
         agent: Option<&AgentBinary>,
     ) -> Result<DockerBackend, Box<dyn std::error::Error>> {
@@ -872,14 +845,17 @@ impl Runtime for Docker {
     /// A login's own `docker` block (the config webhook's) that names the same engine and
     /// keeps the agent where it is: this backend's client and agent archive, shared.
     fn derive(&self, login: &Settings, same_connection: bool) -> Option<Arc<dyn Backend>> {
-        let cfg = &login.docker;
+        // Checked by the caller (build::for_login); not taken over otherwise.
+        let cfg = DockerSettings::check(&login.docker).ok()?;
         let same_agent = self.agent_path()
             == (!cfg.execution.disable_agent).then_some(cfg.execution.agent_path.as_str());
         (same_connection && same_agent).then(|| {
             Arc::new(Engine::of(Docker {
                 client: self.client.clone(),
-                exec: cfg.execution.clone(),
-                timeouts: cfg.timeouts.clone(),
+                exec: cfg.execution,
+                image: cfg.image,
+                platform: cfg.platform,
+                timeouts: cfg.timeouts,
                 instance: self.instance.clone(),
                 api: OnceCell::new(),
                 agent: self.agent.clone(),
@@ -991,23 +967,12 @@ mod tests {
     }
 
     #[test]
-    fn platform_becomes_the_query_form() {
-        let mut cfg = DockerConfig::default();
-        let b = Docker::new(&cfg, "i").unwrap();
-        assert_eq!(b.platform(), None);
-        cfg.execution.platform =
-            serde_json::from_str(r#"{"Architecture":"arm64","variant":"v8"}"#).unwrap();
-        let b = Docker::new(&cfg, "i").unwrap();
-        assert_eq!(b.platform().as_deref(), Some("linux/arm64/v8"));
-    }
-
-    #[test]
     fn create_body_keeps_user_labels_and_adds_ours() {
-        let mut cfg = DockerConfig::default();
+        let mut cfg = crate::config::model::DockerConfig::default();
         cfg.execution.container =
             serde_json::from_str(r#"{"image":"img","labels":{"team":"blue"},"env":["A=1"]}"#)
                 .unwrap();
-        let b = Docker::new(&cfg, "inst").unwrap();
+        let b = Docker::new(&DockerSettings::check(&cfg).unwrap(), "inst").unwrap();
         let meta = ConnMeta {
             connection_id: "c1".into(),
             username: "alice".into(),

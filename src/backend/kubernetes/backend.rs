@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 
 use super::client::KubeClient;
+use super::config::KubeSettings;
 use super::connection;
 use super::exec;
 use super::pods::{self, PodError};
@@ -21,9 +22,7 @@ use crate::backend::{
     AgentAt, AgentStreams, ConnMeta, Container, Engine, Handle, ProgramSpec, Runtime, SessionStart,
     StartError,
 };
-use crate::config::model::{
-    AgentConfig, ExecutionMode, KubernetesConfig, KubernetesPodConfig, KubernetesTimeouts,
-};
+use crate::config::model::{AgentConfig, ExecutionMode, KubernetesPodConfig, KubernetesTimeouts};
 
 /// Where the init container puts the agent; an `emptyDir` mounted read-only into every
 /// container of the pod.
@@ -88,7 +87,7 @@ fn exec_error(e: exec::ExecError) -> StartError {
 impl Kube {
     /// Resolves where the cluster is and builds the client; no network traffic.
     pub fn backend(
-        cfg: &KubernetesConfig,
+        cfg: &KubeSettings,
         agent: &AgentConfig,
         instance: &str,
     ) -> Result<KubeBackend, Box<dyn std::error::Error>> {
@@ -104,7 +103,7 @@ impl Kube {
     pub fn with_client(
         client: KubeClient,
         namespace: Option<String>,
-        cfg: &KubernetesConfig,
+        cfg: &KubeSettings,
         agent: &AgentConfig,
         instance: &str,
     ) -> Result<Self, Box<dyn std::error::Error>> {
@@ -121,8 +120,7 @@ impl Kube {
             .map(str::to_string);
         let namespace = configured.or(namespace).unwrap_or_else(|| "default".into());
         pod.metadata.insert("namespace".into(), json!(namespace));
-        let console = pods::console_container_name(&pod)
-            .ok_or("kubernetes.pod.spec: the console container has no name")?;
+        let console = cfg.console.clone();
         let agent = (!pod.disable_agent).then(|| {
             if agent.inject {
                 let image = if pod.agent_init_image.is_empty() {
@@ -683,7 +681,7 @@ mod tests {
             ..Default::default()
         };
         let client = KubeClient::new(&conn, Duration::from_secs(1)).unwrap();
-        let cfg = KubernetesConfig {
+        let cfg = crate::config::model::KubernetesConfig {
             pod: serde_json::from_value(pod).unwrap(),
             ..Default::default()
         };
@@ -691,6 +689,7 @@ mod tests {
             inject,
             ..Default::default()
         };
+        let cfg = KubeSettings::check(&cfg).unwrap();
         Kube::with_client(client, Some("from-context".into()), &cfg, &agent, "inst").unwrap()
     }
 

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 
 pub mod backend;
 pub mod client;
+pub mod config;
 pub mod connection;
 pub mod exec;
 pub mod kubeconfig;
