@@ -195,11 +195,14 @@ fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
         match shared.backend.reap().await {
             Ok(0) => {}
             Ok(n) => tracing::warn!(removed = n, "removed containers or pods a previous run of this instance left behind"),
-            Err(e) => tracing::warn!(error = %e, "start-up cleanup failed (is the Docker engine or the Kubernetes API reachable?); logins will fail until it answers"),
+            Err(e) => tracing::warn!(error = %containerssh::backend::one_line(e.as_ref()), "start-up cleanup failed (is the Docker engine or the Kubernetes API reachable?); logins will fail until it answers"),
         }
         spawn_signal_handler(shared.shutdown.clone())?;
         tracing::info!(instance = %shared.settings.instance_id, "listening on {addr}");
-        server::serve(shared, listener).await;
+        let janitor = tokio::spawn(std::sync::Arc::clone(&shared.janitor).run());
+        server::serve(std::sync::Arc::clone(&shared), listener).await;
+        shared.janitor.finish().await;
+        let _ = janitor.await;
         tracing::info!("stopped");
         Ok::<(), Box<dyn std::error::Error>>(())
     })

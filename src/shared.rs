@@ -23,6 +23,8 @@ pub struct Shared {
     pub trusted_cas: Option<crate::auth::certificate::TrustedCas>,
     pub passwords: Option<PasswordChecker>,
     pub backend: Arc<dyn Backend>,
+    /// Retries removals that failed, and cleans every backend used up at shutdown.
+    pub janitor: Arc<crate::backend::janitor::Janitor>,
     pub webhooks: AuthWebhooks,
     /// Cancelled on SIGTERM/SIGINT.
     pub shutdown: CancellationToken,
@@ -109,7 +111,12 @@ impl Prepared {
         settings: Settings,
     ) -> Result<Arc<Shared>, Box<dyn std::error::Error>> {
         let passwords = self.passwords.map(PasswordChecker::start).transpose()?;
+        let janitor = crate::backend::janitor::Janitor::new(
+            crate::backend::build::place(&settings),
+            Arc::clone(&self.backend),
+        );
         Ok(Arc::new(Shared {
+            janitor: Arc::new(janitor),
             door: Door::new(settings.door.clone()),
             buffers: Budget::total(settings.buffers.total),
             settings: Arc::new(settings),

@@ -235,3 +235,129 @@ fn a_missing_program_under_the_agent_exits_127_with_a_message() {
         );
     }
 }
+
+/// A unix-socket proxy in front of the engine's socket that a test can cut (every stream
+/// through it broken, the socket gone) and restore: an engine outage.
+struct EngineProxy {
+    path: std::path::PathBuf,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    streams: std::sync::Arc<std::sync::Mutex<Vec<std::os::unix::net::UnixStream>>>,
+    acceptor: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EngineProxy {
+    fn start(path: std::path::PathBuf) -> Self {
+        let mut p = Self {
+            path,
+            up: Default::default(),
+            streams: Default::default(),
+            acceptor: None,
+        };
+        p.restore();
+        p
+    }
+
+    fn restore(&mut self) {
+        use std::os::unix::net::{UnixListener, UnixStream};
+        use std::sync::atomic::Ordering;
+        let listener = UnixListener::bind(&self.path).expect("bind the proxy socket");
+        self.up.store(true, Ordering::SeqCst);
+        let (up, streams) = (self.up.clone(), self.streams.clone());
+        self.acceptor = Some(std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if !up.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(engine) = UnixStream::connect("/var/run/docker.sock") else {
+                    continue;
+                };
+                let mut held = streams.lock().unwrap();
+                held.push(client.try_clone().unwrap());
+                held.push(engine.try_clone().unwrap());
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), engine.try_clone().unwrap()),
+                    (engine, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        }));
+    }
+
+    /// The engine is gone: the socket refuses, every open stream is broken.
+    fn cut(&mut self) {
+        use std::sync::atomic::Ordering;
+        self.up.store(false, Ordering::SeqCst);
+        // Wakes the acceptor, which sees `up` false and drops the listener.
+        let _ = std::os::unix::net::UnixStream::connect(&self.path);
+        if let Some(a) = self.acceptor.take() {
+            a.join().unwrap();
+        }
+        std::fs::remove_file(&self.path).unwrap();
+        for s in self.streams.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// The measurement: an engine outage cut three sessions and left their three
+/// containers running until the next restart. Their removal is now retried in the background
+/// and succeeds once the engine answers again, with the server still running.
+#[test]
+fn removals_that_fail_during_an_engine_outage_are_retried_when_it_returns() {
+    let env = TestEnv::new();
+    let socket = env.path().join("engine.sock");
+    let mut proxy = EngineProxy::start(socket.clone());
+    let yaml = env.config_yaml("connection").replace(
+        "docker:\n",
+        &format!(
+            "docker:\n  connection:\n    host: unix://{}\n",
+            socket.display()
+        ),
+    );
+    let server = env.start(&yaml);
+    let mut clients: Vec<Child> = (0..3).map(|_| hold_session(&env, &server)).collect();
+    assert_eq!(env.containers().len(), 3, "{}", server.output());
+
+    proxy.cut();
+    for c in &mut clients {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    // Each connection's removal has been tried, and failed.
+    let retrying = |s: &TestServer| s.output().matches("cannot remove containers").count();
+    assert_eq!(
+        support::poll_until(Duration::from_secs(60), Duration::from_millis(100), || {
+            (retrying(&server) >= 3).then_some(())
+        }),
+        Some(()),
+        "three removals should wait for the engine: {}",
+        server.output()
+    );
+    assert_eq!(
+        env.containers().len(),
+        3,
+        "the engine was away: nothing could be removed"
+    );
+
+    proxy.restore();
+    assert!(
+        env.wait_no_containers(Duration::from_secs(60)),
+        "containers left after the engine came back: {:?}\n{}",
+        env.containers(),
+        server.output()
+    );
+    assert_eq!(
+        server
+            .output()
+            .matches("connection cleaned up: the engine answers again")
+            .count(),
+        3,
+        "{}",
+        server.output()
+    );
+}

@@ -187,20 +187,44 @@ pub fn write_file_argv(agent: &AgentAt, path: &str, mode: u32, size: usize) -> V
     argv
 }
 
+/// Why a file could not be written into a container.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteFileError {
+    #[error("writing files needs the in-container agent")]
+    NoAgent,
+    #[error("cannot write {path}")]
+    Backend {
+        path: String,
+        #[source]
+        source: super::Cause,
+    },
+    #[error("cannot write {path}: {message}")]
+    Agent { path: String, message: String },
+}
+
 /// Writes one file into a running container through its agent, as the container's user.
 pub async fn write_file(
     container: &dyn Container,
     path: &str,
     mode: u32,
     data: &[u8],
-) -> Result<(), String> {
+) -> Result<(), WriteFileError> {
     let Some(agent) = container.agent() else {
-        return Err("writing files needs the in-container agent".into());
+        return Err(WriteFileError::NoAgent);
     };
     let argv = write_file_argv(agent, path, mode, data.len());
-    let out = container.capture(argv, Some(data)).await?;
+    let out = container
+        .capture(argv, Some(data))
+        .await
+        .map_err(|source| WriteFileError::Backend {
+            path: path.to_owned(),
+            source,
+        })?;
     if out.code != 0 {
-        return Err(format!("cannot write {path}: {}", out.message()));
+        return Err(WriteFileError::Agent {
+            path: path.to_owned(),
+            message: out.message(),
+        });
     }
     Ok(())
 }
@@ -209,7 +233,7 @@ pub async fn write_file(
 pub async fn write_login_files(container: &dyn Container, files: &[LoginFile]) {
     for f in files {
         if let Err(e) = write_file(container, &f.path, f.mode, &f.data).await {
-            tracing::warn!(container = container.name(), path = %f.path, error = %e, "cannot write a login file into the container");
+            tracing::warn!(container = container.name(), path = %f.path, error = %super::one_line(&e), "cannot write a login file into the container");
         }
     }
 }

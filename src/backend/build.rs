@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::docker::config::DockerSettings;
 use super::docker::session::Docker;
+use super::janitor::Janitor;
 use super::kubernetes::backend::{Kube, DEFAULT_AGENT_INIT_IMAGE};
 use super::kubernetes::config::KubeSettings;
 use super::Backend;
@@ -73,6 +74,42 @@ pub fn build(settings: &Settings) -> Result<Arc<dyn Backend>, Box<dyn std::error
 /// the login.
 pub fn for_login(
     current: &Arc<dyn Backend>,
+    janitor: &Janitor,
+    base: &Settings,
+    login: &Settings,
+) -> Result<Arc<dyn Backend>, String> {
+    let backend = choose(current, base, login)?;
+    if !Arc::ptr_eq(&backend, current) {
+        janitor.track(place(login), &backend);
+    }
+    Ok(backend)
+}
+
+/// Where the backend `settings` select creates containers or pods, for the shutdown reap
+/// ([`Janitor`]): the engine, or the cluster and namespace.
+pub fn place(settings: &Settings) -> String {
+    // Names only, never credentials: it is logged.
+    match settings.backend {
+        BackendName::Docker => format!("docker engine {}", settings.docker.connection.host),
+        BackendName::Kubernetes => {
+            let c = &settings.kubernetes.connection;
+            let namespace = settings
+                .kubernetes
+                .pod
+                .metadata
+                .get("namespace")
+                .and_then(|v| v.as_str())
+                .unwrap_or("default");
+            format!(
+                "kubernetes {}{} (kubeconfig {:?}, context {:?}) namespace {namespace}",
+                c.host, c.path, c.kubeconfig, c.context
+            )
+        }
+    }
+}
+
+fn choose(
+    current: &Arc<dyn Backend>,
     base: &Settings,
     login: &Settings,
 ) -> Result<Arc<dyn Backend>, String> {
@@ -110,7 +147,10 @@ mod tests {
         let e = checked_settings("c.yaml", parse_yaml("c.yaml", &yaml).unwrap())
             .unwrap_err()
             .to_string();
-        assert!(e.contains("c.yaml") && e.contains("kubernetes.pod.spec.containers"), "{e}");
+        assert!(
+            e.contains("c.yaml") && e.contains("kubernetes.pod.spec.containers"),
+            "{e}"
+        );
         let yaml = format!("{BASE}kubernetes:\n  connection:\n    qps: 20\n");
         let e = checked_settings("c.yaml", parse_yaml("c.yaml", &yaml).unwrap())
             .unwrap_err()

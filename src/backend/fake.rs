@@ -110,9 +110,20 @@ pub enum FakeEvent {
     RemovedSession,
     /// Everything of a connection was removed.
     RemovedConnection(String),
+    /// What a crashed run (or, at shutdown, this one) left was removed.
+    Reaped,
 }
 
 type Programs = Arc<dyn Fn(&ProgramSpec) -> Script + Send + Sync>;
+
+/// What the fake's cleanup and helpers fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum FakeError {
+    #[error("the container engine is not reachable")]
+    Unreachable,
+    #[error("the fake backend has no agent to run helper programs")]
+    NoAgent,
+}
 
 /// The fake [`Runtime`].
 #[derive(Clone)]
@@ -129,6 +140,8 @@ pub struct Fake {
 struct Log {
     events: Mutex<Vec<FakeEvent>>,
     running: AtomicUsize,
+    /// Removals and reaps fail while set, as with an engine that does not answer.
+    unreachable: std::sync::atomic::AtomicBool,
 }
 
 impl Log {
@@ -186,6 +199,12 @@ impl FakeBackend {
     pub fn running(&self) -> usize {
         self.0.log.running.load(Ordering::Acquire)
     }
+
+    /// Makes removals and reaps fail (`true`), as when the engine does not answer, or
+    /// succeed again; shared by every clone.
+    pub fn set_unreachable(&self, unreachable: bool) {
+        self.0.log.unreachable.store(unreachable, Ordering::Release);
+    }
 }
 
 impl Fake {
@@ -193,11 +212,18 @@ impl Fake {
         self.log.record(e);
     }
 
+    fn reachable(&self) -> Result<(), FakeError> {
+        if self.log.unreachable.load(Ordering::Acquire) {
+            return Err(FakeError::Unreachable);
+        }
+        Ok(())
+    }
+
     async fn start(&self) -> Result<(), StartError> {
         self.record(FakeEvent::Starting);
         tokio::time::sleep(self.start_delay).await;
         match &self.fail_start {
-            Some(m) => Err(StartError::ContainerFailed(m.clone())),
+            Some(m) => Err(StartError::ContainerFailed(m.clone().into())),
             None => Ok(()),
         }
     }
@@ -306,6 +332,7 @@ impl Program for FakeProgram {
 
 impl Runtime for Fake {
     const DISABLE_AGENT_KEY: &'static str = "the fake backend has no agent";
+    type Error = FakeError;
 
     fn mode(&self) -> ExecutionMode {
         self.mode
@@ -339,12 +366,15 @@ impl Runtime for Fake {
         Ok((own, process))
     }
 
-    async fn remove_connection(&self, connection_id: &str) -> Result<usize, String> {
+    async fn remove_connection(&self, connection_id: &str) -> Result<usize, FakeError> {
+        self.reachable()?;
         self.record(FakeEvent::RemovedConnection(connection_id.to_string()));
         Ok(1)
     }
 
-    async fn reap(&self) -> Result<usize, String> {
+    async fn reap(&self) -> Result<usize, FakeError> {
+        self.reachable()?;
+        self.record(FakeEvent::Reaped);
         Ok(0)
     }
 
@@ -362,8 +392,8 @@ impl Runtime for Fake {
         _name: &str,
         _argv: Vec<String>,
         _stdin: Option<&[u8]>,
-    ) -> Result<Captured, String> {
-        Err(Self::DISABLE_AGENT_KEY.to_string())
+    ) -> Result<Captured, FakeError> {
+        Err(FakeError::NoAgent)
     }
 
     async fn start_agent_command(

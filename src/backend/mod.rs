@@ -25,6 +25,7 @@ pub mod build;
 pub mod docker;
 #[cfg(any(test, feature = "test-support"))]
 pub mod fake;
+pub mod janitor;
 pub mod kubernetes;
 pub mod process;
 
@@ -40,6 +41,26 @@ use crate::config::model::ExecutionMode;
 
 /// The futures the traits return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A backend's own error (its [`Runtime::Error`], or a message), kept whole across the seam:
+/// the user gets [`one_line`] of it, the log the same, with every cause.
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// An error and its causes on one line, `outer: inner: innermost` (what the user and the log
+/// see; a cause its parent's text already ends with is not repeated).
+pub fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !text.is_empty() && !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = s.source();
+    }
+    line
+}
 
 /// A container runtime: Docker, Kubernetes, or a test's fake.
 pub trait Backend: Send + Sync {
@@ -76,10 +97,11 @@ pub trait Backend: Send + Sync {
     fn remove_connection<'a>(
         &'a self,
         connection_id: &'a str,
-    ) -> BoxFuture<'a, Result<usize, String>>;
+    ) -> BoxFuture<'a, Result<usize, Cause>>;
 
-    /// Removes what a crashed run of this instance left behind.
-    fn reap(&self) -> BoxFuture<'_, Result<usize, String>>;
+    /// Removes what a crashed run of this instance left behind (at start) or what connections
+    /// still open at the drain deadline leave (at shutdown).
+    fn reap(&self) -> BoxFuture<'_, Result<usize, Cause>>;
 
     /// A backend for a login whose own settings (from the config webhook) differ from this
     /// one's in what it can take over while sharing its connection to the engine and its
@@ -124,7 +146,7 @@ pub trait Container: Send + Sync + fmt::Debug {
         &'a self,
         argv: Vec<String>,
         stdin: Option<&'a [u8]>,
-    ) -> BoxFuture<'a, Result<process::Captured, String>>;
+    ) -> BoxFuture<'a, Result<process::Captured, Cause>>;
 
     /// Starts a long-running agent command (`forward-server`) with its stdin and stdout; it
     /// ends when its stdin closes.
@@ -142,6 +164,9 @@ pub trait Container: Send + Sync + fmt::Debug {
 pub trait Runtime: Send + Sync + Sized + 'static {
     /// The configuration key that turns the agent off, for messages.
     const DISABLE_AGENT_KEY: &'static str;
+
+    /// What its cleanup and helper programs fail with (the module's own error enum).
+    type Error: std::error::Error + Send + Sync + 'static;
 
     fn mode(&self) -> ExecutionMode;
 
@@ -179,10 +204,10 @@ pub trait Runtime: Send + Sync + Sized + 'static {
     fn remove_connection(
         &self,
         connection_id: &str,
-    ) -> impl Future<Output = Result<usize, String>> + Send;
+    ) -> impl Future<Output = Result<usize, Self::Error>> + Send;
 
     /// See [`Backend::reap`].
-    fn reap(&self) -> impl Future<Output = Result<usize, String>> + Send;
+    fn reap(&self) -> impl Future<Output = Result<usize, Self::Error>> + Send;
 
     /// See [`Backend::derive`].
     fn derive(
@@ -208,7 +233,7 @@ pub trait Runtime: Send + Sync + Sized + 'static {
         name: &str,
         argv: Vec<String>,
         stdin: Option<&[u8]>,
-    ) -> impl Future<Output = Result<process::Captured, String>> + Send;
+    ) -> impl Future<Output = Result<process::Captured, Self::Error>> + Send;
 
     /// See [`Container::start_agent_command`].
     fn start_agent_command(
@@ -286,12 +311,12 @@ impl<R: Runtime> Backend for Engine<R> {
     fn remove_connection<'a>(
         &'a self,
         connection_id: &'a str,
-    ) -> BoxFuture<'a, Result<usize, String>> {
-        Box::pin(self.0.remove_connection(connection_id))
+    ) -> BoxFuture<'a, Result<usize, Cause>> {
+        Box::pin(async move { Ok(self.0.remove_connection(connection_id).await?) })
     }
 
-    fn reap(&self) -> BoxFuture<'_, Result<usize, String>> {
-        Box::pin(self.0.reap())
+    fn reap(&self) -> BoxFuture<'_, Result<usize, Cause>> {
+        Box::pin(async move { Ok(self.0.reap().await?) })
     }
 
     fn derive(
@@ -361,8 +386,8 @@ impl<R: Runtime> Container for Handle<R> {
         &'a self,
         argv: Vec<String>,
         stdin: Option<&'a [u8]>,
-    ) -> BoxFuture<'a, Result<process::Captured, String>> {
-        Box::pin(self.runtime.capture(&self.name, argv, stdin))
+    ) -> BoxFuture<'a, Result<process::Captured, Cause>> {
+        Box::pin(async move { Ok(self.runtime.capture(&self.name, argv, stdin).await?) })
     }
 
     fn start_agent_command<'a>(
@@ -440,16 +465,20 @@ pub enum ExitReport {
 /// Why a program could not be started; `Display` is the one line the user sees.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("the container engine is not reachable ({0})")]
-    EngineUnreachable(String),
+    #[error("the container engine is not reachable")]
+    EngineUnreachable(#[source] Cause),
     #[error("image {0} not found")]
     ImageNotFound(String),
-    #[error("image {image} could not be pulled: {message}")]
-    PullFailed { image: String, message: String },
-    #[error("the container failed to start: {0}")]
-    ContainerFailed(String),
-    #[error("the program could not be started: {0}")]
-    ExecFailed(String),
+    #[error("image {image} could not be pulled")]
+    PullFailed {
+        image: String,
+        #[source]
+        source: Cause,
+    },
+    #[error("the container failed to start")]
+    ContainerFailed(#[source] Cause),
+    #[error("the program could not be started")]
+    ExecFailed(#[source] Cause),
     #[error("starting the container took longer than {0:?}")]
     Timeout(std::time::Duration),
     #[error("the connection is closing")]

@@ -150,7 +150,7 @@ pub enum ControlError {
     #[error("unknown signal {0}")]
     UnknownSignal(String),
     #[error("{0}")]
-    Backend(String),
+    Backend(#[source] super::Cause),
     #[error("{0} timed out")]
     Timeout(&'static str),
 }

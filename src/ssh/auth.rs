@@ -184,8 +184,12 @@ impl Authenticator {
             let settings = crate::config::merge::merge(&label, &shared.settings.file, &overlay)
                 .map_err(|e| e.to_string())?;
             let settings = Arc::new(settings);
-            let backend =
-                crate::backend::build::for_login(&shared.backend, &shared.settings, &settings)?;
+            let backend = crate::backend::build::for_login(
+                &shared.backend,
+                &shared.janitor,
+                &shared.settings,
+                &settings,
+            )?;
             Ok((settings, backend))
         })
         .await

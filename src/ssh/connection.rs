@@ -233,11 +233,10 @@ impl ConnCtx {
     }
 
     /// The backend this connection's containers or pods come from.
-    pub fn backend(&self) -> &dyn Backend {
+    pub fn backend(&self) -> &Arc<dyn Backend> {
         self.login
             .get()
-            .map(|l| l.backend.as_ref())
-            .unwrap_or(self.shared.backend.as_ref())
+            .map_or(&self.shared.backend, |l| &l.backend)
     }
 
     pub fn user(&self) -> Option<&AuthedUser> {
@@ -301,8 +300,9 @@ impl ConnCtx {
             let slot = match started {
                 Ok(t) => ContainerSlot::Ready(t),
                 Err(e) => {
+                    let e = crate::backend::one_line(&e);
                     tracing::warn!(connection_id = %me.id, error = %e, "container start failed");
-                    ContainerSlot::Failed(Arc::from(e.to_string()))
+                    ContainerSlot::Failed(Arc::from(e))
                 }
             };
             let ready = matches!(slot, ContainerSlot::Ready(_));
@@ -343,14 +343,10 @@ impl ConnCtx {
         if !self.is_authenticated() {
             return;
         }
-        match self.backend().remove_connection(&self.id).await {
-            Ok(n) => {
-                tracing::debug!(connection_id = %self.id, removed = n, "connection cleaned up")
-            }
-            Err(e) => {
-                tracing::error!(connection_id = %self.id, error = %e, "cannot remove containers; the reaper will retry at next start")
-            }
-        }
+        self.shared
+            .janitor
+            .remove_connection(self.backend(), &self.id)
+            .await;
     }
 }
 

@@ -260,11 +260,14 @@ async fn start(conn: &Arc<ConnCtx>) -> Result<Arc<Mux>, String> {
     if backend.mode() == ExecutionMode::Session {
         return Err("forwarding does not work in session mode".into());
     }
-    let container = conn.container().await.map_err(|e| e.to_string())?;
+    let container = conn
+        .container()
+        .await
+        .map_err(|e| crate::backend::one_line(&e))?;
     let (output, input) = container
         .start_agent_command(&["forward-server"])
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| crate::backend::one_line(&e))?;
     let (mux, incoming) = Mux::start(output, input, conn.cancel.clone());
     let Some(handle) = conn.handle() else {
         return Err("the connection is closing".into());

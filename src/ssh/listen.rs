@@ -273,10 +273,15 @@ pub async fn x11_env(conn: &Arc<ConnCtx>, req: &X11Request) -> Result<Vec<String
             return Err(e);
         }
     };
-    let container = conn.container().await.map_err(|e| e.to_string())?;
+    let container = conn
+        .container()
+        .await
+        .map_err(|e| crate::backend::one_line(&e))?;
     let path = format!("/tmp/.containerssh-Xauthority-{display}");
     let file = xauthority(display, &req.protocol, &req.cookie);
-    crate::backend::agent::write_file(container.as_ref(), &path, 0o600, &file).await?;
+    crate::backend::agent::write_file(container.as_ref(), &path, 0o600, &file)
+        .await
+        .map_err(|e| crate::backend::one_line(&e))?;
     Ok(vec![
         format!("DISPLAY=localhost:{display}.{}", req.screen),
         format!("XAUTHORITY={path}"),

@@ -328,6 +328,7 @@ impl Task {
                 return;
             }
             Err(e) => {
+                let e = crate::backend::one_line(&e);
                 tracing::warn!(connection_id = %self.conn.id, error = %e, "program start failed");
                 self.say(
                     spec.tty.is_some(),

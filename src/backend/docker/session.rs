@@ -216,7 +216,7 @@ impl Program for DockerProgram {
         Box::pin(async move {
             self.resize_now(rows, cols)
                 .await
-                .map_err(|e| ControlError::Backend(e.to_string()))
+                .map_err(|e| ControlError::Backend(e.into()))
         })
     }
 
@@ -226,7 +226,7 @@ impl Program for DockerProgram {
                 Target::Exec(id) => self.client.exec_exit_code(id, self.exit_deadline).await,
                 Target::Container(id) => self.client.wait_container(id).await,
             }
-            .map_err(|e| ControlError::Backend(e.to_string()))?;
+            .map_err(|e| ControlError::Backend(e.into()))?;
             Ok(u32::try_from(code).unwrap_or(UNKNOWN_EXIT_STATUS))
         })
     }
@@ -245,7 +245,7 @@ impl Program for DockerProgram {
             let kill = self.client.kill_container(id, &sig);
             within(self.signal_timeout, "signal", kill)
                 .await
-                .map_err(|e| ControlError::Backend(e.to_string()))
+                .map_err(|e| ControlError::Backend(e.into()))
         })
     }
 
@@ -387,7 +387,7 @@ impl Docker {
             .map_err(|e| {
                 StartError::ContainerFailed(format!(
                     "cannot copy the agent into the container (a read-only root file system needs the agent in the image and agent.inject: false, or docker.execution.disableAgent): {e}"
-                ))
+                ).into())
             })
     }
 
@@ -414,7 +414,7 @@ impl Docker {
                     .client
                     .negotiate()
                     .await
-                    .map_err(|e| StartError::EngineUnreachable(e.to_string()))?;
+                    .map_err(|e| StartError::EngineUnreachable(e.into()))?;
                 let parsed = v
                     .split_once('.')
                     .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
@@ -442,7 +442,7 @@ impl Docker {
                 .client
                 .image_exists(&image)
                 .await
-                .map_err(|e| StartError::EngineUnreachable(e.to_string()))?,
+                .map_err(|e| StartError::EngineUnreachable(e.into()))?,
         };
         if !pull {
             return Ok(());
@@ -458,7 +458,7 @@ impl Docker {
                 DockerError::ImageNotFound { image } => StartError::ImageNotFound(image),
                 other => StartError::PullFailed {
                     image: image.clone(),
-                    message: other.to_string(),
+                    source: other.into(),
                 },
             })
     }
@@ -546,7 +546,7 @@ impl Docker {
             }
             if let Err(e) = self.client.start_container(&id).await {
                 self.discard(&id).await;
-                return Err(StartError::ContainerFailed(e.to_string()));
+                return Err(StartError::ContainerFailed(e.into()));
             }
             tracing::debug!(container = %id, connection_id = %meta.connection_id, "container started");
             Ok(id)
@@ -567,7 +567,7 @@ impl Docker {
         self.bounded(async {
             self.ready().await?;
             let name = self.exec.container_name.clone();
-            let failed = |e: DockerError| StartError::ContainerFailed(e.to_string());
+            let failed = |e: DockerError| StartError::ContainerFailed(e.into());
             match self.client.inspect_container(&name).await {
                 Ok(info) => {
                     // Refreshed every time: the container may predate us or this version.
@@ -579,11 +579,11 @@ impl Docker {
                 }
                 Err(DockerError::NoSuchContainer { .. }) if self.exec.create_missing_container => {}
                 Err(DockerError::NoSuchContainer { .. }) => {
-                    return Err(StartError::ContainerFailed(format!(
-                        "container {name} does not exist"
-                    )))
+                    return Err(StartError::ContainerFailed(
+                        format!("container {name} does not exist").into(),
+                    ))
                 }
-                Err(e) => return Err(StartError::EngineUnreachable(e.to_string())),
+                Err(e) => return Err(StartError::EngineUnreachable(e.into())),
             }
             self.ensure_image().await?;
             let mut body = self.create_body(meta, &self.exec.idle_command, None);
@@ -625,8 +625,8 @@ impl Docker {
             .map_err(|e| match e {
                 // The engine's 404 does not say which image; we know.
                 DockerError::ImageNotFound { .. } => StartError::ImageNotFound(self.image.clone()),
-                e if e.is_unreachable() => StartError::EngineUnreachable(e.to_string()),
-                other => StartError::ContainerFailed(other.to_string()),
+                e if e.is_unreachable() => StartError::EngineUnreachable(e.into()),
+                other => StartError::ContainerFailed(other.into()),
             })
     }
 
@@ -703,6 +703,7 @@ impl Docker {
 
 impl Runtime for Docker {
     const DISABLE_AGENT_KEY: &'static str = DISABLE_AGENT_KEY;
+    type Error = DockerError;
 
     fn mode(&self) -> ExecutionMode {
         self.exec.mode
@@ -773,7 +774,7 @@ impl Runtime for Docker {
                 Ok(h) => h,
                 Err(e) => {
                     self.discard(&id).await;
-                    return Err(StartError::ContainerFailed(e.to_string()));
+                    return Err(StartError::ContainerFailed(e.into()));
                 }
             };
             let container: Arc<dyn Container> = Arc::new(Handle::new(
@@ -798,7 +799,7 @@ impl Runtime for Docker {
 
     /// Every container of one connection, found by label, so that nothing created while the
     /// connection was closing escapes.
-    async fn remove_connection(&self, connection_id: &str) -> Result<usize, String> {
+    async fn remove_connection(&self, connection_id: &str) -> Result<usize, DockerError> {
         if self.api.get().is_none() {
             // Never reached the engine for this connection: nothing can exist.
             return Ok(0);
@@ -817,18 +818,18 @@ impl Runtime for Docker {
             }
             Ok::<_, DockerError>(ids.len())
         };
-        removed.await.map_err(|e| e.to_string())
+        removed.await
     }
 
     /// Every container this instance labelled.
-    async fn reap(&self) -> Result<usize, String> {
+    async fn reap(&self) -> Result<usize, DockerError> {
         let ids = async {
             self.client.negotiate().await?;
             self.client
                 .list_containers(&[(LABEL_INSTANCE, &self.instance)])
                 .await
         };
-        let ids = ids.await.map_err(|e| e.to_string())?;
+        let ids = ids.await?;
         let mut removed = 0;
         for id in &ids {
             // One stuck container must not keep the others alive.
@@ -880,7 +881,7 @@ impl Runtime for Docker {
             user: None,
             working_dir: None,
         };
-        let fail = |e: DockerError| StartError::ExecFailed(e.to_string());
+        let fail = |e: DockerError| StartError::ExecFailed(e.into());
         let exec_id = self
             .client
             .create_exec(container, &exec_spec)
@@ -908,12 +909,10 @@ impl Runtime for Docker {
         container: &str,
         cmd: Vec<String>,
         stdin: Option<&[u8]>,
-    ) -> Result<Captured, String> {
+    ) -> Result<Captured, DockerError> {
         let limit = self.timeouts.command_start.0;
         let run = run_capture(&self.client, container, cmd, stdin, limit);
-        within(limit, "helper exec", run)
-            .await
-            .map_err(|e| e.to_string())
+        within(limit, "helper exec", run).await
     }
 
     async fn start_agent_command(
@@ -923,16 +922,16 @@ impl Runtime for Docker {
         args: &[&str],
     ) -> Result<AgentStreams, StartError> {
         let Some(agent) = self.agent_at() else {
-            return Err(StartError::ExecFailed(format!(
-                "the in-container agent is disabled ({DISABLE_AGENT_KEY})"
-            )));
+            return Err(StartError::ExecFailed(
+                format!("the in-container agent is disabled ({DISABLE_AGENT_KEY})").into(),
+            ));
         };
         let cmd = agent::command_argv(&agent, args);
         let spec = ExecSpec {
             cmd,
             ..ExecSpec::default()
         };
-        let fail = |e: DockerError| StartError::ExecFailed(e.to_string());
+        let fail = |e: DockerError| StartError::ExecFailed(e.into());
         let limit = self.timeouts.command_start.0;
         let started = within(limit, "agent exec", async {
             let id = self.client.create_exec(container, &spec).await?;

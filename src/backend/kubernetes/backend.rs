@@ -71,17 +71,26 @@ pub struct Kube {
     agent: Option<Agent>,
 }
 
-/// A one-line start failure from a pod error.
+/// What the Kubernetes backend's cleanup and helper programs fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeRuntimeError {
+    #[error(transparent)]
+    Pod(#[from] PodError),
+    #[error(transparent)]
+    Capture(#[from] session::CaptureError),
+}
+
+/// A start failure from a pod error.
 fn start_error(e: PodError) -> StartError {
     match e {
         PodError::Timeout { timeout, .. } => StartError::Timeout(timeout),
-        PodError::Api(e) => StartError::EngineUnreachable(e.to_string()),
-        other => StartError::ContainerFailed(other.to_string()),
+        PodError::Api(e) => StartError::EngineUnreachable(e.into()),
+        other => StartError::ContainerFailed(other.into()),
     }
 }
 
 fn exec_error(e: exec::ExecError) -> StartError {
-    StartError::ExecFailed(e.to_string())
+    StartError::ExecFailed(e.into())
 }
 
 impl Kube {
@@ -303,12 +312,11 @@ impl Kube {
             Ok(pod) => return self.persistent_ready(&name, pod).await,
             Err(e) if e.http_code() == Some(404) && self.pod.create_missing_pods => {}
             Err(e) if e.http_code() == Some(404) => {
-                return Err(StartError::ContainerFailed(format!(
-                    "pod {name} does not exist in namespace {}",
-                    self.namespace
-                )))
+                return Err(StartError::ContainerFailed(
+                    format!("pod {name} does not exist in namespace {}", self.namespace).into(),
+                ))
             }
-            Err(e) => return Err(StartError::EngineUnreachable(e.to_string())),
+            Err(e) => return Err(StartError::EngineUnreachable(e.into())),
         }
         let mut body = self.body(meta, login, &self.idle_command(), None);
         if let Some(labels) = body
@@ -331,7 +339,7 @@ impl Kube {
                     .client
                     .get_json::<Pod>(&path)
                     .await
-                    .map_err(|e| StartError::EngineUnreachable(e.to_string()))?;
+                    .map_err(|e| StartError::EngineUnreachable(e.into()))?;
                 self.persistent_ready(&name, pod).await
             }
             Err(e) => Err(start_error(e)),
@@ -357,12 +365,12 @@ impl Kube {
                 .map_err(start_error)?;
                 Ok((name.to_string(), self.agent_in(Some(&ready.spec))))
             }
-            PodState::Failed { reason, message } => Err(StartError::ContainerFailed(format!(
-                "pod {name}: {reason}: {message}"
-            ))),
-            PodState::Terminated { exit_code } => Err(StartError::ContainerFailed(format!(
-                "pod {name} has terminated (exit code {exit_code})"
-            ))),
+            PodState::Failed { reason, message } => Err(StartError::ContainerFailed(
+                format!("pod {name}: {reason}: {message}").into(),
+            )),
+            PodState::Terminated { exit_code } => Err(StartError::ContainerFailed(
+                format!("pod {name} has terminated (exit code {exit_code})").into(),
+            )),
         }
     }
 
@@ -450,11 +458,9 @@ impl Kube {
         let mut process = self.process(started, at, true, container, spec).await;
         if with_agent {
             // `console --wait` starts the program on this byte, now that we are attached.
-            process
-                .stdin
-                .write_all(b"\n")
-                .await
-                .map_err(|e| StartError::ExecFailed(format!("cannot start the program: {e}")))?;
+            process.stdin.write_all(b"\n").await.map_err(|e| {
+                StartError::ExecFailed(format!("cannot start the program: {e}").into())
+            })?;
         }
         Ok(process)
     }
@@ -462,6 +468,7 @@ impl Kube {
 
 impl Runtime for Kube {
     const DISABLE_AGENT_KEY: &'static str = DISABLE_AGENT_KEY;
+    type Error = KubeRuntimeError;
 
     fn mode(&self) -> ExecutionMode {
         self.pod.mode
@@ -514,7 +521,7 @@ impl Runtime for Kube {
     }
 
     /// Deletes every pod of one connection, found by label.
-    async fn remove_connection(&self, connection_id: &str) -> Result<usize, String> {
+    async fn remove_connection(&self, connection_id: &str) -> Result<usize, KubeRuntimeError> {
         let limit = self.timeouts.pod_stop.0;
         let del =
             pods::delete_connection(&self.client, &self.namespace, &self.instance, connection_id);
@@ -524,14 +531,12 @@ impl Runtime for Kube {
                 timeout: limit,
             })
         });
-        removed.map_err(|e| e.to_string())
+        Ok(removed?)
     }
 
     /// Deletes every pod this instance labelled.
-    async fn reap(&self) -> Result<usize, String> {
-        pods::reap(&self.client, &self.namespace, &self.instance)
-            .await
-            .map_err(|e| e.to_string())
+    async fn reap(&self) -> Result<usize, KubeRuntimeError> {
+        Ok(pods::reap(&self.client, &self.namespace, &self.instance).await?)
     }
 
     /// Connection and persistent modes: one program as an exec in the connection's pod.
@@ -553,10 +558,10 @@ impl Runtime for Kube {
         pod: &str,
         argv: Vec<String>,
         stdin: Option<&[u8]>,
-    ) -> Result<Captured, String> {
+    ) -> Result<Captured, KubeRuntimeError> {
         let at = self.at(pod);
         let limit = self.timeouts.command_start.0;
-        capture(&self.client, &at, &argv, stdin, limit).await
+        Ok(capture(&self.client, &at, &argv, stdin, limit).await?)
     }
 
     /// Its stderr goes to the log. It ends when its stdin is closed or the stream ends.
@@ -567,9 +572,9 @@ impl Runtime for Kube {
         args: &[&str],
     ) -> Result<AgentStreams, StartError> {
         let Some(agent) = agent else {
-            return Err(StartError::ExecFailed(format!(
-                "the in-pod agent is disabled ({DISABLE_AGENT_KEY})"
-            )));
+            return Err(StartError::ExecFailed(
+                format!("the in-pod agent is disabled ({DISABLE_AGENT_KEY})").into(),
+            ));
         };
         let argv = agent::command_argv(agent, args);
         let at = self.at(pod);

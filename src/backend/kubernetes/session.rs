@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::PollSender;
 
 use super::client::KubeClient;
-use super::exec::{self, ExecReceiver, ExecSender, ExitOutcome, Output, STDIN_CHUNK};
+use super::exec::{self, ExecError, ExecReceiver, ExecSender, ExitOutcome, Output, STDIN_CHUNK};
 use super::pods;
 use crate::backend::process::{
     keep, Captured, ControlError, OutputSource, Program, UNKNOWN_EXIT_STATUS,
@@ -227,6 +227,21 @@ pub fn split(
     }
 }
 
+/// Why a helper program ([`capture`]) did not run to completion.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("the helper program could not be started")]
+    Start(#[source] ExecError),
+    #[error("the helper program's stdin could not be written")]
+    Stdin(#[source] ExecError),
+    #[error("the exec failed: {reason}: {message}")]
+    Failed { reason: String, message: String },
+    #[error("the exec ended without an exit status: {0}")]
+    Lost(String),
+    #[error("the helper program did not finish within {0:?}")]
+    Timeout(Duration),
+}
+
 /// Runs a helper program in a pod to completion: optional stdin (then EOF), output kept up to
 /// the capture limit. Bounded by `limit`.
 pub async fn capture(
@@ -235,7 +250,7 @@ pub async fn capture(
     argv: &[String],
     stdin: Option<&[u8]>,
     limit: Duration,
-) -> Result<Captured, String> {
+) -> Result<Captured, CaptureError> {
     let run = async {
         let mut s = exec::exec(
             client,
@@ -247,10 +262,10 @@ pub async fn capture(
             stdin.is_some(),
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(CaptureError::Start)?;
         if let Some(data) = stdin {
-            s.send_stdin(data).await.map_err(|e| e.to_string())?;
-            s.close_stdin().await.map_err(|e| e.to_string())?;
+            s.send_stdin(data).await.map_err(CaptureError::Stdin)?;
+            s.close_stdin().await.map_err(CaptureError::Stdin)?;
         }
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
         while let Some(out) = s.next_output().await {
@@ -265,13 +280,15 @@ pub async fn capture(
                 stdout,
                 stderr,
             }),
-            ExitOutcome::Failed { reason, message } => Err(format!("{reason}: {message}")),
-            ExitOutcome::Lost(why) => Err(why),
+            ExitOutcome::Failed { reason, message } => {
+                Err(CaptureError::Failed { reason, message })
+            }
+            ExitOutcome::Lost(why) => Err(CaptureError::Lost(why)),
         }
     };
     tokio::time::timeout(limit, run)
         .await
-        .unwrap_or_else(|_| Err(format!("no answer within {limit:?}")))
+        .unwrap_or(Err(CaptureError::Timeout(limit)))
 }
 
 impl KubeProgram {
@@ -286,11 +303,11 @@ impl KubeProgram {
                 match outcome {
                     Some(ExitOutcome::Exited(c)) => Ok(c),
                     Some(ExitOutcome::Failed { reason, message }) => Err(ControlError::Backend(
-                        format!("the exec failed: {reason}: {message}"),
+                        format!("the exec failed: {reason}: {message}").into(),
                     )),
-                    Some(ExitOutcome::Lost(why)) => Err(ControlError::Backend(format!(
-                        "the exec ended without an exit status: {why}"
-                    ))),
+                    Some(ExitOutcome::Lost(why)) => Err(ControlError::Backend(
+                        format!("the exec ended without an exit status: {why}").into(),
+                    )),
                     None => Ok(UNKNOWN_EXIT_STATUS),
                 }
             }
@@ -299,7 +316,7 @@ impl KubeProgram {
                 let code =
                     pods::wait_exit(&self.client, &at.namespace, &at.pod, &at.container, *within)
                         .await
-                        .map_err(|e| ControlError::Backend(e.to_string()))?;
+                        .map_err(|e| ControlError::Backend(e.into()))?;
                 Ok(u32::try_from(code).unwrap_or(UNKNOWN_EXIT_STATUS))
             }
         }

@@ -1,0 +1,296 @@
+//! Cleanup that survives faults. A connection's containers or pods are removed when it ends
+//! ([`crate::ssh::connection::ConnCtx::close`]); when that fails because the engine or the API
+//! server does not answer, the removal is handed here and retried in the background, with
+//! backoff, until it succeeds — the server does not wait for its next start. At shutdown,
+//! after the drain, every pending removal gets a last attempt and every place this run created
+//! containers or pods in (the configuration's backend and each login's own, from the config
+//! webhook) is reaped, so connections still open at the drain deadline leave nothing behind.
+//!
+//! Bounded: at most [`MAX_PENDING_REMOVALS`] removals wait (beyond, the removal is logged and
+//! left to the start-up reaper), and at most [`MAX_PLACES`] places are remembered for the
+//! shutdown reap. Each attempt is bounded by [`ATTEMPT_TIMEOUT`], the shutdown's work by
+//! [`FINISH_TIMEOUT`].
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::Backend;
+
+/// Removals waiting for a retry.
+pub const MAX_PENDING_REMOVALS: usize = 4096;
+/// Places (engines, clusters and namespaces) remembered for the shutdown reap.
+pub const MAX_PLACES: usize = 64;
+/// The first retry's delay; each failure doubles it, up to [`MAX_BACKOFF`].
+pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// One removal or reap attempt.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The last round at shutdown, all of it.
+pub const FINISH_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Pending {
+    backend: Arc<dyn Backend>,
+    connection_id: String,
+    due: Instant,
+    backoff: Duration,
+    attempts: u32,
+}
+
+/// Retries failed removals and remembers where this run created containers or pods.
+pub struct Janitor {
+    pending: Mutex<Vec<Pending>>,
+    wake: Notify,
+    stop: CancellationToken,
+    places: Mutex<Vec<(String, Arc<dyn Backend>)>>,
+}
+
+impl Janitor {
+    /// `place` names where `backend` creates containers or pods ([`super::build::place`]).
+    pub fn new(place: String, backend: Arc<dyn Backend>) -> Self {
+        Self {
+            pending: Mutex::new(Vec::new()),
+            wake: Notify::new(),
+            stop: CancellationToken::new(),
+            places: Mutex::new(vec![(place, backend)]),
+        }
+    }
+
+    /// Remembers a login's own backend for the shutdown reap (once per place).
+    pub fn track(&self, place: String, backend: &Arc<dyn Backend>) {
+        let mut places = self.places.lock().unwrap_or_else(PoisonError::into_inner);
+        if places.iter().any(|(p, _)| *p == place) {
+            return;
+        }
+        if places.len() >= MAX_PLACES {
+            tracing::warn!(
+                limit = MAX_PLACES,
+                "too many engines or clusters in use: this one is not reaped at shutdown"
+            );
+            return;
+        }
+        places.push((place, Arc::clone(backend)));
+    }
+
+    /// Removes one connection's containers or pods; when the engine does not answer, the
+    /// removal is retried in the background.
+    pub async fn remove_connection(&self, backend: &Arc<dyn Backend>, connection_id: &str) {
+        let error = match attempt(backend, connection_id).await {
+            Ok(n) => {
+                tracing::debug!(connection_id, removed = n, "connection cleaned up");
+                return;
+            }
+            Err(e) => e,
+        };
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        if pending.len() >= MAX_PENDING_REMOVALS {
+            tracing::error!(connection_id, %error, limit = MAX_PENDING_REMOVALS, "cannot remove containers, and too many removals wait already: the reaper will remove them at the next start");
+            return;
+        }
+        tracing::warn!(connection_id, %error, "cannot remove containers: retrying in the background");
+        pending.push(Pending {
+            backend: Arc::clone(backend),
+            connection_id: connection_id.to_owned(),
+            due: Instant::now() + FIRST_BACKOFF,
+            backoff: FIRST_BACKOFF,
+            attempts: 1,
+        });
+        drop(pending);
+        self.wake.notify_one();
+    }
+
+    /// How many removals wait for a retry.
+    pub fn pending(&self) -> usize {
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// The retry loop, until [`Self::finish`].
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            let next = self
+                .pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .map(|p| p.due)
+                .min();
+            let wait = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                () = self.wake.notified() => continue,
+                () = wait => {}
+            }
+            let due = self.take(|p| p.due <= Instant::now());
+            for mut p in due {
+                match attempt(&p.backend, &p.connection_id).await {
+                    Ok(n) => tracing::info!(
+                        connection_id = %p.connection_id,
+                        removed = n,
+                        attempts = p.attempts + 1,
+                        "connection cleaned up: the engine answers again"
+                    ),
+                    Err(e) => {
+                        p.attempts += 1;
+                        p.backoff = (p.backoff * 2).min(MAX_BACKOFF);
+                        p.due = Instant::now() + p.backoff;
+                        tracing::debug!(connection_id = %p.connection_id, error = %e, retry_in = ?p.backoff, "removal failed again");
+                        self.pending
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push(p);
+                    }
+                }
+            }
+        }
+    }
+
+    fn take(&self, due: impl Fn(&Pending) -> bool) -> Vec<Pending> {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        let (now, later): (Vec<_>, Vec<_>) = pending.drain(..).partition(|p| due(p));
+        *pending = later;
+        now
+    }
+
+    /// At shutdown, after the drain: stops the retry loop, then a last attempt at every
+    /// pending removal and a reap of every place this run used, bounded by
+    /// [`FINISH_TIMEOUT`].
+    pub async fn finish(&self) {
+        self.stop.cancel();
+        let work = async {
+            for p in self.take(|_| true) {
+                if let Err(e) = attempt(&p.backend, &p.connection_id).await {
+                    tracing::error!(connection_id = %p.connection_id, error = %e, "cannot remove containers at shutdown: the reaper will remove them at the next start");
+                }
+            }
+            let places = self
+                .places
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            for (place, backend) in places {
+                match tokio::time::timeout(ATTEMPT_TIMEOUT, backend.reap()).await {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(n)) => {
+                        tracing::info!(%place, removed = n, "removed what connections still open at the drain deadline left")
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(%place, error = %super::one_line(e.as_ref()), "cleanup at shutdown failed")
+                    }
+                    Err(_) => {
+                        tracing::error!(%place, "cleanup at shutdown timed out")
+                    }
+                }
+            }
+        };
+        if tokio::time::timeout(FINISH_TIMEOUT, work).await.is_err() {
+            tracing::error!("cleanup at shutdown did not finish in time");
+        }
+    }
+}
+
+/// One removal, bounded; the error on one line with its causes.
+async fn attempt(backend: &Arc<dyn Backend>, connection_id: &str) -> Result<usize, String> {
+    match tokio::time::timeout(ATTEMPT_TIMEOUT, backend.remove_connection(connection_id)).await {
+        Ok(Ok(n)) => Ok(n),
+        Ok(Err(e)) => Err(super::one_line(e.as_ref())),
+        Err(_) => Err(format!("no answer within {ATTEMPT_TIMEOUT:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::fake::{echo, FakeBackend, FakeEvent};
+    use crate::config::model::ExecutionMode;
+
+    fn new_fake() -> (FakeBackend, Arc<dyn Backend>) {
+        let fake = FakeBackend::new(ExecutionMode::Connection, |_| echo());
+        let backend: Arc<dyn Backend> = Arc::new(fake.clone());
+        (fake, backend)
+    }
+
+    fn removed(fake: &FakeBackend) -> Vec<String> {
+        fake.events()
+            .into_iter()
+            .filter_map(|e| match e {
+                FakeEvent::RemovedConnection(id) => Some(id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_removal_that_fails_is_retried_once_the_engine_answers() {
+        let (fake, backend) = new_fake();
+        let janitor = Arc::new(Janitor::new("here".into(), Arc::clone(&backend)));
+        tokio::spawn(Arc::clone(&janitor).run());
+        fake.set_unreachable(true);
+        for id in ["c1", "c2", "c3"] {
+            janitor.remove_connection(&backend, id).await;
+        }
+        assert_eq!(janitor.pending(), 3);
+        // The engine stays away for 3 s: the retries at 1 s and 3 s fail.
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        assert_eq!(janitor.pending(), 3);
+        assert!(removed(&fake).is_empty());
+        fake.set_unreachable(false);
+        // The next retry (backoff 4 s, at 7 s) removes all three.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(janitor.pending(), 0);
+        assert_eq!(removed(&fake), ["c1", "c2", "c3"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_backoff_is_capped_and_the_queue_bounded() {
+        let (fake, backend) = new_fake();
+        let janitor = Arc::new(Janitor::new("here".into(), Arc::clone(&backend)));
+        tokio::spawn(Arc::clone(&janitor).run());
+        fake.set_unreachable(true);
+        janitor.remove_connection(&backend, "c1").await;
+        // An hour down: retries keep going at most MAX_BACKOFF apart.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        fake.set_unreachable(false);
+        tokio::time::sleep(MAX_BACKOFF + Duration::from_millis(1)).await;
+        assert_eq!(removed(&fake), ["c1"]);
+
+        fake.set_unreachable(true);
+        for i in 0..MAX_PENDING_REMOVALS + 10 {
+            janitor.remove_connection(&backend, &format!("x{i}")).await;
+        }
+        assert_eq!(janitor.pending(), MAX_PENDING_REMOVALS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_retries_what_waits_and_reaps_every_place() {
+        let (fake, backend) = new_fake();
+        let (other, other_backend) = new_fake();
+        let janitor = Arc::new(Janitor::new("here".into(), Arc::clone(&backend)));
+        let run = tokio::spawn(Arc::clone(&janitor).run());
+        janitor.track("there".into(), &other_backend);
+        janitor.track("there".into(), &other_backend);
+        fake.set_unreachable(true);
+        janitor.remove_connection(&backend, "c1").await;
+        fake.set_unreachable(false);
+        janitor.finish().await;
+        run.await.unwrap();
+        assert_eq!(removed(&fake), ["c1"]);
+        let reaps = |f: &FakeBackend| {
+            f.events()
+                .iter()
+                .filter(|e| **e == FakeEvent::Reaped)
+                .count()
+        };
+        assert_eq!((reaps(&fake), reaps(&other)), (1, 1));
+    }
+}
