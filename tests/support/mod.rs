@@ -25,7 +25,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// The test server for the authentication webhooks (tests/webhook_auth.rs).
+/// The test server for the authentication webhooks (tests/suite/webhook_auth.rs).
 pub mod webhook;
 
 /// Programs for the fake backend: a very small shell.
@@ -1115,7 +1115,7 @@ pub fn describe(out: &Output, server: &TestServer) -> String {
 }
 
 // ---------------------------------------------------------------------------
-// Forwarding helpers (tests/forwarding.rs)
+// Forwarding helpers (tests/suite/forwarding.rs)
 // ---------------------------------------------------------------------------
 
 /// Calls `f` until it returns `Some` or `timeout` passes (then `None`), pausing `step`
@@ -1608,7 +1608,7 @@ impl Drop for RemoveByName {
 }
 
 // ---------------------------------------------------------------------------
-// Kubernetes backend configuration (tests/kube_ssh.rs)
+// Kubernetes backend configuration (tests/suite/kube_ssh.rs)
 // ---------------------------------------------------------------------------
 
 /// The agent init image for the Kubernetes backend: `FROM scratch` plus the static agent

@@ -5,7 +5,7 @@
 //!
 //! These tests need root (CI runs as root): they fail, naming the reason, when not.
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;

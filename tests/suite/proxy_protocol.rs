@@ -5,7 +5,7 @@
 //! (`check-send-proxy`: v2 LOCAL) are accepted and closed; a header from a peer that is not a
 //! trusted proxy is refused, and so is a trusted peer that sends none.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};

@@ -7,7 +7,7 @@
 //! The filter is the SSH side's: these run the server in this process on the fake backend,
 //! whose programs are a very small shell (`support::fake_sh`), so no engine is needed.
 
-mod support;
+use crate::support;
 
 use std::process::{Child, Stdio};
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! the test image (busybox) with the agent bind-mounted read-only, and an image that holds
 //! nothing but the agent.
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, ChildStdout, Command, Output, Stdio};

@@ -12,7 +12,7 @@
 //! fake's REST API with its client certificate (independent of token rotation) and through
 //! its Docker containers. Every wait is bounded; nothing sleeps in place of a condition.
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};

@@ -6,7 +6,7 @@
 //! graceful delete (Docker container removed) and an image that cannot be pulled.
 //! `KUBEFAKE_KUBECTL_MINOR=31` selects another installed `kubectl.1.<minor>`.
 
-mod support;
+use crate::support;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

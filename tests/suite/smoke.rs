@@ -1,7 +1,7 @@
 //! End-to-end smoke tests: the real server, the real `ssh` client, a real
 //! container per login, in both execution modes.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 use support::{describe, run_with_timeout, TestEnv};

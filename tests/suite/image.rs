@@ -10,7 +10,7 @@
 //! container by [`Container`], the login containers (labelled with the environment's
 //! `instanceId`) by [`TestEnv`].
 
-mod support;
+use crate::support;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! Container lifecycle: removal on disconnect, the start-up reaper after a crash, draining on
 //! SIGTERM, and clear errors when the engine or the image is missing.
 
-mod support;
+use crate::support;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -3,7 +3,7 @@
 //! over HTTP or HTTPS (`/password`, `/pubkey`, `/authz`), and a real Docker engine runs the
 //! container. Every test ends by asserting that the webhook saw no protocol violation.
 
-mod support;
+use crate::support;
 
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! File transfer with the real OpenSSH tools: `sftp` (the subsystem), `scp` in its default SFTP
 //! mode and legacy `scp -O` (an exec of the image's scp), checked by SHA-256 on both ends.
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 use std::time::Duration;

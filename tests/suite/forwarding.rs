@@ -8,7 +8,7 @@
 //! trip through the tunnel, a line in the master's stderr), every wait is bounded, and every
 //! background process is killed by a drop guard.
 
-mod support;
+use crate::support;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};

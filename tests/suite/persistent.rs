@@ -1,6 +1,6 @@
 //! Docker persistent mode: logins exec into one named container that outlives them.
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 use std::time::Duration;

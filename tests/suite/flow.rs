@@ -2,7 +2,7 @@
 //! connection's other channels and other connections carry on; what all channels may hold is
 //! bounded by the per-connection and total budgets. Real engine, russh's client and OpenSSH's.
 
-mod support;
+use crate::support;
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};

@@ -4,7 +4,7 @@
 //! longer than the protocol's 255 bytes are refused without ending forwarding, and requests
 //! that need the container (`-R`, `-X`, `-A`) do not hold up the connection while it starts.
 
-mod support;
+use crate::support;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -3,7 +3,7 @@
 //! default image (which cannot be pulled on machines without a registry: then the user gets one
 //! clear line naming it).
 
-mod support;
+use crate::support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};

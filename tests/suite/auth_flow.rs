@@ -3,7 +3,7 @@
 //! methods together and ends the connection with the reason, and the user name may not change
 //! between requests. With the real OpenSSH client, and russh's client for raw sequences.
 
-mod support;
+use crate::support;
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};

@@ -4,7 +4,7 @@
 //! configuration merged onto the file's, on a real Docker engine. Every test ends by
 //! asserting that the webhook saw no protocol violation.
 
-mod support;
+use crate::support;
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;

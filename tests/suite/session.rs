@@ -1,7 +1,7 @@
 //! Session basics with the real OpenSSH client against a real engine, in both execution modes:
 //! output, stderr kept apart, exit codes, environment, stdin EOF, bulk data, terminals.
 
-mod support;
+use crate::support;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

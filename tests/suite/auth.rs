@@ -1,6 +1,6 @@
 //! Embedded authentication and config errors, from the outside: real `ssh`, real files.
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! Requests the OpenSSH client cannot send, driven with russh's client: `signal` in session
 //! mode, `exit-signal` reporting, and the per-connection channel limit.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

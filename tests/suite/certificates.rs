@@ -2,7 +2,7 @@
 //! and `ssh`: the client's key is certified by a CA the server trusts (or not), and the
 //! certificate's validity window, principals and critical options decide the login.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

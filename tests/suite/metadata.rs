@@ -2,7 +2,7 @@
 //! any session starts, the operator's environment winning over the client's, a login refused
 //! when one of its files cannot be read.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

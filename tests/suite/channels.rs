@@ -3,7 +3,7 @@
 //! phase, and what arrives while a container starts (a window change, signals, EOF, a close)
 //! is neither lost nor waited on. No engine: the fake's programs are scripted here.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

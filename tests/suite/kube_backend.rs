@@ -3,7 +3,7 @@
 //! (`tests/support/kubefake/kubefake.py`), over real TLS with a bearer token.
 //! Every wait is bounded by [`T`].
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

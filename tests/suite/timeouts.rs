@@ -3,7 +3,7 @@
 //! persistent mode, kept); keepalives do not keep an idle session alive; a connection with
 //! nothing open is closed after `unusedConnection`.
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
