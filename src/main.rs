@@ -192,16 +192,12 @@ fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        match shared.backend.reap().await {
-            Ok(0) => {}
-            Ok(n) => tracing::warn!(removed = n, "removed containers or pods a previous run of this instance left behind"),
-            Err(e) => tracing::warn!(error = %containerssh::backend::one_line(e.as_ref()), "start-up cleanup failed (is the Docker engine or the Kubernetes API reachable?); logins will fail until it answers"),
-        }
+        shared.janitor.start_up().await;
         spawn_signal_handler(shared.shutdown.clone())?;
         tracing::info!(instance = %shared.settings.instance_id, "listening on {addr}");
         let janitor = tokio::spawn(std::sync::Arc::clone(&shared.janitor).run());
-        server::serve(std::sync::Arc::clone(&shared), listener).await;
-        shared.janitor.finish().await;
+        let drained = server::serve(std::sync::Arc::clone(&shared), listener).await;
+        shared.janitor.finish(drained).await;
         let _ = janitor.await;
         tracing::info!("stopped");
         Ok::<(), Box<dyn std::error::Error>>(())

@@ -41,8 +41,9 @@ pub fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// Serves until `shared.shutdown` is cancelled, then drains.
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+/// Serves until `shared.shutdown` is cancelled, then drains; whether every connection was
+/// gone by the drain deadline.
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener) -> bool {
     let total = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let connections = TaskTracker::new();
     loop {
@@ -102,7 +103,9 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
         .is_err()
     {
         tracing::warn!("connections did not close within the drain deadline");
+        return false;
     }
+    true
 }
 
 /// Turns a connection away: OpenSSH's one line, then the close.

@@ -68,6 +68,9 @@ pub struct Prepared {
     trusted_cas: Option<crate::auth::certificate::TrustedCas>,
     webhooks: AuthWebhooks,
     backend: Arc<dyn Backend>,
+    /// The janitor's ledger, and the places a previous run recorded in it.
+    ledger: Option<crate::backend::ledger::Ledger>,
+    leftovers: Vec<crate::backend::janitor::Leftover>,
 }
 
 impl Prepared {
@@ -82,6 +85,7 @@ impl Prepared {
         } else {
             crate::ssh::hostkey::load(&settings.host_keys)?
         };
+        let (ledger, leftovers) = open_ledger(settings);
         let authorized_keys = settings.authorized_keys.clone().map(AuthorizedKeys::new);
         if let Some(ak) = &authorized_keys {
             ak.check_template()?;
@@ -101,6 +105,8 @@ impl Prepared {
             trusted_cas,
             webhooks: AuthWebhooks::new(settings)?,
             backend,
+            ledger,
+            leftovers,
         })
     }
 
@@ -114,6 +120,8 @@ impl Prepared {
         let janitor = crate::backend::janitor::Janitor::new(
             crate::backend::build::place(&settings),
             Arc::clone(&self.backend),
+            self.ledger,
+            self.leftovers,
         );
         Ok(Arc::new(Shared {
             janitor: Arc::new(janitor),
@@ -129,4 +137,34 @@ impl Prepared {
             shutdown: CancellationToken::new(),
         }))
     }
+}
+
+/// The janitor's ledger in the state directory, and a backend for each place a previous run
+/// recorded there (before the sandbox: opening it for writing and building backends read
+/// files). Without it the server still runs; a warning says what is lost.
+fn open_ledger(
+    settings: &Settings,
+) -> (
+    Option<crate::backend::ledger::Ledger>,
+    Vec<crate::backend::janitor::Leftover>,
+) {
+    use crate::backend::{build, ledger::Ledger, one_line};
+    let (ledger, records) = match Ledger::open(&settings.state_directory) {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!(error = %one_line(&e), "the janitor's ledger cannot be used: containers a crash leaves on a login's own engine or cluster are not reaped at the next start");
+            return (None, Vec::new());
+        }
+    };
+    let mut leftovers = Vec::new();
+    for r in records {
+        match build::leftover(settings, &r.block) {
+            Ok(backend) => leftovers.push((r.place, backend)),
+            Err(e) => {
+                tracing::warn!(place = %r.place, error = %e, "a place the previous run recorded cannot be reaped: its backend cannot be built");
+                ledger.remove(&r.place);
+            }
+        }
+    }
+    (Some(ledger), leftovers)
 }

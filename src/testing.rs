@@ -60,7 +60,9 @@ where
             let _log = tracing::dispatcher::set_default(&dispatch);
             runtime.block_on(async move {
                 match tokio::net::TcpListener::from_std(listener) {
-                    Ok(l) => crate::server::serve(shared, l).await,
+                    Ok(l) => {
+                        crate::server::serve(shared, l).await;
+                    }
                     Err(e) => tracing::error!(error = %e, "cannot serve"),
                 }
             });

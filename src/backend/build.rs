@@ -80,9 +80,40 @@ pub fn for_login(
 ) -> Result<Arc<dyn Backend>, String> {
     let backend = choose(current, base, login)?;
     if !Arc::ptr_eq(&backend, current) {
-        janitor.track(place(login), &backend);
+        janitor.track(place(login), &backend, record(login));
     }
     Ok(backend)
+}
+
+/// What rebuilds the backend `settings` select at the next start ([`leftover`]): its name and
+/// its block.
+pub fn record(settings: &Settings) -> serde_json::Value {
+    let block = match settings.backend {
+        BackendName::Docker => serde_json::to_value(&settings.docker),
+        BackendName::Kubernetes => serde_json::to_value(&settings.kubernetes),
+    };
+    let name = serde_json::to_value(settings.backend).unwrap_or_default();
+    serde_json::json!({"backend": name, "block": block.unwrap_or_default()})
+}
+
+/// A backend for a place a previous run recorded ([`record`]): the file's settings with the
+/// recorded backend block, checked and built.
+pub fn leftover(
+    file: &Settings,
+    recorded: &serde_json::Value,
+) -> Result<Arc<dyn Backend>, Box<dyn std::error::Error>> {
+    let mut settings = file.clone();
+    settings.backend = serde_json::from_value(recorded["backend"].clone())?;
+    match settings.backend {
+        BackendName::Docker => {
+            settings.docker = serde_json::from_value(recorded["block"].clone())?;
+        }
+        BackendName::Kubernetes => {
+            settings.kubernetes = serde_json::from_value(recorded["block"].clone())?;
+        }
+    }
+    check_blocks(&settings)?;
+    build(&settings)
 }
 
 /// Where the backend `settings` select creates containers or pods, for the shutdown reap

@@ -6,6 +6,10 @@
 //! containers or pods in (the configuration's backend and each login's own, from the config
 //! webhook) is reaped, so connections still open at the drain deadline leave nothing behind.
 //!
+//! Places other than the configuration's own are recorded in the [`Ledger`] before their
+//! first container is started, so a run that ends without the shutdown reap (killed, crashed)
+//! has them reaped at the next start ([`Janitor::start_up`]).
+//!
 //! Bounded: at most [`MAX_PENDING_REMOVALS`] removals wait (beyond, the removal is logged and
 //! left to the start-up reaper), and at most [`MAX_PLACES`] places are remembered for the
 //! shutdown reap. Each attempt is bounded by [`ATTEMPT_TIMEOUT`], the shutdown's work by
@@ -18,7 +22,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::Backend;
+use super::ledger::{Ledger, Record};
+use super::{one_line, Backend};
 
 /// Removals waiting for a retry.
 pub const MAX_PENDING_REMOVALS: usize = 4096;
@@ -46,33 +51,106 @@ pub struct Janitor {
     wake: Notify,
     stop: CancellationToken,
     places: Mutex<Vec<(String, Arc<dyn Backend>)>>,
+    ledger: Option<Ledger>,
 }
 
+/// A place a previous run recorded, with a backend built for it.
+pub type Leftover = (String, Arc<dyn Backend>);
+
 impl Janitor {
-    /// `place` names where `backend` creates containers or pods ([`super::build::place`]).
-    pub fn new(place: String, backend: Arc<dyn Backend>) -> Self {
+    /// `place` names where `backend` (the configuration's) creates containers or pods
+    /// ([`super::build::place`]); `leftovers`: the places a previous run recorded in
+    /// `ledger`, reaped by [`Self::start_up`].
+    pub fn new(
+        place: String,
+        backend: Arc<dyn Backend>,
+        ledger: Option<Ledger>,
+        leftovers: Vec<Leftover>,
+    ) -> Self {
+        let mut places = vec![(place, backend)];
+        for (place, backend) in leftovers {
+            // One the configuration names now is reaped as the configuration's.
+            if places.len() < MAX_PLACES && places.iter().all(|(p, _)| *p != place) {
+                places.push((place, backend));
+            }
+        }
         Self {
             pending: Mutex::new(Vec::new()),
             wake: Notify::new(),
             stop: CancellationToken::new(),
-            places: Mutex::new(vec![(place, backend)]),
+            places: Mutex::new(places),
+            ledger,
         }
     }
 
-    /// Remembers a login's own backend for the shutdown reap (once per place).
-    pub fn track(&self, place: String, backend: &Arc<dyn Backend>) {
+    /// Remembers a login's own backend for the shutdown reap, and records its place in the
+    /// ledger for the next start (`block`: what rebuilds it; [`super::build::record`]). Once
+    /// per place; called before the login's container is started.
+    pub fn track(&self, place: String, backend: &Arc<dyn Backend>, block: serde_json::Value) {
         let mut places = self.places.lock().unwrap_or_else(PoisonError::into_inner);
         if places.iter().any(|(p, _)| *p == place) {
             return;
         }
         if places.len() >= MAX_PLACES {
-            tracing::warn!(
-                limit = MAX_PLACES,
-                "too many engines or clusters in use: this one is not reaped at shutdown"
-            );
+            tracing::warn!(%place, limit = MAX_PLACES, "too many engines or clusters in use: this one is not reaped at shutdown or at the next start");
             return;
         }
-        places.push((place, Arc::clone(backend)));
+        places.push((place.clone(), Arc::clone(backend)));
+        drop(places);
+        let recorded = self.ledger.as_ref().is_some_and(|l| {
+            l.add(Record {
+                place: place.clone(),
+                block,
+            })
+        });
+        if !recorded {
+            tracing::warn!(%place, "not recorded in the janitor's ledger: what a crash leaves here is not reaped at the next start");
+        }
+    }
+
+    /// At start: reaps every place — the configuration's, and those a previous run
+    /// recorded (forgotten once reaped).
+    pub async fn start_up(&self) {
+        for (i, (place, backend)) in self.places().into_iter().enumerate() {
+            match tokio::time::timeout(ATTEMPT_TIMEOUT, backend.reap()).await {
+                Ok(Ok(n)) => {
+                    if n > 0 {
+                        tracing::warn!(%place, removed = n, "removed containers or pods a previous run of this instance left behind");
+                    }
+                    if let Some(l) = &self.ledger {
+                        l.remove(&place);
+                    }
+                    if i > 0 {
+                        self.forget(&place);
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(%place, error = %one_line(e.as_ref()), "start-up cleanup failed (is the Docker engine or the Kubernetes API reachable?); logins will fail until it answers")
+                }
+                Err(_) => {
+                    tracing::warn!(%place, "start-up cleanup timed out (is the Docker engine or the Kubernetes API reachable?)")
+                }
+            }
+        }
+    }
+
+    fn places(&self) -> Vec<(String, Arc<dyn Backend>)> {
+        self.places
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// A place reaped with nothing left there: out of the ledger and of the shutdown reap
+    /// (until a login uses it again).
+    fn forget(&self, place: &str) {
+        if let Some(l) = &self.ledger {
+            l.remove(place);
+        }
+        self.places
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|(p, _)| p != place);
     }
 
     /// Removes one connection's containers or pods; when the engine does not answer, the
@@ -162,10 +240,11 @@ impl Janitor {
         now
     }
 
-    /// At shutdown, after the drain: stops the retry loop, then a last attempt at every
-    /// pending removal and a reap of every place this run used, bounded by
-    /// [`FINISH_TIMEOUT`].
-    pub async fn finish(&self) {
+    /// At shutdown, after the drain (`drained`: every connection is gone): stops the retry
+    /// loop, then a last attempt at every pending removal and a reap of every place this run
+    /// used, bounded by [`FINISH_TIMEOUT`]. A place reaped after a complete drain leaves the
+    /// ledger; otherwise the next start reaps it again.
+    pub async fn finish(&self, drained: bool) {
         self.stop.cancel();
         let work = async {
             for p in self.take(|_| true) {
@@ -173,19 +252,18 @@ impl Janitor {
                     tracing::error!(connection_id = %p.connection_id, error = %e, "cannot remove containers at shutdown: the reaper will remove them at the next start");
                 }
             }
-            let places = self
-                .places
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone();
-            for (place, backend) in places {
+            for (place, backend) in self.places() {
                 match tokio::time::timeout(ATTEMPT_TIMEOUT, backend.reap()).await {
-                    Ok(Ok(0)) => {}
                     Ok(Ok(n)) => {
-                        tracing::info!(%place, removed = n, "removed what connections still open at the drain deadline left")
+                        if n > 0 {
+                            tracing::info!(%place, removed = n, "removed what connections still open at the drain deadline left");
+                        }
+                        if drained {
+                            self.forget(&place);
+                        }
                     }
                     Ok(Err(e)) => {
-                        tracing::error!(%place, error = %super::one_line(e.as_ref()), "cleanup at shutdown failed")
+                        tracing::error!(%place, error = %one_line(e.as_ref()), "cleanup at shutdown failed: the next start reaps it")
                     }
                     Err(_) => {
                         tracing::error!(%place, "cleanup at shutdown timed out")
@@ -203,7 +281,7 @@ impl Janitor {
 async fn attempt(backend: &Arc<dyn Backend>, connection_id: &str) -> Result<usize, String> {
     match tokio::time::timeout(ATTEMPT_TIMEOUT, backend.remove_connection(connection_id)).await {
         Ok(Ok(n)) => Ok(n),
-        Ok(Err(e)) => Err(super::one_line(e.as_ref())),
+        Ok(Err(e)) => Err(one_line(e.as_ref())),
         Err(_) => Err(format!("no answer within {ATTEMPT_TIMEOUT:?}")),
     }
 }
@@ -233,7 +311,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_removal_that_fails_is_retried_once_the_engine_answers() {
         let (fake, backend) = new_fake();
-        let janitor = Arc::new(Janitor::new("here".into(), Arc::clone(&backend)));
+        let janitor = Arc::new(Janitor::new(
+            "here".into(),
+            Arc::clone(&backend),
+            None,
+            Vec::new(),
+        ));
         tokio::spawn(Arc::clone(&janitor).run());
         fake.set_unreachable(true);
         for id in ["c1", "c2", "c3"] {
@@ -254,7 +337,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_backoff_is_capped_and_the_queue_bounded() {
         let (fake, backend) = new_fake();
-        let janitor = Arc::new(Janitor::new("here".into(), Arc::clone(&backend)));
+        let janitor = Arc::new(Janitor::new(
+            "here".into(),
+            Arc::clone(&backend),
+            None,
+            Vec::new(),
+        ));
         tokio::spawn(Arc::clone(&janitor).run());
         fake.set_unreachable(true);
         janitor.remove_connection(&backend, "c1").await;
@@ -275,14 +363,19 @@ mod tests {
     async fn shutdown_retries_what_waits_and_reaps_every_place() {
         let (fake, backend) = new_fake();
         let (other, other_backend) = new_fake();
-        let janitor = Arc::new(Janitor::new("here".into(), Arc::clone(&backend)));
+        let janitor = Arc::new(Janitor::new(
+            "here".into(),
+            Arc::clone(&backend),
+            None,
+            Vec::new(),
+        ));
         let run = tokio::spawn(Arc::clone(&janitor).run());
-        janitor.track("there".into(), &other_backend);
-        janitor.track("there".into(), &other_backend);
+        janitor.track("there".into(), &other_backend, serde_json::Value::Null);
+        janitor.track("there".into(), &other_backend, serde_json::Value::Null);
         fake.set_unreachable(true);
         janitor.remove_connection(&backend, "c1").await;
         fake.set_unreachable(false);
-        janitor.finish().await;
+        janitor.finish(true).await;
         run.await.unwrap();
         assert_eq!(removed(&fake), ["c1"]);
         let reaps = |f: &FakeBackend| {

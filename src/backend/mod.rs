@@ -27,6 +27,7 @@ pub mod docker;
 pub mod fake;
 pub mod janitor;
 pub mod kubernetes;
+pub mod ledger;
 pub mod process;
 
 use std::fmt;

@@ -146,13 +146,14 @@ pub const RUNTIME: &[Allowed] = &[
         SYS_openat,
         Args::Masked(2, OPEN_WRITE_FLAGS, 0),
         "read-only opens: authorized_keys, password, token and CA files re-read per login; \
-         glibc's resolver reading /etc/hosts and /etc/resolv.conf. Nothing is written after \
-         start-up (the host key is generated before the sandbox)",
+         glibc's resolver reading /etc/hosts and /etc/resolv.conf. Nothing is opened for \
+         writing after start-up (the host key is generated and the janitor's ledger opened \
+         before the sandbox)",
     ),
     any(SYS_fstat, "file reads (std)"),
     any(SYS_newfstatat, "file metadata (std)"),
     any(SYS_statx, "file metadata (std)"),
-    any(SYS_lseek, "file reads"),
+    any(SYS_lseek, "file reads; the server's ledger rewrite"),
     any(
         SYS_getdents64,
         "directory listing (cgroup and /proc reads by std)",
@@ -192,6 +193,10 @@ pub const RUNTIME: &[Allowed] = &[
 /// inside the container), `fork` (a `clone` without `CLONE_THREAD`), `ptrace`, `mount`,
 /// `setuid` and friends, `bpf`, `keyctl`, `unshare`, `kill`.
 pub const SERVER: &[Allowed] = &[
+    any(
+        SYS_ftruncate,
+        "rewriting the janitor's ledger in place (its descriptor is opened before the sandbox)",
+    ),
     any(
         SYS_mlock,
         "russh keeps key material out of swap (CryptoVec)",

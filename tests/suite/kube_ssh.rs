@@ -205,38 +205,9 @@ fn wait_no_instance_pods(fake: &KubeFake, instance: &str, no_containers: bool) -
 // Client helpers
 // ---------------------------------------------------------------------------
 
-/// Starts `ssh … '<cmd>'` (which must print `ready` first) in the background and returns
-/// once `ready` arrived, i.e. its pod exists and the session is live.
+/// [`TestEnv::hold_session`], explained with the fake API server's log.
 fn hold_session(env: &TestEnv, server: &TestServer, fake: &KubeFake, cmd: &str) -> Child {
-    let mut child = env
-        .ssh(server, "alice")
-        .arg(cmd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("ssh");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx.recv_timeout(CMD_TIMEOUT).unwrap_or_else(|_| {
-        let _ = child.kill();
-        panic!("session never started\n{}", logs(server, fake))
-    });
-    if line != "ready\n" {
-        let _ = child.kill();
-        let out = child.wait_with_output().expect("ssh output");
-        panic!(
-            "expected `ready`, got {line:?}; stderr: {}\n{}",
-            text(&out.stderr),
-            logs(server, fake)
-        );
-    }
-    child
+    env.hold_session(server, cmd, || logs(server, fake))
 }
 
 fn random_bytes(n: usize) -> Vec<u8> {

@@ -3,37 +3,16 @@
 
 use crate::support;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use support::{run_with_timeout, TestEnv, TestServer};
 
 const CMD_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// Starts `ssh … 'echo ready; sleep 300'` in the background and returns once the program
-/// runs (its first line arrived), i.e. its container exists and the session is live.
+/// A session whose program runs until the client goes (its container exists).
 fn hold_session(env: &TestEnv, server: &TestServer) -> Child {
-    use std::io::BufRead;
-    let mut child = env
-        .ssh(server, "alice")
-        .arg("echo ready; sleep 300")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("ssh");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| panic!("session never started: {}", server.output()));
-    assert_eq!(line, "ready\n", "server: {}", server.output());
-    child
+    env.hold_session(server, "echo ready; sleep 300", || server.output())
 }
 
 #[test]

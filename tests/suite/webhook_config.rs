@@ -873,3 +873,57 @@ fn the_webhook_raises_the_log_level_of_one_login() {
     );
     assert_no_violations(&hook, &server);
 }
+
+// ---------------------------------------------------------------------------
+// Cleanup of a login's own engine
+// ---------------------------------------------------------------------------
+
+/// A login the webhook sends to another engine than the file's leaves a container there when
+/// the server is killed; the next start reaps it (the janitor's ledger), as it reaps the
+/// file's. Here the file's engine does not even exist, so only the ledger can find it.
+#[test]
+fn a_login_engine_is_reaped_at_the_next_start() {
+    let env = TestEnv::new();
+    let hook = WebhookServer::http();
+    hook.set_for_user(
+        "/config",
+        "alice",
+        config_reply(json!({"docker": {"connection": {"host": "unix:///var/run/docker.sock"}}})),
+    );
+    let base = env.config_yaml("connection").replace(
+        "docker:\n",
+        &format!(
+            "docker:\n  connection:\n    host: unix://{}/no-engine.sock\n",
+            env.path().display()
+        ),
+    );
+    let yaml = with_configserver(&base, &hook, "");
+    let mut server = env.start(&yaml);
+    let mut client = env.hold_session(&server, "echo ready; sleep 300", || {
+        format!("{}\n{}", server.output(), hook.describe())
+    });
+    assert_eq!(env.containers().len(), 1, "{}", server.output());
+    let ledger = std::fs::read_to_string(env.path().join("state/backends.json")).unwrap();
+    assert!(ledger.contains("/var/run/docker.sock"), "{ledger}");
+    assert!(
+        !ledger.contains("no-engine.sock"),
+        "the file's own engine is not recorded: {ledger}"
+    );
+
+    server.kill9();
+    let _ = client.kill();
+    let _ = client.wait();
+    assert_eq!(env.containers().len(), 1, "the killed server leaves it");
+
+    let restarted = env.start(&yaml);
+    assert!(
+        env.containers().is_empty(),
+        "the login's engine was not reaped at start: {:?}\n{}",
+        env.containers(),
+        restarted.output()
+    );
+    assert!(restarted.output().contains("left behind"));
+    let ledger = std::fs::read_to_string(env.path().join("state/backends.json")).unwrap();
+    assert_eq!(ledger, r#"{"records":[]}"#, "reaped places are forgotten");
+    assert_no_violations(&hook, &restarted);
+}

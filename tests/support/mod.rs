@@ -846,6 +846,48 @@ stateDirectory: {state}
     }
 
     /// `ssh -F <config> -p PORT USER@127.0.0.1`; append the remote command.
+    /// Starts `ssh alice@… '<cmd>'` (which must print `ready` first) in the background and
+    /// returns once `ready` arrived, i.e. its container or pod exists and the session is live;
+    /// panics otherwise, with `context()` (the server's output, and what else explains it).
+    pub fn hold_session(
+        &self,
+        server: &TestServer,
+        cmd: &str,
+        context: impl Fn() -> String,
+    ) -> Child {
+        let mut child = self
+            .ssh(server, "alice")
+            .arg(cmd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ssh");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(90))
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!("session never started\n{}", context())
+            });
+        if line != "ready\n" {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("ssh output");
+            panic!(
+                "expected `ready`, got {line:?}; stderr: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                context()
+            );
+        }
+        child
+    }
+
     pub fn ssh(&self, server: &TestServer, user: &str) -> Command {
         let mut cmd = self.ssh_opts(server);
         cmd.arg(self.destination(user));
