@@ -158,8 +158,8 @@ fn main() -> ExitCode {
 
 fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
     // Bind before anything else privileged-looking happens, so a busy port fails fast.
-    let listener = server::listen(settings.listen)
-        .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
+    let listener = server::listen(settings.ssh.listen)
+        .map_err(|e| format!("cannot listen on {}: {e}", settings.ssh.listen))?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
 

@@ -70,7 +70,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) -> bool {
         let accepted_at = Instant::now();
         let peer = canonical(peer);
         let shared2 = Arc::clone(&shared);
-        match &shared.settings.proxy {
+        match &shared.settings.ssh.proxy {
             Some(rules) if rules.trusts(peer.ip()) => {
                 connections.spawn(proxied(shared2, stream, peer, accepted_at, permit));
             }
@@ -139,7 +139,7 @@ async fn proxied(
     accepted_at: Instant,
     place: OwnedSemaphorePermit,
 ) {
-    let Some(rules) = shared.settings.proxy.as_ref() else {
+    let Some(rules) = shared.settings.ssh.proxy.as_ref() else {
         return;
     };
     let (client, rest) = match proxy::read_header(&mut stream, rules.header_timeout).await {
@@ -285,8 +285,8 @@ async fn run_session(
     let proxy = via.map(tracing::field::display);
     tracing::info!(connection_id = %conn.id, remote = %conn.peer, proxy, "connected");
     let handler = Handler::new(Arc::clone(conn));
-    let handshake_deadline = accepted_at + shared.settings.handshake_timeout;
-    let login_deadline = accepted_at + shared.settings.login_grace_time;
+    let handshake_deadline = accepted_at + shared.settings.ssh.handshake_timeout;
+    let login_deadline = accepted_at + shared.settings.ssh.login_grace_time;
     let stream = VersionRecorder::new(stream, Arc::clone(&conn.hello), conn.stream_end.clone());
     let started = tokio::select! {
         r = tokio::time::timeout_at(

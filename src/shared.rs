@@ -125,8 +125,8 @@ impl Prepared {
         );
         Ok(Arc::new(Shared {
             janitor: Arc::new(janitor),
-            door: Door::new(settings.door.clone()),
-            buffers: Budget::total(settings.buffers.total),
+            door: Door::new(settings.ssh.door.clone()),
+            buffers: Budget::total(settings.ssh.buffers.total),
             settings: Arc::new(settings),
             ssh: self.ssh,
             authorized_keys: self.authorized_keys,

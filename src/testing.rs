@@ -32,7 +32,7 @@ pub fn serve<W>(
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
-    let listener = crate::server::listen(settings.listen)?;
+    let listener = crate::server::listen(settings.ssh.listen)?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
     let shared = Prepared::read(&settings, backend)?.into_shared(settings)?;

@@ -64,6 +64,17 @@ impl KeyError {
     pub fn in_file(self, file: &str) -> ConfigError {
         ConfigError::invalid(file, &self.key, self.message)
     }
+
+    /// Every duration of a `timeouts` block (`prefix`: its key path) must be more than 0.
+    pub fn positive_durations(
+        prefix: &str,
+        durations: &[(&str, super::duration::GoDuration)],
+    ) -> Result<(), Self> {
+        match durations.iter().find(|(_, d)| d.is_zero()) {
+            Some((key, _)) => Err(Self::new(format!("{prefix}.{key}"), "must be more than 0")),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Loads YAML (`.yaml`/`.yml`, and anything else) or JSON (`.json`), as ContainerSSH does.

@@ -43,8 +43,8 @@ mod tests {
     #[test]
     fn embedded_default_validates_on_loopback() {
         let s = validate::validate("(embedded)", embedded_default()).unwrap();
-        assert!(s.listen.ip().is_loopback());
-        assert_eq!(s.listen.port(), 2222);
+        assert!(s.ssh.listen.ip().is_loopback());
+        assert_eq!(s.ssh.listen.port(), 2222);
         assert!(s
             .authorized_keys
             .unwrap()

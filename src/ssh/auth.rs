@@ -83,7 +83,7 @@ impl Authenticator {
     pub fn refuse(&mut self) -> Auth {
         self.failures += 1;
         self.conn.auth_failed();
-        let max = self.conn.shared.settings.max_auth_tries;
+        let max = self.conn.shared.settings.ssh.max_auth_tries;
         if self.failures >= max {
             tracing::info!(connection_id = %self.conn.id, user = %self.user.as_deref().unwrap_or("").escape_debug(), failures = self.failures, "too many authentication failures (ssh.maxAuthTries): disconnecting");
             self.conn.disconnect(

@@ -145,7 +145,9 @@ impl ConnCtx {
         stream_end: CancellationToken,
     ) -> Arc<Self> {
         let cancel = shared.shutdown.child_token();
-        let buffers = shared.buffers.child(shared.settings.buffers.per_connection);
+        let buffers = shared
+            .buffers
+            .child(shared.settings.ssh.buffers.per_connection);
         Arc::new(Self {
             id: new_connection_id(),
             peer,

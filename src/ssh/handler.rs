@@ -333,7 +333,7 @@ impl russh::server::Handler for Handler {
         // Asked at the first authentication request (russh sends the banner then, as sshd
         // does): the key exchange and the service request are done.
         self.conn.handshaken.cancel();
-        Ok(self.conn.shared.settings.banner.clone())
+        Ok(self.conn.shared.settings.ssh.banner.clone())
     }
 
     async fn channel_open_session(

@@ -72,12 +72,12 @@ pub fn russh_config(
         methods.push(MethodKind::Password);
     }
 
-    let mut kex_names = names(&settings.kex, "ssh.kex", kex::Name::try_from)?;
+    let mut kex_names = names(&settings.ssh.kex, "ssh.kex", kex::Name::try_from)?;
     // Extension markers: ext-info (rsa-sha2 negotiation) and strict KEX (Terrapin).
     kex_names.push(kex::EXTENSION_SUPPORT_AS_SERVER);
     kex_names.push(kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER);
-    let ciphers = names(&settings.ciphers, "ssh.ciphers", cipher::Name::try_from)?;
-    let macs = names(&settings.macs, "ssh.macs", mac::Name::try_from)?;
+    let ciphers = names(&settings.ssh.ciphers, "ssh.ciphers", cipher::Name::try_from)?;
+    let macs = names(&settings.ssh.macs, "ssh.macs", mac::Name::try_from)?;
 
     let preferred = Preferred {
         kex: Cow::Owned(kex_names),
@@ -100,7 +100,7 @@ pub fn russh_config(
     };
 
     Ok(Arc::new(Config {
-        server_id: SshId::Standard(Cow::Owned(settings.server_version.clone())),
+        server_id: SshId::Standard(Cow::Owned(settings.ssh.server_version.clone())),
         methods,
         auth_rejection_time: AUTH_REJECTION_TIME,
         // OpenSSH clients open with a `none` probe; answering it at once saves a round of delay
@@ -120,11 +120,11 @@ pub fn russh_config(
         // The handler counts refusals the way sshd does and disconnects at ssh.maxAuthTries;
         // russh's own count (which includes the first `none` probe and the refusals it makes
         // itself, such as a bad signature) stays one behind as a backstop.
-        max_auth_attempts: usize::try_from(settings.max_auth_tries).unwrap_or(usize::MAX) + 1,
+        max_auth_attempts: usize::try_from(settings.ssh.max_auth_tries).unwrap_or(usize::MAX) + 1,
         // Idle shells are legitimate; the login grace timer and keepalives handle dead peers.
         inactivity_timeout: None,
-        keepalive_interval: settings.client_alive.map(|(i, _)| i),
-        keepalive_max: settings.client_alive.map_or(3, |(_, n)| n),
+        keepalive_interval: settings.ssh.client_alive.map(|(i, _)| i),
+        keepalive_max: settings.ssh.client_alive.map_or(3, |(_, n)| n),
         nodelay: true,
     }))
 }

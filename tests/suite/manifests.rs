@@ -362,7 +362,7 @@ fn embedded_server_config_loads_and_validates() {
     let raw: AppConfig = parse_yaml(file, &text).unwrap_or_else(|e| panic!("{e}"));
     let s = checked_settings(file, raw).unwrap_or_else(|e| panic!("{e}"));
 
-    assert_eq!(s.listen.to_string(), "0.0.0.0:2222");
+    assert_eq!(s.ssh.listen.to_string(), "0.0.0.0:2222");
     assert_eq!(
         s.host_keys,
         ["/etc/containerssh/host-key/ssh_host_ed25519_key"]

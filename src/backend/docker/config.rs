@@ -59,18 +59,17 @@ impl DockerSettings {
         check_execution(exec)?;
         let connection = connection(cfg)?;
         let t = &cfg.timeouts;
-        for (key, d) in [
-            ("containerStart", t.container_start),
-            ("containerStop", t.container_stop),
-            ("commandStart", t.command_start),
-            ("signal", t.signal),
-            ("window", t.window),
-            ("http", t.http),
-        ] {
-            if d.is_zero() {
-                return Err(bad(&format!("timeouts.{key}"), "must be more than 0"));
-            }
-        }
+        KeyError::positive_durations(
+            "docker.timeouts",
+            &[
+                ("containerStart", t.container_start),
+                ("containerStop", t.container_stop),
+                ("commandStart", t.command_start),
+                ("signal", t.signal),
+                ("window", t.window),
+                ("http", t.http),
+            ],
+        )?;
         Ok(Self {
             connection,
             execution: exec.clone(),

@@ -347,21 +347,17 @@ fn check_block(k: &KubernetesConfig) -> Result<(), KeyError> {
         }
     }
     let t = &k.timeouts;
-    for (key, d) in [
-        ("podStart", t.pod_start),
-        ("podStop", t.pod_stop),
-        ("commandStart", t.command_start),
-        ("signal", t.signal),
-        ("window", t.window),
-        ("http", t.http),
-    ] {
-        if d.is_zero() {
-            return Err(bad(
-                &format!("kubernetes.timeouts.{key}"),
-                "must be more than 0",
-            ));
-        }
-    }
+    KeyError::positive_durations(
+        "kubernetes.timeouts",
+        &[
+            ("podStart", t.pod_start),
+            ("podStop", t.pod_stop),
+            ("commandStart", t.command_start),
+            ("signal", t.signal),
+            ("window", t.window),
+            ("http", t.http),
+        ],
+    )?;
     Ok(())
 }
 

@@ -9,12 +9,10 @@ mod ssh;
 #[cfg(test)]
 mod tests;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 pub use security::{Forwarding, Policy, Rule, Timeouts};
-pub use ssh::{Buffers, DEFAULT_CIPHERS, DEFAULT_KEX, DEFAULT_MACS};
+pub use ssh::{Buffers, Ssh, DEFAULT_CIPHERS, DEFAULT_KEX, DEFAULT_MACS};
 
 use super::model::{
     AgentConfig, AppConfig, BackendName, DockerConfig, KubernetesConfig, LogConfig, SandboxConfig,
@@ -24,26 +22,9 @@ use super::ConfigError;
 
 #[derive(Clone, Debug)]
 pub struct Settings {
-    pub listen: SocketAddr,
+    /// `ssh`, checked.
+    pub ssh: Ssh,
     pub host_keys: Vec<String>,
-    pub server_version: String,
-    pub banner: Option<String>,
-    /// (interval, max unanswered) for server→client keepalives.
-    pub client_alive: Option<(Duration, usize)>,
-    pub kex: Vec<&'static str>,
-    pub ciphers: Vec<&'static str>,
-    pub macs: Vec<&'static str>,
-    pub login_grace_time: Duration,
-    /// `ssh.handshakeTimeout`: version and key exchange, from the accept.
-    pub handshake_timeout: Duration,
-    /// `ssh.maxAuthTries`.
-    pub max_auth_tries: u32,
-    /// `ssh.maxStartups`, `ssh.perSource*`: who may start a connection.
-    pub door: crate::front::DoorRules,
-    /// `ssh.proxyProtocol`, when it names trusted proxies.
-    pub proxy: Option<crate::front::proxy::ProxyRules>,
-    /// `ssh.buffers`: (per connection, total) bytes clients may make us hold.
-    pub buffers: Buffers,
     pub authorized_keys: Option<String>,
     pub password_file: Option<PathBuf>,
     /// `auth.password.webhook`, `auth.publicKey.webhook`, `auth.authz.webhook` when their
@@ -167,20 +148,8 @@ pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
         PathBuf::from(&cfg.state_directory)
     };
     Ok(Settings {
-        listen: ssh.listen,
         host_keys: cfg.ssh.hostkeys.clone(),
-        server_version: ssh.server_version,
-        banner: ssh.banner,
-        client_alive: ssh.client_alive,
-        kex: ssh.kex,
-        ciphers: ssh.ciphers,
-        macs: ssh.macs,
-        login_grace_time: ssh.login_grace_time,
-        handshake_timeout: ssh.handshake_timeout,
-        max_auth_tries: ssh.max_auth_tries,
-        door: ssh.door,
-        proxy: ssh.proxy,
-        buffers: ssh.buffers,
+        ssh,
         authorized_keys: auth.authorized_keys,
         password_file: auth.password_file,
         password_webhook: auth.password_webhook,

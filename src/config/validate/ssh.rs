@@ -53,19 +53,26 @@ const REFUSED: &[&str] = &[
 ];
 
 /// `ssh`, checked.
-pub(super) struct Ssh {
+#[derive(Clone, Debug)]
+pub struct Ssh {
     pub listen: SocketAddr,
     pub server_version: String,
     pub banner: Option<String>,
+    /// (interval, max unanswered) for server→client keepalives.
     pub client_alive: Option<(Duration, usize)>,
     pub kex: Vec<&'static str>,
     pub ciphers: Vec<&'static str>,
     pub macs: Vec<&'static str>,
     pub login_grace_time: Duration,
+    /// `ssh.handshakeTimeout`: version and key exchange, from the accept.
     pub handshake_timeout: Duration,
+    /// `ssh.maxAuthTries`.
     pub max_auth_tries: u32,
+    /// `ssh.maxStartups`, `ssh.perSource*`: who may start a connection.
     pub door: crate::front::DoorRules,
+    /// `ssh.proxyProtocol`, when it names trusted proxies.
     pub proxy: Option<crate::front::proxy::ProxyRules>,
+    /// `ssh.buffers`: (per connection, total) bytes clients may make us hold.
     pub buffers: Buffers,
 }
 

@@ -2,6 +2,7 @@ use super::ssh::server_version_ok;
 use super::*;
 use crate::config::load::parse_yaml;
 use crate::config::model::SeccompMode;
+use std::time::Duration;
 
 fn base() -> String {
     "auth:\n  publicKey:\n    method: authorizedKeys\n    authorizedKeys:\n      path: /k/%u\n"
@@ -12,9 +13,9 @@ fn base() -> String {
 fn minimal_config_is_valid() {
     let cfg = parse_yaml("c", &base()).unwrap();
     let s = validate("c", cfg).unwrap();
-    assert_eq!(s.listen.port(), 2222);
-    assert_eq!(s.kex[0], "mlkem768x25519-sha256");
-    assert_eq!(s.server_version, "SSH-2.0-ContainerSSH");
+    assert_eq!(s.ssh.listen.port(), 2222);
+    assert_eq!(s.ssh.kex[0], "mlkem768x25519-sha256");
+    assert_eq!(s.ssh.server_version, "SSH-2.0-ContainerSSH");
 }
 
 #[test]
