@@ -19,6 +19,7 @@
 //! - [`forward`]: port, socket, X11 and agent forwarding through the in-container agent.
 //! - [`agent`]: the in-container agent's side (its own binary) and its wire protocol.
 //! - [`sandbox`]: privilege dropping and seccomp; the only room with `unsafe`.
+//! - [`metrics`]: what operators see: Prometheus metrics and the health endpoint.
 //! - [`log`]: log setup and formats.
 //! - [`limits`]: every bound on what clients and containers can make us hold.
 //! - `testing` (feature `test-support`): the server in-process, for tests with the fake.
@@ -41,6 +42,7 @@ pub mod front;
 pub mod http;
 pub mod limits;
 pub mod log;
+pub mod metrics;
 // The only module allowed `unsafe` (each block carries a `// SAFETY:` line).
 #[allow(unsafe_code)]
 pub mod sandbox;

@@ -31,6 +31,8 @@ With no --config, serves the embedded default: 127.0.0.1:2222, your own
 OPTIONS:
     --config FILE     ContainerSSH-compatible YAML or JSON configuration
     --dump-config     print the effective configuration as YAML and exit
+    --healthcheck     ask the health endpoint (health.client.url) whether the server
+                      serves: exit 0 if it answers 200, or if health is not enabled
     --hash-password   read a password from stdin, print an argon2id hash for a password file
     --help            print this help
     --version         print the version
@@ -40,6 +42,7 @@ struct Cli {
     config: Option<PathBuf>,
     dump: bool,
     hash_password: bool,
+    healthcheck: bool,
 }
 
 fn parse_cli() -> Result<Option<Cli>, lexopt::Error> {
@@ -48,6 +51,7 @@ fn parse_cli() -> Result<Option<Cli>, lexopt::Error> {
         config: None,
         dump: false,
         hash_password: false,
+        healthcheck: false,
     };
     let mut parser = lexopt::Parser::from_env();
     while let Some(arg) = parser.next()? {
@@ -55,6 +59,7 @@ fn parse_cli() -> Result<Option<Cli>, lexopt::Error> {
             Long("config") | Short('c') => cli.config = Some(parser.value()?.into()),
             Long("dump-config") => cli.dump = true,
             Long("hash-password") => cli.hash_password = true,
+            Long("healthcheck") => cli.healthcheck = true,
             Long("help") | Short('h') => {
                 print!("{HELP}");
                 return Ok(None);
@@ -136,6 +141,9 @@ fn main() -> ExitCode {
             }
         };
     }
+    if cli.healthcheck {
+        return healthcheck(&raw);
+    }
     let settings = match containerssh::backend::build::checked_settings(&label, raw) {
         Ok(s) => s,
         Err(e) => {
@@ -156,12 +164,50 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--healthcheck`: ContainerSSH's, for container health checks (no shell in our image).
+fn healthcheck(raw: &config::AppConfig) -> ExitCode {
+    if !raw.health.enable {
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("containerssh: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(containerssh::metrics::http::check(&raw.health.client)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("containerssh: health check failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
     // Bind before anything else privileged-looking happens, so a busy port fails fast.
     let listener = server::listen(settings.ssh.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", settings.ssh.listen))?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
+
+    use containerssh::metrics::http::{self as endpoints, Endpoint, Health};
+    let metrics = match &settings.metrics {
+        Some((served, path)) => Some((
+            endpoints::bind("metrics", served.listen, &served.server)?,
+            path.clone(),
+        )),
+        None => None,
+    };
+    let health_endpoint = match &settings.health {
+        Some(served) => Some(endpoints::bind("health", served.listen, &served.server)?),
+        None => None,
+    };
+    let health = Health::default();
 
     let backend = containerssh::backend::build::build(&settings)?;
     let prepared = Prepared::read(&settings, backend)?;
@@ -192,8 +238,21 @@ fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
+        if let Some((bound, path)) = metrics {
+            tracing::info!(
+                code = "METRICS_AVAILABLE",
+                "metrics at {}{path}",
+                bound.addr
+            );
+            tokio::spawn(endpoints::serve(bound, Endpoint::Metrics { path }));
+        }
+        if let Some(bound) = health_endpoint {
+            tracing::info!(code = "HEALTH_AVAILABLE", "health at {}", bound.addr);
+            tokio::spawn(endpoints::serve(bound, Endpoint::Health(health.clone())));
+        }
         shared.janitor.start_up().await;
-        spawn_signal_handler(shared.shutdown.clone())?;
+        spawn_signal_handler(shared.shutdown.clone(), health.clone())?;
+        health.running();
         tracing::info!(instance = %shared.settings.instance_id, "listening on {addr}");
         let janitor = tokio::spawn(std::sync::Arc::clone(&shared.janitor).run());
         let drained = server::serve(std::sync::Arc::clone(&shared), listener).await;
@@ -204,7 +263,10 @@ fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
     })
 }
 
-fn spawn_signal_handler(token: tokio_util::sync::CancellationToken) -> std::io::Result<()> {
+fn spawn_signal_handler(
+    token: tokio_util::sync::CancellationToken,
+    health: containerssh::metrics::http::Health,
+) -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -214,6 +276,7 @@ fn spawn_signal_handler(token: tokio_util::sync::CancellationToken) -> std::io::
             _ = int.recv() => {}
         }
         tracing::info!("signal received: draining");
+        health.stopping();
         token.cancel();
     });
     Ok(())

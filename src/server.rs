@@ -23,6 +23,7 @@ use crate::front::{Refusal, Refused, Startup};
 use crate::limits::{
     ACCEPT_ERROR_BACKOFF, DISCONNECT_FLUSH, LISTEN_BACKLOG, MAX_CONNECTIONS, SHUTDOWN_DRAIN,
 };
+use crate::metrics::{GaugeGuard, COUNTRY};
 use crate::shared::Shared;
 use crate::ssh::connection::ConnCtx;
 use crate::ssh::handler::Handler;
@@ -110,6 +111,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) -> bool {
 
 /// Turns a connection away: OpenSSH's one line, then the close.
 fn refuse(stream: &TcpStream, peer: SocketAddr, via: Option<SocketAddr>, r: Refused) {
+    crate::metrics::get().refused.inc(&[r.why.name()]);
     let _ = stream.try_write(r.why.line());
     let Some(count) = r.log else { return };
     // Only when there was one (a `None` field is not written).
@@ -261,7 +263,15 @@ async fn connection(shared: Arc<Shared>, admitted: Admitted, stream_end: Cancell
     } = admitted;
     // The places go with the last reference: this task's or russh's, whichever ends later.
     let conn = ConnCtx::new(Arc::clone(&shared), peer, (startup, place), stream_end);
+    let metrics = crate::metrics::get();
+    metrics.connections.inc(&[COUNTRY]);
+    let open = GaugeGuard::new(&metrics.current_connections, vec![COUNTRY]);
     let ending = run_session(&shared, &conn, stream, via, accepted_at).await;
+    if conn.handshaken.is_cancelled() {
+        metrics.handshakes_ok.inc(&[COUNTRY]);
+    } else {
+        metrics.handshakes_failed.inc(&[COUNTRY]);
+    }
     conn.close().await;
     conn.stream_end.cancel();
     if let Some(p) = penalty(&ending, &conn) {
@@ -269,6 +279,7 @@ async fn connection(shared: Arc<Shared>, admitted: Admitted, stream_end: Cancell
             tracing::info!(connection_id = %conn.id, remote = %peer, penalty = p.name(), "source penalised: its connections are refused for a while (ssh.perSourcePenalties)");
         }
     }
+    drop(open);
     tracing::info!(connection_id = %conn.id, "disconnected");
 }
 

@@ -30,7 +30,7 @@ pinned_toolchain || die "the toolchain rust-toolchain.toml pins is not available
 # --- 1. packages ---------------------------------------------------------------
 # openssh-server is only needed by the benchmarks (a reference sshd); it is not
 # installed here.
-PACKAGES=(openssh-client busybox-static openssh-sftp-server socat tmux openssl curl file haproxy)
+PACKAGES=(openssh-client busybox-static openssh-sftp-server socat tmux openssl curl file haproxy prometheus)
 section "checking Debian packages: ${PACKAGES[*]}"
 command -v dpkg-query >/dev/null 2>&1 ||
     die "dpkg-query not found: the tests need a Debian-based host with: ${PACKAGES[*]}"
@@ -50,7 +50,7 @@ if ((${#missing[@]})); then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null ||
         die "apt-get install ${missing[*]} failed"
 fi
-for c in ssh scp sftp ssh-keygen ssh-keyscan tmux openssl sha256sum curl file haproxy; do
+for c in ssh scp sftp ssh-keygen ssh-keyscan tmux openssl sha256sum curl file haproxy prometheus promtool; do
     command -v "$c" >/dev/null 2>&1 || die "'$c' not found on PATH even though its package is installed"
 done
 

@@ -332,6 +332,7 @@ impl Program for FakeProgram {
 
 impl Runtime for Fake {
     const DISABLE_AGENT_KEY: &'static str = "the fake backend has no agent";
+    const KIND: &'static str = "fake";
     type Error = FakeError;
 
     fn mode(&self) -> ExecutionMode {

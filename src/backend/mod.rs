@@ -166,6 +166,9 @@ pub trait Runtime: Send + Sync + Sized + 'static {
     /// The configuration key that turns the agent off, for messages.
     const DISABLE_AGENT_KEY: &'static str;
 
+    /// Its name in metrics' `backend` label (`docker`, `kubernetes`).
+    const KIND: &'static str;
+
     /// What its cleanup and helper programs fail with (the module's own error enum).
     type Error: std::error::Error + Send + Sync + 'static;
 
@@ -290,7 +293,7 @@ impl<R: Runtime> Backend for Engine<R> {
         login: &'a LoginMetadata,
     ) -> BoxFuture<'a, Result<Arc<dyn Container>, StartError>> {
         Box::pin(async move {
-            let (name, agent) = self.0.connection_container(meta, login).await?;
+            let (name, agent) = counted(R::KIND, self.0.connection_container(meta, login)).await?;
             let container = Handle::new(Arc::clone(&self.0), name, agent, false);
             if container.agent().is_some() {
                 agent::write_login_files(&container, &login.files).await;
@@ -306,7 +309,7 @@ impl<R: Runtime> Backend for Engine<R> {
         meta: &'a ConnMeta,
         spec: &'a ProgramSpec,
     ) -> BoxFuture<'a, Result<SessionStart, StartError>> {
-        Box::pin(self.0.run_session(meta, spec))
+        Box::pin(counted(R::KIND, self.0.run_session(meta, spec)))
     }
 
     fn remove_connection<'a>(
@@ -327,6 +330,23 @@ impl<R: Runtime> Backend for Engine<R> {
     ) -> Option<Arc<dyn Backend>> {
         self.0.derive(login, same_connection)
     }
+}
+
+/// A container or pod start, in the metrics: a request, its duration, and an error when it
+/// fails.
+async fn counted<T>(
+    kind: &'static str,
+    start: impl Future<Output = Result<T, StartError>>,
+) -> Result<T, StartError> {
+    let m = crate::metrics::get();
+    m.backend_requests.inc(&[kind]);
+    let began = std::time::Instant::now();
+    let result = start.await;
+    m.backend_start.observe(&[kind], began.elapsed());
+    if result.is_err() {
+        m.backend_errors.inc(&[kind]);
+    }
+    result
 }
 
 /// One container of a backend's: the connection's (or the persistent one), or a session's

@@ -34,6 +34,182 @@ pub struct AppConfig {
     pub instance_id: String,
     /// Where generated state (the host key) lives. Empty means a per-user default.
     pub state_directory: String,
+    /// ContainerSSH's Prometheus endpoint.
+    pub metrics: MetricsConfig,
+    /// ContainerSSH's health endpoint, and the `--healthcheck` client.
+    pub health: HealthConfig,
+}
+
+/// `metrics`: ContainerSSH's block (its HTTP server keys inline).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct MetricsConfig {
+    pub enable: bool,
+    pub path: String,
+    pub listen: String,
+    pub cert: String,
+    pub key: String,
+    pub clientcacert: String,
+    pub tls_version: String,
+    #[serde(alias = "curve")]
+    pub curves: AlgorithmList,
+    pub cipher: AlgorithmList,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        let s = HttpServerConfig::listening("0.0.0.0:9100");
+        Self {
+            enable: false,
+            path: "/metrics".into(),
+            listen: s.listen,
+            cert: s.cert,
+            key: s.key,
+            clientcacert: s.clientcacert,
+            tls_version: s.tls_version,
+            curves: s.curves,
+            cipher: s.cipher,
+        }
+    }
+}
+
+impl MetricsConfig {
+    pub fn server(&self) -> HttpServerConfig {
+        HttpServerConfig {
+            listen: self.listen.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            clientcacert: self.clientcacert.clone(),
+            tls_version: self.tls_version.clone(),
+            curves: self.curves.clone(),
+            cipher: self.cipher.clone(),
+        }
+    }
+}
+
+/// `health`: ContainerSSH's block (its HTTP server keys inline, `client` for `--healthcheck`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct HealthConfig {
+    pub enable: bool,
+    pub listen: String,
+    pub cert: String,
+    pub key: String,
+    pub clientcacert: String,
+    pub tls_version: String,
+    #[serde(alias = "curve")]
+    pub curves: AlgorithmList,
+    pub cipher: AlgorithmList,
+    pub client: HealthClientConfig,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        let s = HttpServerConfig::listening("0.0.0.0:7000");
+        Self {
+            enable: false,
+            listen: s.listen,
+            cert: s.cert,
+            key: s.key,
+            clientcacert: s.clientcacert,
+            tls_version: s.tls_version,
+            curves: s.curves,
+            cipher: s.cipher,
+            client: HealthClientConfig::default(),
+        }
+    }
+}
+
+impl HealthConfig {
+    pub fn server(&self) -> HttpServerConfig {
+        HttpServerConfig {
+            listen: self.listen.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            clientcacert: self.clientcacert.clone(),
+            tls_version: self.tls_version.clone(),
+            curves: self.curves.clone(),
+            cipher: self.cipher.clone(),
+        }
+    }
+}
+
+/// ContainerSSH's HTTP server keys, as the `metrics` and `health` blocks hold them: where to
+/// listen, and TLS (`cert` and `key`, PEM text or file names; `clientcacert` asks clients for a
+/// certificate it signs).
+#[derive(Clone, Debug)]
+pub struct HttpServerConfig {
+    pub listen: String,
+    pub cert: String,
+    pub key: String,
+    pub clientcacert: String,
+    pub tls_version: String,
+    pub curves: AlgorithmList,
+    pub cipher: AlgorithmList,
+}
+
+impl HttpServerConfig {
+    fn listening(listen: &str) -> Self {
+        Self {
+            listen: listen.into(),
+            cert: String::new(),
+            key: String::new(),
+            clientcacert: String::new(),
+            tls_version: "1.3".into(),
+            curves: AlgorithmList::default(),
+            cipher: AlgorithmList::default(),
+        }
+    }
+}
+
+/// `health.client`: what `--healthcheck` asks (ContainerSSH's HTTP client keys).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct HealthClientConfig {
+    pub url: String,
+    pub timeout: GoDuration,
+    pub allow_redirects: bool,
+    pub cacert: String,
+    pub cert: String,
+    pub key: String,
+    pub tls_version: String,
+    #[serde(alias = "curve")]
+    pub curves: AlgorithmList,
+    pub cipher: AlgorithmList,
+}
+
+impl Default for HealthClientConfig {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:7000/".into(),
+            timeout: GoDuration::from_secs(2),
+            allow_redirects: false,
+            cacert: String::new(),
+            cert: String::new(),
+            key: String::new(),
+            tls_version: "1.3".into(),
+            curves: AlgorithmList::default(),
+            cipher: AlgorithmList::default(),
+        }
+    }
+}
+
+impl HealthClientConfig {
+    /// The same client as a webhook's (one attempt: `authTimeout` is `timeout`).
+    pub fn as_webhook(&self) -> WebhookConfig {
+        WebhookConfig {
+            url: self.url.clone(),
+            timeout: self.timeout,
+            auth_timeout: self.timeout,
+            allow_redirects: self.allow_redirects,
+            cacert: self.cacert.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            tls_version: self.tls_version.clone(),
+            curves: self.curves.clone(),
+            cipher: self.cipher.clone(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

@@ -114,6 +114,16 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// Its name, as metrics label it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Refusal::Penalised { .. } => "penalised",
+            Refusal::PerSource { .. } => "perSourceMaxStartups",
+            Refusal::Full { .. } => "maxStartupsFull",
+            Refusal::Early { .. } => "maxStartups",
+        }
+    }
+
     /// What the client reads before the close (the lines OpenSSH sends, which auditors know).
     pub fn line(&self) -> &'static [u8] {
         match self {
@@ -270,7 +280,10 @@ impl Door {
         let source = self.source(ip);
         let mut st = self.lock();
         match st.penalties.as_mut() {
-            Some(b) => b.penalise(source, p, Instant::now()),
+            Some(b) => {
+                crate::metrics::get().penalties.inc(&[p.name()]);
+                b.penalise(source, p, Instant::now())
+            }
             None => false,
         }
     }

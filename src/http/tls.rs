@@ -109,6 +109,47 @@ pub fn client_config(tls: ClientTls<'_>) -> Result<rustls::ClientConfig, TlsErro
     Ok(config)
 }
 
+/// What a TLS server needs: its chain and key, and optionally the CA its clients' certificates
+/// must chain to (PEM).
+pub struct ServerTls<'a> {
+    pub cert: &'a [u8],
+    pub key: &'a [u8],
+    pub client_ca: Option<&'a [u8]>,
+    pub versions: &'a [&'static SupportedProtocolVersion],
+    pub provider: CryptoProvider,
+}
+
+/// A rustls server configuration (HTTP/1.1); errors name the part.
+pub fn server_config(tls: ServerTls<'_>) -> Result<rustls::ServerConfig, TlsError> {
+    let provider = Arc::new(tls.provider);
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(tls.versions)
+        .map_err(|e| bad(TlsPart::Versions, e))?;
+    let builder = match tls.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in certificates(ca, TlsPart::Ca)? {
+                roots.add(c).map_err(|e| bad(TlsPart::Ca, e))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| bad(TlsPart::Ca, e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let chain = certificates(tls.cert, TlsPart::Cert)?;
+    let key = PrivateKeyDer::from_pem_slice(tls.key).map_err(|e| bad(TlsPart::Key, e))?;
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| bad(TlsPart::Cert, e))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

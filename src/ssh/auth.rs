@@ -35,6 +35,8 @@ pub struct Authenticator {
     requests: u32,
     /// Refusals counted towards `ssh.maxAuthTries`.
     failures: u32,
+    /// The method of the request being answered (metrics' `authtype`).
+    method: &'static str,
 }
 
 impl Authenticator {
@@ -45,6 +47,7 @@ impl Authenticator {
             user: None,
             requests: 0,
             failures: 0,
+            method: "none",
         }
     }
 
@@ -59,8 +62,9 @@ impl Authenticator {
     /// Every authentication callback starts here. `Err` carries the answer when the user name
     /// changed between requests: sshd disconnects then, and so do we (a login's state must
     /// never carry over to another user).
-    pub fn begin(&mut self, user: &str) -> Result<(), Auth> {
+    pub fn begin(&mut self, user: &str, method: &'static str) -> Result<(), Auth> {
         self.requests += 1;
+        self.method = method;
         match &self.user {
             None => {
                 self.user = Some(user.to_string());
@@ -82,6 +86,9 @@ impl Authenticator {
     /// `ssh.maxAuthTries` the client is disconnected with the reason.
     pub fn refuse(&mut self) -> Auth {
         self.failures += 1;
+        crate::metrics::get()
+            .auth_failures
+            .inc(&[crate::metrics::COUNTRY, self.method, "0"]);
         self.conn.auth_failed();
         let max = self.conn.shared.settings.ssh.max_auth_tries;
         if self.failures >= max {
@@ -264,6 +271,9 @@ impl Authenticator {
             None => (Arc::clone(&shared.settings), Arc::clone(&shared.backend)),
         };
         tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), authenticated_as = %name.escape_debug(), method, "authenticated");
+        crate::metrics::get()
+            .auth_success
+            .inc(&[crate::metrics::COUNTRY, self.method, "0"]);
         self.conn.authenticated(Login {
             user: AuthedUser {
                 name,

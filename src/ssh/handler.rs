@@ -197,7 +197,7 @@ impl russh::server::Handler for Handler {
     type Error = HandlerError;
 
     async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
-        if let Err(answer) = self.auth.begin(user) {
+        if let Err(answer) = self.auth.begin(user, "none") {
             return Ok(answer);
         }
         Ok(self.auth.none())
@@ -209,7 +209,7 @@ impl russh::server::Handler for Handler {
         _submethods: &str,
         _response: Option<russh::server::Response<'a>>,
     ) -> Result<Auth, Self::Error> {
-        if let Err(answer) = self.auth.begin(user) {
+        if let Err(answer) = self.auth.begin(user, "keyboard-interactive") {
             return Ok(answer);
         }
         // Not offered; answered at once like any other refusal.
@@ -221,7 +221,7 @@ impl russh::server::Handler for Handler {
         user: &str,
         offer: russh::server::PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
-        if let Err(answer) = self.auth.begin(user) {
+        if let Err(answer) = self.auth.begin(user, "pubkey") {
             return Ok(answer);
         }
         if self.conn.shared.trusted_cas.is_some() {
@@ -249,7 +249,7 @@ impl russh::server::Handler for Handler {
         user: &str,
         key: VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
-        if let Err(answer) = self.auth.begin(user) {
+        if let Err(answer) = self.auth.begin(user, "pubkey") {
             return Ok(answer);
         }
         if self.conn.shared.authorized_keys.is_none()
@@ -280,7 +280,7 @@ impl russh::server::Handler for Handler {
         user: &str,
         certificate: &russh::keys::Certificate,
     ) -> Result<Auth, Self::Error> {
-        if let Err(answer) = self.auth.begin(user) {
+        if let Err(answer) = self.auth.begin(user, "pubkey") {
             return Ok(answer);
         }
         let Some(cas) = &self.conn.shared.trusted_cas else {
@@ -318,7 +318,7 @@ impl russh::server::Handler for Handler {
     }
 
     async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
-        if let Err(answer) = self.auth.begin(user) {
+        if let Err(answer) = self.auth.begin(user, "password") {
             return Ok(answer);
         }
         Ok(self.auth.password(user, password).await)

@@ -249,6 +249,7 @@ impl SessionChannel {
     /// Data for the program (within the window russh enforces): queued, never waits.
     pub fn data(&self, data: &[u8]) {
         self.activity.touch();
+        crate::metrics::get().bytes.from_client(data.len());
         self.stdin.push(data);
     }
 
@@ -305,6 +306,8 @@ impl Task {
     }
 
     async fn run(self, stdin: InboundRx) {
+        let _open =
+            crate::metrics::GaugeGuard::new(&crate::metrics::get().current_sessions, vec![]);
         // Requested.
         let prepared = tokio::select! {
             p = self.inbox.next(|r| r.program.take().map(|program| Prepared {
@@ -582,6 +585,7 @@ async fn pump_output(
     let mut stderr = write.make_writer_ext(Some(1));
     while let Some((kind, data)) = output.next().await? {
         activity.touch();
+        crate::metrics::get().bytes.to_client(data.len());
         match kind {
             OutputKind::Stdout => stdout.write_all(&data).await?,
             OutputKind::Stderr => stderr.write_all(&data).await?,

@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::config::model::WebhookConfig;
+use crate::config::model::{AlgorithmList, HttpServerConfig, WebhookConfig};
 use crate::http::tls::{self, TlsPart};
 use crate::http::{self as httpc, HttpError};
 
@@ -69,6 +69,47 @@ pub enum WebhookError {
 #[derive(Clone)]
 pub struct Webhook {
     inner: Arc<Inner>,
+}
+
+impl WebhookError {
+    /// A short code for metrics' `reason` label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            WebhookError::Transport { .. } => "transport",
+            WebhookError::Status { .. } => "status",
+            WebhookError::Redirect { .. } | WebhookError::RedirectOffOrigin { .. } => "redirect",
+            WebhookError::Timeout { .. } => "timeout",
+            WebhookError::Http { .. } => "http",
+            WebhookError::Decode { .. } => "decode",
+            WebhookError::GaveUp { .. } => "gaveup",
+        }
+    }
+}
+
+/// Which ContainerSSH metrics count a webhook's requests.
+fn count_request(key: &str, retry: bool, failure: Option<(&str, &WebhookError)>) {
+    let m = crate::metrics::get();
+    let retry = if retry { "1" } else { "0" };
+    let authtype = match key {
+        "configserver" => {
+            match failure {
+                None => m.config_server_requests.inc(&[retry]),
+                Some((kind, _)) => m.config_server_failures.inc(&[kind, retry]),
+            }
+            return;
+        }
+        "auth.password.webhook" => "password",
+        "auth.publicKey.webhook" => "pubkey",
+        "auth.authz.webhook" => "authz",
+        // `--healthcheck`'s client and anything else: not ContainerSSH's auth metrics.
+        _ => return,
+    };
+    match failure {
+        None => m.auth_server_requests.inc(&[authtype, retry]),
+        Some((kind, e)) => m
+            .auth_server_failures
+            .inc(&[kind, authtype, retry, e.reason()]),
+    }
 }
 
 struct Inner {
@@ -135,17 +176,24 @@ fn cipher_suite(name: &str) -> Option<rustls::SupportedCipherSuite> {
     })
 }
 
-fn tls_config(key: &str, cfg: &WebhookConfig) -> Result<rustls::ClientConfig, String> {
-    let ca = match pem(key, "cacert", &cfg.cacert)? {
-        Some(ca) => ca,
-        None => std::fs::read(SYSTEM_CA_BUNDLE).map_err(|e| {
-            format!("{key}.cacert: required for https (no {SYSTEM_CA_BUNDLE}: {e})")
-        })?,
-    };
+/// ContainerSSH's TLS keys (`tlsVersion`, `curves`, `cipher`) as a provider and versions;
+/// errors name `key`'s field.
+fn crypto(
+    key: &str,
+    tls_version: &str,
+    curves: &AlgorithmList,
+    cipher: &AlgorithmList,
+) -> Result<
+    (
+        rustls::crypto::CryptoProvider,
+        &'static [&'static rustls::SupportedProtocolVersion],
+    ),
+    String,
+> {
     let mut provider = rustls::crypto::ring::default_provider();
-    if !cfg.curves.0.is_empty() {
+    if !curves.0.is_empty() {
         let mut groups = Vec::new();
-        for name in &cfg.curves.0 {
+        for name in &curves.0 {
             match kx_group(name) {
                 Some(Some(g)) => groups.push(g),
                 Some(None) => {}
@@ -157,15 +205,14 @@ fn tls_config(key: &str, cfg: &WebhookConfig) -> Result<rustls::ClientConfig, St
         }
         provider.kx_groups = groups;
     }
-    if !cfg.cipher.0.is_empty() {
-        provider.cipher_suites = cfg
-            .cipher
+    if !cipher.0.is_empty() {
+        provider.cipher_suites = cipher
             .0
             .iter()
             .map(|n| cipher_suite(n).ok_or_else(|| format!("{key}.cipher: unknown cipher {n:?}")))
             .collect::<Result<_, _>>()?;
     }
-    let versions = match cfg.tls_version.as_str() {
+    let versions = match tls_version {
         "" | "1.3" => tls::TLS13_ONLY,
         "1.2" => tls::TLS12_AND_13,
         other => {
@@ -174,6 +221,43 @@ fn tls_config(key: &str, cfg: &WebhookConfig) -> Result<rustls::ClientConfig, St
             ))
         }
     };
+    Ok((provider, versions))
+}
+
+/// The TLS of a `metrics` or `health` endpoint (ContainerSSH's HTTP server keys).
+pub fn server_tls(key: &str, cfg: &HttpServerConfig) -> Result<rustls::ServerConfig, String> {
+    let (provider, versions) = crypto(key, &cfg.tls_version, &cfg.curves, &cfg.cipher)?;
+    let (Some(cert), Some(private)) = (pem(key, "cert", &cfg.cert)?, pem(key, "key", &cfg.key)?)
+    else {
+        return Err(format!("{key}: cert and key go together"));
+    };
+    let client_ca = pem(key, "clientcacert", &cfg.clientcacert)?;
+    tls::server_config(tls::ServerTls {
+        cert: &cert,
+        key: &private,
+        client_ca: client_ca.as_deref(),
+        versions,
+        provider,
+    })
+    .map_err(|e| {
+        let field = match e.part {
+            TlsPart::Ca => "clientcacert",
+            TlsPart::Key => "key",
+            TlsPart::Versions => "tlsVersion",
+            TlsPart::Cert => "cert",
+        };
+        format!("{key}.{field}: {}", e.reason)
+    })
+}
+
+fn tls_config(key: &str, cfg: &WebhookConfig) -> Result<rustls::ClientConfig, String> {
+    let ca = match pem(key, "cacert", &cfg.cacert)? {
+        Some(ca) => ca,
+        None => std::fs::read(SYSTEM_CA_BUNDLE).map_err(|e| {
+            format!("{key}.cacert: required for https (no {SYSTEM_CA_BUNDLE}: {e})")
+        })?,
+    };
+    let (provider, versions) = crypto(key, &cfg.tls_version, &cfg.curves, &cfg.cipher)?;
     let (cert, client_key) = (pem(key, "cert", &cfg.cert)?, pem(key, "key", &cfg.key)?);
     tls::client_config(tls::ClientTls {
         ca: &ca,
@@ -252,6 +336,7 @@ impl Webhook {
             attempts += 1;
             let left = deadline.saturating_duration_since(Instant::now());
             let limit = self.inner.timeout.min(left);
+            count_request(&self.inner.key, attempts > 1, None);
             let result = match tokio::time::timeout(limit, self.attempt(&url, json.clone())).await {
                 Ok(r) => r,
                 Err(_) => Err(WebhookError::Timeout {
@@ -270,10 +355,12 @@ impl Webhook {
                 Err(e) => e,
             };
             tracing::info!(webhook = %self.inner.key, attempt = attempts, error = %err, "webhook call failed; retrying within authTimeout");
+            count_request(&self.inner.key, attempts > 1, Some(("soft", &err)));
             // The whole authTimeout is used: the last pause is cut short so that one more
             // attempt of at least MIN_LAST_ATTEMPT fits.
             let left = deadline.saturating_duration_since(Instant::now());
             if left <= MIN_LAST_ATTEMPT {
+                count_request(&self.inner.key, attempts > 1, Some(("hard", &err)));
                 return Err(WebhookError::GaveUp {
                     what: self.inner.key.clone(),
                     attempts,
@@ -333,6 +420,24 @@ impl Webhook {
         url: &str,
         body: Bytes,
     ) -> Result<(StatusCode, Option<String>, Bytes), WebhookError> {
+        self.exchange(Method::POST, url, body).await
+    }
+
+    /// One `GET` of the URL itself, no retry, no redirect followed: its status
+    /// (`--healthcheck`).
+    pub async fn probe(&self) -> Result<StatusCode, WebhookError> {
+        let url = format!("{}/", self.inner.base);
+        let (status, _, _) = self.exchange(Method::GET, &url, Bytes::new()).await?;
+        Ok(status)
+    }
+
+    /// One request: its status, `Location` and body (capped).
+    async fn exchange(
+        &self,
+        method: Method,
+        url: &str,
+        body: Bytes,
+    ) -> Result<(StatusCode, Option<String>, Bytes), WebhookError> {
         let transport = |reason: String| WebhookError::Transport {
             url: url.to_string(),
             reason,
@@ -359,7 +464,7 @@ impl Webhook {
             .map(|p| p.as_str().to_string())
             .unwrap_or_else(|| "/".into());
         let request = Request::builder()
-            .method(Method::POST)
+            .method(method)
             .uri(path)
             .header(http::header::HOST, authority)
             .header(http::header::CONTENT_TYPE, "application/json")

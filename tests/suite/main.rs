@@ -25,6 +25,7 @@ mod kubefake;
 mod lifecycle;
 mod manifests;
 mod metadata;
+mod metrics;
 mod persistent;
 mod proxy_protocol;
 mod sandbox;

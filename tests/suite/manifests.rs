@@ -271,10 +271,31 @@ fn server_deployment_is_locked_down() {
         assert_eq!(at(sc, &["runAsUser"]).and_then(Value::as_u64), Some(65532));
     }
     assert!(at(c, &["resources", "limits", "memory"]).is_some());
-    assert_eq!(
-        at(c, &["livenessProbe", "tcpSocket", "port"]).and_then(Value::as_str),
-        Some("ssh")
-    );
+    // Both probes ask the health endpoint, on the port config.yaml's `health` listens on.
+    for probe in ["livenessProbe", "readinessProbe"] {
+        assert_eq!(
+            at(c, &[probe, "httpGet", "port"]).and_then(Value::as_str),
+            Some("health"),
+            "{probe}"
+        );
+    }
+    let health_port = at(c, &["ports"])
+        .and_then(Value::as_sequence)
+        .and_then(|ports| {
+            ports
+                .iter()
+                .find(|p| str_at(p, &["name"]) == Some("health"))
+        })
+        .and_then(|p| at(p, &["containerPort"]))
+        .and_then(Value::as_u64)
+        .expect("a port named health");
+    let settings = server_settings();
+    let health = settings
+        .health
+        .as_ref()
+        .expect("config.yaml enables health");
+    assert_eq!(u64::from(health.listen.port()), health_port);
+    assert!(settings.metrics.is_some(), "config.yaml enables metrics");
     let port = at(c, &["ports"])
         .and_then(Value::as_sequence)
         .and_then(|p| p.first())
@@ -347,6 +368,13 @@ fn guest_network_policy_denies_all_but_dns() {
     );
 }
 
+/// config.yaml's server configuration, checked as the server checks it.
+fn server_settings() -> containerssh::config::Settings {
+    let file = "deploy/kubernetes/config.yaml#config.yaml";
+    let raw: AppConfig = parse_yaml(file, &server_config_text()).unwrap_or_else(|e| panic!("{e}"));
+    checked_settings(file, raw).unwrap_or_else(|e| panic!("{e}"))
+}
+
 fn server_config_text() -> String {
     let docs = documents();
     let cm = find(&docs, "ConfigMap", "containerssh-config");
@@ -357,10 +385,7 @@ fn server_config_text() -> String {
 
 #[test]
 fn embedded_server_config_loads_and_validates() {
-    let text = server_config_text();
-    let file = "deploy/kubernetes/config.yaml#config.yaml";
-    let raw: AppConfig = parse_yaml(file, &text).unwrap_or_else(|e| panic!("{e}"));
-    let s = checked_settings(file, raw).unwrap_or_else(|e| panic!("{e}"));
+    let s = server_settings();
 
     assert_eq!(s.ssh.listen.to_string(), "0.0.0.0:2222");
     assert_eq!(

@@ -703,6 +703,7 @@ impl Docker {
 
 impl Runtime for Docker {
     const DISABLE_AGENT_KEY: &'static str = DISABLE_AGENT_KEY;
+    const KIND: &'static str = "docker";
     type Error = DockerError;
 
     fn mode(&self) -> ExecutionMode {

@@ -468,6 +468,7 @@ impl Kube {
 
 impl Runtime for Kube {
     const DISABLE_AGENT_KEY: &'static str = DISABLE_AGENT_KEY;
+    const KIND: &'static str = "kubernetes";
     type Error = KubeRuntimeError;
 
     fn mode(&self) -> ExecutionMode {

@@ -3,6 +3,7 @@
 //! Every error names the key path it is about.
 
 mod auth;
+mod observe;
 mod sandbox;
 mod security;
 mod ssh;
@@ -11,6 +12,7 @@ mod tests;
 
 use std::path::PathBuf;
 
+pub use observe::Served;
 pub use security::{Forwarding, Policy, Rule, Timeouts};
 pub use ssh::{Buffers, Ssh, DEFAULT_CIPHERS, DEFAULT_KEX, DEFAULT_MACS};
 
@@ -58,6 +60,12 @@ pub struct Settings {
     pub sandbox: SandboxConfig,
     pub instance_id: String,
     pub state_directory: PathBuf,
+    /// `metrics`, when enabled: the endpoint and the path.
+    pub metrics: Option<(Served, String)>,
+    /// `health`, when enabled.
+    pub health: Option<Served>,
+    /// `health.client`: what `--healthcheck` asks.
+    pub health_client: crate::config::model::HealthClientConfig,
 }
 
 impl Settings {
@@ -168,6 +176,9 @@ pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
         forwarding: security::forwarding(file, &cfg.security.forwarding)?,
         policy: security::policy(file, &cfg.security)?,
         metadata: auth.metadata,
+        metrics: observe::metrics(file, &cfg.metrics)?,
+        health: observe::health(file, &cfg.health)?,
+        health_client: cfg.health.client.clone(),
         sandbox: sandbox::check(file, cfg.sandbox)?,
         instance_id,
         state_directory,
