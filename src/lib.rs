@@ -20,6 +20,7 @@
 //! - [`agent`]: the in-container agent's side (its own binary) and its wire protocol.
 //! - [`sandbox`]: privilege dropping and seccomp; the only room with `unsafe`.
 //! - [`metrics`]: what operators see: Prometheus metrics and the health endpoint.
+//! - [`audit`]: audit recordings of sessions (asciicast files).
 //! - [`log`]: log setup and formats.
 //! - [`limits`]: every bound on what clients and containers can make us hold.
 //! - `testing` (feature `test-support`): the server in-process, for tests with the fake.
@@ -34,6 +35,7 @@
 )]
 
 pub mod agent;
+pub mod audit;
 pub mod auth;
 pub mod backend;
 pub mod config;

@@ -213,7 +213,7 @@ fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
     let prepared = Prepared::read(&settings, backend)?;
 
     // Everything privileged is done: confine the process before any thread exists.
-    let report = containerssh::sandbox::enter(&settings.sandbox)?;
+    let report = containerssh::sandbox::enter(&settings.sandbox, &prepared.writable_dirs())?;
     if report.as_root {
         tracing::warn!(
             "SERVING AS ROOT (sandbox.allowRoot: true): every capability is dropped, but files \

@@ -23,6 +23,8 @@ pub struct Shared {
     pub trusted_cas: Option<crate::auth::certificate::TrustedCas>,
     pub passwords: Option<PasswordChecker>,
     pub backend: Arc<dyn Backend>,
+    /// `audit`: makes the recordings, when configured.
+    pub audit: Option<crate::audit::Recorder>,
     /// Retries removals that failed, and cleans every backend used up at shutdown.
     pub janitor: Arc<crate::backend::janitor::Janitor>,
     pub webhooks: AuthWebhooks,
@@ -71,6 +73,7 @@ pub struct Prepared {
     /// The janitor's ledger, and the places a previous run recorded in it.
     ledger: Option<crate::backend::ledger::Ledger>,
     leftovers: Vec<crate::backend::janitor::Leftover>,
+    audit: Option<crate::audit::Recorder>,
 }
 
 impl Prepared {
@@ -107,7 +110,17 @@ impl Prepared {
             backend,
             ledger,
             leftovers,
+            audit: settings
+                .audit
+                .as_ref()
+                .map(crate::audit::Recorder::open)
+                .transpose()?,
         })
+    }
+
+    /// Directories files are created in after the sandbox (the audit recordings').
+    pub fn writable_dirs(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        self.audit.iter().map(crate::audit::Recorder::dir).collect()
     }
 
     /// What connections share: starts the password hashing threads (so, after the sandbox,
@@ -124,6 +137,7 @@ impl Prepared {
             self.leftovers,
         );
         Ok(Arc::new(Shared {
+            audit: self.audit,
             janitor: Arc::new(janitor),
             door: Door::new(settings.ssh.door.clone()),
             buffers: Budget::total(settings.ssh.buffers.total),

@@ -58,7 +58,7 @@ done
 # Pinned so their verdicts and behaviour do not drift: the stock SSH auditor (tests/audit.rs
 # runs `python3 -m ssh_audit`) and a third-party client library (paramiko: raw auth sequences
 # from another implementation).
-PYPI_PACKAGES=(ssh-audit==3.9.0 paramiko==5.1.0)
+PYPI_PACKAGES=(ssh-audit==3.9.0 paramiko==5.1.0 asciinema==2.4.0)
 section "checking PyPI packages: ${PYPI_PACKAGES[*]}"
 command -v python3 >/dev/null 2>&1 || die "python3 not found (the tests run ssh-audit and paramiko with it)"
 for spec in "${PYPI_PACKAGES[@]}"; do
@@ -72,6 +72,7 @@ for spec in "${PYPI_PACKAGES[@]}"; do
 done
 python3 -m ssh_audit --help >/dev/null 2>&1 || die "python3 -m ssh_audit does not run"
 python3 -c 'import paramiko' || die "python3 cannot import paramiko"
+python3 -m asciinema --version >/dev/null 2>&1 || die "python3 -m asciinema does not run"
 
 # --- 2. the engine -------------------------------------------------------------
 section "checking the Docker engine"

@@ -182,6 +182,7 @@ fn confine_forward_server() {
     if let Err(e) = install_lists(
         &[RUNTIME, AGENT_FORWARD],
         crate::config::model::SeccompMode::Enforce,
+        &[],
     ) {
         eprintln!("containerssh-agent: forward-server runs without a seccomp filter: {e}");
     }

@@ -38,6 +38,107 @@ pub struct AppConfig {
     pub metrics: MetricsConfig,
     /// ContainerSSH's health endpoint, and the `--healthcheck` client.
     pub health: HealthConfig,
+    /// ContainerSSH's audit recordings.
+    pub audit: AuditConfig,
+}
+
+/// `audit`: ContainerSSH's block.
+#[derive(Clone, Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct AuditConfig {
+    pub enable: bool,
+    pub format: AuditFormat,
+    pub storage: AuditStorage,
+    pub file: AuditFileConfig,
+    pub s3: AuditS3Config,
+    pub intercept: AuditIntercept,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditFormat {
+    #[default]
+    None,
+    Binary,
+    Asciinema,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditStorage {
+    #[default]
+    None,
+    File,
+    S3,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct AuditFileConfig {
+    pub directory: String,
+}
+
+impl Default for AuditFileConfig {
+    fn default() -> Self {
+        Self {
+            directory: "/var/log/audit".into(),
+        }
+    }
+}
+
+/// `audit.s3`: ContainerSSH's keys.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct AuditS3Config {
+    pub local: String,
+    pub access_key: String,
+    pub secret_key: String,
+    pub bucket: String,
+    pub region: String,
+    pub endpoint: String,
+    pub cacert: String,
+    pub acl: String,
+    pub path_style_access: bool,
+    pub upload_part_size: u64,
+    pub parallel_uploads: u32,
+    pub metadata: AuditS3Metadata,
+}
+
+impl Default for AuditS3Config {
+    fn default() -> Self {
+        Self {
+            local: "/var/lib/audit".into(),
+            access_key: String::new(),
+            secret_key: String::new(),
+            bucket: String::new(),
+            region: String::new(),
+            endpoint: String::new(),
+            cacert: String::new(),
+            acl: String::new(),
+            path_style_access: false,
+            upload_part_size: 5 * 1024 * 1024,
+            parallel_uploads: 20,
+            metadata: AuditS3Metadata::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct AuditS3Metadata {
+    pub ip: bool,
+    pub username: bool,
+}
+
+/// `audit.intercept`: what recordings keep.
+#[derive(Clone, Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct AuditIntercept {
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+    pub passwords: bool,
+    pub forwarding: bool,
 }
 
 /// `metrics`: ContainerSSH's block (its HTTP server keys inline).

@@ -227,6 +227,8 @@ pub struct Metrics {
     pub backend_start: Family,
     pub refused: Family,
     pub penalties: Family,
+    pub audit_failures: Family,
+    pub audit_dropped: Family,
     pub bytes: Bytes,
 }
 
@@ -329,6 +331,18 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         &["kind"],
         "Per-source penalties given (perSourcePenalties), by what earned them.",
     ),
+    audit_failures: Family::new(
+        "containerssh_audit_failures_total",
+        Kind::Counter,
+        &[],
+        "Audit recordings that could not be created or written (the sessions went on).",
+    ),
+    audit_dropped: Family::new(
+        "containerssh_audit_dropped_bytes_total",
+        Kind::Counter,
+        &[],
+        "Bytes left out of audit recordings that fell behind (a marker in each says how many).",
+    ),
     bytes: Bytes {
         from_clients: AtomicU64::new(0),
         to_clients: AtomicU64::new(0),
@@ -362,6 +376,8 @@ impl Metrics {
             &self.backend_start,
             &self.refused,
             &self.penalties,
+            &self.audit_failures,
+            &self.audit_dropped,
         ] {
             f.render(&mut out);
         }

@@ -99,7 +99,12 @@ impl fmt::Display for Report {
 
 /// Confines the process. Call once, after every privileged act (binding, reading host keys and
 /// TLS material) and before any thread is started.
-pub fn enter(cfg: &SandboxConfig) -> Result<Report, SandboxError> {
+/// `writable_dirs`: directories (opened before) where files may be created afterwards (the
+/// audit recordings); every other open is read-only once the filter is on.
+pub fn enter(
+    cfg: &SandboxConfig,
+    writable_dirs: &[std::os::fd::BorrowedFd<'_>],
+) -> Result<Report, SandboxError> {
     let threads = privileges::thread_count().map_err(step("reading /proc/self/status"))?;
     if threads != 1 {
         return Err(SandboxError::Threads(threads));
@@ -144,7 +149,14 @@ pub fn enter(cfg: &SandboxConfig) -> Result<Report, SandboxError> {
     }
     match cfg.seccomp {
         SeccompMode::Off => {}
-        mode => seccomp::install(mode)?,
+        mode => {
+            use std::os::fd::AsRawFd;
+            let dirs: Vec<u32> = writable_dirs
+                .iter()
+                .filter_map(|d| u32::try_from(d.as_raw_fd()).ok())
+                .collect();
+            seccomp::install(mode, &dirs)?
+        }
     }
     Ok(report)
 }

@@ -247,8 +247,14 @@ pub const AGENT_FORWARD: &[Allowed] = &[
     any(SYS_fchmod, "socket file modes"),
 ];
 
-/// Builds the two programs for the union of `lists` (see the module header).
-pub fn programs(lists: &[&[Allowed]], mode: SeccompMode) -> Result<Vec<BpfProgram>, SandboxError> {
+/// Builds the two programs for the union of `lists` (see the module header); `writable_dirs`:
+/// directory descriptors opened before the sandbox in which `openat` may create and write
+/// files (the audit directory), every other `openat` stays read-only.
+pub fn programs(
+    lists: &[&[Allowed]],
+    mode: SeccompMode,
+    writable_dirs: &[u32],
+) -> Result<Vec<BpfProgram>, SandboxError> {
     let arch = TargetArch::try_from(std::env::consts::ARCH)
         .map_err(|e| SandboxError::Seccomp(format!("{}: {e}", std::env::consts::ARCH)))?;
     let err = |e: seccompiler::BackendError| SandboxError::Seccomp(e.to_string());
@@ -283,6 +289,11 @@ pub fn programs(lists: &[&[Allowed]], mode: SeccompMode) -> Result<Vec<BpfProgra
             ),
         }
     }
+    if let Some(Some(openat)) = rules.get_mut(&SYS_openat) {
+        for fd in writable_dirs {
+            openat.push(SeccompRule::new(vec![cond(0, SeccompCmpOp::Eq, *fd)?]).map_err(err)?);
+        }
+    }
     let rules = rules
         .into_iter()
         .map(|(nr, r)| (nr, r.unwrap_or_default()))
@@ -300,14 +311,18 @@ fn cond(i: u8, op: SeccompCmpOp, value: u32) -> Result<SeccompCondition, Sandbox
 }
 
 /// Installs the server's list ([`RUNTIME`] + [`SERVER`]) on every thread of the process.
-pub fn install(mode: SeccompMode) -> Result<(), SandboxError> {
-    install_lists(&[RUNTIME, SERVER], mode)
+pub fn install(mode: SeccompMode, writable_dirs: &[u32]) -> Result<(), SandboxError> {
+    install_lists(&[RUNTIME, SERVER], mode, writable_dirs)
 }
 
 /// Installs the union of `lists` on every thread of the process (seccompiler sets
 /// no_new_privs first).
-pub fn install_lists(lists: &[&[Allowed]], mode: SeccompMode) -> Result<(), SandboxError> {
-    for p in programs(lists, mode)? {
+pub fn install_lists(
+    lists: &[&[Allowed]],
+    mode: SeccompMode,
+    writable_dirs: &[u32],
+) -> Result<(), SandboxError> {
+    for p in programs(lists, mode, writable_dirs)? {
         seccompiler::apply_filter_all_threads(&p)
             .map_err(|e| SandboxError::Seccomp(e.to_string()))?;
     }
@@ -322,12 +337,12 @@ mod tests {
     fn lists_compile_in_every_mode() {
         for mode in [SeccompMode::Enforce, SeccompMode::Log] {
             for lists in [[RUNTIME, SERVER], [RUNTIME, AGENT_FORWARD]] {
-                let p = programs(&lists, mode).unwrap();
+                let p = programs(&lists, mode, &[3]).unwrap();
                 assert_eq!(p.len(), 2);
                 assert!(p[1].len() > RUNTIME.len());
             }
         }
-        assert!(programs(&[RUNTIME, SERVER], SeccompMode::Off)
+        assert!(programs(&[RUNTIME, SERVER], SeccompMode::Off, &[])
             .unwrap()
             .is_empty());
     }

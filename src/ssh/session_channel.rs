@@ -112,6 +112,8 @@ enum Phase {
 
 /// A session channel as the handler sees it.
 pub struct SessionChannel {
+    /// The audit recording, once the program runs (stdin is recorded as it arrives).
+    recording: Arc<std::sync::OnceLock<crate::audit::Recording>>,
     phase: Phase,
     inbox: Arc<Inbox>,
     stdin: InboundTx,
@@ -135,6 +137,7 @@ impl SessionChannel {
         let (tx, rx) = flow::inbound(&conn.buffers)?;
         tx.set_granter(Granter::new(handle.clone(), channel.id()));
         let me = Self {
+            recording: Arc::default(),
             phase: Phase::Requested,
             inbox: Arc::default(),
             stdin: tx,
@@ -155,6 +158,7 @@ impl SessionChannel {
             inbox: Arc::clone(&me.inbox),
             closed: me.closed.clone(),
             activity: Arc::clone(&me.activity),
+            recording: Arc::clone(&me.recording),
             _in_use: conn.in_use(),
         };
         conn.tasks.spawn(task.run(rx));
@@ -250,6 +254,9 @@ impl SessionChannel {
     pub fn data(&self, data: &[u8]) {
         self.activity.touch();
         crate::metrics::get().bytes.from_client(data.len());
+        if let Some(r) = self.recording.get() {
+            r.stdin(data);
+        }
         self.stdin.push(data);
     }
 
@@ -277,6 +284,7 @@ struct Task {
     inbox: Arc<Inbox>,
     closed: CancellationToken,
     activity: Arc<Activity>,
+    recording: Arc<std::sync::OnceLock<crate::audit::Recording>>,
     /// Counts the channel for `unusedConnection` while the task lives.
     _in_use: InUse,
 }
@@ -344,6 +352,7 @@ impl Task {
         };
 
         // Running.
+        self.record(&spec);
         let Process {
             stdin: writer,
             output,
@@ -357,6 +366,9 @@ impl Task {
             Ended::Exited => {
                 let exit = control.wait().await;
                 tracing::debug!(connection_id = %self.conn.id, %exit, "program ended");
+                if let Some(r) = self.recording.get() {
+                    r.exit(&exit.to_string());
+                }
                 self.finish(&exit).await;
             }
             Ended::TimedOut(why) => {
@@ -381,6 +393,23 @@ impl Task {
             let conn = Arc::clone(&self.conn);
             drop(self);
             conn.close_if_unused("session timeout");
+        }
+    }
+
+    /// Starts the audit recording of the program (`audit`), when configured.
+    fn record(&self, spec: &ProgramSpec) {
+        let Some(recorder) = &self.conn.shared.audit else {
+            return;
+        };
+        let header = crate::audit::Header {
+            cols: spec.tty.as_ref().map_or(0, |t| t.cols),
+            rows: spec.tty.as_ref().map_or(0, |t| t.rows),
+            term: spec.tty.as_ref().map(|t| t.term.clone()),
+            shell: self.conn.settings().shell_command().first().cloned(),
+            command: spec.argv.join(" "),
+        };
+        if let Some(r) = recorder.start(&self.conn.id, self.id().into(), &header) {
+            let _ = self.recording.set(r);
         }
     }
 
@@ -466,7 +495,7 @@ impl Task {
     /// Pumps output, applies resizes and signals, and enforces the timeouts until the
     /// program's output ends or the channel is closed.
     async fn running(&self, output: ProcessOutput, control: &ProcessControl, tty: bool) -> Ended {
-        let out = pump_output(output, &self.write, &self.activity);
+        let out = pump_output(output, &self.write, &self.activity, self.recording.get());
         tokio::pin!(out);
         let controls = async {
             loop {
@@ -478,6 +507,9 @@ impl Task {
                     })
                     .await;
                 if let Some((cols, rows)) = size {
+                    if let Some(r) = self.recording.get() {
+                        r.resize(cols, rows);
+                    }
                     if let Err(e) = control.resize(rows, cols).await {
                         tracing::debug!(connection_id = %self.conn.id, error = %e, "resize failed");
                     }
@@ -579,6 +611,7 @@ async fn pump_output(
     mut output: ProcessOutput,
     write: &ChannelWriteHalf<Msg>,
     activity: &Activity,
+    recording: Option<&crate::audit::Recording>,
 ) -> std::io::Result<()> {
     use tokio::io::AsyncWriteExt;
     let mut stdout = write.make_writer();
@@ -586,6 +619,9 @@ async fn pump_output(
     while let Some((kind, data)) = output.next().await? {
         activity.touch();
         crate::metrics::get().bytes.to_client(data.len());
+        if let Some(r) = recording {
+            r.output(kind == OutputKind::Stderr, &data);
+        }
         match kind {
             OutputKind::Stdout => stdout.write_all(&data).await?,
             OutputKind::Stderr => stderr.write_all(&data).await?,

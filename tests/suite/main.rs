@@ -28,6 +28,7 @@ mod metadata;
 mod metrics;
 mod persistent;
 mod proxy_protocol;
+mod recordings;
 mod sandbox;
 mod security;
 mod session;

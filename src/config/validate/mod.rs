@@ -12,7 +12,7 @@ mod tests;
 
 use std::path::PathBuf;
 
-pub use observe::Served;
+pub use observe::{Audit, Served};
 pub use security::{Forwarding, Policy, Rule, Timeouts};
 pub use ssh::{Buffers, Ssh, DEFAULT_CIPHERS, DEFAULT_KEX, DEFAULT_MACS};
 
@@ -66,6 +66,8 @@ pub struct Settings {
     pub health: Option<Served>,
     /// `health.client`: what `--healthcheck` asks.
     pub health_client: crate::config::model::HealthClientConfig,
+    /// `audit`, when it records.
+    pub audit: Option<Audit>,
 }
 
 impl Settings {
@@ -179,6 +181,7 @@ pub fn validate(file: &str, cfg: AppConfig) -> Result<Settings, ConfigError> {
         metrics: observe::metrics(file, &cfg.metrics)?,
         health: observe::health(file, &cfg.health)?,
         health_client: cfg.health.client.clone(),
+        audit: observe::audit(file, &cfg.audit)?,
         sandbox: sandbox::check(file, cfg.sandbox)?,
         instance_id,
         state_directory,

@@ -1,9 +1,12 @@
-//! `metrics` and `health`: the operators' HTTP endpoints.
+//! `metrics`, `health` and `audit`: what operators see.
 
 use std::net::SocketAddr;
 
 use super::invalid;
-use crate::config::model::{HealthConfig, HttpServerConfig, MetricsConfig};
+use crate::config::model::{
+    AuditConfig, AuditFormat, AuditIntercept, AuditStorage, HealthConfig, HttpServerConfig,
+    MetricsConfig,
+};
 use crate::config::ConfigError;
 
 /// An endpoint to serve: where, and its TLS keys (read when it is bound).
@@ -58,4 +61,50 @@ pub(super) fn health(file: &str, h: &HealthConfig) -> Result<Option<Served>, Con
         return Ok(None);
     }
     served(file, "health", h.server()).map(Some)
+}
+
+/// Recordings to make: asciicast files in a directory.
+#[derive(Clone, Debug)]
+pub struct Audit {
+    pub directory: std::path::PathBuf,
+    pub intercept: AuditIntercept,
+}
+
+/// `audit`, when enabled with a format and a storage.
+pub(super) fn audit(file: &str, a: &AuditConfig) -> Result<Option<Audit>, ConfigError> {
+    if !a.enable || a.format == AuditFormat::None || a.storage == AuditStorage::None {
+        return Ok(None);
+    }
+    if a.format == AuditFormat::Binary {
+        return Err(invalid(
+            file,
+            "audit.format",
+            "binary is not built yet: use asciinema (one asciicast file per session channel)",
+        ));
+    }
+    if a.storage == AuditStorage::S3 {
+        return Err(invalid(
+            file,
+            "audit.storage",
+            "s3 is not built yet: use file",
+        ));
+    }
+    if a.intercept.forwarding {
+        return Err(invalid(
+            file,
+            "audit.intercept.forwarding",
+            "forwarded data is not recorded by the asciinema format (it has no place for it)",
+        ));
+    }
+    if !std::path::Path::new(&a.file.directory).is_absolute() {
+        return Err(invalid(
+            file,
+            "audit.file.directory",
+            "must be an absolute path",
+        ));
+    }
+    Ok(Some(Audit {
+        directory: a.file.directory.clone().into(),
+        intercept: a.intercept.clone(),
+    }))
 }

@@ -1,0 +1,367 @@
+//! Audit recordings (`audit`, ContainerSSH's block): one asciicast v2 file per session
+//! channel, `<connection id>-<channel>.cast` in `audit.file.directory`, that `asciinema play`
+//! replays. The header has the terminal's real size, `TERM` and `SHELL` only (never the
+//! client's other variables); `o` events carry stdout and stderr (`intercept.stdout`,
+//! `intercept.stderr`; a marker `stderr` / `stdout` says when the stream switches), `i` events
+//! stdin (`intercept.stdin`), `r` every window change, and a marker `exit status N` or
+//! `signal NAME` the end. Times count from the program's start. A UTF-8 character split across
+//! chunks is joined, not replaced.
+//!
+//! A recording never slows or stops its session: events are queued (at most
+//! [`MAX_QUEUED_BYTES`] per recording; past it the bytes are dropped, counted, and a marker in
+//! the file says how many), and a write that fails is logged and counted once and ends that
+//! recording only. The directory is opened before the sandbox; the seccomp filter lets files
+//! be created in it and nowhere else.
+
+use std::fmt::Write as _;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+use crate::config::model::AuditIntercept;
+use crate::config::validate::Audit;
+
+/// Bytes of events a recording may have queued for its writer.
+pub const MAX_QUEUED_BYTES: usize = 4 * 1024 * 1024;
+/// Events queued (each at most one channel packet).
+const MAX_QUEUED_EVENTS: usize = 4096;
+
+/// Why recordings cannot be made.
+#[derive(Debug, thiserror::Error)]
+#[error("audit.file.directory: cannot open {path}")]
+pub struct AuditError {
+    path: String,
+    #[source]
+    source: std::io::Error,
+}
+
+/// Makes recordings (shared by the connections).
+pub struct Recorder {
+    dir: OwnedFd,
+    intercept: AuditIntercept,
+}
+
+impl Recorder {
+    /// Opens the directory (before the sandbox).
+    pub fn open(audit: &Audit) -> Result<Self, AuditError> {
+        let failed = |source| AuditError {
+            path: audit.directory.display().to_string(),
+            source,
+        };
+        let dir = rustix::fs::open(
+            &audit.directory,
+            rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| failed(e.into()))?;
+        Ok(Self {
+            dir,
+            intercept: audit.intercept.clone(),
+        })
+    }
+
+    /// The directory's descriptor, for the sandbox (files are created in it afterwards).
+    pub fn dir(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.dir.as_fd()
+    }
+
+    /// Starts the recording of one session channel's program.
+    pub fn start(&self, connection_id: &str, channel: u32, header: &Header) -> Option<Recording> {
+        let name = format!("{connection_id}-{channel}.cast");
+        let file = rustix::fs::openat(
+            &self.dir,
+            Path::new(&name),
+            rustix::fs::OFlags::CREATE
+                | rustix::fs::OFlags::EXCL
+                | rustix::fs::OFlags::WRONLY
+                | rustix::fs::OFlags::NOFOLLOW
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        );
+        let file = match file {
+            Ok(fd) => std::fs::File::from(fd),
+            Err(e) => {
+                tracing::error!(code = "AUDIT_STORAGE_FAILED", connection_id, file = %name, error = %e, "cannot create the audit recording: the session is not recorded");
+                crate::metrics::get().audit_failures.inc(&[]);
+                return None;
+            }
+        };
+        let (tx, rx) = mpsc::channel(MAX_QUEUED_EVENTS);
+        let shared = Arc::new(Queue::default());
+        tokio::spawn(write(
+            tokio::fs::File::from_std(file),
+            header.line(),
+            rx,
+            Arc::clone(&shared),
+            name,
+        ));
+        Some(Recording {
+            tx,
+            queue: shared,
+            started: Instant::now(),
+            intercept: self.intercept.clone(),
+            last_output: std::sync::Mutex::new(Stream::Stdout),
+        })
+    }
+}
+
+/// What the header says.
+pub struct Header {
+    pub cols: u32,
+    pub rows: u32,
+    pub term: Option<String>,
+    pub shell: Option<String>,
+    pub command: String,
+}
+
+impl Header {
+    fn line(&self) -> String {
+        let mut env = serde_json::Map::new();
+        if let Some(t) = &self.term {
+            env.insert("TERM".into(), t.clone().into());
+        }
+        if let Some(s) = &self.shell {
+            env.insert("SHELL".into(), s.clone().into());
+        }
+        let timestamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut line = serde_json::json!({
+            "version": 2,
+            "width": if self.cols > 0 { self.cols } else { 80 },
+            "height": if self.rows > 0 { self.rows } else { 24 },
+            "timestamp": timestamp,
+            "command": self.command,
+            "env": env,
+        })
+        .to_string();
+        line.push('\n');
+        line
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stream {
+    Stdin,
+    Stdout,
+    Stderr,
+}
+
+enum Event {
+    Data(f64, Stream, Bytes),
+    Marker(f64, String),
+    Resize(f64, u32, u32),
+}
+
+#[derive(Default)]
+struct Queue {
+    bytes: AtomicUsize,
+    dropped: AtomicU64,
+}
+
+/// One channel's recording; events are queued, never waited for.
+pub struct Recording {
+    tx: mpsc::Sender<Event>,
+    queue: Arc<Queue>,
+    started: Instant,
+    intercept: AuditIntercept,
+    last_output: std::sync::Mutex<Stream>,
+}
+
+impl Recording {
+    fn now(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    fn push(&self, event: Event, size: usize) {
+        let q = &self.queue;
+        if q.bytes.load(Ordering::Acquire) + size > MAX_QUEUED_BYTES {
+            q.dropped.fetch_add(size as u64, Ordering::Relaxed);
+            crate::metrics::get().audit_dropped.add(&[], size as f64);
+            return;
+        }
+        let dropped = q.dropped.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            let note = format!("audit: {dropped} bytes not recorded (the recording fell behind)");
+            let _ = self.tx.try_send(Event::Marker(self.now(), note));
+        }
+        q.bytes.fetch_add(size, Ordering::AcqRel);
+        if self.tx.try_send(event).is_err() {
+            q.bytes.fetch_sub(size, Ordering::AcqRel);
+            q.dropped.fetch_add(size as u64, Ordering::Relaxed);
+            crate::metrics::get().audit_dropped.add(&[], size as f64);
+        }
+    }
+
+    /// Input from the client (`intercept.stdin`).
+    pub fn stdin(&self, data: &[u8]) {
+        if self.intercept.stdin {
+            self.push(
+                Event::Data(self.now(), Stream::Stdin, Bytes::copy_from_slice(data)),
+                data.len(),
+            );
+        }
+    }
+
+    /// The program's output (`intercept.stdout`, `intercept.stderr`).
+    pub fn output(&self, stderr: bool, data: &Bytes) {
+        let (stream, wanted) = if stderr {
+            (Stream::Stderr, self.intercept.stderr)
+        } else {
+            (Stream::Stdout, self.intercept.stdout)
+        };
+        if !wanted {
+            return;
+        }
+        let t = self.now();
+        {
+            let mut last = self
+                .last_output
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if *last != stream {
+                *last = stream;
+                let label = if stderr { "stderr" } else { "stdout" };
+                self.push(Event::Marker(t, label.into()), label.len());
+            }
+        }
+        self.push(Event::Data(t, stream, data.clone()), data.len());
+    }
+
+    /// A window change.
+    pub fn resize(&self, cols: u32, rows: u32) {
+        self.push(Event::Resize(self.now(), cols, rows), 16);
+    }
+
+    /// How the program ended (the last event).
+    pub fn exit(&self, how: &str) {
+        self.push(Event::Marker(self.now(), how.to_string()), how.len());
+    }
+}
+
+/// Turns bytes into text without splitting a character: a sequence cut at the end of a chunk
+/// waits for the next chunk; invalid bytes become U+FFFD.
+#[derive(Default)]
+struct Utf8Joiner {
+    carry: Vec<u8>,
+}
+
+impl Utf8Joiner {
+    fn text(&mut self, data: &[u8]) -> String {
+        let mut bytes = std::mem::take(&mut self.carry);
+        bytes.extend_from_slice(data);
+        let keep = incomplete_tail(&bytes);
+        let split = bytes.len() - keep;
+        self.carry = bytes.split_off(split);
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+/// How many bytes at the end start a UTF-8 sequence that is not complete yet (0 to 3).
+fn incomplete_tail(b: &[u8]) -> usize {
+    for back in 1..=3.min(b.len()) {
+        let Some(&byte) = b.get(b.len() - back) else {
+            return 0;
+        };
+        if byte & 0xC0 == 0x80 {
+            continue;
+        }
+        let need = match byte {
+            0xC0..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF7 => 4,
+            _ => return 0,
+        };
+        return if need > back { back } else { 0 };
+    }
+    0
+}
+
+async fn write(
+    mut file: tokio::fs::File,
+    header: String,
+    mut rx: mpsc::Receiver<Event>,
+    queue: Arc<Queue>,
+    name: String,
+) {
+    let mut joiners = [
+        Utf8Joiner::default(),
+        Utf8Joiner::default(),
+        Utf8Joiner::default(),
+    ];
+    let failed = |e: std::io::Error| {
+        tracing::error!(code = "AUDIT_STORAGE_FAILED", file = %name, error = %e, "writing the audit recording failed: the rest of this session is not recorded");
+        crate::metrics::get().audit_failures.inc(&[]);
+    };
+    if let Err(e) = file.write_all(header.as_bytes()).await {
+        failed(e);
+        return;
+    }
+    while let Some(event) = rx.recv().await {
+        let mut line = String::new();
+        let size = match &event {
+            Event::Data(t, stream, data) => {
+                let (code, i) = match stream {
+                    Stream::Stdin => ("i", 0),
+                    Stream::Stdout => ("o", 1),
+                    Stream::Stderr => ("o", 2),
+                };
+                let text = joiners.get_mut(i).map(|j| j.text(data)).unwrap_or_default();
+                if !text.is_empty() {
+                    let _ = writeln!(line, "{}", serde_json::json!([t, code, text]));
+                }
+                data.len()
+            }
+            Event::Marker(t, label) => {
+                let _ = writeln!(line, "{}", serde_json::json!([t, "m", label]));
+                label.len()
+            }
+            Event::Resize(t, cols, rows) => {
+                let _ = writeln!(
+                    line,
+                    "{}",
+                    serde_json::json!([t, "r", format!("{cols}x{rows}")])
+                );
+                16
+            }
+        };
+        queue.bytes.fetch_sub(size, Ordering::AcqRel);
+        if let Err(e) = file.write_all(line.as_bytes()).await {
+            failed(e);
+            return;
+        }
+    }
+    if let Err(e) = file.flush().await {
+        failed(e);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_character_split_across_chunks_is_joined() {
+        let mut j = Utf8Joiner::default();
+        let snow = "☃".as_bytes(); // 3 bytes
+        assert_eq!(j.text(&[b'a', snow[0]]), "a");
+        assert_eq!(j.text(&snow[1..2]), "");
+        assert_eq!(j.text(&[snow[2], b'b']), "☃b");
+        assert_eq!(
+            j.text(&[0xff, b'c']),
+            "\u{fffd}c",
+            "invalid bytes are replaced"
+        );
+        assert_eq!(incomplete_tail("é".as_bytes()), 0);
+        assert_eq!(incomplete_tail(&"😀".as_bytes()[..3]), 3);
+    }
+}
