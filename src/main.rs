@@ -151,7 +151,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    containerssh::log::init(&settings.log, settings.config_webhook.is_some());
+    if let Err(e) = containerssh::log::init(&settings.log, settings.config_webhook.is_some()) {
+        print_chain(&e);
+        return ExitCode::from(2);
+    }
     for w in &settings.warnings {
         tracing::warn!("{w}");
     }
@@ -213,7 +216,9 @@ fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
     let prepared = Prepared::read(&settings, backend)?;
 
     // Everything privileged is done: confine the process before any thread exists.
-    let report = containerssh::sandbox::enter(&settings.sandbox, &prepared.writable_dirs())?;
+    let mut writable = prepared.writable_dirs();
+    writable.extend(containerssh::log::writable_dir());
+    let report = containerssh::sandbox::enter(&settings.sandbox, &writable)?;
     if report.as_root {
         tracing::warn!(
             "SERVING AS ROOT (sandbox.allowRoot: true): every capability is dropped, but files \
@@ -253,7 +258,7 @@ fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
         shared.janitor.start_up().await;
         spawn_signal_handler(shared.shutdown.clone(), health.clone())?;
         health.running();
-        tracing::info!(instance = %shared.settings.instance_id, "listening on {addr}");
+        tracing::info!(code = "SSH_AVAILABLE", instance = %shared.settings.instance_id, "listening on {addr}");
         let janitor = tokio::spawn(std::sync::Arc::clone(&shared.janitor).run());
         let drained = server::serve(std::sync::Arc::clone(&shared), listener).await;
         shared.janitor.finish(drained).await;
@@ -270,12 +275,18 @@ fn spawn_signal_handler(
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            containerssh::log::reopen();
+        }
+    });
     tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        tracing::info!("signal received: draining");
+        tracing::info!(code = "CORE_SHUTDOWN", "signal received: draining");
         health.stopping();
         token.cancel();
     });

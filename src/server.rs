@@ -276,11 +276,11 @@ async fn connection(shared: Arc<Shared>, admitted: Admitted, stream_end: Cancell
     conn.stream_end.cancel();
     if let Some(p) = penalty(&ending, &conn) {
         if shared.door.penalise(peer.ip(), p) {
-            tracing::info!(connection_id = %conn.id, remote = %peer, penalty = p.name(), "source penalised: its connections are refused for a while (ssh.perSourcePenalties)");
+            tracing::info!(code = "SSH_SOURCE_PENALISED", connection_id = %conn.id, remote = %peer, penalty = p.name(), "source penalised: its connections are refused for a while (ssh.perSourcePenalties)");
         }
     }
     drop(open);
-    tracing::info!(connection_id = %conn.id, "disconnected");
+    tracing::info!(code = "SSH_DISCONNECTED", connection_id = %conn.id, "disconnected");
 }
 
 async fn run_session(
@@ -294,7 +294,7 @@ async fn run_session(
     // ACKs hold the last packets of every session back by ~40 ms.
     let _ = stream.get_ref().set_nodelay(shared.ssh.nodelay);
     let proxy = via.map(tracing::field::display);
-    tracing::info!(connection_id = %conn.id, remote = %conn.peer, proxy, "connected");
+    tracing::info!(code = "SSH_CONNECTED", connection_id = %conn.id, remote = %conn.peer, proxy, "connected");
     let handler = Handler::new(Arc::clone(conn));
     let handshake_deadline = accepted_at + shared.settings.ssh.handshake_timeout;
     let login_deadline = accepted_at + shared.settings.ssh.login_grace_time;
@@ -328,8 +328,8 @@ async fn run_session(
     conn.set_handle(session.handle());
     let handle = session.handle();
     let authenticated = conn.authenticated_token();
-    let timed_out = |what: &'static str| {
-        tracing::info!(connection_id = %conn.id, remote = %conn.peer, "{what}");
+    let timed_out = |code: &'static str, what: &'static str| {
+        tracing::info!(code, connection_id = %conn.id, remote = %conn.peer, "{what}");
         let h = handle.clone();
         async move {
             // Bounded: russh stops taking messages while a client's window is exhausted.
@@ -353,11 +353,11 @@ async fn run_session(
             Ok(()) => Ending::Closed,
         },
         () = deadline_unless(handshake_deadline, &conn.handshaken) => {
-            timed_out("key exchange not completed within ssh.handshakeTimeout").await;
+            timed_out("SSH_HANDSHAKE_FAILED", "key exchange not completed within ssh.handshakeTimeout").await;
             Ending::TimedOut
         }
         () = deadline_unless(login_deadline, &authenticated) => {
-            timed_out("login grace time exceeded").await;
+            timed_out("SSH_LOGIN_GRACE_EXCEEDED", "login grace time exceeded").await;
             Ending::TimedOut
         }
         () = shared.shutdown.cancelled() => {

@@ -168,7 +168,7 @@ impl Janitor {
             tracing::error!(connection_id, %error, limit = MAX_PENDING_REMOVALS, "cannot remove containers, and too many removals wait already: the reaper will remove them at the next start");
             return;
         }
-        tracing::warn!(connection_id, %error, "cannot remove containers: retrying in the background");
+        tracing::warn!(code = "BACKEND_CLEANUP_RETRY", connection_id, %error, "cannot remove containers: retrying in the background");
         pending.push(Pending {
             backend: Arc::clone(backend),
             connection_id: connection_id.to_owned(),
@@ -213,6 +213,7 @@ impl Janitor {
             for mut p in due {
                 match attempt(&p.backend, &p.connection_id).await {
                     Ok(n) => tracing::info!(
+                        code = "BACKEND_CLEANUP_DONE",
                         connection_id = %p.connection_id,
                         removed = n,
                         attempts = p.attempts + 1,

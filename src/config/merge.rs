@@ -85,6 +85,12 @@ pub fn merge(label: &str, file: &AppConfig, overlay: &Value) -> Result<Settings,
     {
         return Err(MergeError::NotPerLogin(k.clone()));
     }
+    // Of `log`, a login may change only its level: the destination is the process's.
+    if let Some(Value::Object(log)) = overlay.get("log") {
+        if let Some(k) = log.keys().find(|k| k.as_str() != "level") {
+            return Err(MergeError::NotPerLogin(format!("log.{k}")));
+        }
+    }
     let Ok(Value::Object(mut base)) = serde_json::to_value(file) else {
         return Err(MergeError::Invalid(
             "the file configuration cannot be encoded".into(),

@@ -1295,8 +1295,10 @@ pub struct LogConfig {
     pub level: LogLevel,
     /// `ljson` (one JSON object per line) or `text`.
     pub format: LogFormat,
-    /// Only `stdout` is offered (containers and systemd collect it).
+    /// `stdout`, `file` (`log.file`, reopened on SIGHUP) or `syslog` (`log.syslog`).
     pub destination: LogDestination,
+    pub file: String,
+    pub syslog: SyslogConfig,
 }
 
 impl Default for LogConfig {
@@ -1305,6 +1307,30 @@ impl Default for LogConfig {
             level: LogLevel::Notice,
             format: LogFormat::Ljson,
             destination: LogDestination::Stdout,
+            file: "/var/log/containerssh/containerssh.log".into(),
+            syslog: SyslogConfig::default(),
+        }
+    }
+}
+
+/// `log.syslog`: ContainerSSH's keys.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct SyslogConfig {
+    /// A unix socket path, or `host:port` (UDP).
+    pub destination: String,
+    pub facility: String,
+    pub tag: String,
+    pub pid: bool,
+}
+
+impl Default for SyslogConfig {
+    fn default() -> Self {
+        Self {
+            destination: "/dev/log".into(),
+            facility: "auth".into(),
+            tag: "ContainerSSH".into(),
+            pid: false,
         }
     }
 }
@@ -1322,6 +1348,8 @@ pub enum LogFormat {
 pub enum LogDestination {
     #[default]
     Stdout,
+    File,
+    Syslog,
 }
 
 /// Syslog levels as ContainerSSH names them; numbers 0–7 are accepted too.

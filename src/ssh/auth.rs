@@ -92,7 +92,7 @@ impl Authenticator {
         self.conn.auth_failed();
         let max = self.conn.shared.settings.ssh.max_auth_tries;
         if self.failures >= max {
-            tracing::info!(connection_id = %self.conn.id, user = %self.user.as_deref().unwrap_or("").escape_debug(), failures = self.failures, "too many authentication failures (ssh.maxAuthTries): disconnecting");
+            tracing::info!(code = "SSH_AUTH_TOO_MANY_FAILURES", connection_id = %self.conn.id, user = %self.user.as_deref().unwrap_or("").escape_debug(), failures = self.failures, "too many authentication failures (ssh.maxAuthTries): disconnecting");
             self.conn.disconnect(
                 russh::Disconnect::NoMoreAuthMethodsAvailable,
                 "Too many authentication failures",
@@ -218,11 +218,11 @@ impl Authenticator {
             match auth_webhook::authz(&hook, user, state, &self.peer()).await {
                 Ok(Verdict::Allowed(s)) => state = s,
                 Ok(Verdict::Denied) => {
-                    tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), method, "login refused by the authz webhook");
+                    tracing::info!(code = "SSH_AUTH_FAILED", connection_id = %self.conn.id, user = %user.escape_debug(), method, "login refused by the authz webhook");
                     return self.refuse();
                 }
                 Err(e) => {
-                    tracing::warn!(connection_id = %self.conn.id, user = %user.escape_debug(), error = %e, "authz webhook failed: login refused");
+                    tracing::warn!(code = "AUTH_BACKEND_ERROR", connection_id = %self.conn.id, user = %user.escape_debug(), error = %e, "authz webhook failed: login refused");
                     return self.refuse();
                 }
             }
@@ -237,14 +237,14 @@ impl Authenticator {
                         match self.login_config(user, &overlay).await {
                             Ok(p) => profile = Some(p),
                             Err(e) => {
-                                tracing::warn!(connection_id = %self.conn.id, user = %user.escape_debug(), error = %e, "login refused: the config webhook's configuration cannot be used");
+                                tracing::warn!(code = "CONFIG_REFUSED", connection_id = %self.conn.id, user = %user.escape_debug(), error = %e, "login refused: the config webhook's configuration cannot be used");
                                 return self.refuse();
                             }
                         }
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(connection_id = %self.conn.id, user = %user.escape_debug(), error = %e, "config webhook failed: login refused");
+                    tracing::warn!(code = "CONFIG_BACKEND_ERROR", connection_id = %self.conn.id, user = %user.escape_debug(), error = %e, "config webhook failed: login refused");
                     return self.refuse();
                 }
             }
@@ -270,7 +270,7 @@ impl Authenticator {
             }
             None => (Arc::clone(&shared.settings), Arc::clone(&shared.backend)),
         };
-        tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), authenticated_as = %name.escape_debug(), method, "authenticated");
+        tracing::info!(code = "SSH_AUTH_SUCCESSFUL", connection_id = %self.conn.id, user = %user.escape_debug(), authenticated_as = %name.escape_debug(), method, "authenticated");
         crate::metrics::get()
             .auth_success
             .inc(&[crate::metrics::COUNTRY, self.method, "0"]);

@@ -303,7 +303,7 @@ impl ConnCtx {
                 Ok(t) => ContainerSlot::Ready(t),
                 Err(e) => {
                     let e = crate::backend::one_line(&e);
-                    tracing::warn!(connection_id = %me.id, error = %e, "container start failed");
+                    tracing::warn!(code = "BACKEND_START_FAILED", connection_id = %me.id, error = %e, "container start failed");
                     ContainerSlot::Failed(Arc::from(e))
                 }
             };

@@ -365,7 +365,7 @@ impl russh::server::Handler for Handler {
                 reply.accept().await;
             }
             Err(why) => {
-                tracing::info!(connection_id = %self.conn.id, "session refused: {why}");
+                tracing::info!(code = "SECURITY_MAX_SESSIONS", connection_id = %self.conn.id, "session refused: {why}");
                 reply.reject(ChannelOpenFailure::ResourceShortage).await;
             }
         }
@@ -464,7 +464,7 @@ impl russh::server::Handler for Handler {
             return self.start(id, argv, env, session);
         }
         if !self.conn.settings().policy.command.allows(command) {
-            tracing::info!(connection_id = %self.conn.id, command = %command.escape_debug(), "command refused: security.command");
+            tracing::info!(code = "SECURITY_EXEC_REJECTED", connection_id = %self.conn.id, command = %command.escape_debug(), "command refused: security.command");
             return Ok(session.channel_failure(id)?);
         }
         self.start(id, exec_argv(command), Vec::new(), session)

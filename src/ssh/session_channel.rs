@@ -340,7 +340,7 @@ impl Task {
             }
             Err(e) => {
                 let e = crate::backend::one_line(&e);
-                tracing::warn!(connection_id = %self.conn.id, error = %e, "program start failed");
+                tracing::warn!(code = "BACKEND_START_FAILED", connection_id = %self.conn.id, error = %e, "program start failed");
                 self.say(
                     spec.tty.is_some(),
                     &format!("cannot start your container: {e}"),

@@ -354,7 +354,7 @@ impl Webhook {
                 },
                 Err(e) => e,
             };
-            tracing::info!(webhook = %self.inner.key, attempt = attempts, error = %err, "webhook call failed; retrying within authTimeout");
+            tracing::info!(code = "AUTH_BACKEND_ERROR", webhook = %self.inner.key, attempt = attempts, error = %err, "webhook call failed; retrying within authTimeout");
             count_request(&self.inner.key, attempts > 1, Some(("soft", &err)));
             // The whole authTimeout is used: the last pause is cut short so that one more
             // attempt of at least MIN_LAST_ATTEMPT fits.

@@ -23,6 +23,7 @@ mod kube_backend;
 mod kube_ssh;
 mod kubefake;
 mod lifecycle;
+mod logging;
 mod manifests;
 mod metadata;
 mod metrics;

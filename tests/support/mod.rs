@@ -693,6 +693,16 @@ stateDirectory: {state}
     /// not refuse the next. Penalties are tested from other loopback addresses
     /// (tests/front_door.rs) and by the auditor (tests/audit.rs), which clear the list.
     pub fn start(&self, yaml: &str) -> TestServer {
+        self.start_reporting(yaml, None)
+    }
+
+    /// [`TestEnv::start`] for a server that logs elsewhere than stdout: `listening` finds its
+    /// `listening on ADDR` there (polled until [`STARTUP_TIMEOUT`]).
+    pub fn start_reporting(
+        &self,
+        yaml: &str,
+        listening: Option<&dyn Fn() -> Option<SocketAddr>>,
+    ) -> TestServer {
         let config = self.dir.path().join("config.yaml");
         let yaml = exempt_loopback(yaml);
         let yaml = if yaml.lines().any(|l| l.starts_with("sandbox:")) {
@@ -728,9 +738,18 @@ stateDirectory: {state}
             in_process: None,
             log,
         };
-        let found = server
-            .log
-            .wait_for(STARTUP_TIMEOUT, |t| t.lines().find_map(parse_listening));
+        let found = match listening {
+            None => server
+                .log
+                .wait_for(STARTUP_TIMEOUT, |t| t.lines().find_map(parse_listening)),
+            Some(f) => poll_until(STARTUP_TIMEOUT, Duration::from_millis(50), || {
+                if server.try_wait().is_some() {
+                    return Some(None);
+                }
+                f().map(Some)
+            })
+            .flatten(),
+        };
         match found {
             Some(addr) => {
                 server.addr = addr;

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tracing::field::{Field, Visit};
 use tracing::level_filters::LevelFilter;
@@ -11,7 +11,9 @@ use tracing::{Event, Subscriber};
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 
-use crate::config::model::{LogConfig, LogFormat, LogLevel};
+use crate::config::model::{LogConfig, LogDestination, LogFormat, LogLevel};
+
+pub mod sink;
 
 pub fn filter(level: LogLevel) -> LevelFilter {
     match level {
@@ -96,28 +98,85 @@ impl<S: Subscriber> Layer<S> for Levels {
     }
 }
 
-/// Installs the global subscriber. Logs go to stdout, as ContainerSSH's `destination: stdout`.
-/// `per_login` (a config webhook is configured): logins may log more verbosely than the file.
-pub fn init(cfg: &LogConfig, per_login: bool) {
+/// The log file, when `log.destination` is `file` (reopened on SIGHUP).
+static FILE: OnceLock<Arc<sink::FileSink>> = OnceLock::new();
+
+/// SIGHUP: reopens the log file (logrotate moved it away); nothing for other destinations.
+pub fn reopen() {
+    if let Some(f) = FILE.get() {
+        match f.reopen() {
+            Ok(()) => tracing::info!(code = "LOG_REOPENED", "log file reopened (SIGHUP)"),
+            Err(e) => {
+                tracing::error!(code = "LOG_REOPEN_FAILED", error = %e, "cannot reopen the log file: logging goes on into the old one")
+            }
+        }
+    }
+}
+
+/// The directory the log file is reopened in, for the sandbox.
+pub fn writable_dir() -> Option<std::os::fd::BorrowedFd<'static>> {
+    FILE.get().map(|f| f.dir())
+}
+
+/// Installs the global subscriber, writing to `log.destination` (opened now, before the
+/// sandbox). `per_login` (a config webhook is configured): logins may log more verbosely
+/// than the file.
+pub fn init(cfg: &LogConfig, per_login: bool) -> Result<(), sink::SinkError> {
     let base = filter(cfg.level);
     let levels = Levels {
         base,
         most: if per_login { LevelFilter::DEBUG } else { base },
     };
+    let (out, syslog) = match cfg.destination {
+        LogDestination::Stdout => (sink::Sink::Stdout, false),
+        LogDestination::File => {
+            let f = Arc::new(sink::FileSink::open(&cfg.file)?);
+            let _ = FILE.set(Arc::clone(&f));
+            (sink::Sink::File(f), false)
+        }
+        LogDestination::Syslog => (
+            sink::Sink::Syslog(Arc::new(sink::SyslogSink::open(&cfg.syslog)?)),
+            true,
+        ),
+    };
     let registry = tracing_subscriber::registry().with(levels);
-    // A second init (tests) is harmless: the first subscriber stays.
-    let _ = match cfg.format {
-        LogFormat::Ljson => registry
+    // A second init (tests) is harmless: the first subscriber stays. Syslog lines carry no
+    // time or level of their own (the frame has both).
+    let _ = match (cfg.format, syslog) {
+        (LogFormat::Ljson, false) => registry
             .with(
                 tracing_subscriber::fmt::layer()
                     .json()
                     .flatten_event(true)
-                    .with_writer(std::io::stdout)
+                    .with_writer(out)
                     .with_target(false),
             )
             .try_init(),
-        LogFormat::Text => registry.with(text_layer(std::io::stdout)).try_init(),
+        (LogFormat::Ljson, true) => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .without_time()
+                    .with_level(false)
+                    .with_writer(out)
+                    .with_target(false),
+            )
+            .try_init(),
+        (LogFormat::Text, false) => registry.with(text_layer(out)).try_init(),
+        (LogFormat::Text, true) => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .without_time()
+                    .with_level(false)
+                    .with_writer(out)
+                    .with_target(false)
+                    .fmt_fields(EscapedFields),
+            )
+            .try_init(),
     };
+    Ok(())
 }
 
 /// The text format: tracing's, with every field written through [`EscapedFields`].
