@@ -287,7 +287,7 @@ fn incomplete_tail(b: &[u8]) -> usize {
 }
 
 async fn write(
-    mut file: tokio::fs::File,
+    file: tokio::fs::File,
     header: String,
     mut rx: mpsc::Receiver<Event>,
     queue: Arc<Queue>,
@@ -302,6 +302,8 @@ async fn write(
         tracing::error!(code = "AUDIT_STORAGE_FAILED", file = %name, error = %e, "writing the audit recording failed: the rest of this session is not recorded");
         crate::metrics::get().audit_failures.inc(&[]);
     };
+    // Lines are batched: one file write per 256 KiB rather than per event.
+    let mut file = tokio::io::BufWriter::with_capacity(256 * 1024, file);
     if let Err(e) = file.write_all(header.as_bytes()).await {
         failed(e);
         return;
@@ -335,7 +337,12 @@ async fn write(
             }
         };
         queue.bytes.fetch_sub(size, Ordering::AcqRel);
-        if let Err(e) = file.write_all(line.as_bytes()).await {
+        let mut written = file.write_all(line.as_bytes()).await;
+        // Nothing more waiting: out to the file, so an idle session's recording is current.
+        if written.is_ok() && rx.is_empty() {
+            written = file.flush().await;
+        }
+        if let Err(e) = written {
             failed(e);
             return;
         }

@@ -182,6 +182,9 @@ fn an_exec_keeps_stdout_and_stderr_and_a_password_leaves_no_trace() {
     );
     // Without a terminal: ContainerSSH's 80 columns.
     assert_eq!(lines[0]["width"].as_u64(), Some(80));
+    // The recording's end did nothing the sandbox forbids: the server still serves.
+    let out = run_with_timeout(env.ssh(&server, "alice").arg("true"), None, CMD_TIMEOUT);
+    assert_eq!(out.status.code(), Some(0), "{}", server.output());
 }
 
 #[test]
