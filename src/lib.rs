@@ -19,6 +19,7 @@
 //! - [`forward`]: port, socket, X11 and agent forwarding through the in-container agent.
 //! - [`agent`]: the in-container agent's side (its own binary) and its wire protocol.
 //! - [`sandbox`]: privilege dropping and seccomp; the only room with `unsafe`.
+//! - [`dirfd`]: the directories files are created in after the sandbox (audit, log file).
 //! - [`metrics`]: what operators see: Prometheus metrics and the health endpoint.
 //! - [`audit`]: audit recordings of sessions (asciicast files).
 //! - [`log`]: log setup and formats.
@@ -39,6 +40,7 @@ pub mod audit;
 pub mod auth;
 pub mod backend;
 pub mod config;
+pub mod dirfd;
 pub mod forward;
 pub mod front;
 pub mod http;

@@ -14,8 +14,6 @@
 //! be created in it and nowhere else.
 
 use std::fmt::Write as _;
-use std::os::fd::OwnedFd;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -26,6 +24,7 @@ use tokio::sync::mpsc;
 
 use crate::config::model::AuditIntercept;
 use crate::config::validate::Audit;
+use crate::dirfd::{Create, WritableDir};
 
 /// Bytes of events a recording may have queued for its writer.
 pub const MAX_QUEUED_BYTES: usize = 4 * 1024 * 1024;
@@ -43,7 +42,7 @@ pub struct AuditError {
 
 /// Makes recordings (shared by the connections).
 pub struct Recorder {
-    dir: OwnedFd,
+    dir: WritableDir,
     intercept: AuditIntercept,
 }
 
@@ -54,14 +53,7 @@ impl Recorder {
             path: audit.directory.display().to_string(),
             source,
         };
-        let dir = rustix::fs::open(
-            &audit.directory,
-            rustix::fs::OFlags::DIRECTORY
-                | rustix::fs::OFlags::RDONLY
-                | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )
-        .map_err(|e| failed(e.into()))?;
+        let dir = WritableDir::open(&audit.directory).map_err(failed)?;
         Ok(Self {
             dir,
             intercept: audit.intercept.clone(),
@@ -70,25 +62,15 @@ impl Recorder {
 
     /// The directory's descriptor, for the sandbox (files are created in it afterwards).
     pub fn dir(&self) -> std::os::fd::BorrowedFd<'_> {
-        use std::os::fd::AsFd;
-        self.dir.as_fd()
+        self.dir.fd()
     }
 
     /// Starts the recording of one session channel's program.
     pub fn start(&self, connection_id: &str, channel: u32, header: &Header) -> Option<Recording> {
         let name = format!("{connection_id}-{channel}.cast");
-        let file = rustix::fs::openat(
-            &self.dir,
-            Path::new(&name),
-            rustix::fs::OFlags::CREATE
-                | rustix::fs::OFlags::EXCL
-                | rustix::fs::OFlags::WRONLY
-                | rustix::fs::OFlags::NOFOLLOW
-                | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::from_raw_mode(0o600),
-        );
+        let file = self.dir.create(&name, Create::New, 0o600);
         let file = match file {
-            Ok(fd) => std::fs::File::from(fd),
+            Ok(f) => f,
             Err(e) => {
                 tracing::error!(code = "AUDIT_STORAGE_FAILED", connection_id, file = %name, error = %e, "cannot create the audit recording: the session is not recorded");
                 crate::metrics::get().audit_failures.inc(&[]);

@@ -11,7 +11,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::net::UdpSocket;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::BorrowedFd;
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -21,6 +21,7 @@ use tracing::{Level, Metadata};
 use tracing_subscriber::fmt::MakeWriter;
 
 use crate::config::model::SyslogConfig;
+use crate::dirfd::{Create, WritableDir};
 
 /// Why a destination cannot be used; names the key.
 #[derive(Debug, thiserror::Error)]
@@ -45,23 +46,13 @@ pub enum SinkError {
 
 /// A log file and the directory it is reopened in.
 pub struct FileSink {
-    dir: OwnedFd,
+    dir: WritableDir,
     name: String,
     file: Mutex<File>,
 }
 
-fn open_in(dir: &OwnedFd, name: &str) -> io::Result<File> {
-    let fd = rustix::fs::openat(
-        dir,
-        Path::new(name),
-        rustix::fs::OFlags::CREATE
-            | rustix::fs::OFlags::WRONLY
-            | rustix::fs::OFlags::APPEND
-            | rustix::fs::OFlags::NOFOLLOW
-            | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::from_raw_mode(0o640),
-    )?;
-    Ok(File::from(fd))
+fn open_in(dir: &WritableDir, name: &str) -> io::Result<File> {
+    dir.create(name, Create::Append, 0o640)
 }
 
 impl FileSink {
@@ -80,14 +71,7 @@ impl FileSink {
             path: path.into(),
             source: e,
         };
-        let dir = rustix::fs::open(
-            parent,
-            rustix::fs::OFlags::DIRECTORY
-                | rustix::fs::OFlags::RDONLY
-                | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )
-        .map_err(|e| failed(e.into()))?;
+        let dir = WritableDir::open(parent).map_err(failed)?;
         let file = open_in(&dir, name).map_err(failed)?;
         Ok(Self {
             dir,
@@ -104,7 +88,7 @@ impl FileSink {
     }
 
     pub fn dir(&self) -> BorrowedFd<'_> {
-        self.dir.as_fd()
+        self.dir.fd()
     }
 
     fn write_line(&self, line: &[u8]) -> io::Result<()> {
