@@ -13,7 +13,6 @@
 //! recording only. The directory is opened before the sandbox; the seccomp filter lets files
 //! be created in it and nowhere else.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -150,6 +149,17 @@ struct Queue {
     dropped: AtomicU64,
 }
 
+impl Queue {
+    /// `size` bytes are out of the queue (never below zero).
+    fn written(&self, size: usize) {
+        let _ = self
+            .bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                Some(b.saturating_sub(size))
+            });
+    }
+}
+
 /// One channel's recording; events are queued, never waited for.
 pub struct Recording {
     tx: mpsc::Sender<Event>,
@@ -164,21 +174,32 @@ impl Recording {
         self.started.elapsed().as_secs_f64()
     }
 
-    fn push(&self, event: Event, size: usize) {
+    /// Queues an event of `size` bytes, unless the queue is full; the writer gives the bytes
+    /// back once written ([`Queue::written`]). Every queued event is counted, markers too.
+    fn enqueue(&self, event: Event, size: usize) -> bool {
         let q = &self.queue;
-        if q.bytes.load(Ordering::Acquire) + size > MAX_QUEUED_BYTES {
-            q.dropped.fetch_add(size as u64, Ordering::Relaxed);
-            crate::metrics::get().audit_dropped.add(&[], size as f64);
-            return;
-        }
-        let dropped = q.dropped.swap(0, Ordering::Relaxed);
-        if dropped > 0 {
-            let note = format!("audit: {dropped} bytes not recorded (the recording fell behind)");
-            let _ = self.tx.try_send(Event::Marker(self.now(), note));
+        if q.bytes.load(Ordering::Acquire).saturating_add(size) > MAX_QUEUED_BYTES {
+            return false;
         }
         q.bytes.fetch_add(size, Ordering::AcqRel);
         if self.tx.try_send(event).is_err() {
-            q.bytes.fetch_sub(size, Ordering::AcqRel);
+            q.written(size);
+            return false;
+        }
+        true
+    }
+
+    fn push(&self, event: Event, size: usize) {
+        let q = &self.queue;
+        let dropped = q.dropped.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            let note = format!("audit: {dropped} bytes not recorded (the recording fell behind)");
+            let len = note.len();
+            if !self.enqueue(Event::Marker(self.now(), note), len) {
+                q.dropped.fetch_add(dropped, Ordering::Relaxed);
+            }
+        }
+        if !self.enqueue(event, size) {
             q.dropped.fetch_add(size as u64, Ordering::Relaxed);
             crate::metrics::get().audit_dropped.add(&[], size as f64);
         }
@@ -290,9 +311,11 @@ async fn write(
         failed(e);
         return;
     }
+    // One line, encoded straight from the event (no JSON value in between), reused.
+    let mut line: Vec<u8> = Vec::with_capacity(64 * 1024);
     while let Some(event) = rx.recv().await {
-        let mut line = String::new();
-        let size = match &event {
+        line.clear();
+        let encoded = match &event {
             Event::Data(t, stream, data) => {
                 let (code, i) = match stream {
                     Stream::Stdin => ("i", 0),
@@ -300,26 +323,29 @@ async fn write(
                     Stream::Stderr => ("o", 2),
                 };
                 let text = joiners.get_mut(i).map(|j| j.text(data)).unwrap_or_default();
-                if !text.is_empty() {
-                    let _ = writeln!(line, "{}", serde_json::json!([t, code, text]));
+                if text.is_empty() {
+                    Ok(())
+                } else {
+                    serde_json::to_writer(&mut line, &(t, code, text.as_str()))
                 }
-                data.len()
             }
-            Event::Marker(t, label) => {
-                let _ = writeln!(line, "{}", serde_json::json!([t, "m", label]));
-                label.len()
-            }
+            Event::Marker(t, label) => serde_json::to_writer(&mut line, &(t, "m", label)),
             Event::Resize(t, cols, rows) => {
-                let _ = writeln!(
-                    line,
-                    "{}",
-                    serde_json::json!([t, "r", format!("{cols}x{rows}")])
-                );
-                16
+                serde_json::to_writer(&mut line, &(t, "r", format!("{cols}x{rows}")))
             }
         };
-        queue.bytes.fetch_sub(size, Ordering::AcqRel);
-        let mut written = file.write_all(line.as_bytes()).await;
+        let size = match &event {
+            Event::Data(_, _, data) => data.len(),
+            Event::Marker(_, label) => label.len(),
+            Event::Resize(..) => 16,
+        };
+        if encoded.is_ok() && !line.is_empty() {
+            line.push(b'\n');
+        } else {
+            line.clear();
+        }
+        queue.written(size);
+        let mut written = file.write_all(&line).await;
         // Nothing more waiting: out to the file, so an idle session's recording is current.
         if written.is_ok() && rx.is_empty() {
             written = file.flush().await;
@@ -337,6 +363,78 @@ async fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Past the queue's limit bytes are dropped, then a marker says how many; the accounting
+    /// of queued bytes (markers included) comes back to zero.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_recording_that_falls_behind_drops_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let recorder = Recorder::open(&Audit {
+            directory: dir.path().to_owned(),
+            intercept: AuditIntercept {
+                stdout: true,
+                ..AuditIntercept::default()
+            },
+        })
+        .unwrap();
+        let header = Header {
+            cols: 0,
+            rows: 0,
+            term: None,
+            shell: None,
+            command: "x".into(),
+        };
+        let rec = recorder.start("c0ffee", 7, &header).unwrap();
+        let chunk = Bytes::from(vec![b'a'; 64 * 1024]);
+        // The writer cannot run before we yield: everything past the limit is dropped.
+        for _ in 0..(MAX_QUEUED_BYTES / chunk.len() + 10) {
+            rec.output(false, &chunk);
+        }
+        assert!(rec.queue.dropped.load(Ordering::Relaxed) >= 10 * chunk.len() as u64);
+        tokio::task::yield_now().await;
+        let queue = Arc::clone(&rec.queue);
+        // Draining: the next output carries the marker first.
+        drained(&queue).await;
+        rec.output(false, &Bytes::from_static(b"after"));
+        rec.exit("exit status 0");
+        drop(rec);
+        drained(&queue).await;
+        let path = dir.path().join("c0ffee-7.cast");
+        let text = poll_text(&path, "exit status 0").await;
+        assert!(
+            text.contains("bytes not recorded (the recording fell behind)"),
+            "marker"
+        );
+        assert!(text.contains(r#""o","after"]"#));
+        assert_eq!(queue.bytes.load(Ordering::Acquire), 0);
+    }
+
+    /// Lets the writer run until nothing is queued (bounded: a count that never comes back
+    /// to zero fails the test).
+    async fn drained(queue: &Queue) {
+        for _ in 0..100_000 {
+            if queue.bytes.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!(
+            "queued bytes never drained: {}",
+            queue.bytes.load(Ordering::Acquire)
+        );
+    }
+
+    async fn poll_text(path: &std::path::Path, needle: &str) -> String {
+        for _ in 0..10_000 {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            if text.contains(needle) {
+                return text;
+            }
+            tokio::task::yield_now().await;
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        panic!("{needle} never written to {}", path.display());
+    }
 
     #[test]
     fn a_character_split_across_chunks_is_joined() {
