@@ -49,8 +49,12 @@ async fn a_program_that_does_not_read_stalls_only_its_own_channel() {
     let (_read, write) = stalled.split();
     let mut writer = write.make_writer();
     let sent = push_until_blocked(&mut writer, 30 * 1024 * 1024).await;
+    // Beyond the window, what the path to the program buffers: the unix socket to the engine
+    // (its send and receive buffers, ~208 KiB each by default, autotuned), the engine's copy
+    // buffers and the container's pipe (64 KiB). Typically 2.19 MiB gets in; one loaded suite
+    // run saw 2.44 MiB. The old server took the whole 30 MiB.
     assert!(
-        sent <= WINDOW_MAX + 256 * 1024,
+        sent <= WINDOW_MAX + 1024 * 1024,
         "the server took {sent} bytes for a program that does not read: {}",
         server.output()
     );
