@@ -140,12 +140,21 @@ fn facility(name: &str) -> Option<u8> {
     })
 }
 
+/// Connects, non-blocking: a syslog daemon that stops reading must not stall the threads
+/// that log (a full socket loses the line instead).
 fn connect(destination: &str) -> io::Result<Transport> {
     if destination.starts_with('/') {
         let d = UnixDatagram::unbound()?;
         match d.connect(destination) {
-            Ok(()) => Ok(Transport::Datagram(d)),
-            Err(_) => Ok(Transport::Stream(UnixStream::connect(destination)?)),
+            Ok(()) => {
+                d.set_nonblocking(true)?;
+                Ok(Transport::Datagram(d))
+            }
+            Err(_) => {
+                let s = UnixStream::connect(destination)?;
+                s.set_nonblocking(true)?;
+                Ok(Transport::Stream(s))
+            }
         }
     } else {
         let bind = if destination.starts_with('[') {
@@ -155,6 +164,7 @@ fn connect(destination: &str) -> io::Result<Transport> {
         };
         let u = UdpSocket::bind(bind)?;
         u.connect(destination)?;
+        u.set_nonblocking(true)?;
         Ok(Transport::Udp(u))
     }
 }
@@ -211,6 +221,14 @@ impl SyslogSink {
             };
             match sent {
                 Ok(()) => return Ok(()),
+                // The daemon is behind: this line is lost; a datagram socket stays usable (a
+                // stream may hold half a line, so it is reconnected).
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if matches!(transport.as_ref(), Some(Transport::Stream(_))) {
+                        *transport = None;
+                    }
+                    return Err(e);
+                }
                 Err(_) => *transport = None,
             }
         }
@@ -352,6 +370,29 @@ mod tests {
             }),
             Err(SinkError::Facility(_))
         ));
+    }
+
+    /// A daemon that stops reading costs lines, never a wait.
+    #[test]
+    fn a_syslog_that_does_not_read_never_blocks_the_logger() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.sock");
+        let _deaf = UnixDatagram::bind(&path).unwrap();
+        let sink = SyslogSink::open(&SyslogConfig {
+            destination: path.display().to_string(),
+            ..SyslogConfig::default()
+        })
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let line = vec![b'x'; 1024];
+            let lost = (0..10_000).filter(|_| sink.send(6, &line).is_err()).count();
+            let _ = tx.send(lost);
+        });
+        let lost = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("sending blocked on a full socket");
+        assert!(lost > 0, "the socket's queue is smaller than 10,000 lines");
     }
 
     #[test]
