@@ -51,4 +51,50 @@ impl WritableDir {
         )?;
         Ok(File::from(fd))
     }
+
+    /// Opens `name` for reading (never through a symlink).
+    pub fn open_read(&self, name: &str) -> io::Result<File> {
+        let fd = rustix::fs::openat(
+            &self.0,
+            Path::new(name),
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(File::from(fd))
+    }
+
+    /// Reads all of `name`, refusing more than `max` bytes.
+    pub fn read(&self, name: &str, max: u64) -> io::Result<Vec<u8>> {
+        use std::io::Read;
+        let mut out = Vec::new();
+        self.open_read(name)?.take(max + 1).read_to_end(&mut out)?;
+        if out.len() as u64 > max {
+            return Err(io::Error::other(format!(
+                "{name} is larger than {max} bytes"
+            )));
+        }
+        Ok(out)
+    }
+
+    /// `len` bytes of `name` from `offset`.
+    pub fn read_at(&self, name: &str, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let f = self.open_read(name)?;
+        let mut buf = vec![0u8; usize::try_from(len).map_err(io::Error::other)?];
+        f.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    }
+
+    /// The size of `name`.
+    pub fn size(&self, name: &str) -> io::Result<u64> {
+        Ok(self.open_read(name)?.metadata()?.len())
+    }
+
+    /// Removes `name` (a missing file is not an error).
+    pub fn remove(&self, name: &str) -> io::Result<()> {
+        match rustix::fs::unlinkat(&self.0, Path::new(name), rustix::fs::AtFlags::empty()) {
+            Err(e) if e == rustix::io::Errno::NOENT => Ok(()),
+            r => r.map_err(io::Error::from),
+        }
+    }
 }

@@ -24,6 +24,8 @@ containerssh - an SSH server that gives every login its own container
 
 USAGE:
     containerssh [--config FILE]
+    containerssh audit decode FILE
+    containerssh audit replay FILE [--channel N]
 
 With no --config, serves the embedded default: 127.0.0.1:2222, your own
 ~/.ssh/authorized_keys for any user name, the local Docker engine.
@@ -36,6 +38,12 @@ OPTIONS:
     --hash-password   read a password from stdin, print an argon2id hash for a password file
     --help            print this help
     --version         print the version
+
+AUDIT RECORDINGS (audit.format: binary, ContainerSSH's format, versions 1 and 2):
+    audit decode FILE             print every message as one JSON object per line
+    audit replay FILE [--channel N]
+                                  play a session channel's output (the first with output
+                                  when none is named) at the pace it was recorded
 ";
 
 struct Cli {
@@ -102,7 +110,46 @@ fn hash_password() -> ExitCode {
     }
 }
 
+/// `containerssh audit decode|replay FILE [--channel N]`.
+fn audit_command(mut parser: lexopt::Parser) -> Result<ExitCode, lexopt::Error> {
+    use lexopt::prelude::*;
+    let action = parser.value()?.string()?;
+    let mut file: Option<PathBuf> = None;
+    let mut channel = None;
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Long("channel") if action == "replay" => channel = Some(parser.value()?.parse()?),
+            Value(v) if file.is_none() => file = Some(v.into()),
+            _ => return Err(arg.unexpected()),
+        }
+    }
+    let Some(file) = file else {
+        return Err("audit decode|replay needs the recording's FILE".into());
+    };
+    let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr());
+    let done = match action.as_str() {
+        "decode" => containerssh::audit::decode::decode(&file, &mut out, &mut err),
+        "replay" => containerssh::audit::decode::replay(&file, channel, &mut out, &mut err),
+        other => return Err(format!("audit {other:?}: the actions are decode and replay").into()),
+    };
+    Ok(match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            print_chain(&e);
+            ExitCode::FAILURE
+        }
+    })
+}
+
 fn main() -> ExitCode {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "audit") {
+        let mut parser = lexopt::Parser::from_env();
+        let _ = parser.next();
+        return audit_command(parser).unwrap_or_else(|e| {
+            eprintln!("containerssh: {e}\n\n{HELP}");
+            ExitCode::from(2)
+        });
+    }
     if let Err(e) = containerssh::sandbox::close_inherited_fds() {
         eprintln!("containerssh: cannot close inherited file descriptors: {e}");
         return ExitCode::FAILURE;

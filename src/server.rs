@@ -45,6 +45,9 @@ pub fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 /// Serves until `shared.shutdown` is cancelled, then drains; whether every connection was
 /// gone by the drain deadline.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener) -> bool {
+    if let Some(audit) = &shared.audit {
+        audit.run();
+    }
     let total = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let connections = TaskTracker::new();
     loop {

@@ -57,12 +57,14 @@ done
 # --- 1b. Python peers (PyPI) ------------------------------------------------------
 # Pinned so their verdicts and behaviour do not drift: the stock SSH auditor (tests/audit.rs
 # runs `python3 -m ssh_audit`) and a third-party client library (paramiko: raw auth sequences
-# from another implementation).
-PYPI_PACKAGES=(ssh-audit==3.9.0 paramiko==5.1.0 asciinema==2.4.0)
+# from another implementation), the asciicast player, a CBOR decoder written by others
+# (reads the binary audit format as ContainerSSH's tools do) and an S3 server (moto's).
+PYPI_PACKAGES=(ssh-audit==3.9.0 paramiko==5.1.0 asciinema==2.4.0 cbor2==6.3.0 "moto[server]==5.2.1")
 section "checking PyPI packages: ${PYPI_PACKAGES[*]}"
 command -v python3 >/dev/null 2>&1 || die "python3 not found (the tests run ssh-audit and paramiko with it)"
 for spec in "${PYPI_PACKAGES[@]}"; do
     name=${spec%%==*} want=${spec##*==}
+    name=${name%%[*}
     have=$(python3 -c 'import sys, importlib.metadata as m; print(m.version(sys.argv[1]))' "$name" 2>/dev/null || true)
     if [[ $have != "$want" ]]; then
         echo "installing $spec (found: ${have:-none})"
@@ -73,6 +75,8 @@ done
 python3 -m ssh_audit --help >/dev/null 2>&1 || die "python3 -m ssh_audit does not run"
 python3 -c 'import paramiko' || die "python3 cannot import paramiko"
 python3 -m asciinema --version >/dev/null 2>&1 || die "python3 -m asciinema does not run"
+python3 -c 'import cbor2' || die "python3 cannot import cbor2"
+python3 -c "import moto.server" || die "python3 cannot import moto.server (moto[server])"
 
 # --- 2. the engine -------------------------------------------------------------
 section "checking the Docker engine"

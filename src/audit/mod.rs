@@ -15,15 +15,24 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use bytes::Bytes;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-use crate::config::model::AuditIntercept;
+use crate::backend::ExitReport;
+use crate::config::model::{AuditFormat, AuditIntercept};
 use crate::config::validate::Audit;
 use crate::dirfd::{Create, WritableDir};
+
+pub mod binary;
+mod binary_writer;
+mod cast;
+pub mod cbor;
+pub mod decode;
+pub mod s3;
+
+pub use binary::Msg;
 
 /// Bytes of events a recording may have queued for its writer.
 pub const MAX_QUEUED_BYTES: usize = 4 * 1024 * 1024;
@@ -32,31 +41,76 @@ const MAX_QUEUED_EVENTS: usize = 4096;
 
 /// Why recordings cannot be made.
 #[derive(Debug, thiserror::Error)]
-#[error("audit.file.directory: cannot open {path}")]
-pub struct AuditError {
-    path: String,
-    #[source]
-    source: std::io::Error,
+pub enum AuditError {
+    #[error("{key}: cannot open {path}")]
+    Directory {
+        key: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("audit.s3.cacert: cannot read {path}")]
+    CaFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("audit.s3.cacert: {0}")]
+    Tls(#[source] crate::http::tls::TlsError),
 }
+
+/// The CA bundle an `https` endpoint is checked against when `audit.s3.cacert` is not set.
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// Makes recordings (shared by the connections).
 pub struct Recorder {
-    dir: WritableDir,
+    dir: Arc<WritableDir>,
     intercept: AuditIntercept,
+    format: AuditFormat,
+    /// `storage: s3`: the uploader of finished recordings.
+    uploads: Option<Arc<s3::Uploads>>,
 }
 
 impl Recorder {
-    /// Opens the directory (before the sandbox).
+    /// Opens the directory, and for S3 reads the CA and lists what a previous run left
+    /// staged (before the sandbox).
     pub fn open(audit: &Audit) -> Result<Self, AuditError> {
-        let failed = |source| AuditError {
+        let key = if audit.s3.is_some() {
+            "audit.s3.local"
+        } else {
+            "audit.file.directory"
+        };
+        let failed = |source| AuditError::Directory {
+            key,
             path: audit.directory.display().to_string(),
             source,
         };
-        let dir = WritableDir::open(&audit.directory).map_err(failed)?;
+        let dir = Arc::new(WritableDir::open(&audit.directory).map_err(failed)?);
+        let uploads = match &audit.s3 {
+            Some(c) => {
+                let waiting = s3::staged(&audit.directory).map_err(failed)?;
+                let target = s3_target(c)?;
+                Some(Arc::new(s3::Uploads::new(
+                    target,
+                    Arc::clone(&dir),
+                    waiting,
+                )))
+            }
+            None => None,
+        };
         Ok(Self {
             dir,
             intercept: audit.intercept.clone(),
+            format: audit.format,
+            uploads,
         })
+    }
+
+    /// Starts the uploads (`storage: s3`), in the runtime.
+    pub fn run(&self) {
+        if let Some(u) = &self.uploads {
+            u.run();
+        }
     }
 
     /// The directory's descriptor, for the sandbox (files are created in it afterwards).
@@ -64,70 +118,168 @@ impl Recorder {
         self.dir.fd()
     }
 
-    /// Starts the recording of one session channel's program.
-    pub fn start(&self, connection_id: &str, channel: u32, header: &Header) -> Option<Recording> {
-        let name = format!("{connection_id}-{channel}.cast");
-        let file = self.dir.create(&name, Create::New, 0o600);
-        let file = match file {
-            Ok(f) => f,
+    /// Creates a recording's file (and for S3 its metadata beside it); `None` (logged and
+    /// counted) when it cannot be.
+    fn create(&self, connection_id: &str, name: &str, meta: &s3::Meta) -> Option<tokio::fs::File> {
+        let created = self.dir.create(name, Create::New, 0o600).and_then(|f| {
+            if self.uploads.is_some() {
+                use std::io::Write as _;
+                let sidecar = format!("{name}{}", s3::METADATA_SUFFIX);
+                let mut m = self.dir.create(&sidecar, Create::New, 0o600)?;
+                m.write_all(&serde_json::to_vec(meta).unwrap_or_default())?;
+            }
+            Ok(f)
+        });
+        match created {
+            Ok(f) => Some(tokio::fs::File::from_std(f)),
             Err(e) => {
                 tracing::error!(code = "AUDIT_STORAGE_FAILED", connection_id, file = %name, error = %e, "cannot create the audit recording: the session is not recorded");
                 crate::metrics::get().audit_failures.inc(&[]);
-                return None;
+                None
+            }
+        }
+    }
+
+    fn done(&self, queue: &Arc<Queue>, name: String) -> Done {
+        Done {
+            queue: Arc::clone(queue),
+            name,
+            uploads: self.uploads.clone(),
+        }
+    }
+
+    /// The connection's recording in the binary format (one file per connection, named by its
+    /// id), beginning with the connect message; `None` for the asciinema format, whose files
+    /// are per session channel.
+    pub fn connect(&self, connection_id: &str, remote: std::net::SocketAddr) -> Option<Log> {
+        if self.format != AuditFormat::Binary {
+            return None;
+        }
+        let meta = s3::Meta {
+            timestamp: unix_now(),
+            ip: remote.ip().to_string(),
+            username: None,
+            authenticated: false,
+        };
+        let file = self.create(connection_id, connection_id, &meta)?;
+        let (tx, rx) = mpsc::channel(MAX_QUEUED_EVENTS);
+        let queue = Arc::new(Queue::default());
+        tokio::spawn(binary_writer::write(
+            file,
+            connection_id.to_string(),
+            rx,
+            self.done(&queue, connection_id.to_string()),
+        ));
+        let log = Log {
+            sink: Sink { tx, queue },
+            intercept: self.intercept.clone(),
+        };
+        log.event(
+            None,
+            Msg::Connect {
+                remote: remote.ip().to_string(),
+            },
+        );
+        Some(log)
+    }
+
+    /// Starts the recording of one session channel's program: its own asciicast file, or
+    /// its part of the connection's binary recording (`log`).
+    pub fn start(
+        &self,
+        connection_id: &str,
+        channel: u32,
+        header: &Header,
+        log: Option<&Log>,
+    ) -> Option<Recording> {
+        let sink = match log {
+            Some(log) => log.sink.clone(),
+            None => {
+                let name = format!("{connection_id}-{channel}.cast");
+                let meta = s3::Meta {
+                    timestamp: unix_now(),
+                    ip: header.remote.clone(),
+                    username: header.user.clone(),
+                    authenticated: header.user.is_some(),
+                };
+                let file = self.create(connection_id, &name, &meta)?;
+                let (tx, rx) = mpsc::channel(MAX_QUEUED_EVENTS);
+                let queue = Arc::new(Queue::default());
+                tokio::spawn(cast::write(
+                    file,
+                    header.line(),
+                    Instant::now(),
+                    rx,
+                    self.done(&queue, name),
+                ));
+                Sink { tx, queue }
             }
         };
-        let (tx, rx) = mpsc::channel(MAX_QUEUED_EVENTS);
-        let shared = Arc::new(Queue::default());
-        tokio::spawn(write(
-            tokio::fs::File::from_std(file),
-            header.line(),
-            rx,
-            Arc::clone(&shared),
-            name,
-        ));
         Some(Recording {
-            tx,
-            queue: shared,
-            started: Instant::now(),
+            sink,
+            channel,
+            binary: log.is_some(),
             intercept: self.intercept.clone(),
             last_output: std::sync::Mutex::new(Stream::Stdout),
         })
     }
 }
 
-/// What the header says.
+/// What the header says (and the object's metadata when stored in S3).
 pub struct Header {
     pub cols: u32,
     pub rows: u32,
     pub term: Option<String>,
     pub shell: Option<String>,
     pub command: String,
+    /// The client's address and who logged in (S3 metadata only).
+    pub remote: String,
+    pub user: Option<String>,
 }
 
-impl Header {
-    fn line(&self) -> String {
-        let mut env = serde_json::Map::new();
-        if let Some(t) = &self.term {
-            env.insert("TERM".into(), t.clone().into());
-        }
-        if let Some(s) = &self.shell {
-            env.insert("SHELL".into(), s.clone().into());
-        }
-        let timestamp = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let mut line = serde_json::json!({
-            "version": 2,
-            "width": if self.cols > 0 { self.cols } else { 80 },
-            "height": if self.rows > 0 { self.rows } else { 24 },
-            "timestamp": timestamp,
-            "command": self.command,
-            "env": env,
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The S3 target of `audit.s3`: its TLS settings read now.
+fn s3_target(c: &crate::config::validate::AuditS3) -> Result<s3::Target, AuditError> {
+    let tls = if c.https {
+        let path = c.cacert.clone().unwrap_or_else(|| SYSTEM_CA_BUNDLE.into());
+        let ca = std::fs::read(&path).map_err(|source| AuditError::CaFile {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let config = crate::http::tls::client_config(crate::http::tls::ClientTls {
+            ca: &ca,
+            cert: None,
+            key: None,
+            versions: crate::http::tls::TLS12_AND_13,
+            provider: None,
+            alpn_http1: true,
         })
-        .to_string();
-        line.push('\n');
-        line
-    }
+        .map_err(AuditError::Tls)?;
+        Some(Arc::new(config))
+    } else {
+        None
+    };
+    Ok(s3::Target {
+        host: c.host.clone(),
+        connect_host: c.connect_host.clone(),
+        port: c.port,
+        bucket: c.bucket.clone(),
+        region: c.region.clone(),
+        access_key: c.access_key.clone(),
+        secret_key: s3::Secret(c.secret_key.clone()),
+        acl: c.acl.clone(),
+        path_style: c.path_style,
+        part_size: c.part_size,
+        parallel: c.parallel,
+        metadata_ip: c.metadata_ip,
+        metadata_username: c.metadata_username,
+        tls,
+    })
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,10 +289,35 @@ enum Stream {
     Stderr,
 }
 
-enum Event {
-    Data(f64, Stream, Bytes),
-    Marker(f64, String),
-    Resize(f64, u32, u32),
+/// One event for a writer.
+struct Event {
+    at: Instant,
+    channel: Option<u32>,
+    kind: Kind,
+}
+
+enum Kind {
+    Data(Stream, Bytes),
+    /// The asciicast's stream switch markers.
+    Marker(String),
+    /// Bytes the recording had to drop.
+    Dropped(u64),
+    Resize(u32, u32),
+    Exit(ExitReport),
+    /// The binary format's connection and channel messages.
+    Msg(Msg),
+}
+
+impl Event {
+    /// What the event counts for against [`MAX_QUEUED_BYTES`].
+    fn size(&self) -> usize {
+        match &self.kind {
+            Kind::Data(_, d) => d.len(),
+            Kind::Marker(l) => l.len(),
+            Kind::Dropped(_) | Kind::Resize(..) | Kind::Exit(_) => 16,
+            Kind::Msg(_) => 128,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -160,24 +337,41 @@ impl Queue {
     }
 }
 
-/// One channel's recording; events are queued, never waited for.
-pub struct Recording {
-    tx: mpsc::Sender<Event>,
+/// What a writer has to tell when it ends: the recording is complete (for S3: upload it).
+struct Done {
     queue: Arc<Queue>,
-    started: Instant,
-    intercept: AuditIntercept,
-    last_output: std::sync::Mutex<Stream>,
+    name: String,
+    uploads: Option<Arc<s3::Uploads>>,
 }
 
-impl Recording {
-    fn now(&self) -> f64 {
-        self.started.elapsed().as_secs_f64()
+impl Drop for Done {
+    fn drop(&mut self) {
+        if let Some(u) = &self.uploads {
+            u.ready(std::mem::take(&mut self.name));
+        }
     }
+}
 
-    /// Queues an event of `size` bytes, unless the queue is full; the writer gives the bytes
-    /// back once written ([`Queue::written`]). Every queued event is counted, markers too.
-    fn enqueue(&self, event: Event, size: usize) -> bool {
+impl Done {
+    fn failed(&self, e: &std::io::Error) {
+        tracing::error!(code = "AUDIT_STORAGE_FAILED", file = %self.name, error = %e, "writing the audit recording failed: the rest of it is lost");
+        crate::metrics::get().audit_failures.inc(&[]);
+    }
+}
+
+/// The sending side of one writer: events are queued, never waited for.
+#[derive(Clone)]
+struct Sink {
+    tx: mpsc::Sender<Event>,
+    queue: Arc<Queue>,
+}
+
+impl Sink {
+    /// Queues an event unless the queue is full; the writer gives its size back once
+    /// written ([`Queue::written`]). Every queued event is counted, markers too.
+    fn enqueue(&self, event: Event) -> bool {
         let q = &self.queue;
+        let size = event.size();
         if q.bytes.load(Ordering::Acquire).saturating_add(size) > MAX_QUEUED_BYTES {
             return false;
         }
@@ -189,29 +383,66 @@ impl Recording {
         true
     }
 
-    fn push(&self, event: Event, size: usize) {
+    /// Queues an event; one that does not fit is dropped and counted, and the next one that
+    /// fits is preceded by a note of how many bytes were lost.
+    fn push(&self, channel: Option<u32>, kind: Kind) {
         let q = &self.queue;
+        let at = Instant::now();
         let dropped = q.dropped.swap(0, Ordering::Relaxed);
         if dropped > 0 {
-            let note = format!("audit: {dropped} bytes not recorded (the recording fell behind)");
-            let len = note.len();
-            if !self.enqueue(Event::Marker(self.now(), note), len) {
+            let note = Event {
+                at,
+                channel,
+                kind: Kind::Dropped(dropped),
+            };
+            if !self.enqueue(note) {
                 q.dropped.fetch_add(dropped, Ordering::Relaxed);
             }
         }
-        if !self.enqueue(event, size) {
+        let event = Event { at, channel, kind };
+        let size = event.size();
+        if !self.enqueue(event) {
             q.dropped.fetch_add(size as u64, Ordering::Relaxed);
             crate::metrics::get().audit_dropped.add(&[], size as f64);
         }
+    }
+}
+
+/// A connection's recording in the binary format.
+pub struct Log {
+    sink: Sink,
+    intercept: AuditIntercept,
+}
+
+impl Log {
+    /// Records a connection-level (`channel` none) or channel-level message.
+    pub fn event(&self, channel: Option<u32>, msg: Msg) {
+        if matches!(msg, Msg::AuthPassword { .. }) && !self.intercept.passwords {
+            return;
+        }
+        self.sink.push(channel, Kind::Msg(msg));
+    }
+}
+
+/// One channel's recording; events are queued, never waited for.
+pub struct Recording {
+    sink: Sink,
+    channel: u32,
+    /// Part of a binary recording (else its own asciicast file).
+    binary: bool,
+    intercept: AuditIntercept,
+    last_output: std::sync::Mutex<Stream>,
+}
+
+impl Recording {
+    fn push(&self, kind: Kind) {
+        self.sink.push(Some(self.channel), kind);
     }
 
     /// Input from the client (`intercept.stdin`).
     pub fn stdin(&self, data: &[u8]) {
         if self.intercept.stdin {
-            self.push(
-                Event::Data(self.now(), Stream::Stdin, Bytes::copy_from_slice(data)),
-                data.len(),
-            );
+            self.push(Kind::Data(Stream::Stdin, Bytes::copy_from_slice(data)));
         }
     }
 
@@ -225,8 +456,7 @@ impl Recording {
         if !wanted {
             return;
         }
-        let t = self.now();
-        {
+        if !self.binary {
             let mut last = self
                 .last_output
                 .lock()
@@ -234,129 +464,20 @@ impl Recording {
             if *last != stream {
                 *last = stream;
                 let label = if stderr { "stderr" } else { "stdout" };
-                self.push(Event::Marker(t, label.into()), label.len());
+                self.push(Kind::Marker(label.into()));
             }
         }
-        self.push(Event::Data(t, stream, data.clone()), data.len());
+        self.push(Kind::Data(stream, data.clone()));
     }
 
     /// A window change.
     pub fn resize(&self, cols: u32, rows: u32) {
-        self.push(Event::Resize(self.now(), cols, rows), 16);
+        self.push(Kind::Resize(cols, rows));
     }
 
     /// How the program ended (the last event).
-    pub fn exit(&self, how: &str) {
-        self.push(Event::Marker(self.now(), how.to_string()), how.len());
-    }
-}
-
-/// Turns bytes into text without splitting a character: a sequence cut at the end of a chunk
-/// waits for the next chunk; invalid bytes become U+FFFD.
-#[derive(Default)]
-struct Utf8Joiner {
-    carry: Vec<u8>,
-}
-
-impl Utf8Joiner {
-    fn text(&mut self, data: &[u8]) -> String {
-        let mut bytes = std::mem::take(&mut self.carry);
-        bytes.extend_from_slice(data);
-        let keep = incomplete_tail(&bytes);
-        let split = bytes.len() - keep;
-        self.carry = bytes.split_off(split);
-        String::from_utf8_lossy(&bytes).into_owned()
-    }
-}
-
-/// How many bytes at the end start a UTF-8 sequence that is not complete yet (0 to 3).
-fn incomplete_tail(b: &[u8]) -> usize {
-    for back in 1..=3.min(b.len()) {
-        let Some(&byte) = b.get(b.len() - back) else {
-            return 0;
-        };
-        if byte & 0xC0 == 0x80 {
-            continue;
-        }
-        let need = match byte {
-            0xC0..=0xDF => 2,
-            0xE0..=0xEF => 3,
-            0xF0..=0xF7 => 4,
-            _ => return 0,
-        };
-        return if need > back { back } else { 0 };
-    }
-    0
-}
-
-async fn write(
-    file: tokio::fs::File,
-    header: String,
-    mut rx: mpsc::Receiver<Event>,
-    queue: Arc<Queue>,
-    name: String,
-) {
-    let mut joiners = [
-        Utf8Joiner::default(),
-        Utf8Joiner::default(),
-        Utf8Joiner::default(),
-    ];
-    let failed = |e: std::io::Error| {
-        tracing::error!(code = "AUDIT_STORAGE_FAILED", file = %name, error = %e, "writing the audit recording failed: the rest of this session is not recorded");
-        crate::metrics::get().audit_failures.inc(&[]);
-    };
-    // Lines are batched: one file write per 256 KiB rather than per event.
-    let mut file = tokio::io::BufWriter::with_capacity(256 * 1024, file);
-    if let Err(e) = file.write_all(header.as_bytes()).await {
-        failed(e);
-        return;
-    }
-    // One line, encoded straight from the event (no JSON value in between), reused.
-    let mut line: Vec<u8> = Vec::with_capacity(64 * 1024);
-    while let Some(event) = rx.recv().await {
-        line.clear();
-        let encoded = match &event {
-            Event::Data(t, stream, data) => {
-                let (code, i) = match stream {
-                    Stream::Stdin => ("i", 0),
-                    Stream::Stdout => ("o", 1),
-                    Stream::Stderr => ("o", 2),
-                };
-                let text = joiners.get_mut(i).map(|j| j.text(data)).unwrap_or_default();
-                if text.is_empty() {
-                    Ok(())
-                } else {
-                    serde_json::to_writer(&mut line, &(t, code, text.as_str()))
-                }
-            }
-            Event::Marker(t, label) => serde_json::to_writer(&mut line, &(t, "m", label)),
-            Event::Resize(t, cols, rows) => {
-                serde_json::to_writer(&mut line, &(t, "r", format!("{cols}x{rows}")))
-            }
-        };
-        let size = match &event {
-            Event::Data(_, _, data) => data.len(),
-            Event::Marker(_, label) => label.len(),
-            Event::Resize(..) => 16,
-        };
-        if encoded.is_ok() && !line.is_empty() {
-            line.push(b'\n');
-        } else {
-            line.clear();
-        }
-        queue.written(size);
-        let mut written = file.write_all(&line).await;
-        // Nothing more waiting: out to the file, so an idle session's recording is current.
-        if written.is_ok() && rx.is_empty() {
-            written = file.flush().await;
-        }
-        if let Err(e) = written {
-            failed(e);
-            return;
-        }
-    }
-    if let Err(e) = file.flush().await {
-        failed(e);
+    pub fn exit(&self, how: &ExitReport) {
+        self.push(Kind::Exit(how.clone()));
     }
 }
 
@@ -370,6 +491,8 @@ mod tests {
     async fn a_recording_that_falls_behind_drops_and_says_so() {
         let dir = tempfile::tempdir().unwrap();
         let recorder = Recorder::open(&Audit {
+            format: AuditFormat::Asciinema,
+            s3: None,
             directory: dir.path().to_owned(),
             intercept: AuditIntercept {
                 stdout: true,
@@ -383,20 +506,22 @@ mod tests {
             term: None,
             shell: None,
             command: "x".into(),
+            remote: String::new(),
+            user: None,
         };
-        let rec = recorder.start("c0ffee", 7, &header).unwrap();
+        let rec = recorder.start("c0ffee", 7, &header, None).unwrap();
         let chunk = Bytes::from(vec![b'a'; 64 * 1024]);
         // The writer cannot run before we yield: everything past the limit is dropped.
         for _ in 0..(MAX_QUEUED_BYTES / chunk.len() + 10) {
             rec.output(false, &chunk);
         }
-        assert!(rec.queue.dropped.load(Ordering::Relaxed) >= 10 * chunk.len() as u64);
+        assert!(rec.sink.queue.dropped.load(Ordering::Relaxed) >= 10 * chunk.len() as u64);
         tokio::task::yield_now().await;
-        let queue = Arc::clone(&rec.queue);
+        let queue = Arc::clone(&rec.sink.queue);
         // Draining: the next output carries the marker first.
         drained(&queue).await;
         rec.output(false, &Bytes::from_static(b"after"));
-        rec.exit("exit status 0");
+        rec.exit(&ExitReport::Status(0));
         drop(rec);
         drained(&queue).await;
         let path = dir.path().join("c0ffee-7.cast");
@@ -407,6 +532,93 @@ mod tests {
         );
         assert!(text.contains(r#""o","after"]"#));
         assert_eq!(queue.bytes.load(Ordering::Acquire), 0);
+    }
+
+    /// A binary recording holds the connection's messages in order, with ContainerSSH's type
+    /// numbers and keys, ends with the disconnect when the connection and its channels are
+    /// gone, and never holds a password's text.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_binary_recording_decodes_in_order_without_the_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let recorder = Recorder::open(&Audit {
+            format: AuditFormat::Binary,
+            s3: None,
+            directory: dir.path().to_owned(),
+            intercept: AuditIntercept {
+                stdin: true,
+                stdout: true,
+                stderr: true,
+                passwords: true,
+                ..AuditIntercept::default()
+            },
+        })
+        .unwrap();
+        let log = recorder
+            .connect("ab12", "192.0.2.7:5555".parse().unwrap())
+            .unwrap();
+        log.event(
+            None,
+            Msg::AuthPassword {
+                user: "alice".into(),
+                ok: Some(true),
+            },
+        );
+        log.event(Some(0), Msg::Shell);
+        let header = Header {
+            cols: 0,
+            rows: 0,
+            term: None,
+            shell: None,
+            command: "sh".into(),
+            remote: String::new(),
+            user: None,
+        };
+        let rec = recorder.start("ab12", 0, &header, Some(&log)).unwrap();
+        rec.stdin(b"ls\n");
+        rec.output(false, &Bytes::from_static(b"out"));
+        rec.output(true, &Bytes::from_static(b"err"));
+        rec.resize(100, 30);
+        rec.exit(&ExitReport::Signal {
+            name: "TERM".into(),
+        });
+        let queue = Arc::clone(&rec.sink.queue);
+        drop(rec);
+        drop(log);
+        drained(&queue).await;
+        let path = dir.path().join("ab12");
+        let mut types = Vec::new();
+        for _ in 0..10_000 {
+            if let Ok(mut m) = decode::open(&path) {
+                types.clear();
+                let mut all = Vec::new();
+                while let Ok(Some(msg)) = m.next_message() {
+                    types.push(msg["type"].as_u64().unwrap());
+                    all.push(msg);
+                }
+                if types.last() == Some(&1) && !m.truncated {
+                    assert_eq!(all[0]["payload"]["remoteAddr"], "192.0.2.7");
+                    assert_eq!(all[0]["connectionId"], "ab12");
+                    assert_eq!(all[0]["channelId"], serde_json::Value::Null);
+                    assert_eq!(all[1]["payload"]["password"], "", "no password text");
+                    assert_eq!(all[3]["payload"]["data"], "bHMK"); // "ls\n"
+                    assert_eq!(all[3]["channelId"], 0);
+                    assert_eq!(all[5]["payload"]["stream"], 2);
+                    assert_eq!(all[7]["payload"]["signal"], "TERM");
+                    let ts: Vec<u64> = all
+                        .iter()
+                        .map(|m| m["timestamp"].as_u64().unwrap())
+                        .collect();
+                    assert!(ts.windows(2).all(|w| w[0] <= w[1]), "{ts:?}");
+                    break;
+                }
+            }
+            tokio::task::yield_now().await;
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        assert_eq!(types, [0, 101, 405, 500, 500, 500, 408, 498, 1]);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[..21], b"ContainerSSH-Auditlog");
+        assert_eq!(bytes[32..40], 2u64.to_le_bytes());
     }
 
     /// Lets the writer run until nothing is queued (bounded: a count that never comes back
@@ -434,21 +646,5 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
         panic!("{needle} never written to {}", path.display());
-    }
-
-    #[test]
-    fn a_character_split_across_chunks_is_joined() {
-        let mut j = Utf8Joiner::default();
-        let snow = "☃".as_bytes(); // 3 bytes
-        assert_eq!(j.text(&[b'a', snow[0]]), "a");
-        assert_eq!(j.text(&snow[1..2]), "");
-        assert_eq!(j.text(&[snow[2], b'b']), "☃b");
-        assert_eq!(
-            j.text(&[0xff, b'c']),
-            "\u{fffd}c",
-            "invalid bytes are replaced"
-        );
-        assert_eq!(incomplete_tail("é".as_bytes()), 0);
-        assert_eq!(incomplete_tail(&"😀".as_bytes()[..3]), 3);
     }
 }

@@ -229,6 +229,7 @@ pub struct Metrics {
     pub penalties: Family,
     pub audit_failures: Family,
     pub audit_dropped: Family,
+    pub audit_upload_failures: Family,
     pub bytes: Bytes,
 }
 
@@ -343,6 +344,12 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         &[],
         "Bytes left out of audit recordings that fell behind (a marker in each says how many).",
     ),
+    audit_upload_failures: Family::new(
+        "containerssh_audit_upload_failures_total",
+        Kind::Counter,
+        &[],
+        "Audit recording uploads to S3 that failed (each try; the recording stays staged).",
+    ),
     bytes: Bytes {
         from_clients: AtomicU64::new(0),
         to_clients: AtomicU64::new(0),
@@ -378,6 +385,7 @@ impl Metrics {
             &self.penalties,
             &self.audit_failures,
             &self.audit_dropped,
+            &self.audit_upload_failures,
         ] {
             f.render(&mut out);
         }

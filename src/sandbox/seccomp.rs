@@ -249,7 +249,8 @@ pub const AGENT_FORWARD: &[Allowed] = &[
 
 /// Builds the two programs for the union of `lists` (see the module header); `writable_dirs`:
 /// directory descriptors opened before the sandbox in which `openat` may create and write
-/// files (the audit directory), every other `openat` stays read-only.
+/// files (the audit directory) and `unlinkat` may remove them; every other `openat` stays
+/// read-only.
 pub fn programs(
     lists: &[&[Allowed]],
     mode: SeccompMode,
@@ -292,6 +293,19 @@ pub fn programs(
     if let Some(Some(openat)) = rules.get_mut(&SYS_openat) {
         for fd in writable_dirs {
             openat.push(SeccompRule::new(vec![cond(0, SeccompCmpOp::Eq, *fd)?]).map_err(err)?);
+        }
+    }
+    // Files in those directories may be removed too (audit recordings once uploaded to S3),
+    // and nothing else.
+    if !writable_dirs.is_empty() {
+        let entry = rules
+            .entry(SYS_unlinkat)
+            .or_insert_with(|| Some(Vec::new()));
+        if let Some(unlinkat) = entry {
+            for fd in writable_dirs {
+                unlinkat
+                    .push(SeccompRule::new(vec![cond(0, SeccompCmpOp::Eq, *fd)?]).map_err(err)?);
+            }
         }
     }
     let rules = rules

@@ -37,6 +37,9 @@ pub struct Authenticator {
     failures: u32,
     /// The method of the request being answered (metrics' `authtype`).
     method: &'static str,
+    /// The public key (or certificate) of the signed attempt being answered, for the audit
+    /// recording.
+    key: String,
 }
 
 impl Authenticator {
@@ -48,6 +51,7 @@ impl Authenticator {
             requests: 0,
             failures: 0,
             method: "none",
+            key: String::new(),
         }
     }
 
@@ -82,9 +86,37 @@ impl Authenticator {
         }
     }
 
+    /// Names the key of the signed attempt being answered (the audit recording's `key`).
+    pub fn attempt_key(&mut self, key: String) {
+        self.key = key;
+    }
+
+    /// The audit recording's message for the attempt's outcome (`None` for the methods it has
+    /// no message for).
+    fn audit_attempt(&self, user: &str, ok: bool) {
+        let user = user.to_string();
+        let msg = match self.method {
+            "password" => crate::audit::Msg::AuthPassword { user, ok: Some(ok) },
+            "pubkey" => crate::audit::Msg::AuthPubkey {
+                user,
+                key: self.key.clone(),
+                ok,
+            },
+            _ => return,
+        };
+        self.conn.audit(None, msg);
+    }
+
     /// A refused attempt, counted as sshd counts them (every method together); at
     /// `ssh.maxAuthTries` the client is disconnected with the reason.
     pub fn refuse(&mut self) -> Auth {
+        if let Some(user) = self.user.clone() {
+            // An offered key is not an attempt (only its signed use is).
+            if self.method != "pubkey" || !self.key.is_empty() {
+                self.audit_attempt(&user, false);
+            }
+        }
+        self.key.clear();
         self.failures += 1;
         crate::metrics::get()
             .auth_failures
@@ -271,6 +303,11 @@ impl Authenticator {
             None => (Arc::clone(&shared.settings), Arc::clone(&shared.backend)),
         };
         tracing::info!(code = "SSH_AUTH_SUCCESSFUL", connection_id = %self.conn.id, user = %user.escape_debug(), authenticated_as = %name.escape_debug(), method, "authenticated");
+        self.audit_attempt(user, true);
+        self.conn.audit(
+            None,
+            crate::audit::Msg::HandshakeSuccessful { user: name.clone() },
+        );
         crate::metrics::get()
             .auth_success
             .inc(&[crate::metrics::COUNTRY, self.method, "0"]);

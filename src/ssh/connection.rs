@@ -109,6 +109,8 @@ pub struct ConnCtx {
     disconnecting: AtomicBool,
     /// Cancelled once the login succeeded.
     authenticated: CancellationToken,
+    /// The connection's binary audit recording (`audit.format: binary`).
+    audit: Option<crate::audit::Log>,
 }
 
 /// Drops a connection's own log level when its cleanup is done.
@@ -136,6 +138,18 @@ pub fn new_connection_id() -> String {
 }
 
 impl ConnCtx {
+    /// Records a message in the connection's binary audit recording, when there is one.
+    pub fn audit(&self, channel: Option<u32>, msg: crate::audit::Msg) {
+        if let Some(log) = &self.audit {
+            log.event(channel, msg);
+        }
+    }
+
+    /// The binary audit recording, for the session channels' parts of it.
+    pub fn audit_log(&self) -> Option<&crate::audit::Log> {
+        self.audit.as_ref()
+    }
+
     /// `stream_end` cuts the socket's I/O when cancelled (the connection's task does, at its
     /// end).
     pub fn new(
@@ -148,8 +162,11 @@ impl ConnCtx {
         let buffers = shared
             .buffers
             .child(shared.settings.ssh.buffers.per_connection);
+        let id = new_connection_id();
+        let audit = shared.audit.as_ref().and_then(|r| r.connect(&id, peer));
         Arc::new(Self {
-            id: new_connection_id(),
+            id,
+            audit,
             peer,
             shared,
             login: OnceLock::new(),

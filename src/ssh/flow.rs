@@ -345,9 +345,11 @@ impl InboundRx {
         flow.delivered(&mut st, n);
     }
 
-    /// Copies the data into `writer` until EOF (then half-closes it) or a write fails.
-    pub async fn pump<W: AsyncWrite + Unpin>(mut self, mut writer: W) {
+    /// Copies the data into `writer` until EOF (then half-closes it) or a write fails;
+    /// `seen` is shown each chunk as it is delivered (the audit recording's stdin).
+    pub async fn pump<W: AsyncWrite + Unpin>(mut self, mut writer: W, mut seen: impl FnMut(&[u8])) {
         while let Some(chunk) = self.next().await {
+            seen(&chunk);
             if writer.write_all(&chunk).await.is_err() {
                 return;
             }

@@ -252,6 +252,8 @@ impl russh::server::Handler for Handler {
         if let Err(answer) = self.auth.begin(user, "pubkey") {
             return Ok(answer);
         }
+        self.auth
+            .attempt_key(key.public_key.to_openssh().unwrap_or_default());
         if self.conn.shared.authorized_keys.is_none()
             && self.conn.shared.webhooks.public_key.is_none()
         {
@@ -283,6 +285,11 @@ impl russh::server::Handler for Handler {
         if let Err(answer) = self.auth.begin(user, "pubkey") {
             return Ok(answer);
         }
+        self.auth.attempt_key(format!(
+            "certificate {:?} serial {}",
+            certificate.key_id(),
+            certificate.serial()
+        ));
         let Some(cas) = &self.conn.shared.trusted_cas else {
             return Ok(self.auth.refuse());
         };
@@ -359,6 +366,18 @@ impl russh::server::Handler for Handler {
             None => SessionChannel::open(&self.conn, session.handle(), channel)
                 .map_err(|e| e.to_string()),
         };
+        let (ok, reason) = match &opened {
+            Ok(_) => (true, String::new()),
+            Err(why) => (false, why.clone()),
+        };
+        self.conn.audit(
+            Some(id.into()),
+            crate::audit::Msg::NewChannel {
+                kind: "session",
+                ok,
+                reason,
+            },
+        );
         match opened {
             Ok(ch) => {
                 self.channels.insert(id, ch);
@@ -400,10 +419,18 @@ impl russh::server::Handler for Handler {
             cols,
             rows,
         };
+        let audit = crate::audit::Msg::Pty {
+            term: t.term.clone(),
+            cols,
+            rows,
+        };
         let r = match self.channels.get_mut(&id) {
             Some(ch) => ch.pty(t),
             None => return Ok(session.channel_failure(id)?),
         };
+        if r.is_ok() {
+            self.conn.audit(Some(id.into()), audit);
+        }
         self.answer(id, "pty-req", r, session)
     }
 
@@ -429,6 +456,18 @@ impl russh::server::Handler for Handler {
             Some(ch) => ch.env(format!("{name}={value}")),
             None => return Ok(session.channel_failure(id)?),
         };
+        if r.is_ok() {
+            // A value only for the variables that cannot carry a secret (a client's SendEnv
+            // may send tokens).
+            let value = if forced_command_allows(name) && name != "GIT_PROTOCOL" {
+                value.to_string()
+            } else {
+                String::new()
+            };
+            let name = name.to_string();
+            self.conn
+                .audit(Some(id.into()), crate::audit::Msg::SetEnv { name, value });
+        }
         self.answer(id, "env", r, session)
     }
 
@@ -437,6 +476,7 @@ impl russh::server::Handler for Handler {
         id: ChannelId,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        self.conn.audit(Some(id.into()), crate::audit::Msg::Shell);
         if let Some((argv, env)) = self.forced("") {
             return self.start(id, argv, env, session);
         }
@@ -460,6 +500,9 @@ impl russh::server::Handler for Handler {
         if data.len() > MAX_COMMAND_BYTES || command.contains('\0') {
             return Ok(session.channel_failure(id)?);
         }
+        let program = command.to_string();
+        self.conn
+            .audit(Some(id.into()), crate::audit::Msg::Exec { program });
         if let Some((argv, env)) = self.forced(command) {
             return self.start(id, argv, env, session);
         }
@@ -476,6 +519,9 @@ impl russh::server::Handler for Handler {
         name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        let sub = name.chars().take(MAX_TERM_BYTES).collect();
+        self.conn
+            .audit(Some(id.into()), crate::audit::Msg::Subsystem { name: sub });
         if let Some((argv, env)) = self.forced(name) {
             return self.start(id, argv, env, session);
         }
@@ -522,6 +568,10 @@ impl russh::server::Handler for Handler {
             tracing::info!(connection_id = %self.conn.id, signal = %name.escape_debug(), "signal refused: security.signal");
             return Ok(());
         }
+        self.conn.audit(
+            Some(id.into()),
+            crate::audit::Msg::Signal { name: name.clone() },
+        );
         if let Some(ch) = self.channels.get(&id) {
             if let Err(e) = ch.signal(name.clone()) {
                 tracing::info!(connection_id = %self.conn.id, signal = %name.escape_debug(), reason = %e, "signal dropped");
@@ -563,6 +613,7 @@ impl russh::server::Handler for Handler {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         if let Some(ch) = self.channels.remove(&id) {
+            self.conn.audit(Some(id.into()), crate::audit::Msg::Close);
             ch.close();
         } else if let Some(f) = self.conn.forwards.remove(id) {
             f.closed.cancel();

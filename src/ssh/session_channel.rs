@@ -254,9 +254,6 @@ impl SessionChannel {
     pub fn data(&self, data: &[u8]) {
         self.activity.touch();
         crate::metrics::get().bytes.from_client(data.len());
-        if let Some(r) = self.recording.get() {
-            r.stdin(data);
-        }
         self.stdin.push(data);
     }
 
@@ -358,7 +355,13 @@ impl Task {
             output,
             control,
         } = process;
-        let stdin_task = self.conn.tasks.spawn(stdin.pump(writer));
+        // Recorded as delivered: what the client sent before the program started too.
+        let recording = Arc::clone(&self.recording);
+        let stdin_task = self.conn.tasks.spawn(stdin.pump(writer, move |chunk| {
+            if let Some(r) = recording.get() {
+                r.stdin(chunk);
+            }
+        }));
         let ended = self.running(output, &control, spec.tty.is_some()).await;
 
         // Closing.
@@ -367,7 +370,7 @@ impl Task {
                 let exit = control.wait().await;
                 tracing::debug!(connection_id = %self.conn.id, %exit, "program ended");
                 if let Some(r) = self.recording.get() {
-                    r.exit(&exit.to_string());
+                    r.exit(&exit);
                 }
                 self.finish(&exit).await;
             }
@@ -407,8 +410,11 @@ impl Task {
             term: spec.tty.as_ref().map(|t| t.term.clone()),
             shell: self.conn.settings().shell_command().first().cloned(),
             command: spec.argv.join(" "),
+            remote: self.conn.peer.ip().to_string(),
+            user: self.conn.user().map(|u| u.name.clone()),
         };
-        if let Some(r) = recorder.start(&self.conn.id, self.id().into(), &header) {
+        let log = self.conn.audit_log();
+        if let Some(r) = recorder.start(&self.conn.id, self.id().into(), &header, log) {
             let _ = self.recording.set(r);
         }
     }

@@ -9,6 +9,7 @@ mod support;
 
 mod agent;
 mod agent_forward;
+mod audit_s3;
 mod auth;
 mod auth_flow;
 mod certificates;

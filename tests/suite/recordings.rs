@@ -211,3 +211,223 @@ fn a_missing_directory_stops_the_start_naming_the_key() {
     assert_ne!(out.status.code(), Some(0));
     assert!(stderr.contains("audit.file.directory"), "{stderr}");
 }
+
+fn with_binary_audit(yaml: &str, dir: &Path) -> String {
+    format!(
+        "{yaml}audit:\n  enable: true\n  format: binary\n  storage: file\n  file:\n    directory: {}\n  intercept:\n    stdin: true\n    stdout: true\n    stderr: true\n    passwords: true\n",
+        dir.display()
+    )
+}
+
+/// `containerssh audit decode FILE`: the messages, and what it said on stderr.
+fn audit_decode(path: &Path) -> (Vec<Value>, String) {
+    let out = run_with_timeout(
+        Command::new(env!("CARGO_BIN_EXE_containerssh"))
+            .args(["audit", "decode"])
+            .arg(path),
+        None,
+        CMD_TIMEOUT,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let msgs = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    (msgs, stderr)
+}
+
+/// The same file read by an independent CBOR decoder (Python's cbor2), the way ContainerSSH's
+/// decoder reads it: the 40-byte header, then a gzip stream of CBOR items one after another.
+fn cbor2_decode(path: &Path) -> Vec<Value> {
+    let script = r#"
+import base64, cbor2, io, json, sys, zlib
+raw = open(sys.argv[1], "rb").read()
+assert raw[:32].rstrip(b"\0") == b"ContainerSSH-Auditlog", raw[:32]
+assert int.from_bytes(raw[32:40], "little") == 2
+stream = io.BytesIO(zlib.decompress(raw[40:], 31))
+end = len(stream.getbuffer())
+dec = cbor2.CBORDecoder(stream)
+def plain(v):
+    if isinstance(v, bytes):
+        return {"bytes": base64.b64encode(v).decode()}
+    if isinstance(v, dict):
+        return {k: plain(x) for k, x in v.items()}
+    return v
+while stream.tell() < end:
+    print(json.dumps(plain(dec.decode())))
+"#;
+    let out = run_with_timeout(
+        Command::new("python3").arg("-c").arg(script).arg(path),
+        None,
+        CMD_TIMEOUT,
+    );
+    assert!(
+        out.status.success(),
+        "cbor2: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_binary_recording_is_containerssh_s_format_and_replays_at_its_pace() {
+    let env = TestEnv::new();
+    let dir = audit_dir(&env);
+    let password = "Walrus-Pelican-93";
+    let hash = run_with_timeout(
+        Command::new(env!("CARGO_BIN_EXE_containerssh")).arg("--hash-password"),
+        Some(format!("{password}\n").as_bytes()),
+        CMD_TIMEOUT,
+    );
+    std::fs::write(
+        &env.password_file,
+        format!("alice:{}\n", String::from_utf8_lossy(&hash.stdout).trim()),
+    )
+    .unwrap();
+    let server = env.start(&with_binary_audit(&env.config_yaml("connection"), &dir));
+    let out = run_with_timeout(
+        env.ssh_password(&server, "alice", password)
+            .arg("read x; echo got-$x; echo to-err >&2; sleep 1; echo later; exit 5"),
+        Some(b"typed\n"),
+        CMD_TIMEOUT,
+    );
+    assert_eq!(out.status.code(), Some(5), "{}", server.output());
+
+    // One file for the connection, named by its id (32 hex characters, no extension); done
+    // when its disconnect message is in.
+    let path = poll_until(Duration::from_secs(30), Duration::from_millis(100), || {
+        let entries: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        let [one] = entries.as_slice() else {
+            return None;
+        };
+        let (msgs, _) = audit_decode(one);
+        (msgs.last()?["type"] == 1).then(|| one.clone())
+    })
+    .unwrap_or_else(|| panic!("no finished binary recording\n{}", server.output()));
+    let name = path.file_name().unwrap().to_string_lossy().to_string();
+    assert!(
+        name.len() == 32 && name.chars().all(|c| c.is_ascii_hexdigit()),
+        "{name}"
+    );
+    let (msgs, stderr) = audit_decode(&path);
+    assert!(stderr.is_empty(), "{stderr}");
+    let types: Vec<u64> = msgs.iter().map(|m| m["type"].as_u64().unwrap()).collect();
+    let ids: Vec<&str> = msgs.iter().map(|m| m["typeId"].as_str().unwrap()).collect();
+    for want in [
+        "connect",
+        "auth_password_successful",
+        "handshake_successful",
+        "new_channel_successful",
+        "exec",
+        "io",
+        "exit",
+        "disconnect",
+    ] {
+        assert!(ids.contains(&want), "{want} missing: {ids:?}");
+    }
+    assert_eq!(types.first(), Some(&0));
+    assert_eq!(types.last(), Some(&1));
+    let io = |stream: u64| -> String {
+        use base64::Engine as _;
+        msgs.iter()
+            .filter(|m| m["type"] == 500 && m["payload"]["stream"] == stream)
+            .map(|m| {
+                let d = m["payload"]["data"].as_str().unwrap();
+                String::from_utf8(base64::engine::general_purpose::STANDARD.decode(d).unwrap())
+                    .unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(io(0), "typed\n");
+    assert_eq!(io(1), "got-typed\nlater\n");
+    assert_eq!(io(2), "to-err\n");
+    let exit = msgs.iter().find(|m| m["type"] == 499).unwrap();
+    assert_eq!(exit["payload"]["exitStatus"], 5);
+    assert!(exit["channelId"].is_u64());
+    let exec = msgs.iter().find(|m| m["type"] == 403).unwrap();
+    assert!(exec["payload"]["program"]
+        .as_str()
+        .unwrap()
+        .starts_with("read x;"));
+
+    // An independent decoder reads the same messages with ContainerSSH's keys.
+    let others = cbor2_decode(&path);
+    assert_eq!(others.len(), msgs.len());
+    for (m, o) in msgs.iter().zip(&others) {
+        let mut keys: Vec<&String> = o.as_object().unwrap().keys().collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            ["channelId", "connectionId", "payload", "timestamp", "type"]
+        );
+        assert_eq!(m["type"], o["type"]);
+        assert_eq!(m["timestamp"], o["timestamp"]);
+        assert_eq!(o["connectionId"], name.as_str());
+    }
+    let auth = others.iter().find(|o| o["type"] == 101).unwrap();
+    assert_eq!(auth["payload"]["username"], "alice");
+    assert_eq!(
+        auth["payload"]["password"]["bytes"], "",
+        "a flag, never the text"
+    );
+    // No trace of the password anywhere in the decompressed stream either.
+    let raw = std::fs::read(&path).unwrap();
+    let mut plain = Vec::new();
+    use std::io::Read as _;
+    flate2::read::GzDecoder::new(&raw[40..])
+        .read_to_end(&mut plain)
+        .unwrap();
+    assert!(
+        !plain
+            .windows(password.len())
+            .any(|w| w == password.as_bytes()),
+        "the password is in the recording"
+    );
+
+    // Replay: the program's output, at its pace (the recorded second between "to-err" and
+    // "later" is waited for).
+    let started = Instant::now();
+    let out = run_with_timeout(
+        Command::new(env!("CARGO_BIN_EXE_containerssh"))
+            .args(["audit", "replay"])
+            .arg(&path),
+        None,
+        CMD_TIMEOUT,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // stdout and stderr are two streams: the first two lines come in either order.
+    let played = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut lines: Vec<&str> = played.lines().collect();
+    assert_eq!(lines.pop(), Some("later"), "{played}");
+    lines.sort_unstable();
+    assert_eq!(lines, ["got-typed", "to-err"], "{played}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A recording whose server stopped mid-write (no gzip trailer): what is there decodes, and
+    // the end is reported.
+    let cut = env.path().join("cut");
+    std::fs::write(&cut, &raw[..raw.len() - 8]).unwrap();
+    let (some, stderr) = audit_decode(&cut);
+    assert!(
+        some.len() + 1 >= msgs.len(),
+        "{} of {}",
+        some.len(),
+        msgs.len()
+    );
+    assert!(stderr.contains("ends early"), "{stderr}");
+}

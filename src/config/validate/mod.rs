@@ -12,7 +12,7 @@ mod tests;
 
 use std::path::PathBuf;
 
-pub use observe::{Audit, Served};
+pub use observe::{Audit, AuditS3, Served};
 pub use security::{Forwarding, Policy, Rule, Timeouts};
 pub use ssh::{Buffers, Ssh, DEFAULT_CIPHERS, DEFAULT_KEX, DEFAULT_MACS};
 

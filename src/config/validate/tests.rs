@@ -266,3 +266,57 @@ fn kubernetes_full_block_parses_and_round_trips() {
     let again: AppConfig = parse_yaml("d", &dumped).unwrap();
     assert_eq!(serde_yaml::to_string(&again).unwrap(), dumped);
 }
+
+#[test]
+fn audit_s3_is_checked_by_key() {
+    let audit = |s3: &str| {
+        format!(
+            "{}audit:\n  enable: true\n  format: binary\n  storage: s3\n  s3:\n    local: /var/lib/audit\n{s3}",
+            base()
+        )
+    };
+    let full = "    accessKey: a\n    secretKey: s\n    bucket: b\n";
+    let s = validate("c", parse_yaml("c", &audit(full)).unwrap()).unwrap();
+    let a = s.audit.unwrap();
+    let s3 = a.s3.unwrap();
+    assert_eq!(a.directory, std::path::Path::new("/var/lib/audit"));
+    assert_eq!(
+        (s3.host.as_str(), s3.connect_host.as_str(), s3.port),
+        (
+            "s3.us-east-1.amazonaws.com",
+            "s3.us-east-1.amazonaws.com",
+            443
+        )
+    );
+    assert_eq!((s3.part_size, s3.parallel), (5 * 1024 * 1024, 20));
+    let with = |extra: &str| {
+        let y = audit(&format!("{full}{extra}"));
+        validate("c", parse_yaml("c", &y).unwrap())
+    };
+    let s3 = with("    endpoint: http://[::1]:9000/\n")
+        .unwrap()
+        .audit
+        .unwrap()
+        .s3
+        .unwrap();
+    assert_eq!(
+        (s3.host.as_str(), s3.connect_host.as_str(), s3.port),
+        ("[::1]:9000", "::1", 9000)
+    );
+    for (extra, key) in [
+        ("    uploadPartSize: 1048576\n", "audit.s3.uploadPartSize"),
+        ("    parallelUploads: 0\n", "audit.s3.parallelUploads"),
+        ("    endpoint: ftp://x\n", "audit.s3.endpoint"),
+        ("    endpoint: http://x/prefix\n", "audit.s3.endpoint"),
+    ] {
+        let err = with(extra).unwrap_err().to_string();
+        assert!(err.contains(key), "{extra:?}: {err}");
+    }
+    let err = validate(
+        "c",
+        parse_yaml("c", &audit("    accessKey: a\n    secretKey: s\n")).unwrap(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("audit.s3.bucket"), "{err}");
+}
