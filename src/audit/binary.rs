@@ -7,8 +7,11 @@
 //! What we record differently, on purpose: a password is never written (`auth_password*`
 //! messages only with `intercept.passwords`, and then with an empty password: the flag that
 //! one was tried); an environment variable's value only for the terminal, locale and time
-//! zone variables (a client's `SendEnv` may carry secrets); bytes a recording had to drop are
-//! said in a `channel_request_unknown` message of type `containerssh-audit-dropped`.
+//! zone variables (a client's `SendEnv` may carry secrets); an X11 cookie never; bytes a
+//! recording had to drop are said in a `channel_request_unknown` message of type
+//! `containerssh-audit-dropped`. Forwarded connections are recorded as they open (their
+//! ContainerSSH messages), their data (`io`, stream 0 from the client, 1 to it) only with
+//! `intercept.forwarding`.
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -78,6 +81,47 @@ pub enum Msg {
         name: String,
     },
     Close,
+    /// `x11-req` (the cookie is never recorded).
+    X11Request {
+        screen: u32,
+    },
+    /// A client's `tcpip-forward` / `cancel-tcpip-forward`.
+    ForwardTcp {
+        host: String,
+        port: u32,
+        cancel: bool,
+    },
+    /// A client's `streamlocal-forward@openssh.com` / its cancel.
+    ForwardUnix {
+        path: String,
+        cancel: bool,
+    },
+    /// A `direct-tcpip` channel: the client connects through the container.
+    DirectTcp {
+        host: String,
+        port: u32,
+        from_host: String,
+        from_port: u32,
+    },
+    DirectUnix {
+        path: String,
+    },
+    /// A `forwarded-tcpip` channel: a connection to a forwarded port in the container.
+    ForwardedTcp {
+        host: String,
+        port: u32,
+        from_host: String,
+        from_port: u32,
+    },
+    ForwardedUnix {
+        path: String,
+    },
+    X11Channel {
+        from_host: String,
+        from_port: u32,
+    },
+    /// An `auth-agent@openssh.com` channel (ContainerSSH has no message of its own for it).
+    AgentChannel,
 }
 
 /// What the writer turns into one message.
@@ -149,6 +193,71 @@ impl Record<'_> {
                 Msg::Subsystem { name } => (407, Map(vec![rid(), ("subsystem", Text(name))])),
                 Msg::Signal { name } => (406, Map(vec![rid(), ("signal", Text(name))])),
                 Msg::Close => (497, Item::Null),
+                Msg::X11Request { screen } => (
+                    409,
+                    Map(vec![
+                        rid(),
+                        ("singleConnection", Bool(false)),
+                        ("authProtocol", Text("MIT-MAGIC-COOKIE-1")),
+                        ("cookie", Text("")),
+                        ("screen", Uint((*screen).into())),
+                    ]),
+                ),
+                Msg::ForwardTcp { host, port, cancel } => (
+                    if *cancel { 203 } else { 202 },
+                    Map(vec![
+                        ("BindHost", Text(host)),
+                        ("BindPort", Uint((*port).into())),
+                    ]),
+                ),
+                Msg::ForwardUnix { path, cancel } => (
+                    if *cancel { 205 } else { 204 },
+                    Map(vec![("Path", Text(path))]),
+                ),
+                Msg::DirectTcp {
+                    host,
+                    port,
+                    from_host,
+                    from_port,
+                } => (
+                    303,
+                    Map(vec![
+                        ("HostToConnect", Text(host)),
+                        ("PortToConnect", Uint((*port).into())),
+                        ("OriginatorHost", Text(from_host)),
+                        ("OriginatorPort", Uint((*from_port).into())),
+                    ]),
+                ),
+                Msg::DirectUnix { path } => (306, Map(vec![("Path", Text(path))])),
+                Msg::ForwardedTcp {
+                    host,
+                    port,
+                    from_host,
+                    from_port,
+                } => (
+                    304,
+                    Map(vec![
+                        ("ConnectedHost", Text(host)),
+                        ("ConnectedPort", Uint((*port).into())),
+                        ("OriginatorHost", Text(from_host)),
+                        ("OriginatorPort", Uint((*from_port).into())),
+                    ]),
+                ),
+                Msg::ForwardedUnix { path } => (307, Map(vec![("Path", Text(path))])),
+                Msg::X11Channel {
+                    from_host,
+                    from_port,
+                } => (
+                    305,
+                    Map(vec![
+                        ("OriginatorHost", Text(from_host)),
+                        ("OriginatorPort", Uint((*from_port).into())),
+                    ]),
+                ),
+                Msg::AgentChannel => (
+                    301,
+                    Map(vec![("channelType", Text("auth-agent@openssh.com"))]),
+                ),
             },
             Record::Io(stream, data) => (
                 500,
@@ -281,7 +390,7 @@ pub fn type_id(t: u64) -> &'static str {
         406 => "signal",
         407 => "subsystem",
         408 => "window",
-        409 => "x11",
+        409 => "x11-req",
         496 => "close_write",
         497 => "close",
         498 => "exit_signal",

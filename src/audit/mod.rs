@@ -424,6 +424,24 @@ impl Log {
     }
 }
 
+impl Log {
+    /// Data of a forwarded connection's channel (`intercept.forwarding`): `to_client`, or
+    /// from it.
+    pub fn forwarded(&self, channel: u32, to_client: bool, data: &[u8]) {
+        if self.intercept.forwarding {
+            let stream = if to_client {
+                Stream::Stdout
+            } else {
+                Stream::Stdin
+            };
+            self.sink.push(
+                Some(channel),
+                Kind::Data(stream, Bytes::copy_from_slice(data)),
+            );
+        }
+    }
+}
+
 /// One channel's recording; events are queued, never waited for.
 pub struct Recording {
     sink: Sink,
@@ -564,6 +582,8 @@ mod tests {
             },
         );
         log.event(Some(0), Msg::Shell);
+        // Not recorded (intercept.forwarding is off): the io below are the session's three.
+        log.forwarded(5, true, b"tunnelled");
         let header = Header {
             cols: 0,
             rows: 0,
@@ -616,6 +636,7 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
         assert_eq!(types, [0, 101, 405, 500, 500, 500, 408, 498, 1]);
+
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(&bytes[..21], b"ContainerSSH-Auditlog");
         assert_eq!(bytes[32..40], 2u64.to_le_bytes());

@@ -145,6 +145,13 @@ impl ConnCtx {
         }
     }
 
+    /// Records a forwarded connection's data (`audit.intercept.forwarding`).
+    pub fn audit_forwarded(&self, channel: u32, to_client: bool, data: &[u8]) {
+        if let Some(log) = &self.audit {
+            log.forwarded(channel, to_client, data);
+        }
+    }
+
     /// The binary audit recording, for the session channels' parts of it.
     pub fn audit_log(&self) -> Option<&crate::audit::Log> {
         self.audit.as_ref()

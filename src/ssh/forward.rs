@@ -434,6 +434,25 @@ async fn open_incoming(
         }
     };
     let id = channel.id();
+    let (from_host, from_port) = (inc.peer.clone(), u32::from(inc.peer_port));
+    let msg = match &kind {
+        ListenerKind::Tcp {
+            address,
+            port: bound,
+        } => crate::audit::Msg::ForwardedTcp {
+            host: address.clone(),
+            port: *bound,
+            from_host,
+            from_port,
+        },
+        ListenerKind::Unix { path } => crate::audit::Msg::ForwardedUnix { path: path.clone() },
+        ListenerKind::X11 => crate::audit::Msg::X11Channel {
+            from_host,
+            from_port,
+        },
+        ListenerKind::AuthAgent => crate::audit::Msg::AgentChannel,
+    };
+    conn.audit(Some(id.into()), msg);
     let write = write_half(channel);
     let Some((rx, closed)) = conn.forwards.take_opened(id).await else {
         let _ = write.close().await;
@@ -529,6 +548,7 @@ async fn bridge(
     let (sink, mut source) = stream.split();
     let up = async {
         while let Some(data) = from_client.next().await {
+            conn.audit_forwarded(id.into(), false, &data);
             if sink.send(&data).await.is_err() {
                 return;
             }
@@ -541,6 +561,7 @@ async fn bridge(
         while let Some(ev) = source.recv().await {
             match ev {
                 StreamEvent::Data(data) => {
+                    conn.audit_forwarded(id.into(), true, &data);
                     if out.write_all(&data).await.is_err() {
                         return;
                     }

@@ -647,8 +647,8 @@ impl russh::server::Handler for Handler {
         channel: Channel<Msg>,
         host_to_connect: &str,
         port_to_connect: u32,
-        _originator_address: &str,
-        _originator_port: u32,
+        originator_address: &str,
+        originator_port: u32,
         reply: ChannelOpenHandle,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
@@ -664,6 +664,18 @@ impl russh::server::Handler for Handler {
                     host: host_to_connect.to_string(),
                     port,
                 };
+                self.conn.audit(
+                    Some(channel.id().into()),
+                    crate::audit::Msg::DirectTcp {
+                        host: host_to_connect.to_string(),
+                        port: port_to_connect,
+                        from_host: originator_address
+                            .chars()
+                            .take(MAX_FORWARD_HOST_BYTES)
+                            .collect(),
+                        from_port: originator_port,
+                    },
+                );
                 fwd::open_direct(&self.conn, session.handle(), channel, reply, target);
             }
             _ => {
@@ -694,6 +706,12 @@ impl russh::server::Handler for Handler {
             let target = DirectTarget::Unix {
                 path: socket_path.to_string(),
             };
+            self.conn.audit(
+                Some(channel.id().into()),
+                crate::audit::Msg::DirectUnix {
+                    path: socket_path.to_string(),
+                },
+            );
             fwd::open_direct(&self.conn, session.handle(), channel, reply, target);
         } else {
             reply
@@ -721,6 +739,14 @@ impl russh::server::Handler for Handler {
         {
             return Ok(false);
         }
+        self.conn.audit(
+            None,
+            crate::audit::Msg::ForwardTcp {
+                host: address.to_string(),
+                port: *port,
+                cancel: false,
+            },
+        );
         // Answered when the container listens; what this returns is not sent.
         let reply = session.defer_global_reply();
         listen::listen_tcp(&self.conn, address.to_string(), port16, reply);
@@ -733,7 +759,17 @@ impl russh::server::Handler for Handler {
         port: u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        Ok(listen::cancel_tcp(&self.conn, address, port))
+        let cancelled = listen::cancel_tcp(&self.conn, address, port);
+        if cancelled {
+            let host = address.to_string();
+            let msg = crate::audit::Msg::ForwardTcp {
+                host,
+                port,
+                cancel: true,
+            };
+            self.conn.audit(None, msg);
+        }
+        Ok(cancelled)
     }
 
     async fn streamlocal_forward(
@@ -752,6 +788,13 @@ impl russh::server::Handler for Handler {
         {
             return Ok(false);
         }
+        self.conn.audit(
+            None,
+            crate::audit::Msg::ForwardUnix {
+                path: socket_path.to_string(),
+                cancel: false,
+            },
+        );
         let reply = session.defer_global_reply();
         listen::listen_unix(&self.conn, socket_path.to_string(), reply);
         Ok(true)
@@ -762,7 +805,13 @@ impl russh::server::Handler for Handler {
         socket_path: &str,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        Ok(listen::cancel_unix(&self.conn, socket_path))
+        let cancelled = listen::cancel_unix(&self.conn, socket_path);
+        if cancelled {
+            let path = socket_path.to_string();
+            let msg = crate::audit::Msg::ForwardUnix { path, cancel: true };
+            self.conn.audit(None, msg);
+        }
+        Ok(cancelled)
     }
 
     /// Accepted from cheap checks alone; the display is set up by the channel's task before
@@ -791,10 +840,15 @@ impl russh::server::Handler for Handler {
             protocol: x11_auth_protocol.to_string(),
             cookie,
         };
+        let screen = req.screen;
         let r = match self.channels.get_mut(&id) {
             Some(ch) => ch.x11(req),
             None => return Ok(session.channel_failure(id)?),
         };
+        if r.is_ok() {
+            self.conn
+                .audit(Some(id.into()), crate::audit::Msg::X11Request { screen });
+        }
         self.answer(id, "x11-req", r, session)
     }
 

@@ -1225,3 +1225,86 @@ fn a_forwarding_target_cannot_forge_a_log_line() {
         "a forged line:\n{log}"
     );
 }
+
+/// `audit.format: binary` with `intercept.forwarding`: a `-L` connection is recorded as
+/// ContainerSSH's `new_channel_direct_tcpip` with its target, and its bytes both ways as `io`
+/// on that channel (stream 0 from the client, 1 to it).
+#[test]
+fn a_forwarded_connection_is_in_the_binary_recording_with_its_data() {
+    let env = TestEnv::new();
+    let dir = env.path().join("audit");
+    std::fs::create_dir_all(&dir).unwrap();
+    let yaml = format!(
+        "{}audit:\n  enable: true\n  format: binary\n  storage: file\n  file:\n    directory: {}\n  intercept:\n    forwarding: true\n",
+        enabled_yaml(&env, "connection"),
+        dir.display()
+    );
+    let server = env.start(&yaml);
+    let echo_port = free_tcp_port();
+    let (mut master, ctl) = env.forwarding_master(
+        &server,
+        "audit",
+        &["-L", &format!("{echo_port}:127.0.0.1:9000")],
+    );
+    let servers = Background::spawn(
+        env.ssh_via(&server, &ctl).arg(TCP_SERVERS),
+        env.path(),
+        "servers",
+    );
+    let echo = Target::Tcp(echo_port);
+    wait_echo(&echo, "the echo server", &mut master, &server);
+    let data = b"hello-forwarded-and-recorded\n";
+    assert_eq!(echo_round_trip(&echo, data).expect("round trip"), data);
+    drop(servers);
+    master.kill();
+    let decoded = poll_until(Duration::from_secs(30), Duration::from_millis(100), || {
+        let file = std::fs::read_dir(&dir).ok()?.next()?.ok()?.path();
+        let out = run_with_timeout(
+            Command::new(env!("CARGO_BIN_EXE_containerssh"))
+                .args(["audit", "decode"])
+                .arg(&file),
+            None,
+            CMD_TIMEOUT,
+        );
+        let msgs: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (msgs.last()?["type"] == 1).then_some(msgs)
+    })
+    .unwrap_or_else(|| panic!("no finished recording\n{}", server.output()));
+    let opens: Vec<&serde_json::Value> = decoded
+        .iter()
+        .filter(|m| m["typeId"] == "new_channel_direct_tcpip")
+        .collect();
+    assert!(!opens.is_empty(), "{decoded:?}");
+    // The probes of wait_echo opened channels too: the round trip's is the one whose data is
+    // ours.
+    use base64::Engine as _;
+    let bytes = |m: &serde_json::Value| {
+        base64::engine::general_purpose::STANDARD
+            .decode(m["payload"]["data"].as_str().unwrap_or(""))
+            .unwrap()
+    };
+    let ours = opens
+        .iter()
+        .find(|open| {
+            decoded.iter().any(|m| {
+                m["type"] == 500
+                    && m["channelId"] == open["channelId"]
+                    && m["payload"]["stream"] == 0
+                    && bytes(m) == data
+            })
+        })
+        .unwrap_or_else(|| panic!("no io of ours on a direct-tcpip channel: {decoded:?}"));
+    assert_eq!(ours["payload"]["HostToConnect"], "127.0.0.1");
+    assert_eq!(ours["payload"]["PortToConnect"], 9000);
+    let back: Vec<u8> = decoded
+        .iter()
+        .filter(|m| {
+            m["type"] == 500 && m["channelId"] == ours["channelId"] && m["payload"]["stream"] == 1
+        })
+        .flat_map(bytes)
+        .collect();
+    assert_eq!(back, data, "the echo, recorded on its way to the client");
+}

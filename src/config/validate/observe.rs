@@ -187,11 +187,11 @@ pub(super) fn audit(file: &str, a: &AuditConfig) -> Result<Option<Audit>, Config
     if !a.enable || a.format == AuditFormat::None || a.storage == AuditStorage::None {
         return Ok(None);
     }
-    if a.intercept.forwarding {
+    if a.intercept.forwarding && a.format == AuditFormat::Asciinema {
         return Err(invalid(
             file,
             "audit.intercept.forwarding",
-            "forwarded data is not recorded yet (neither format has it): leave it false",
+            "the asciinema format has no place for forwarded data: use format binary",
         ));
     }
     let s3 = match a.storage {
