@@ -203,7 +203,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     for w in &settings.warnings {
-        tracing::warn!("{w}");
+        tracing::warn!(code = "CONFIG_WARNING", "{w}");
     }
     match run(settings) {
         Ok(()) => ExitCode::SUCCESS,
@@ -268,14 +268,16 @@ fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
     let report = containerssh::sandbox::enter(&settings.sandbox, &writable)?;
     if report.as_root {
         tracing::warn!(
+            code = "SANDBOX_ROOT",
             "SERVING AS ROOT (sandbox.allowRoot: true): every capability is dropped, but files \
              and sockets owned by root stay reachable; set sandbox.user instead"
         );
     }
     if report.seccomp != SeccompMode::Enforce {
-        tracing::warn!(mode = ?report.seccomp, "the seccomp filter is not enforced (sandbox.seccomp)");
+        tracing::warn!(code = "SANDBOX_SECCOMP_NOT_ENFORCED", mode = ?report.seccomp, "the seccomp filter is not enforced (sandbox.seccomp)");
     }
     tracing::info!(
+        code = "SANDBOX_ENTERED",
         removed_env = report.env_removed,
         "sandbox entered: {report}"
     );
@@ -310,7 +312,7 @@ fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
         let drained = server::serve(std::sync::Arc::clone(&shared), listener).await;
         shared.janitor.finish(drained).await;
         let _ = janitor.await;
-        tracing::info!("stopped");
+        tracing::info!(code = "CORE_STOPPED", "stopped");
         Ok::<(), Box<dyn std::error::Error>>(())
     })
 }

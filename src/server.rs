@@ -66,7 +66,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) -> bool {
             Ok(x) => x,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning; never stop serving.
-                tracing::warn!(error = %e, "accept failed");
+                tracing::warn!(code = "SSH_ACCEPT_FAILED", error = %e, "accept failed");
                 tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
                 continue;
             }
@@ -99,6 +99,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) -> bool {
     drop(listener);
     connections.close();
     tracing::info!(
+        code = "CORE_DRAIN",
         connections = connections.len(),
         "shutting down: closing connections"
     );
@@ -106,7 +107,10 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) -> bool {
         .await
         .is_err()
     {
-        tracing::warn!("connections did not close within the drain deadline");
+        tracing::warn!(
+            code = "CORE_DRAIN_TIMEOUT",
+            "connections did not close within the drain deadline"
+        );
         return false;
     }
     true
@@ -121,14 +125,17 @@ fn refuse(stream: &TcpStream, peer: SocketAddr, via: Option<SocketAddr>, r: Refu
     let via = via.map(tracing::field::display);
     match r.why {
         Refusal::Penalised { last, remaining } => tracing::info!(
+            code = "SSH_CONNECTION_REFUSED_PENALTY",
             remote = %peer, proxy = via, penalty = last.name(), remaining = ?remaining, refused = count,
             "connection refused: the source is penalised (ssh.perSourcePenalties; logged once per penalty)"
         ),
         Refusal::PerSource { limit } => tracing::info!(
+            code = "SSH_CONNECTION_REFUSED_STARTUPS",
             remote = %peer, proxy = via, limit, refused = count,
             "connection refused: the source has ssh.perSourceMaxStartups unauthenticated connections"
         ),
         Refusal::Full { pending } | Refusal::Early { pending } => tracing::info!(
+            code = "SSH_CONNECTION_REFUSED_STARTUPS",
             remote = %peer, proxy = via, unauthenticated = pending, refused = count,
             "connection refused: ssh.maxStartups"
         ),
@@ -155,13 +162,13 @@ async fn proxied(
         Ok((Header::Unknown, _)) => {
             // The specification would have the proxy's own address stand in, which would put
             // every such client in one source and let one of them get all penalised.
-            tracing::warn!(proxy = %proxy_addr, "connection refused: a PROXY header without the client's address (UNKNOWN, UNSPEC)");
+            tracing::warn!(code = "SSH_PROXY_HEADER_INVALID", proxy = %proxy_addr, "connection refused: a PROXY header without the client's address (UNKNOWN, UNSPEC)");
             return;
         }
         Ok((Header::Tcp { source, .. }, rest)) => (canonical(source), rest),
         Err(e) => {
             // The proxy is trusted, so it is not penalised; the client behind it is unknown.
-            tracing::warn!(proxy = %proxy_addr, error = %e, "connection refused: no valid PROXY header from a trusted proxy");
+            tracing::warn!(code = "SSH_PROXY_HEADER_INVALID", proxy = %proxy_addr, error = %e, "connection refused: no valid PROXY header from a trusted proxy");
             return;
         }
     };
@@ -204,7 +211,7 @@ async fn guarded(shared: Arc<Shared>, admitted: Admitted) {
     let panicked = AssertUnwindSafe(run).catch_unwind().await.is_err();
     stream_end.cancel();
     if panicked {
-        tracing::error!(remote = %peer, "a connection's task panicked: connection closed");
+        tracing::error!(code = "SSH_CONNECTION_PANICKED", remote = %peer, "a connection's task panicked: connection closed");
         door.penalise(peer.ip(), Penalty::Crash);
     }
 }
@@ -317,14 +324,14 @@ async fn run_session(
                 .proxy_header
                 .load(std::sync::atomic::Ordering::Relaxed)
             {
-                tracing::warn!(connection_id = %conn.id, remote = %conn.peer, "connection refused: a PROXY protocol header from a peer that is not in ssh.proxyProtocol.trustedProxies");
+                tracing::warn!(code = "SSH_PROXY_HEADER_UNTRUSTED", connection_id = %conn.id, remote = %conn.peer, "connection refused: a PROXY protocol header from a peer that is not in ssh.proxyProtocol.trustedProxies");
             } else {
-                tracing::info!(connection_id = %conn.id, error = %e, "handshake failed");
+                tracing::info!(code = "SSH_HANDSHAKE_FAILED", connection_id = %conn.id, error = %e, "handshake failed");
             }
             return Ending::Closed;
         }
         Err(_) => {
-            tracing::info!(connection_id = %conn.id, "no SSH version within ssh.handshakeTimeout");
+            tracing::info!(code = "SSH_HANDSHAKE_FAILED", connection_id = %conn.id, "no SSH version within ssh.handshakeTimeout");
             return Ending::TimedOut;
         }
     };
@@ -346,7 +353,7 @@ async fn run_session(
     let ending = tokio::select! {
         r = &mut session => match r {
             Err(e) if is_crash(&e) => {
-                tracing::error!(connection_id = %conn.id, "the connection's session task panicked");
+                tracing::error!(code = "SSH_CONNECTION_PANICKED", connection_id = %conn.id, "the connection's session task panicked");
                 Ending::Crashed
             }
             Err(e) => {

@@ -166,7 +166,7 @@ fn open_ledger(
     let (ledger, records) = match Ledger::open(&settings.state_directory) {
         Ok(x) => x,
         Err(e) => {
-            tracing::warn!(error = %one_line(&e), "the janitor's ledger cannot be used: containers a crash leaves on a login's own engine or cluster are not reaped at the next start");
+            tracing::warn!(code = "BACKEND_LEDGER_UNUSABLE", error = %one_line(&e), "the janitor's ledger cannot be used: containers a crash leaves on a login's own engine or cluster are not reaped at the next start");
             return (None, Vec::new());
         }
     };
@@ -175,7 +175,7 @@ fn open_ledger(
         match build::leftover(settings, &r.block) {
             Ok(backend) => leftovers.push((r.place, backend)),
             Err(e) => {
-                tracing::warn!(place = %r.place, error = %e, "a place the previous run recorded cannot be reaped: its backend cannot be built");
+                tracing::warn!(code = "BACKEND_REAP_FAILED", place = %r.place, error = %e, "a place the previous run recorded cannot be reaped: its backend cannot be built");
                 ledger.remove(&r.place);
             }
         }

@@ -101,7 +101,7 @@ impl AuthorizedKeys {
 
         for (line_no, raw) in numbered_lines(&contents) {
             let skip = |reason: &dyn std::fmt::Display| {
-                warn!(path = %path.display(), line = line_no, %reason, "skipping authorized_keys line");
+                warn!(code = "AUTH_KEYS_LINE_SKIPPED", path = %path.display(), line = line_no, %reason, "skipping authorized_keys line");
             };
             let Ok(line) = std::str::from_utf8(raw) else {
                 skip(&"not valid UTF-8");
@@ -134,11 +134,11 @@ impl AuthorizedKeys {
                 continue;
             }
             if let Some(expiry) = opts.expiry.filter(|&expiry| now > expiry) {
-                info!(path = %path.display(), line = line_no, expiry, "matching key has expired");
+                info!(code = "AUTH_KEY_EXPIRED", path = %path.display(), line = line_no, expiry, "matching key has expired");
                 continue;
             }
             if let Some(from) = opts.from.as_ref().filter(|from| !from.matches(remote_ip)) {
-                info!(path = %path.display(), line = line_no, %remote_ip, from = from.as_str(), "matching key not permitted from this address");
+                info!(code = "AUTH_KEY_SOURCE_NOT_PERMITTED", path = %path.display(), line = line_no, %remote_ip, from = from.as_str(), "matching key not permitted from this address");
                 continue;
             }
             debug!(path = %path.display(), line = line_no, "public key accepted");

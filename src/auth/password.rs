@@ -85,14 +85,14 @@ impl PasswordFile {
             return Ok(false);
         };
         if let Some(why) = too_costly(scheme, hash) {
-            warn!(path = %self.path.display(), line, ?scheme, reason = why, "password hash too expensive to verify; user cannot log in");
+            warn!(code = "AUTH_PASSWORD_HASH_TOO_COSTLY", path = %self.path.display(), line, ?scheme, reason = why, "password hash too expensive to verify; user cannot log in");
             spend_dummy_time(password);
             return Ok(false);
         }
         match check(scheme, hash, password) {
             Ok(matched) => Ok(matched),
             Err(()) => {
-                warn!(path = %self.path.display(), line, ?scheme, "malformed password hash; user cannot log in");
+                warn!(code = "AUTH_PASSWORD_HASH_MALFORMED", path = %self.path.display(), line, ?scheme, "malformed password hash; user cannot log in");
                 spend_dummy_time(password);
                 Ok(false)
             }
@@ -107,7 +107,7 @@ impl PasswordFile {
         }
         for (line, raw) in numbered_lines(contents) {
             let skip = |reason: &str| {
-                warn!(path = %self.path.display(), line, reason, "skipping password file line");
+                warn!(code = "AUTH_PASSWORD_LINE_SKIPPED", path = %self.path.display(), line, reason, "skipping password file line");
             };
             let Ok(text) = std::str::from_utf8(raw) else {
                 skip("not valid UTF-8");
@@ -216,7 +216,7 @@ fn spend_dummy_time(password: &[u8]) {
     let dummy = DUMMY.get_or_init(|| {
         Argon2::default()
             .hash_password_with_salt(b"containerssh dummy password", DUMMY_SALT)
-            .inspect_err(|e| warn!(error = %e, "cannot build the dummy password hash"))
+            .inspect_err(|e| warn!(code = "AUTH_DUMMY_HASH_FAILED", error = %e, "cannot build the dummy password hash"))
             .ok()
     });
     if let Some(dummy) = dummy {

@@ -129,13 +129,13 @@ pub fn locate(cfg: &AgentConfig) -> Result<Option<AgentBinary>, AgentBinaryError
         return Ok(None);
     };
     if !candidate.exists() {
-        tracing::info!(looked_at = %candidate.display(), "no agent to inject: images must carry it at docker.execution.agentPath");
+        tracing::info!(code = "BACKEND_AGENT_NOT_FOUND", looked_at = %candidate.display(), "no agent to inject: images must carry it at docker.execution.agentPath");
         return Ok(None);
     }
     match load(&candidate) {
         Ok(a) => Ok(Some(a)),
         Err(e) => {
-            tracing::warn!(error = %e, "not injecting this agent: images must carry it at docker.execution.agentPath");
+            tracing::warn!(code = "BACKEND_AGENT_UNUSABLE", error = %e, "not injecting this agent: images must carry it at docker.execution.agentPath");
             Ok(None)
         }
     }
@@ -233,7 +233,7 @@ pub async fn write_file(
 pub async fn write_login_files(container: &dyn Container, files: &[LoginFile]) {
     for f in files {
         if let Err(e) = write_file(container, &f.path, f.mode, &f.data).await {
-            tracing::warn!(container = container.name(), path = %f.path, error = %super::one_line(&e), "cannot write a login file into the container");
+            tracing::warn!(code = "BACKEND_LOGIN_FILE_FAILED", container = container.name(), path = %f.path, error = %super::one_line(&e), "cannot write a login file into the container");
         }
     }
 }

@@ -43,24 +43,26 @@ pub fn build(settings: &Settings) -> Result<Arc<dyn Backend>, Box<dyn std::error
         let checked = KubeSettings::check(&settings.kubernetes)?;
         let backend = Kube::backend(&checked, &settings.agent, &settings.instance_id)?;
         match backend.runtime().agent_path() {
-            None => tracing::info!("{NO_AGENT}"),
+            None => tracing::info!(code = "BACKEND_AGENT_DISABLED", "{NO_AGENT}"),
             Some(p) if settings.agent.inject => {
                 let image = if k.agent_init_image.is_empty() {
                     DEFAULT_AGENT_INIT_IMAGE
                 } else {
                     &k.agent_init_image
                 };
-                tracing::info!(%image, path = %p, "pods get the agent from an init container");
+                tracing::info!(code = "BACKEND_AGENT_INIT_CONTAINER", %image, path = %p, "pods get the agent from an init container");
             }
-            Some(p) => tracing::info!(path = %p, "pods' images carry the agent"),
+            Some(p) => {
+                tracing::info!(code = "BACKEND_AGENT_IN_IMAGE", path = %p, "pods' images carry the agent")
+            }
         }
         return Ok(Arc::new(backend));
     }
     let agent = super::agent::locate(&settings.agent)?;
     if settings.docker.execution.disable_agent {
-        tracing::info!("{NO_AGENT}");
+        tracing::info!(code = "BACKEND_AGENT_DISABLED", "{NO_AGENT}");
     } else if let Some(a) = &agent {
-        tracing::info!(binary = %a.path.display(), bytes = a.bytes.len(), to = %settings.docker.execution.agent_path, "injecting the agent into containers");
+        tracing::info!(code = "BACKEND_AGENT_INJECTED", binary = %a.path.display(), bytes = a.bytes.len(), to = %settings.docker.execution.agent_path, "injecting the agent into containers");
     }
     // The backend keeps its own archive of the agent.
     let checked = DockerSettings::check(&settings.docker)?;

@@ -92,7 +92,7 @@ impl Janitor {
             return;
         }
         if places.len() >= MAX_PLACES {
-            tracing::warn!(%place, limit = MAX_PLACES, "too many engines or clusters in use: this one is not reaped at shutdown or at the next start");
+            tracing::warn!(code = "BACKEND_PLACE_NOT_TRACKED", %place, limit = MAX_PLACES, "too many engines or clusters in use: this one is not reaped at shutdown or at the next start");
             return;
         }
         places.push((place.clone(), Arc::clone(backend)));
@@ -104,7 +104,7 @@ impl Janitor {
             })
         });
         if !recorded {
-            tracing::warn!(%place, "not recorded in the janitor's ledger: what a crash leaves here is not reaped at the next start");
+            tracing::warn!(code = "BACKEND_PLACE_NOT_RECORDED", %place, "not recorded in the janitor's ledger: what a crash leaves here is not reaped at the next start");
         }
     }
 
@@ -115,7 +115,7 @@ impl Janitor {
             match tokio::time::timeout(ATTEMPT_TIMEOUT, backend.reap()).await {
                 Ok(Ok(n)) => {
                     if n > 0 {
-                        tracing::warn!(%place, removed = n, "removed containers or pods a previous run of this instance left behind");
+                        tracing::warn!(code = "BACKEND_LEFTOVERS_REMOVED", %place, removed = n, "removed containers or pods a previous run of this instance left behind");
                     }
                     if let Some(l) = &self.ledger {
                         l.remove(&place);
@@ -125,10 +125,10 @@ impl Janitor {
                     }
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!(%place, error = %one_line(e.as_ref()), "start-up cleanup failed (is the Docker engine or the Kubernetes API reachable?); logins will fail until it answers")
+                    tracing::warn!(code = "BACKEND_REAP_FAILED", %place, error = %one_line(e.as_ref()), "start-up cleanup failed (is the Docker engine or the Kubernetes API reachable?); logins will fail until it answers")
                 }
                 Err(_) => {
-                    tracing::warn!(%place, "start-up cleanup timed out (is the Docker engine or the Kubernetes API reachable?)")
+                    tracing::warn!(code = "BACKEND_REAP_FAILED", %place, "start-up cleanup timed out (is the Docker engine or the Kubernetes API reachable?)")
                 }
             }
         }
@@ -165,7 +165,7 @@ impl Janitor {
         };
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
         if pending.len() >= MAX_PENDING_REMOVALS {
-            tracing::error!(connection_id, %error, limit = MAX_PENDING_REMOVALS, "cannot remove containers, and too many removals wait already: the reaper will remove them at the next start");
+            tracing::error!(code = "BACKEND_CLEANUP_FAILED", connection_id, %error, limit = MAX_PENDING_REMOVALS, "cannot remove containers, and too many removals wait already: the reaper will remove them at the next start");
             return;
         }
         tracing::warn!(code = "BACKEND_CLEANUP_RETRY", connection_id, %error, "cannot remove containers: retrying in the background");
@@ -250,30 +250,33 @@ impl Janitor {
         let work = async {
             for p in self.take(|_| true) {
                 if let Err(e) = attempt(&p.backend, &p.connection_id).await {
-                    tracing::error!(connection_id = %p.connection_id, error = %e, "cannot remove containers at shutdown: the reaper will remove them at the next start");
+                    tracing::error!(code = "BACKEND_CLEANUP_FAILED", connection_id = %p.connection_id, error = %e, "cannot remove containers at shutdown: the reaper will remove them at the next start");
                 }
             }
             for (place, backend) in self.places() {
                 match tokio::time::timeout(ATTEMPT_TIMEOUT, backend.reap()).await {
                     Ok(Ok(n)) => {
                         if n > 0 {
-                            tracing::info!(%place, removed = n, "removed what connections still open at the drain deadline left");
+                            tracing::info!(code = "BACKEND_SHUTDOWN_REAPED", %place, removed = n, "removed what connections still open at the drain deadline left");
                         }
                         if drained {
                             self.forget(&place);
                         }
                     }
                     Ok(Err(e)) => {
-                        tracing::error!(%place, error = %one_line(e.as_ref()), "cleanup at shutdown failed: the next start reaps it")
+                        tracing::error!(code = "BACKEND_REAP_FAILED", %place, error = %one_line(e.as_ref()), "cleanup at shutdown failed: the next start reaps it")
                     }
                     Err(_) => {
-                        tracing::error!(%place, "cleanup at shutdown timed out")
+                        tracing::error!(code = "BACKEND_REAP_FAILED", %place, "cleanup at shutdown timed out")
                     }
                 }
             }
         };
         if tokio::time::timeout(FINISH_TIMEOUT, work).await.is_err() {
-            tracing::error!("cleanup at shutdown did not finish in time");
+            tracing::error!(
+                code = "BACKEND_CLEANUP_TIMEOUT",
+                "cleanup at shutdown did not finish in time"
+            );
         }
     }
 }

@@ -107,7 +107,7 @@ impl Ledger {
             _ if text.trim().is_empty() => Vec::new(),
             Some(Ok(c)) => c.records,
             _ => {
-                tracing::warn!(path = %shown(), "the janitor's ledger is unreadable: what it recorded is not reaped");
+                tracing::warn!(code = "BACKEND_LEDGER_UNREADABLE", path = %shown(), "the janitor's ledger is unreadable: what it recorded is not reaped");
                 Vec::new()
             }
         };
@@ -157,7 +157,7 @@ impl Ledger {
             .and_then(|_| file.write_all(&text))
             .and_then(|()| file.set_len(text.len() as u64));
         if let Err(e) = &written {
-            tracing::warn!(error = %e, "cannot write the janitor's ledger");
+            tracing::warn!(code = "BACKEND_LEDGER_WRITE_FAILED", error = %e, "cannot write the janitor's ledger");
         }
         written.is_ok()
     }

@@ -233,7 +233,7 @@ impl ProcessControl {
         let code = match self.program.exit_code().await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read exit status");
+                tracing::warn!(code = "BACKEND_EXIT_STATUS_UNKNOWN", error = %e, "cannot read exit status");
                 return ExitReport::Status(UNKNOWN_EXIT_STATUS);
             }
         };

@@ -221,6 +221,7 @@ impl Mux {
         }
         if self.enqueue(frame) > 2 * MAX_MUX_QUEUE_BYTES {
             tracing::warn!(
+                code = "FORWARD_AGENT_STALLED",
                 queued = self.outbox.bytes.load(Ordering::Acquire),
                 "forwarding stopped: the agent in the container does not read its input"
             );
@@ -534,7 +535,7 @@ async fn read_frames(
             Ok(Some((OutputKind::Stderr, data))) => {
                 let text =
                     String::from_utf8_lossy(data.get(..MAX_AGENT_LOG_BYTES).unwrap_or(&data));
-                tracing::info!(message = %text.trim_end(), "forwarding agent");
+                tracing::info!(code = "FORWARD_AGENT_LOG", message = %text.trim_end(), "forwarding agent");
                 continue;
             }
             Ok(None) => break "the forwarding agent exited".to_string(),
@@ -568,7 +569,7 @@ async fn read_frames(
             }
         }
         if let Some(v) = violation {
-            tracing::warn!(error = %v, "forwarding stopped: the agent in the container broke the forwarding protocol or its limits (an image's own ContainerSSH agent? inject ours with agent.binary)");
+            tracing::warn!(code = "FORWARD_AGENT_PROTOCOL_ERROR", error = %v, "forwarding stopped: the agent in the container broke the forwarding protocol or its limits (an image's own ContainerSSH agent? inject ours with agent.binary)");
             break v;
         }
     };

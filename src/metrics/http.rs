@@ -119,7 +119,7 @@ pub async fn serve(bound: Bound, endpoint: Endpoint) {
     let listener = match TcpListener::from_std(bound.listener) {
         Ok(l) => l,
         Err(e) => {
-            tracing::error!(error = %e, "cannot serve the HTTP endpoint");
+            tracing::error!(code = "METRICS_ENDPOINT_FAILED", error = %e, "cannot serve the HTTP endpoint");
             return;
         }
     };
@@ -132,7 +132,7 @@ pub async fn serve(bound: Bound, endpoint: Endpoint) {
         let (tcp, _) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!(error = %e, "HTTP endpoint: accept failed");
+                tracing::warn!(code = "METRICS_ENDPOINT_ACCEPT_FAILED", error = %e, "HTTP endpoint: accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }

@@ -76,7 +76,7 @@ impl Authenticator {
             }
             Some(first) if first == user => Ok(()),
             Some(first) => {
-                tracing::info!(connection_id = %self.conn.id, first = %first.escape_debug(), user = %user.escape_debug(), "the user name changed between authentication requests: disconnecting");
+                tracing::info!(code = "SSH_AUTH_USERNAME_CHANGED", connection_id = %self.conn.id, first = %first.escape_debug(), user = %user.escape_debug(), "the user name changed between authentication requests: disconnecting");
                 self.conn.disconnect(
                     russh::Disconnect::ProtocolError,
                     "Change of username or service not allowed",
@@ -166,11 +166,11 @@ impl Authenticator {
         let answer = match auth_webhook::public_key(&hook, user, &text, &self.peer()).await {
             Ok(Verdict::Allowed(state)) => Some(state),
             Ok(Verdict::Denied) => {
-                tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), "public key refused by the auth webhook");
+                tracing::info!(code = "AUTH_FAILED", connection_id = %self.conn.id, user = %user.escape_debug(), "public key refused by the auth webhook");
                 None
             }
             Err(e) => {
-                tracing::warn!(connection_id = %self.conn.id, user = %user.escape_debug(), error = %e, "auth webhook failed: public key refused");
+                tracing::warn!(code = "AUTH_BACKEND_ERROR", connection_id = %self.conn.id, user = %user.escape_debug(), error = %e, "auth webhook failed: public key refused");
                 None
             }
         };
@@ -195,7 +195,7 @@ impl Authenticator {
         match found {
             Ok(Some(Ok(found))) => found,
             Ok(Some(Err(e))) => {
-                tracing::warn!(connection_id = %self.conn.id, error = %e, "cannot read authorized keys");
+                tracing::warn!(code = "AUTH_KEYS_READ_FAILED", connection_id = %self.conn.id, error = %e, "cannot read authorized keys");
                 None
             }
             Ok(None) | Err(_) => None,
@@ -335,11 +335,11 @@ impl Authenticator {
             return match verdict {
                 Ok(Verdict::Allowed(state)) => self.finish(user, None, state, "password").await,
                 Ok(Verdict::Denied) => {
-                    tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), "password refused by the auth webhook");
+                    tracing::info!(code = "AUTH_FAILED", connection_id = %self.conn.id, user = %user.escape_debug(), "password refused by the auth webhook");
                     self.refuse()
                 }
                 Err(e) => {
-                    tracing::warn!(connection_id = %self.conn.id, user = %user.escape_debug(), error = %e, "auth webhook failed: password refused");
+                    tracing::warn!(code = "AUTH_BACKEND_ERROR", connection_id = %self.conn.id, user = %user.escape_debug(), error = %e, "auth webhook failed: password refused");
                     self.refuse()
                 }
             };
@@ -350,11 +350,11 @@ impl Authenticator {
                     .await
             }
             Ok(false) => {
-                tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), "password refused");
+                tracing::info!(code = "SSH_AUTH_FAILED", connection_id = %self.conn.id, user = %user.escape_debug(), "password refused");
                 self.refuse()
             }
             Err(e) => {
-                tracing::warn!(connection_id = %self.conn.id, error = %e, "cannot check password");
+                tracing::warn!(code = "AUTH_PASSWORD_CHECK_FAILED", connection_id = %self.conn.id, error = %e, "cannot check password");
                 self.refuse()
             }
         }
@@ -375,7 +375,7 @@ impl Authenticator {
         match resolved {
             Ok(m) => Some(Arc::new(m)),
             Err(e) => {
-                tracing::warn!(connection_id = %self.conn.id, user = %user.escape_debug(), error = %e, "login refused: auth.metadata");
+                tracing::warn!(code = "AUTH_METADATA_FAILED", connection_id = %self.conn.id, user = %user.escape_debug(), error = %e, "login refused: auth.metadata");
                 None
             }
         }

@@ -292,7 +292,7 @@ impl ConnCtx {
     /// last one).
     pub fn close_if_unused(&self, reason: &'static str) {
         if self.usage.open.load(Ordering::Acquire) == 0 {
-            tracing::info!(connection_id = %self.id, reason, "closing the connection: its last channel was closed");
+            tracing::info!(code = "SSH_UNUSED_CONNECTION_CLOSED", connection_id = %self.id, reason, "closing the connection: its last channel was closed");
             self.disconnect(russh::Disconnect::ByApplication, reason);
         }
     }
@@ -364,7 +364,7 @@ impl ConnCtx {
         self.tasks.close();
         let stop = self.settings().stop_timeout();
         if tokio::time::timeout(stop, self.tasks.wait()).await.is_err() {
-            tracing::warn!(connection_id = %self.id, "connection tasks did not finish in time");
+            tracing::warn!(code = "SSH_CONNECTION_STOP_TIMEOUT", connection_id = %self.id, "connection tasks did not finish in time");
         }
         if !self.is_authenticated() {
             return;
@@ -396,7 +396,7 @@ async fn unused_connection_timer(conn: Arc<ConnCtx>, after: Duration) {
             () = tokio::time::sleep(after) => {}
         }
         if usage.open.load(Ordering::Acquire) == 0 {
-            tracing::info!(connection_id = %conn.id, after = ?after, "closing the connection: no channel or listener (security.timeouts.unusedConnection)");
+            tracing::info!(code = "SSH_UNUSED_CONNECTION_CLOSED", connection_id = %conn.id, after = ?after, "closing the connection: no channel or listener (security.timeouts.unusedConnection)");
             conn.disconnect(
                 russh::Disconnect::ByApplication,
                 "unused connection timeout",

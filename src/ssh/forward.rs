@@ -242,7 +242,7 @@ pub async fn start_agent(conn: &Arc<ConnCtx>) {
     let slot = match start(conn).await {
         Ok(mux) => AgentSlot::Ready(mux),
         Err(e) => {
-            tracing::warn!(connection_id = %conn.id, error = %e, "forwarding unavailable");
+            tracing::warn!(code = "FORWARD_UNAVAILABLE", connection_id = %conn.id, error = %e, "forwarding unavailable");
             AgentSlot::Failed(Arc::from(e))
         }
     };
@@ -306,7 +306,7 @@ impl Refusals {
         {
             return;
         }
-        tracing::info!(connection_id = %conn.id, ?kind, refused = self.unlogged, "connections made inside the container refused: {why}");
+        tracing::info!(code = "FORWARD_CONNECTION_REFUSED", connection_id = %conn.id, ?kind, refused = self.unlogged, "connections made inside the container refused: {why}");
         self.last = Some(now);
         self.unlogged = 0;
     }
@@ -424,12 +424,12 @@ async fn open_incoming(
             c
         }
         Ok(Err(e)) => {
-            tracing::info!(connection_id = %conn.id, ?kind, error = %e, "the client refused a forwarded connection");
+            tracing::info!(code = "FORWARD_CLIENT_REFUSED", connection_id = %conn.id, ?kind, error = %e, "the client refused a forwarded connection");
             return;
         }
         Err(_) => {
             reserved.abandoned();
-            tracing::info!(connection_id = %conn.id, ?kind, "the client did not answer a forwarded connection in time");
+            tracing::info!(code = "FORWARD_CLIENT_TIMEOUT", connection_id = %conn.id, ?kind, "the client did not answer a forwarded connection in time");
             return;
         }
     };
@@ -480,7 +480,7 @@ pub fn open_direct(
     let (place, (tx, rx)) = match taken {
         Ok(x) => x,
         Err(why) => {
-            tracing::info!(connection_id = %conn.id, "forwarded connection refused: {why}");
+            tracing::info!(code = "FORWARD_CONNECTION_REFUSED", connection_id = %conn.id, "forwarded connection refused: {why}");
             conn.tasks
                 .spawn(reply.reject(ChannelOpenFailure::ResourceShortage));
             return;
@@ -518,7 +518,7 @@ pub fn open_direct(
                 bridge(conn, id, stream, write, rx, closed, place).await;
             }
             Err(e) => {
-                tracing::info!(connection_id = %conn.id, error = %e, "forwarded connection failed");
+                tracing::info!(code = "FORWARD_CONNECT_FAILED", connection_id = %conn.id, error = %e, "forwarded connection failed");
                 conn.forwards.remove(id);
                 reply.reject(ChannelOpenFailure::ConnectFailed).await;
             }

@@ -143,7 +143,7 @@ enum KeyRestriction {
 /// key or certificate; logs the refusal when it is not.
 fn allowed(conn: &ConnCtx, enabled: bool, what: &str, restriction: KeyRestriction) -> bool {
     if !enabled {
-        tracing::info!(connection_id = %conn.id, kind = what, "forwarding refused: disabled in security.forwarding");
+        tracing::info!(code = "SECURITY_FORWARDING_REFUSED", connection_id = %conn.id, kind = what, "forwarding refused: disabled in security.forwarding");
         return false;
     }
     let opts = conn.user().and_then(|u| u.key_options.as_ref());
@@ -153,7 +153,7 @@ fn allowed(conn: &ConnCtx, enabled: bool, what: &str, restriction: KeyRestrictio
         KeyRestriction::Agent => o.no_agent_forwarding,
     });
     if denied {
-        tracing::info!(connection_id = %conn.id, kind = what, "forwarding refused: the login's key or certificate does not permit it");
+        tracing::info!(code = "SECURITY_FORWARDING_REFUSED", connection_id = %conn.id, kind = what, "forwarding refused: the login's key or certificate does not permit it");
     }
     !denied
 }
@@ -172,7 +172,7 @@ fn can_forward(conn: &ConnCtx, what: &str) -> bool {
     } else {
         return true;
     };
-    tracing::info!(connection_id = %conn.id, kind = what, reason = %why, "forwarding refused");
+    tracing::info!(code = "SECURITY_FORWARDING_REFUSED", connection_id = %conn.id, kind = what, reason = %why, "forwarding refused");
     false
 }
 
@@ -258,12 +258,12 @@ impl russh::server::Handler for Handler {
             && self.conn.shared.webhooks.public_key.is_none()
         {
             // Only certificates are accepted.
-            tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), "public key refused: only certificates are trusted");
+            tracing::info!(code = "SSH_AUTH_FAILED", connection_id = %self.conn.id, user = %user.escape_debug(), "public key refused: only certificates are trusted");
             return Ok(self.auth.refuse());
         }
         if self.conn.shared.authorized_keys.is_some() {
             let Some(opts) = self.auth.check_key(user, key.public_key).await else {
-                tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), "public key refused");
+                tracing::info!(code = "SSH_AUTH_FAILED", connection_id = %self.conn.id, user = %user.escape_debug(), "public key refused");
                 return Ok(self.auth.refuse());
             };
             return Ok(self
@@ -300,7 +300,7 @@ impl russh::server::Handler for Handler {
         let login = match cas.check(certificate, user, self.conn.peer.ip(), now) {
             Ok(l) => l,
             Err(e) => {
-                tracing::info!(connection_id = %self.conn.id, user = %user.escape_debug(), key_id = %certificate.key_id().escape_debug(), reason = %e, "certificate refused");
+                tracing::info!(code = "SSH_AUTH_FAILED", connection_id = %self.conn.id, user = %user.escape_debug(), key_id = %certificate.key_id().escape_debug(), reason = %e, "certificate refused");
                 return Ok(self.auth.refuse());
             }
         };
@@ -411,7 +411,7 @@ impl russh::server::Handler for Handler {
             return Ok(session.channel_failure(id)?);
         }
         if !self.conn.settings().policy.tty {
-            tracing::info!(connection_id = %self.conn.id, "terminal refused: security.tty");
+            tracing::info!(code = "SECURITY_TTY_REJECTED", connection_id = %self.conn.id, "terminal refused: security.tty");
             return Ok(session.channel_failure(id)?);
         }
         let t = Terminal {
@@ -445,11 +445,11 @@ impl russh::server::Handler for Handler {
             return Ok(session.channel_failure(id)?);
         }
         if !forced_command_allows(name) && self.forced("").is_some() {
-            tracing::info!(connection_id = %self.conn.id, name = %name.escape_debug(), "environment variable refused: a command is forced");
+            tracing::info!(code = "SECURITY_ENV_REJECTED", connection_id = %self.conn.id, name = %name.escape_debug(), "environment variable refused: a command is forced");
             return Ok(session.channel_failure(id)?);
         }
         if !self.conn.settings().policy.env.allows(name) {
-            tracing::info!(connection_id = %self.conn.id, name = %name.escape_debug(), "environment variable refused: security.env");
+            tracing::info!(code = "SECURITY_ENV_REJECTED", connection_id = %self.conn.id, name = %name.escape_debug(), "environment variable refused: security.env");
             return Ok(session.channel_failure(id)?);
         }
         let r = match self.channels.get_mut(&id) {
@@ -481,7 +481,7 @@ impl russh::server::Handler for Handler {
             return self.start(id, argv, env, session);
         }
         if !self.conn.settings().policy.shell {
-            tracing::info!(connection_id = %self.conn.id, "shell refused: security.shell");
+            tracing::info!(code = "SECURITY_SHELL_REJECTED", connection_id = %self.conn.id, "shell refused: security.shell");
             return Ok(session.channel_failure(id)?);
         }
         let argv = self.conn.settings().shell_command().to_vec();
@@ -526,14 +526,14 @@ impl russh::server::Handler for Handler {
             return self.start(id, argv, env, session);
         }
         if !self.conn.settings().policy.subsystem.allows(name) {
-            tracing::info!(connection_id = %self.conn.id, subsystem = %name.escape_debug(), "subsystem refused: security.subsystem");
+            tracing::info!(code = "SECURITY_SUBSYSTEM_REJECTED", connection_id = %self.conn.id, subsystem = %name.escape_debug(), "subsystem refused: security.subsystem");
             return Ok(session.channel_failure(id)?);
         }
         let path = self.conn.settings().subsystem(name).cloned();
         match path {
             Some(p) => self.start(id, vec![p], Vec::new(), session),
             None => {
-                tracing::info!(connection_id = %self.conn.id, subsystem = %name.escape_debug(), "unknown subsystem refused");
+                tracing::info!(code = "SSH_CHANNEL_REQUEST_FAILED", connection_id = %self.conn.id, subsystem = %name.escape_debug(), "unknown subsystem refused");
                 Ok(session.channel_failure(id)?)
             }
         }
@@ -565,7 +565,7 @@ impl russh::server::Handler for Handler {
     ) -> Result<(), Self::Error> {
         let name = sig_name(&signal);
         if !self.conn.settings().policy.signal.allows(&name) {
-            tracing::info!(connection_id = %self.conn.id, signal = %name.escape_debug(), "signal refused: security.signal");
+            tracing::info!(code = "SECURITY_SIGNAL_REJECTED", connection_id = %self.conn.id, signal = %name.escape_debug(), "signal refused: security.signal");
             return Ok(());
         }
         self.conn.audit(
@@ -574,7 +574,7 @@ impl russh::server::Handler for Handler {
         );
         if let Some(ch) = self.channels.get(&id) {
             if let Err(e) = ch.signal(name.clone()) {
-                tracing::info!(connection_id = %self.conn.id, signal = %name.escape_debug(), reason = %e, "signal dropped");
+                tracing::info!(code = "SSH_SIGNAL_DROPPED", connection_id = %self.conn.id, signal = %name.escape_debug(), reason = %e, "signal dropped");
             }
         }
         Ok(())
@@ -636,7 +636,7 @@ impl russh::server::Handler for Handler {
             .forwards
             .confirmed(&self.conn, id, session.handle())
         {
-            tracing::info!(connection_id = %self.conn.id, channel = %id, "a forwarded channel confirmed after its open was abandoned: closed");
+            tracing::info!(code = "FORWARD_LATE_CONFIRMATION", connection_id = %self.conn.id, channel = %id, "a forwarded channel confirmed after its open was abandoned: closed");
             session.close(id)?;
         }
         Ok(())

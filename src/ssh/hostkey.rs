@@ -121,6 +121,7 @@ pub fn load_or_generate(dir: &Path) -> Result<PrivateKey, HostKeyError> {
         return load(&[path.display().to_string()]).map(|mut v| v.remove(0));
     }
     tracing::info!(
+        code = "SSH_HOST_KEY_GENERATED",
         path = %path.display(),
         fingerprint = %key.public_key().fingerprint(HashAlg::Sha256),
         "generated a new host key"

@@ -142,7 +142,7 @@ pub fn listen_tcp(conn: &Arc<ConnCtx>, address: String, port: u16, reply: Global
         port: u32::from(port),
     };
     if let Err(e) = add_listener(conn, asked.clone()) {
-        tracing::info!(connection_id = %conn.id, error = %e, "remote forwarding refused");
+        tracing::info!(code = "FORWARD_LISTEN_REFUSED", connection_id = %conn.id, error = %e, "remote forwarding refused");
         return reply.failure();
     }
     let conn = Arc::clone(conn);
@@ -160,7 +160,7 @@ pub fn listen_tcp(conn: &Arc<ConnCtx>, address: String, port: u16, reply: Global
                     port: u32::from(bound),
                 };
                 if listen_done(&conn, Some(&mux), &asked, Some((id, kind))) {
-                    tracing::info!(connection_id = %conn.id, address = %address.escape_debug(), port = bound, "remote forwarding listener opened in the container");
+                    tracing::info!(code = "FORWARD_LISTEN_OPENED", connection_id = %conn.id, address = %address.escape_debug(), port = bound, "remote forwarding listener opened in the container");
                 }
                 if port == 0 {
                     reply.success_with_port(u32::from(bound));
@@ -170,7 +170,7 @@ pub fn listen_tcp(conn: &Arc<ConnCtx>, address: String, port: u16, reply: Global
             }
             Err(e) => {
                 listen_done(&conn, None, &asked, None);
-                tracing::info!(connection_id = %conn.id, error = %e, "remote forwarding refused");
+                tracing::info!(code = "FORWARD_LISTEN_REFUSED", connection_id = %conn.id, error = %e, "remote forwarding refused");
                 reply.failure();
             }
         }
@@ -182,7 +182,7 @@ pub fn listen_tcp(conn: &Arc<ConnCtx>, address: String, port: u16, reply: Global
 pub fn listen_unix(conn: &Arc<ConnCtx>, path: String, reply: GlobalRequestReply) {
     let kind = ListenerKind::Unix { path: path.clone() };
     if let Err(e) = add_listener(conn, kind.clone()) {
-        tracing::info!(connection_id = %conn.id, error = %e, "remote socket forwarding refused");
+        tracing::info!(code = "FORWARD_LISTEN_REFUSED", connection_id = %conn.id, error = %e, "remote socket forwarding refused");
         return reply.failure();
     }
     let conn = Arc::clone(conn);
@@ -200,7 +200,7 @@ pub fn listen_unix(conn: &Arc<ConnCtx>, path: String, reply: GlobalRequestReply)
             }
             Err(e) => {
                 listen_done(&conn, None, &kind, None);
-                tracing::info!(connection_id = %conn.id, error = %e, "remote socket forwarding refused");
+                tracing::info!(code = "FORWARD_LISTEN_REFUSED", connection_id = %conn.id, error = %e, "remote socket forwarding refused");
                 reply.failure();
             }
         }

@@ -375,7 +375,7 @@ impl Task {
                 self.finish(&exit).await;
             }
             Ended::TimedOut(why) => {
-                tracing::info!(connection_id = %self.conn.id, channel = %self.id(), limit = why, "session closed: time limit");
+                tracing::info!(code = "SECURITY_SESSION_TIME_LIMIT", connection_id = %self.conn.id, channel = %self.id(), limit = why, "session closed: time limit");
                 if let Err(e) = control.signal("KILL").await {
                     tracing::debug!(connection_id = %self.conn.id, error = %e, "KILL after the timeout not delivered");
                 }
@@ -429,7 +429,7 @@ impl Task {
             match super::listen::x11_env(&self.conn, &x11).await {
                 Ok(vars) => env.extend(vars),
                 Err(e) => {
-                    tracing::warn!(connection_id = %self.conn.id, error = %e, "X11 forwarding not set up");
+                    tracing::warn!(code = "FORWARD_SETUP_FAILED", connection_id = %self.conn.id, error = %e, "X11 forwarding not set up");
                     self.say(
                         on_tty,
                         &format!("containerssh: X11 forwarding unavailable: {e}"),
@@ -442,7 +442,7 @@ impl Task {
             match super::listen::agent_socket(&self.conn).await {
                 Ok(path) => env.push(format!("SSH_AUTH_SOCK={path}")),
                 Err(e) => {
-                    tracing::warn!(connection_id = %self.conn.id, error = %e, "agent forwarding not set up");
+                    tracing::warn!(code = "FORWARD_SETUP_FAILED", connection_id = %self.conn.id, error = %e, "agent forwarding not set up");
                     self.say(
                         on_tty,
                         &format!("containerssh: agent forwarding unavailable: {e}"),
@@ -522,7 +522,7 @@ impl Task {
                 }
                 for name in signals {
                     if let Err(e) = control.signal(&name).await {
-                        tracing::info!(connection_id = %self.conn.id, signal = %name, error = %e, "signal not delivered");
+                        tracing::info!(code = "BACKEND_SIGNAL_FAILED", connection_id = %self.conn.id, signal = %name, error = %e, "signal not delivered");
                     }
                 }
             }
@@ -549,12 +549,12 @@ impl Task {
                 () = self.conn.cancel.cancelled() => return Ended::Closed,
                 s = step => match s {
                     Step::Warn(line) => {
-                        tracing::info!(connection_id = %self.conn.id, channel = %self.id(), warning = %line, "session time limit warning");
+                        tracing::info!(code = "SECURITY_SESSION_TIME_LIMIT_WARNING", connection_id = %self.conn.id, channel = %self.id(), warning = %line, "session time limit warning");
                         self.say(tty, &line).await;
                     }
                     Step::Signal(name) => {
                         if let Err(e) = control.signal(&name).await {
-                            tracing::info!(connection_id = %self.conn.id, signal = %name, error = %e, "timeout signal not delivered");
+                            tracing::info!(code = "BACKEND_SIGNAL_FAILED", connection_id = %self.conn.id, signal = %name, error = %e, "timeout signal not delivered");
                         }
                     }
                     Step::Close(why) => return Ended::TimedOut(why),

@@ -419,7 +419,7 @@ impl Docker {
                     .split_once('.')
                     .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
                     .unwrap_or((1, 0));
-                tracing::info!(api_version = %v, "connected to the Docker engine");
+                tracing::info!(code = "DOCKER_ENGINE_CONNECTED", api_version = %v, "connected to the Docker engine");
                 Ok(ApiLevel {
                     console_size: parsed >= CONSOLE_SIZE_API,
                 })
@@ -557,7 +557,7 @@ impl Docker {
     /// Removes a container that failed to start, at once rather than at disconnect.
     async fn discard(&self, id: &str) {
         if let Err(e) = self.remove_container(id).await {
-            tracing::warn!(container = %id, error = %e, "cannot remove a container that failed to start");
+            tracing::warn!(code = "DOCKER_CONTAINER_REMOVE_FAILED", container = %id, error = %e, "cannot remove a container that failed to start");
         }
     }
 
@@ -612,7 +612,7 @@ impl Docker {
                 Err(e) => return Err(failed(e)),
             }
             self.client.start_container(&name).await.map_err(failed)?;
-            tracing::info!(container = %name, "created persistent container");
+            tracing::info!(code = "DOCKER_CONTAINER_CREATE", container = %name, "created persistent container");
             Ok(name)
         })
         .await
@@ -744,7 +744,7 @@ impl Runtime for Docker {
     async fn put_files(&self, container: &str, files: &[LoginFile]) {
         for f in files {
             if let Err(e) = self.put_file(container, f).await {
-                tracing::warn!(container, path = %f.path, error = %e, "cannot write a login file into the container");
+                tracing::warn!(code = "BACKEND_LOGIN_FILE_FAILED", container, path = %f.path, error = %e, "cannot write a login file into the container");
             }
         }
     }
@@ -837,7 +837,7 @@ impl Runtime for Docker {
             match self.remove_container(id).await {
                 Ok(()) => removed += 1,
                 Err(e) => {
-                    tracing::warn!(container = %id, error = %e, "cannot remove leftover container")
+                    tracing::warn!(code = "DOCKER_CONTAINER_REMOVE_FAILED", container = %id, error = %e, "cannot remove leftover container")
                 }
             }
         }
@@ -946,7 +946,7 @@ impl Runtime for Docker {
 
     async fn remove(&self, name: &str) {
         if let Err(e) = self.remove_container(name).await {
-            tracing::warn!(container = %name, error = %e, "cannot remove session container");
+            tracing::warn!(code = "DOCKER_CONTAINER_REMOVE_FAILED", container = %name, error = %e, "cannot remove session container");
         }
     }
 }

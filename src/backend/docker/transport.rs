@@ -86,7 +86,7 @@ impl Transport {
                         .iter()
                         .any(|v| v.as_deref().is_some_and(|s| !s.is_empty()))
                     {
-                        tracing::warn!(host = %conn.host, "Docker TLS needs cacert, cert and key; some are missing, connecting without TLS");
+                        tracing::warn!(code = "DOCKER_TLS_INCOMPLETE", host = %conn.host, "Docker TLS needs cacert, cert and key; some are missing, connecting without TLS");
                     }
                     Kind::Tcp { host, port }
                 }

@@ -102,7 +102,7 @@ impl Kube {
     ) -> Result<KubeBackend, Box<dyn std::error::Error>> {
         let conn = connection::resolve(&cfg.connection, &|k| std::env::var(k).ok())?;
         let client = KubeClient::new(&conn, cfg.timeouts.http.0)?;
-        tracing::info!(server = %client.server(), connection = ?conn, "Kubernetes API");
+        tracing::info!(code = "KUBERNETES_API_CONFIGURED", server = %client.server(), connection = ?conn, "Kubernetes API");
         let kube = Self::with_client(client, conn.namespace, cfg, agent, instance)?;
         Ok(Engine::of(kube))
     }
@@ -150,7 +150,7 @@ impl Kube {
                 }
             }
         });
-        tracing::info!(namespace = %namespace, "pods are created in this namespace");
+        tracing::info!(code = "KUBERNETES_NAMESPACE", namespace = %namespace, "pods are created in this namespace");
         Ok(Kube {
             client,
             pod,
@@ -330,7 +330,7 @@ impl Kube {
         match pods::create_and_wait(&self.client, &body, &self.console, self.start_timeout()).await
         {
             Ok(pod) => {
-                tracing::info!(pod = %name, "created persistent pod");
+                tracing::info!(code = "KUBERNETES_POD_CREATE", pod = %name, "created persistent pod");
                 Ok((name, self.agent_in(Some(&pod.spec))))
             }
             // Another connection created it first: use theirs once it is ready.
@@ -494,6 +494,7 @@ impl Runtime for Kube {
     /// Files need the agent here: there is no archive API.
     async fn put_files(&self, pod: &str, _files: &[LoginFile]) {
         tracing::warn!(
+            code = "BACKEND_LOGIN_FILE_FAILED",
             pod,
             "login files need the agent ({DISABLE_AGENT_KEY} is set): not written"
         );
@@ -595,8 +596,12 @@ impl Runtime for Kube {
         );
         match tokio::time::timeout(limit, del).await {
             Ok(Ok(())) => tracing::debug!(pod = %name, "pod deleted"),
-            Ok(Err(e)) => tracing::warn!(pod = %name, error = %e, "cannot delete pod"),
-            Err(_) => tracing::warn!(pod = %name, "deleting the pod timed out"),
+            Ok(Err(e)) => {
+                tracing::warn!(code = "KUBERNETES_POD_REMOVE_FAILED", pod = %name, error = %e, "cannot delete pod")
+            }
+            Err(_) => {
+                tracing::warn!(code = "KUBERNETES_POD_REMOVE_FAILED", pod = %name, "deleting the pod timed out")
+            }
         }
     }
 }

@@ -357,7 +357,7 @@ impl FileToken {
                 v
             }
             Err(error) => {
-                tracing::warn!(path = %self.path.display(), %error, "cannot re-read the Kubernetes token file; keeping the previous token");
+                tracing::warn!(code = "KUBERNETES_TOKEN_REFRESH_FAILED", path = %self.path.display(), %error, "cannot re-read the Kubernetes token file; keeping the previous token");
                 self.current().0
             }
         }

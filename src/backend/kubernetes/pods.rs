@@ -262,7 +262,7 @@ pub async fn create_and_wait(
     };
     if result.is_err() {
         if let Err(e) = delete(client, &ns, &name, Some(0)).await {
-            tracing::warn!(namespace = ns, pod = name, error = %e, "deleting a failed pod");
+            tracing::warn!(code = "KUBERNETES_POD_REMOVE_FAILED", namespace = ns, pod = name, error = %e, "deleting a failed pod");
         }
     }
     result

@@ -103,7 +103,10 @@ async fn write_loop(
                 None => {
                     stdin_open = false;
                     if !sender.protocol().can_close_stdin() {
-                        tracing::info!("stdin EOF not passed on: the API server speaks only v4.channel.k8s.io, which cannot close stdin");
+                        tracing::info!(
+                            code = "KUBERNETES_STDIN_EOF_UNSUPPORTED",
+                            "stdin EOF not passed on: the API server speaks only v4.channel.k8s.io, which cannot close stdin"
+                        );
                     }
                     if let Err(e) = sender.close_stdin().await {
                         tracing::debug!(error = %e, "stdin EOF not delivered");
