@@ -407,6 +407,24 @@ pub fn fuzz_kubeconfig(data: &[u8]) {
     crate::backend::kubernetes::kubeconfig::fuzz_kubeconfig(data);
 }
 
+/// The audit recordings' CBOR decoder (`containerssh audit decode` reads files an operator
+/// was handed): never panics, never claims more bytes than it was given, and an item it
+/// decoded decodes the same from exactly its own bytes; a cut item is only ever incomplete.
+pub fn fuzz_audit_cbor(data: &[u8]) {
+    use crate::audit::cbor::{decode, DecodeError};
+    match decode(data) {
+        Ok((value, used)) => {
+            assert!(used > 0 && used <= data.len());
+            let own = data.get(..used).unwrap_or_default();
+            assert_eq!(decode(own), Ok((value, used)));
+            if let Some(cut) = used.checked_sub(1).and_then(|n| data.get(..n)) {
+                assert_eq!(decode(cut).err(), Some(DecodeError::Incomplete));
+            }
+        }
+        Err(DecodeError::Incomplete | DecodeError::Invalid(_)) => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     type Harness = fn(&[u8]);
