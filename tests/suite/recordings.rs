@@ -431,3 +431,64 @@ fn a_binary_recording_is_containerssh_s_format_and_replays_at_its_pace() {
     );
     assert!(stderr.contains("ends early"), "{stderr}");
 }
+
+/// The messages of the one finished binary recording in `dir` (bounded wait).
+fn finished_binary(dir: &Path, context: impl Fn() -> String) -> Vec<Value> {
+    poll_until(Duration::from_secs(30), Duration::from_millis(100), || {
+        let entries: Vec<PathBuf> = std::fs::read_dir(dir)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        let [one] = entries.as_slice() else {
+            return None;
+        };
+        let (msgs, _) = audit_decode(one);
+        (msgs.last()?["type"] == 1).then_some(msgs)
+    })
+    .unwrap_or_else(|| panic!("no finished binary recording\n{}", context()))
+}
+
+fn stdout_of(msgs: &[Value]) -> String {
+    use base64::Engine as _;
+    msgs.iter()
+        .filter(|m| m["type"] == 500 && m["payload"]["stream"] == 1)
+        .map(|m| {
+            let d = m["payload"]["data"].as_str().unwrap();
+            String::from_utf8(base64::engine::general_purpose::STANDARD.decode(d).unwrap()).unwrap()
+        })
+        .collect()
+}
+
+/// Recordings follow the login whatever runs it: session mode (a container per session) on
+/// Docker, and pods on Kubernetes (the fake API server).
+#[test]
+fn recordings_follow_the_login_in_session_mode_and_on_kubernetes() {
+    let env = TestEnv::new();
+    let dir = audit_dir(&env);
+    let server = env.start(&with_binary_audit(&env.config_yaml("session"), &dir));
+    let out = run_with_timeout(
+        env.ssh(&server, "alice").arg("echo in-a-session-container"),
+        None,
+        CMD_TIMEOUT,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", server.output());
+    let msgs = finished_binary(&dir, || server.output());
+    assert_eq!(stdout_of(&msgs), "in-a-session-container\n");
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir).unwrap();
+
+    let fake = support::KubeFake::start();
+    let server = env.start(&with_binary_audit(
+        &env.kube_config_yaml(&fake, "connection", ""),
+        &dir,
+    ));
+    let out = run_with_timeout(
+        env.ssh(&server, "alice").arg("echo in-a-pod"),
+        None,
+        CMD_TIMEOUT,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", server.output());
+    let msgs = finished_binary(&dir, || server.output());
+    assert_eq!(stdout_of(&msgs), "in-a-pod\n");
+    assert!(msgs.iter().any(|m| m["typeId"] == "exit"), "{msgs:?}");
+}
