@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 
@@ -59,6 +60,8 @@ PARALLEL_FC = os.environ.get("BENCH_PARALLEL_FC", "") == "1"
 HTTP_TIMEOUT = os.environ.get("BENCH_HTTP_TIMEOUT", "").strip()
 KEEP = os.environ.get("BENCH_KEEP", "") == "1"
 PIDFILE = os.environ.get("BENCH_PIDFILE", "")
+# Also measure recorded sessions (audit, binary and asciinema) in the throughput phase.
+AUDIT_TP = os.environ.get("BENCH_AUDIT", "1") == "1"
 PHASES = [p.strip() for p in os.environ.get(
     "BENCH_PHASES", "binary,latency,breakdown,throughput,memory,parallel").split(",") if p.strip()]
 
@@ -93,6 +96,18 @@ def run(cmd, timeout=60, check=True, **kw) -> subprocess.CompletedProcess:
     if check and r.returncode != 0:
         raise RuntimeError(f"{shlex.join(map(str, cmd))} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     return r
+
+
+def scrape(port: int, name: str) -> float:
+    """One unlabelled sample from a metrics endpoint (NaN when absent)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return float("nan")
 
 
 def free_port() -> int:
@@ -213,7 +228,7 @@ def parse_ts(s: str) -> int | None:
 class Ours:
     """One containerssh process with its own config, port, instance ID and log file."""
 
-    def __init__(self, bench: "Bench", name: str, mode: str, level: str = "info"):
+    def __init__(self, bench: "Bench", name: str, mode: str, level: str = "info", extra: str = ""):
         self.bench = bench
         self.name = name
         self.instance = f"bench-{RUN}-{name}"
@@ -260,7 +275,7 @@ stateDirectory: "{w}/state-{name}"
 # As root (the bench machine): uid 0 without capabilities; the seccomp filter is enforced.
 sandbox:
   allowRoot: {"true" if os.geteuid() == 0 else "false"}
-{agent_top}""")
+{agent_top}{extra}""")
         env = {k: v for k, v in os.environ.items() if k != "RUST_LOG"}
         env["NO_COLOR"] = "1"
         self.logf = open(self.log, "wb")
@@ -501,7 +516,24 @@ class Bench:
         self.servers.append(self.sess)
         self.sshd = Sshd(self)
         self.servers.append(self.sshd)
+        # Recorded sessions (audit, stdout and stderr intercepted) for the throughput phase:
+        # the binary format and asciinema, each with its metrics endpoint for the bytes a
+        # recording had to drop.
+        self.recorded = {}
+        if "throughput" in PHASES and AUDIT_TP:
+            for fmt_name in ("binary", "asciinema"):
+                d = self.work / f"audit-{fmt_name}"
+                d.mkdir()
+                mport = free_port()
+                extra = (f"audit:\n  enable: true\n  format: {fmt_name}\n  storage: file\n"
+                         f"  file:\n    directory: \"{d}\"\n"
+                         f"  intercept:\n    stdout: true\n    stderr: true\n"
+                         f"metrics:\n  enable: true\n  listen: 127.0.0.1:{mport}\n")
+                srv = Ours(self, f"rec{fmt_name}", "connection", extra=extra)
+                self.servers.append(srv)
+                self.recorded[f"ours-rec-{fmt_name}"] = (srv, d, mport)
         self.hosts = {
+            **{k: v[0].port for k, v in self.recorded.items()},
             "ours-conn": self.conn.port,
             "ours-sess": self.sess.port,
             "sshd-plain": self.sshd.plain,
@@ -751,7 +783,7 @@ class Bench:
             ("sshd-fcn", "sshd + ForceCommand ... --log-driver none", self.ssh("sshd-fcn", remote)),
             ("direct", "docker run -i --log-driver none (direct)",
              self.docker_run("-i", "--log-driver", "none", IMAGE, *gen)),
-        ]
+        ] + [(k, f"ours, recorded ({k.rsplit('-', 1)[1]})", self.ssh(k, remote)) for k in self.recorded]
         rates = {k: [] for k, _, _ in variants}
         fails = {k: [] for k, _, _ in variants}
         secs = {k: [] for k, _, _ in variants}
@@ -801,6 +833,18 @@ class Bench:
                  ratio(med["ours-conn"], med["sshd-fc"]))
         self.add("throughput", f"[{gen_name}] ours / ForceCommand log none", ratio(med["ours-conn"], med["sshd-fcn"]))
         self.add("throughput", f"[{gen_name}] ours / docker direct (target >=0.9x)", ratio(med["ours-conn"], med["direct"]))
+        for key, (srv, d, mport) in self.recorded.items():
+            dropped = scrape(mport, "containerssh_audit_dropped_bytes_total")
+            written = sum(f.stat().st_size for f in d.iterdir())
+            total = TP_BYTES * N_TP
+            kept = 1 - dropped / total if dropped == dropped else float("nan")
+            say(f"{key}: recorded / unrecorded = {ratio(med[key], med['ours-conn'])}; kept "
+                f"{fmt(100 * kept, 1)}% of the output (dropped {dropped:.0f} bytes under flood), files "
+                f"{written / (1 << 20):.1f} MiB")
+            self.add("throughput", f"[{gen_name}] {key} / ours unrecorded (MiB/s ratio)", ratio(med[key], med["ours-conn"]))
+            self.add("throughput", f"[{gen_name}] {key}: output kept in the recording", f"{fmt(100 * kept, 1)}%")
+            for f in d.iterdir():
+                f.unlink()
 
     # -- 3. memory -----------------------------------------------------------------
     def hold_sessions(self, host: str, k: int, timeout: float = 180) -> tuple[list[subprocess.Popen], int]:
