@@ -99,15 +99,16 @@ def run(cmd, timeout=60, check=True, **kw) -> subprocess.CompletedProcess:
 
 
 def scrape(port: int, name: str) -> float:
-    """One unlabelled sample from a metrics endpoint (NaN when absent)."""
+    """One unlabelled counter from a metrics endpoint: 0 when it has no sample yet (a family
+    is listed without samples until its first count), NaN when the endpoint does not answer."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
             for line in r.read().decode().splitlines():
                 if line.startswith(name + " "):
                     return float(line.split()[1])
+        return 0.0
     except OSError:
-        pass
-    return float("nan")
+        return float("nan")
 
 
 def free_port() -> int:

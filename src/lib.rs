@@ -21,8 +21,10 @@
 //! - [`sandbox`]: privilege dropping and seccomp; the only room with `unsafe`.
 //! - [`dirfd`]: the directories files are created in after the sandbox (audit, log file).
 //! - [`metrics`]: what operators see: Prometheus metrics and the health endpoint.
-//! - [`audit`]: audit recordings of sessions (asciicast files).
+//! - [`audit`]: audit recordings (asciicast files per session, ContainerSSH's binary format per
+//!   connection; to files or S3) and their decoder.
 //! - [`log`]: log setup and formats.
+//! - [`utc`]: calendar dates from Unix time (syslog stamps, S3 signatures).
 //! - [`limits`]: every bound on what clients and containers can make us hold.
 //! - `testing` (feature `test-support`): the server in-process, for tests with the fake.
 #![deny(unsafe_code)]
@@ -55,6 +57,7 @@ pub mod shared;
 pub mod ssh;
 #[cfg(feature = "test-support")]
 pub mod testing;
+pub mod utc;
 pub mod webhook;
 
 #[doc(hidden)]

@@ -264,22 +264,7 @@ fn s3_target(c: &crate::config::validate::AuditS3) -> Result<s3::Target, AuditEr
     } else {
         None
     };
-    Ok(s3::Target {
-        host: c.host.clone(),
-        connect_host: c.connect_host.clone(),
-        port: c.port,
-        bucket: c.bucket.clone(),
-        region: c.region.clone(),
-        access_key: c.access_key.clone(),
-        secret_key: s3::Secret(c.secret_key.clone()),
-        acl: c.acl.clone(),
-        path_style: c.path_style,
-        part_size: c.part_size,
-        parallel: c.parallel,
-        metadata_ip: c.metadata_ip,
-        metadata_username: c.metadata_username,
-        tls,
-    })
+    Ok(s3::Target { s3: c.clone(), tls })
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -23,6 +23,7 @@ use http_body_util::Full;
 use ring::{digest, hmac};
 use tokio::sync::{mpsc, Semaphore};
 
+use crate::config::validate::AuditS3;
 use crate::dirfd::WritableDir;
 use crate::http as httpc;
 
@@ -43,46 +44,12 @@ const RETRIES: [Duration; 3] = [
 /// The suffix of the metadata kept beside a staged recording.
 pub const METADATA_SUFFIX: &str = ".metadata.json";
 
-/// Where and how to upload (from `audit.s3`).
-#[derive(Clone)]
+/// Where and how to upload: `audit.s3`, and its TLS settings for `https` endpoints (the CA
+/// of `audit.s3.cacert` or the system's).
+#[derive(Clone, Debug)]
 pub struct Target {
-    /// The endpoint's host (and `:port` when not the scheme's), as the Host header says it.
-    pub host: String,
-    /// The host name or address to connect to, and the port.
-    pub connect_host: String,
-    pub port: u16,
-    pub bucket: String,
-    pub region: String,
-    pub access_key: String,
-    pub secret_key: Secret,
-    pub acl: String,
-    pub path_style: bool,
-    pub part_size: u64,
-    pub parallel: u32,
-    pub metadata_ip: bool,
-    pub metadata_username: bool,
-    /// `https` endpoints: the TLS settings (the CA of `audit.s3.cacert` or the system's).
+    pub s3: AuditS3,
     pub tls: Option<Arc<rustls::ClientConfig>>,
-}
-
-/// The secret key: never printed.
-#[derive(Clone)]
-pub struct Secret(pub String);
-
-impl Secret {
-    fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Target")
-            .field("host", &self.host)
-            .field("bucket", &self.bucket)
-            .field("region", &self.region)
-            .finish_non_exhaustive()
-    }
 }
 
 /// What goes into the object's metadata (and the sidecar file until then).
@@ -133,8 +100,8 @@ impl Uploads {
     /// there (listed before the sandbox). Nothing is sent before [`Uploads::run`].
     pub fn new(target: Target, dir: Arc<WritableDir>, waiting: Vec<String>) -> Self {
         let (tx, rx) = mpsc::channel::<String>(MAX_WAITING);
-        let permits = (MAX_UPLOAD_BUFFER / target.part_size.max(1)).clamp(1, 64);
-        let permits = permits.min(u64::from(target.parallel.max(1)));
+        let permits = (MAX_UPLOAD_BUFFER / target.s3.part_size.max(1)).clamp(1, 64);
+        let permits = permits.min(u64::from(target.s3.parallel.max(1)));
         let shared = Arc::new(Shared {
             target,
             dir,
@@ -213,7 +180,7 @@ impl Shared {
         loop {
             match self.upload(&name).await {
                 Ok(how) => {
-                    tracing::info!(code = how, file = %name, bucket = %self.target.bucket, "audit recording uploaded");
+                    tracing::info!(code = how, file = %name, bucket = %self.target.s3.bucket, "audit recording uploaded");
                     for n in [name.clone(), format!("{name}{METADATA_SUFFIX}")] {
                         if let Err(e) = self.dir.remove(&n) {
                             tracing::warn!(code = "AUDIT_STORAGE_FAILED", file = %n, error = %e, "cannot remove an uploaded audit recording from audit.s3.local");
@@ -293,16 +260,16 @@ impl Shared {
             ),
             ("x-amz-meta-country".to_string(), "XX".to_string()),
         ];
-        if t.metadata_username {
+        if t.s3.metadata_username {
             if let Some(u) = &meta.username {
                 headers.push(("x-amz-meta-username".into(), header_safe(u)));
             }
         }
-        if t.metadata_ip && !meta.ip.is_empty() {
+        if t.s3.metadata_ip && !meta.ip.is_empty() {
             headers.push(("x-amz-meta-ip".into(), meta.ip.clone()));
         }
-        if !t.acl.is_empty() {
-            headers.push(("x-amz-acl".into(), t.acl.clone()));
+        if !t.s3.acl.is_empty() {
+            headers.push(("x-amz-acl".into(), t.s3.acl.clone()));
         }
         let content_type = if name.ends_with(".cast") {
             "application/x-asciicast"
@@ -311,7 +278,7 @@ impl Shared {
         };
         headers.push(("content-type".into(), content_type.into()));
 
-        if size < t.part_size {
+        if size < t.s3.part_size {
             let body = self.read_part(name, 0, size).await?;
             let _permit = self.requests.acquire().await;
             self.request(Method::PUT, name, "", &headers, body).await?;
@@ -345,24 +312,25 @@ impl Shared {
         upload_id: &str,
     ) -> Result<(), S3Error> {
         let t = &self.target;
-        let count = size.div_ceil(t.part_size);
+        let count = size.div_ceil(t.s3.part_size);
         let id = uri_encode(upload_id, true);
         let mut etags: Vec<Option<String>> = vec![None; count as usize];
         let mut next = 0u64;
         let mut running = tokio::task::JoinSet::new();
-        let in_flight_max = u64::from(t.parallel.max(1));
+        let in_flight_max = u64::from(t.s3.parallel.max(1));
         loop {
             while next < count && (running.len() as u64) < in_flight_max {
                 let number = next + 1;
-                let offset = next * t.part_size;
-                let len = t.part_size.min(size - offset);
+                let offset = next * t.s3.part_size;
+                let len = t.s3.part_size.min(size - offset);
                 let query = format!("partNumber={number}&uploadId={id}");
                 let this = Arc::clone(self);
                 let name = name.to_string();
                 running.spawn(async move {
                     let _permit = this.requests.acquire().await;
                     let body = this.read_part(&name, offset, len).await?;
-                    let etag = this.request_etag(Method::PUT, &name, &query, body).await?;
+                    let (etag, _) = this.exchange(Method::PUT, &name, &query, &[], body).await?;
+                    let etag = etag.ok_or_else(|| S3Error::Answer("UploadPart: no ETag".into()))?;
                     Ok::<_, S3Error>((number, etag))
                 });
                 next += 1;
@@ -420,17 +388,6 @@ impl Shared {
             .map(|(_, text)| text)
     }
 
-    async fn request_etag(
-        &self,
-        method: Method,
-        key: &str,
-        query: &str,
-        body: Bytes,
-    ) -> Result<String, S3Error> {
-        let (etag, _) = self.exchange(method, key, query, &[], body).await?;
-        etag.ok_or_else(|| S3Error::Answer("UploadPart: no ETag".into()))
-    }
-
     /// One signed request; the ETag header and the body of a 2xx answer.
     async fn exchange(
         &self,
@@ -450,9 +407,9 @@ impl Shared {
                 query,
                 headers,
                 payload_sha256: &hex::encode(digest::digest(&digest::SHA256, &body)),
-                region: &t.region,
-                access_key: &t.access_key,
-                secret_key: t.secret_key.expose(),
+                region: &t.s3.region,
+                access_key: &t.s3.access_key,
+                secret_key: &t.s3.secret_key,
             },
             SystemTime::now(),
         );
@@ -469,16 +426,16 @@ impl Shared {
             .header("content-length", body.len())
             .body(Full::new(body))
             .map_err(httpc::HttpError::Build)?;
-        let what = format!("s3://{}/{key}", t.bucket);
+        let what = format!("s3://{}/{key}", t.s3.bucket);
         let exchange = async {
-            let tcp = httpc::connect_tcp(&t.connect_host, t.port).await?;
+            let tcp = httpc::connect_tcp(&t.s3.connect_host, t.s3.port).await?;
             let (resp, guard) = match &t.tls {
                 Some(tls) => {
-                    let name = rustls::pki_types::ServerName::try_from(t.connect_host.clone())
+                    let name = rustls::pki_types::ServerName::try_from(t.s3.connect_host.clone())
                         .map_err(|e| httpc::HttpError::Tls {
-                            to: t.host.clone(),
-                            source: std::io::Error::other(e),
-                        })?;
+                        to: t.s3.host.clone(),
+                        source: std::io::Error::other(e),
+                    })?;
                     let io = httpc::connect_tls(tcp, Arc::clone(tls), name).await?;
                     httpc::send(io, req, false).await?
                 }
@@ -518,13 +475,16 @@ impl Target {
     /// The Host header and the path of an object.
     fn location(&self, key: &str) -> (String, String) {
         let key = uri_encode(key, false);
-        if self.path_style {
+        if self.s3.path_style {
             (
-                self.host.clone(),
-                format!("/{}/{key}", uri_encode(&self.bucket, false)),
+                self.s3.host.clone(),
+                format!("/{}/{key}", uri_encode(&self.s3.bucket, false)),
             )
         } else {
-            (format!("{}.{}", self.bucket, self.host), format!("/{key}"))
+            (
+                format!("{}.{}", self.s3.bucket, self.s3.host),
+                format!("/{key}"),
+            )
         }
     }
 }
@@ -604,28 +564,12 @@ pub fn sign(s: &Signing<'_>, now: SystemTime) -> Vec<(String, String)> {
 
 /// `YYYYMMDD` and `YYYYMMDD'T'HHMMSS'Z'` in UTC.
 fn amz_date(now: SystemTime) -> (String, String) {
-    let secs = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let date = format!("{y:04}{m:02}{d:02}");
-    let stamp = format!(
-        "{date}T{:02}{:02}{:02}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
+    let t = crate::utc::Utc::from_unix(
+        now.duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
     );
+    let date = format!("{:04}{:02}{:02}", t.year, t.month, t.day);
+    let stamp = format!("{date}T{:02}{:02}{:02}Z", t.hour, t.minute, t.second);
     (date, stamp)
 }
 

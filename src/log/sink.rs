@@ -15,7 +15,6 @@ use std::os::fd::BorrowedFd;
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::{Level, Metadata};
 use tracing_subscriber::fmt::MakeWriter;
@@ -238,28 +237,18 @@ impl SyslogSink {
 
 /// `Mmm dd hh:mm:ss` (UTC).
 fn rfc3164_now() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let (days, rest) = (secs / 86_400, secs % 86_400);
-    let (h, m, s) = (rest / 3600, rest % 3600 / 60, rest % 60);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
-    let name = usize::try_from(month - 1)
+    let t = crate::utc::Utc::now();
+    let name = usize::try_from(t.month.saturating_sub(1))
         .ok()
         .and_then(|i| MONTHS.get(i))
         .unwrap_or(&"Jan");
-    format!("{name} {day:>2} {h:02}:{m:02}:{s:02}")
+    format!(
+        "{name} {:>2} {:02}:{:02}:{:02}",
+        t.day, t.hour, t.minute, t.second
+    )
 }
 
 fn severity(level: &Level) -> u8 {

@@ -134,22 +134,7 @@ fn one_object(moto: &Moto, bucket: &str, context: impl Fn() -> String) -> Value 
 fn decode_object(env: &TestEnv, moto: &Moto, bucket: &str, key: &str) -> Vec<Value> {
     let file = env.path().join(format!("downloaded-{key}"));
     moto.ctl(&["get", bucket, key, file.to_str().unwrap()]);
-    let out = run_with_timeout(
-        Command::new(env!("CARGO_BIN_EXE_containerssh"))
-            .args(["audit", "decode"])
-            .arg(&file),
-        None,
-        CMD_TIMEOUT,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    support::audit_decode(&file).unwrap().0
 }
 
 #[test]
@@ -209,12 +194,7 @@ fn a_recording_lands_as_a_multipart_object_with_its_metadata() {
     let stdout: usize = msgs
         .iter()
         .filter(|m| m["type"] == 500 && m["payload"]["stream"] == 1)
-        .map(|m| {
-            base64::engine::general_purpose::STANDARD
-                .decode(m["payload"]["data"].as_str().unwrap())
-                .unwrap()
-                .len()
-        })
+        .map(|m| support::audit_data(m).len())
         .sum();
     let dropped: usize = msgs
         .iter()
@@ -272,16 +252,8 @@ fn a_recording_staged_when_the_server_was_killed_is_uploaded_at_the_next_start()
     // A recording being written decodes up to its last message (flushed whenever the
     // writer is idle): wait for the program's output in it, then kill the server.
     let written = poll_until(Duration::from_secs(10), Duration::from_millis(50), || {
-        let out = run_with_timeout(
-            Command::new(env!("CARGO_BIN_EXE_containerssh"))
-                .args(["audit", "decode"])
-                .arg(local.join(&staged[0])),
-            None,
-            CMD_TIMEOUT,
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .contains("\"typeId\":\"io\"")
-            .then_some(())
+        let (msgs, _) = support::audit_decode(&local.join(&staged[0])).ok()?;
+        msgs.iter().any(|m| m["typeId"] == "io").then_some(())
     });
     assert!(written.is_some(), "{}", first.output());
     first.kill9();

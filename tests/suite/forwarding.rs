@@ -1257,22 +1257,7 @@ fn a_forwarded_connection_is_in_the_binary_recording_with_its_data() {
     assert_eq!(echo_round_trip(&echo, data).expect("round trip"), data);
     drop(servers);
     master.kill();
-    let decoded = poll_until(Duration::from_secs(30), Duration::from_millis(100), || {
-        let file = std::fs::read_dir(&dir).ok()?.next()?.ok()?.path();
-        let out = run_with_timeout(
-            Command::new(env!("CARGO_BIN_EXE_containerssh"))
-                .args(["audit", "decode"])
-                .arg(&file),
-            None,
-            CMD_TIMEOUT,
-        );
-        let msgs: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        (msgs.last()?["type"] == 1).then_some(msgs)
-    })
-    .unwrap_or_else(|| panic!("no finished recording\n{}", server.output()));
+    let (_, decoded) = support::finished_binary_recording(&dir, || server.output());
     let opens: Vec<&serde_json::Value> = decoded
         .iter()
         .filter(|m| m["typeId"] == "new_channel_direct_tcpip")
@@ -1280,12 +1265,7 @@ fn a_forwarded_connection_is_in_the_binary_recording_with_its_data() {
     assert!(!opens.is_empty(), "{decoded:?}");
     // The probes of wait_echo opened channels too: the round trip's is the one whose data is
     // ours.
-    use base64::Engine as _;
-    let bytes = |m: &serde_json::Value| {
-        base64::engine::general_purpose::STANDARD
-            .decode(m["payload"]["data"].as_str().unwrap_or(""))
-            .unwrap()
-    };
+    let bytes = support::audit_data;
     let ours = opens
         .iter()
         .find(|open| {

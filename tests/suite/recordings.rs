@@ -9,7 +9,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{poll_until, run_with_timeout, tty_command_line, TestEnv, Tmux};
+use support::{
+    audit_data, audit_decode, finished_binary_recording, poll_until, run_with_timeout,
+    tty_command_line, TestEnv, Tmux,
+};
 
 const CMD_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -18,6 +21,20 @@ fn with_audit(yaml: &str, dir: &Path, stdin: bool) -> String {
         "{yaml}audit:\n  enable: true\n  format: asciinema\n  storage: file\n  file:\n    directory: {}\n  intercept:\n    stdin: {stdin}\n    stdout: true\n    stderr: true\n",
         dir.display()
     )
+}
+
+/// alice's password in the password file the test config uses.
+fn use_password(env: &TestEnv, password: &str) {
+    let hash = run_with_timeout(
+        Command::new(env!("CARGO_BIN_EXE_containerssh")).arg("--hash-password"),
+        Some(format!("{password}\n").as_bytes()),
+        CMD_TIMEOUT,
+    );
+    std::fs::write(
+        &env.password_file,
+        format!("alice:{}\n", String::from_utf8_lossy(&hash.stdout).trim()),
+    )
+    .unwrap();
 }
 
 fn audit_dir(env: &TestEnv) -> PathBuf {
@@ -29,15 +46,9 @@ fn audit_dir(env: &TestEnv) -> PathBuf {
 /// Waits (bounded) for the one recording in `dir` to hold its exit marker; its lines.
 fn finished_recording(dir: &Path) -> (PathBuf, Vec<Value>) {
     let found = poll_until(Duration::from_secs(30), Duration::from_millis(100), || {
-        let entries: Vec<PathBuf> = std::fs::read_dir(dir)
-            .ok()?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .collect();
-        let [one] = entries.as_slice() else {
-            return None;
-        };
-        let text = std::fs::read_to_string(one).ok()?;
-        text.contains("\"exit status").then(|| (one.clone(), text))
+        let one = support::only_file(dir)?;
+        let text = std::fs::read_to_string(&one).ok()?;
+        text.contains("\"exit status").then_some((one, text))
     });
     let (path, text) = found.unwrap_or_else(|| {
         panic!(
@@ -145,16 +156,7 @@ fn an_exec_keeps_stdout_and_stderr_and_a_password_leaves_no_trace() {
     let env = TestEnv::new();
     let dir = audit_dir(&env);
     let password = "Zebra-Quokka-77";
-    let hash = run_with_timeout(
-        Command::new(env!("CARGO_BIN_EXE_containerssh")).arg("--hash-password"),
-        Some(format!("{password}\n").as_bytes()),
-        CMD_TIMEOUT,
-    );
-    std::fs::write(
-        &env.password_file,
-        format!("alice:{}\n", String::from_utf8_lossy(&hash.stdout).trim()),
-    )
-    .unwrap();
+    use_password(&env, password);
     let server = env.start(&with_audit(&env.config_yaml("connection"), &dir, false));
     let out = run_with_timeout(
         env.ssh_password(&server, "alice", password)
@@ -219,24 +221,6 @@ fn with_binary_audit(yaml: &str, dir: &Path) -> String {
     )
 }
 
-/// `containerssh audit decode FILE`: the messages, and what it said on stderr.
-fn audit_decode(path: &Path) -> (Vec<Value>, String) {
-    let out = run_with_timeout(
-        Command::new(env!("CARGO_BIN_EXE_containerssh"))
-            .args(["audit", "decode"])
-            .arg(path),
-        None,
-        CMD_TIMEOUT,
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
-    let msgs = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
-        .collect();
-    (msgs, stderr)
-}
-
 /// The same file read by an independent CBOR decoder (Python's cbor2), the way ContainerSSH's
 /// decoder reads it: the 40-byte header, then a gzip stream of CBOR items one after another.
 fn cbor2_decode(path: &Path) -> Vec<Value> {
@@ -278,16 +262,7 @@ fn a_binary_recording_is_containerssh_s_format_and_replays_at_its_pace() {
     let env = TestEnv::new();
     let dir = audit_dir(&env);
     let password = "Walrus-Pelican-93";
-    let hash = run_with_timeout(
-        Command::new(env!("CARGO_BIN_EXE_containerssh")).arg("--hash-password"),
-        Some(format!("{password}\n").as_bytes()),
-        CMD_TIMEOUT,
-    );
-    std::fs::write(
-        &env.password_file,
-        format!("alice:{}\n", String::from_utf8_lossy(&hash.stdout).trim()),
-    )
-    .unwrap();
+    use_password(&env, password);
     let server = env.start(&with_binary_audit(&env.config_yaml("connection"), &dir));
     let out = run_with_timeout(
         env.ssh_password(&server, "alice", password)
@@ -299,24 +274,13 @@ fn a_binary_recording_is_containerssh_s_format_and_replays_at_its_pace() {
 
     // One file for the connection, named by its id (32 hex characters, no extension); done
     // when its disconnect message is in.
-    let path = poll_until(Duration::from_secs(30), Duration::from_millis(100), || {
-        let entries: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .ok()?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .collect();
-        let [one] = entries.as_slice() else {
-            return None;
-        };
-        let (msgs, _) = audit_decode(one);
-        (msgs.last()?["type"] == 1).then(|| one.clone())
-    })
-    .unwrap_or_else(|| panic!("no finished binary recording\n{}", server.output()));
+    let (path, _) = finished_binary_recording(&dir, || server.output());
     let name = path.file_name().unwrap().to_string_lossy().to_string();
     assert!(
         name.len() == 32 && name.chars().all(|c| c.is_ascii_hexdigit()),
         "{name}"
     );
-    let (msgs, stderr) = audit_decode(&path);
+    let (msgs, stderr) = audit_decode(&path).unwrap();
     assert!(stderr.is_empty(), "{stderr}");
     let types: Vec<u64> = msgs.iter().map(|m| m["type"].as_u64().unwrap()).collect();
     let ids: Vec<&str> = msgs.iter().map(|m| m["typeId"].as_str().unwrap()).collect();
@@ -334,20 +298,9 @@ fn a_binary_recording_is_containerssh_s_format_and_replays_at_its_pace() {
     }
     assert_eq!(types.first(), Some(&0));
     assert_eq!(types.last(), Some(&1));
-    let io = |stream: u64| -> String {
-        use base64::Engine as _;
-        msgs.iter()
-            .filter(|m| m["type"] == 500 && m["payload"]["stream"] == stream)
-            .map(|m| {
-                let d = m["payload"]["data"].as_str().unwrap();
-                String::from_utf8(base64::engine::general_purpose::STANDARD.decode(d).unwrap())
-                    .unwrap()
-            })
-            .collect()
-    };
-    assert_eq!(io(0), "typed\n");
-    assert_eq!(io(1), "got-typed\nlater\n");
-    assert_eq!(io(2), "to-err\n");
+    assert_eq!(io_text(&msgs, 0), "typed\n");
+    assert_eq!(io_text(&msgs, 1), "got-typed\nlater\n");
+    assert_eq!(io_text(&msgs, 2), "to-err\n");
     let exit = msgs.iter().find(|m| m["type"] == 499).unwrap();
     assert_eq!(exit["payload"]["exitStatus"], 5);
     assert!(exit["channelId"].is_u64());
@@ -422,7 +375,7 @@ fn a_binary_recording_is_containerssh_s_format_and_replays_at_its_pace() {
     // the end is reported.
     let cut = env.path().join("cut");
     std::fs::write(&cut, &raw[..raw.len() - 8]).unwrap();
-    let (some, stderr) = audit_decode(&cut);
+    let (some, stderr) = audit_decode(&cut).unwrap();
     assert!(
         some.len() + 1 >= msgs.len(),
         "{} of {}",
@@ -432,31 +385,14 @@ fn a_binary_recording_is_containerssh_s_format_and_replays_at_its_pace() {
     assert!(stderr.contains("ends early"), "{stderr}");
 }
 
-/// The messages of the one finished binary recording in `dir` (bounded wait).
-fn finished_binary(dir: &Path, context: impl Fn() -> String) -> Vec<Value> {
-    poll_until(Duration::from_secs(30), Duration::from_millis(100), || {
-        let entries: Vec<PathBuf> = std::fs::read_dir(dir)
-            .ok()?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .collect();
-        let [one] = entries.as_slice() else {
-            return None;
-        };
-        let (msgs, _) = audit_decode(one);
-        (msgs.last()?["type"] == 1).then_some(msgs)
-    })
-    .unwrap_or_else(|| panic!("no finished binary recording\n{}", context()))
-}
-
-fn stdout_of(msgs: &[Value]) -> String {
-    use base64::Engine as _;
-    msgs.iter()
-        .filter(|m| m["type"] == 500 && m["payload"]["stream"] == 1)
-        .map(|m| {
-            let d = m["payload"]["data"].as_str().unwrap();
-            String::from_utf8(base64::engine::general_purpose::STANDARD.decode(d).unwrap()).unwrap()
-        })
-        .collect()
+/// What a recording's `io` messages of `stream` hold, as text.
+fn io_text(msgs: &[Value], stream: u64) -> String {
+    let bytes: Vec<u8> = msgs
+        .iter()
+        .filter(|m| m["type"] == 500 && m["payload"]["stream"] == stream)
+        .flat_map(audit_data)
+        .collect();
+    String::from_utf8(bytes).unwrap()
 }
 
 /// Recordings follow the login whatever runs it: session mode (a container per session) on
@@ -472,8 +408,8 @@ fn recordings_follow_the_login_in_session_mode_and_on_kubernetes() {
         CMD_TIMEOUT,
     );
     assert_eq!(out.status.code(), Some(0), "{}", server.output());
-    let msgs = finished_binary(&dir, || server.output());
-    assert_eq!(stdout_of(&msgs), "in-a-session-container\n");
+    let (_, msgs) = finished_binary_recording(&dir, || server.output());
+    assert_eq!(io_text(&msgs, 1), "in-a-session-container\n");
     std::fs::remove_dir_all(&dir).unwrap();
     std::fs::create_dir_all(&dir).unwrap();
 
@@ -488,7 +424,7 @@ fn recordings_follow_the_login_in_session_mode_and_on_kubernetes() {
         CMD_TIMEOUT,
     );
     assert_eq!(out.status.code(), Some(0), "{}", server.output());
-    let msgs = finished_binary(&dir, || server.output());
-    assert_eq!(stdout_of(&msgs), "in-a-pod\n");
+    let (_, msgs) = finished_binary_recording(&dir, || server.output());
+    assert_eq!(io_text(&msgs, 1), "in-a-pod\n");
     assert!(msgs.iter().any(|m| m["typeId"] == "exit"), "{msgs:?}");
 }

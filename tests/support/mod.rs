@@ -2080,3 +2080,62 @@ pub fn openssl_issue(dir: &Path, name: &str, key_args: &[&str], subj: &str, ext:
         ],
     );
 }
+
+/// `containerssh audit decode FILE`: its messages and what it said on stderr; `Err` (with
+/// stderr) when it failed.
+pub fn audit_decode(path: &Path) -> Result<(Vec<serde_json::Value>, String), String> {
+    let out = run_with_timeout(
+        Command::new(SERVER_BIN).args(["audit", "decode"]).arg(path),
+        None,
+        Duration::from_secs(90),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() {
+        return Err(stderr);
+    }
+    let msgs = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    Ok((msgs, stderr))
+}
+
+/// The bytes of a decoded `io` message (base64 in the JSON).
+pub fn audit_data(msg: &serde_json::Value) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(msg["payload"]["data"].as_str().unwrap_or(""))
+        .expect("io data is base64")
+}
+
+/// Waits (bounded) for the one binary recording in `dir` to end (its disconnect message);
+/// its path and messages.
+pub fn finished_binary_recording(
+    dir: &Path,
+    context: impl Fn() -> String,
+) -> (PathBuf, Vec<serde_json::Value>) {
+    poll_until(Duration::from_secs(30), Duration::from_millis(100), || {
+        let one = only_file(dir)?;
+        let (msgs, _) = audit_decode(&one).ok()?;
+        (msgs.last()?["type"] == 1).then_some((one, msgs))
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no finished binary recording in {}\n{}",
+            dir.display(),
+            context()
+        )
+    })
+}
+
+/// The path of the one entry in `dir`; `None` while it has none or several.
+pub fn only_file(dir: &Path) -> Option<PathBuf> {
+    let entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    match entries.as_slice() {
+        [one] => Some(one.clone()),
+        _ => None,
+    }
+}
