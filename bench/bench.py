@@ -60,6 +60,8 @@ PARALLEL_FC = os.environ.get("BENCH_PARALLEL_FC", "") == "1"
 HTTP_TIMEOUT = os.environ.get("BENCH_HTTP_TIMEOUT", "").strip()
 KEEP = os.environ.get("BENCH_KEEP", "") == "1"
 PIDFILE = os.environ.get("BENCH_PIDFILE", "")
+# A warm pool of this many containers for an extra connection-mode variant in the latency phase.
+POOL_SIZE = int(os.environ.get("BENCH_POOL", "2"))
 # Also measure recorded sessions (audit, binary and asciinema) in the throughput phase.
 AUDIT_TP = os.environ.get("BENCH_AUDIT", "1") == "1"
 PHASES = [p.strip() for p in os.environ.get(
@@ -229,7 +231,8 @@ def parse_ts(s: str) -> int | None:
 class Ours:
     """One containerssh process with its own config, port, instance ID and log file."""
 
-    def __init__(self, bench: "Bench", name: str, mode: str, level: str = "info", extra: str = ""):
+    def __init__(self, bench: "Bench", name: str, mode: str, level: str = "info", extra: str = "",
+                 pool: int = 0):
         self.bench = bench
         self.name = name
         self.instance = f"bench-{RUN}-{name}"
@@ -264,9 +267,9 @@ docker:
     container:
       image: "{IMAGE}"
       labels:
-        containerssh_bench: "{RUN}"
+        {"containerssh_bench_pool" if pool else "containerssh_bench"}: "{RUN}"
     mode: {mode}
-    imagePullPolicy: Never
+{f"    pool:{chr(10)}      size: {pool}{chr(10)}" if pool else ""}    imagePullPolicy: Never
     shellCommand: ["/bin/sh"]
 {agent_yaml}{f'  timeouts:{chr(10)}    http: "{HTTP_TIMEOUT}"{chr(10)}' if HTTP_TIMEOUT else ''}log:
   level: {level}
@@ -533,7 +536,14 @@ class Bench:
                 srv = Ours(self, f"rec{fmt_name}", "connection", extra=extra)
                 self.servers.append(srv)
                 self.recorded[f"ours-rec-{fmt_name}"] = (srv, d, mport)
+        # A connection-mode server with a warm pool (its containers carry their own label, so
+        # the waits for the other variants' containers do not count its members).
+        self.pooled = None
+        if "latency" in PHASES and POOL_SIZE > 0:
+            self.pooled = Ours(self, "pool", "connection", pool=POOL_SIZE)
+            self.servers.append(self.pooled)
         self.hosts = {
+            **({"ours-pool": self.pooled.port} if self.pooled else {}),
             **{k: v[0].port for k, v in self.recorded.items()},
             "ours-conn": self.conn.port,
             "ours-sess": self.sess.port,
@@ -566,11 +576,26 @@ class Bench:
             return None, f"exit {r.returncode}: {r.stderr.decode(errors='replace').strip()[:200]}"
         return dt_, ""
 
+    def wait_pool_full(self, timeout: float) -> bool:
+        """Bounded poll until the pooled server has POOL_SIZE running members and no used one."""
+        deadline = time.monotonic() + timeout
+        label = f"containerssh_instance={self.pooled.instance}"
+        while time.monotonic() < deadline:
+            running = run(["docker", "ps", "-q", "--filter", f"label={label}",
+                           "--filter", "label=containerssh_pool=1"], timeout=60, check=False).stdout.split()
+            every = run(["docker", "ps", "-aq", "--filter", f"label={label}"], timeout=60, check=False).stdout.split()
+            if len(running) == POOL_SIZE and len(every) == POOL_SIZE:
+                return True
+            time.sleep(0.1)
+        return False
+
     def latency(self) -> None:
         say(f"\n== 1. login-to-exit latency: `ssh HOST true`, {N_LAT} interleaved rounds ==")
         variants = [
             ("ours-conn", "ours, connection mode", self.ssh("ours-conn", "true")),
             ("ours-sess", "ours, session mode", self.ssh("ours-sess", "true")),
+            *([("ours-pool", f"ours, connection mode, pool of {POOL_SIZE}", self.ssh("ours-pool", "true"))]
+              if self.pooled else []),
             ("sshd-plain", "OpenSSH sshd, plain login", self.ssh("sshd-plain", "true")),
             ("sshd-fc", "OpenSSH sshd + ForceCommand docker run", self.ssh("sshd-fc", "true")),
             ("floor", "docker run --rm IMAGE true (floor)", self.docker_run(IMAGE, "true")),
@@ -588,9 +613,12 @@ class Bench:
                     fails[key].append(err)
                 else:
                     times[key].append(t * 1000)
-                # Untimed: let deferred removals finish so no variant pays for another's.
+                # Untimed: let deferred removals finish so no variant pays for another's (and
+                # the pool refill, so that every pooled login finds a member).
                 if not wait_no_containers(BENCH_LABEL, 60):
                     fails[key].append("containers still present 60 s after the login")
+                if self.pooled and not self.wait_pool_full(60):
+                    fails[key].append("the pool did not refill within 60 s")
             progress(f"latency round {i + 1}/{N_LAT}: " + "  ".join(
                 f"{k} {fmt(times[k][-1] if times[k] else None, 0)}ms" for k, _, _ in variants))
         say(f"{'variant':45} {'n':>3} {'median ms':>10} {'p90 ms':>8} {'fail':>5}")
@@ -612,6 +640,9 @@ class Bench:
                      f"{fmt(m[key])} / {fmt(pct(times[key], .9))}  (n={len(times[key])}, fail={len(fails[key])})")
         self.add("latency", "ours conn / ForceCommand (target <=0.75x)", ratio(m["ours-conn"], m["sshd-fc"]))
         self.add("latency", "ours sess / ForceCommand (target <=0.75x)", ratio(m["ours-sess"], m["sshd-fc"]))
+        if "ours-pool" in m:
+            self.add("latency", "ours pooled / plain sshd (target <=0.5x)", ratio(m["ours-pool"], m["sshd-plain"]))
+            self.add("latency", "ours pooled / ours cold (connection mode)", ratio(m["ours-pool"], m["ours-conn"]))
         for key in ("ours-conn", "ours-sess"):
             self.add("latency", f"({key} - floor) / plain sshd (target <=1x)",
                      f"{ratio(m[key] - m['floor'], m['sshd-plain'])}  ({fmt(m[key] - m['floor'])} ms vs "

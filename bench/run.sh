@@ -17,6 +17,7 @@
 #   BENCH_HTTP_TIMEOUT=60s   docker.timeouts.http for our servers (default: the server default, 15s)
 #   BENCH_BREAKDOWN_N=5      rounds of the debug-log latency breakdown
 #   BENCH_PHASES=binary,latency,breakdown,throughput,memory,parallel
+#   BENCH_POOL=2             warm-pool size of the extra pooled variant in the latency phase (0: none)
 #   BENCH_AUDIT=1            also time recorded sessions (audit binary and asciinema) in the throughput phase
 #   BENCH_SKIP_BUILD=1       use the binaries already in target/ (no cargo build)
 #   BENCH_BIN=PATH           benchmark this server binary instead of target/release/containerssh

@@ -48,6 +48,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) -> bool {
     if let Some(audit) = &shared.audit {
         audit.run();
     }
+    shared.backend.warm(shared.shutdown.clone());
     let total = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let connections = TaskTracker::new();
     loop {

@@ -13,6 +13,11 @@ use crate::config::model::AgentConfig;
 
 /// The file name looked for next to the server's own executable.
 pub const AGENT_FILE_NAME: &str = "containerssh-agent";
+/// Where an injected agent is mounted read-only into containers (a Docker volume filled once
+/// per engine and agent build; a Kubernetes `emptyDir` filled by an init container).
+pub const AGENT_DIR: &str = "/.containerssh";
+/// The injected agent's path inside containers.
+pub const INJECTED_AGENT_PATH: &str = "/.containerssh/containerssh-agent";
 
 /// A larger file is not our agent (it is about 1.5 MiB); refuse rather than hold it.
 pub const MAX_AGENT_BINARY_BYTES: u64 = 32 * 1024 * 1024;

@@ -28,6 +28,7 @@ pub mod fake;
 pub mod janitor;
 pub mod kubernetes;
 pub mod ledger;
+pub mod pool;
 pub mod process;
 
 use std::fmt;
@@ -113,6 +114,9 @@ pub trait Backend: Send + Sync {
         login: &crate::config::Settings,
         same_connection: bool,
     ) -> Option<Arc<dyn Backend>>;
+
+    /// Starts what runs ahead of logins (the warm pool), until `stop`.
+    fn warm(&self, _stop: tokio_util::sync::CancellationToken) {}
 }
 
 /// Where the agent is in a container, and whether it is ours (every flag) or an image's own
@@ -222,6 +226,9 @@ pub trait Runtime: Send + Sync + Sized + 'static {
         None
     }
 
+    /// See [`Backend::warm`].
+    fn warm(self: &Arc<Self>, _stop: tokio_util::sync::CancellationToken) {}
+
     /// Starts a program in container `name`; `handle` is that container, for the program's
     /// control (signals through the agent run there).
     fn exec(
@@ -329,6 +336,10 @@ impl<R: Runtime> Backend for Engine<R> {
         same_connection: bool,
     ) -> Option<Arc<dyn Backend>> {
         self.0.derive(login, same_connection)
+    }
+
+    fn warm(&self, stop: tokio_util::sync::CancellationToken) {
+        self.0.warm(stop);
     }
 }
 

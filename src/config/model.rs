@@ -858,6 +858,25 @@ pub struct DockerExecutionConfig {
     /// Every authentication metadata value (the webhooks') as an environment variable of the
     /// same name in each session (ContainerSSH's bool; Kubernetes maps names instead).
     pub expose_auth_metadata_as_env: bool,
+    /// (ours) Containers started ahead for connection-mode logins (off by default).
+    pub pool: PoolConfig,
+}
+
+/// `pool`: how many containers wait, started ahead, and for how long at most.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct PoolConfig {
+    pub size: u32,
+    pub max_age: GoDuration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            size: 0,
+            max_age: GoDuration::from_secs(600),
+        }
+    }
 }
 
 impl Default for DockerExecutionConfig {
@@ -878,6 +897,7 @@ impl Default for DockerExecutionConfig {
             agent_path: defaults::agent_path(),
             disable_agent: false,
             expose_auth_metadata_as_env: false,
+            pool: PoolConfig::default(),
         }
     }
 }

@@ -557,7 +557,8 @@ fn server_logins_into_an_image_without_a_shell() {
         }
         let server = env.start(&yaml);
         let agent = if inject {
-            "/usr/bin/containerssh-agent"
+            // The injected agent's read-only volume.
+            "/.containerssh/containerssh-agent"
         } else {
             AGENT
         };

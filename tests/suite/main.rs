@@ -9,6 +9,7 @@ mod support;
 
 mod agent;
 mod agent_forward;
+mod agent_volume;
 mod audit_s3;
 mod auth;
 mod auth_flow;
@@ -29,6 +30,7 @@ mod manifests;
 mod metadata;
 mod metrics;
 mod persistent;
+mod pool;
 mod proxy_protocol;
 mod recordings;
 mod sandbox;

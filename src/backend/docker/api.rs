@@ -395,6 +395,83 @@ impl DockerClient {
         }
     }
 
+    /// `POST /volumes/create`: the named volume, created with `labels` unless it exists.
+    pub async fn create_volume(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> Result<(), DockerError> {
+        const OP: &str = "volume create";
+        let labels: serde_json::Map<String, serde_json::Value> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), json!(v)))
+            .collect();
+        let path = self.versioned("/volumes/create").await?;
+        let payload = json!({"Name": name, "Labels": labels})
+            .to_string()
+            .into_bytes();
+        let (status, body) = self.call(OP, Method::POST, &path, Some(payload)).await?;
+        ok_or(status, &body, |s, b| status_error(OP, s, b))
+    }
+
+    /// Names of the volumes carrying every `key=value` label.
+    pub async fn list_volumes(&self, labels: &[(&str, &str)]) -> Result<Vec<String>, DockerError> {
+        const OP: &str = "volume list";
+        #[derive(Deserialize)]
+        struct Volume {
+            #[serde(rename = "Name")]
+            name: String,
+        }
+        #[derive(Deserialize)]
+        struct Volumes {
+            #[serde(rename = "Volumes", default)]
+            volumes: Option<Vec<Volume>>,
+        }
+        let filters = json!({
+            "label": labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>()
+        });
+        let path = self
+            .versioned(&format!("/volumes?filters={}", q(&filters.to_string())))
+            .await?;
+        let (status, body) = self.call(OP, Method::GET, &path, None).await?;
+        ok_or(status, &body, |s, b| status_error(OP, s, b))?;
+        Ok(decode::<Volumes>(OP, &body)?
+            .volumes
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| v.name)
+            .collect())
+    }
+
+    /// `DELETE /volumes/{name}`; already gone (404) is success, in use is a 409 error.
+    pub async fn remove_volume(&self, name: &str) -> Result<(), DockerError> {
+        const OP: &str = "volume remove";
+        let path = self.versioned(&format!("/volumes/{}", seg(name))).await?;
+        let (status, body) = self.call(OP, Method::DELETE, &path, None).await?;
+        match status {
+            s if s.is_success() || s == StatusCode::NOT_FOUND => Ok(()),
+            s => Err(status_error(OP, s, &body)),
+        }
+    }
+
+    /// Whether `path` exists in a container's file system (volumes mounted in it included),
+    /// from `GET /containers/{id}/archive` (meant for small files: the answer is their tar).
+    pub async fn path_exists(&self, id: &str, path: &str) -> Result<bool, DockerError> {
+        const OP: &str = "container archive stat";
+        let url = self
+            .versioned(&format!("/containers/{}/archive?path={}", seg(id), q(path)))
+            .await?;
+        let (status, body) = self.call(OP, Method::GET, &url, None).await?;
+        match status {
+            StatusCode::OK => Ok(true),
+            StatusCode::NOT_FOUND if error_message(&body).contains("No such container") => {
+                Err(DockerError::NoSuchContainer { id: id.to_string() })
+            }
+            StatusCode::NOT_FOUND => Ok(false),
+            s => Err(status_error(OP, s, &body)),
+        }
+    }
+
     /// Ids of all containers (running or not) carrying every `key=value` label.
     pub async fn list_containers(
         &self,

@@ -109,6 +109,29 @@ fn check_execution(exec: &DockerExecutionConfig) -> Result<(), KeyError> {
             "only meaningful in persistent mode",
         ));
     }
+    if exec.pool.size > 0 {
+        if exec.mode != ExecutionMode::Connection {
+            return Err(bad(
+                "execution.pool.size",
+                "a pool serves connection mode only (session containers run the program itself; a persistent container is one)",
+            ));
+        }
+        if !exec.container_name.is_empty() {
+            return Err(bad(
+                "execution.pool.size",
+                "pool members cannot share one containername",
+            ));
+        }
+        if exec.pool.size > crate::backend::pool::MAX_POOL_SIZE {
+            return Err(bad(
+                "execution.pool.size",
+                format!("at most {}", crate::backend::pool::MAX_POOL_SIZE),
+            ));
+        }
+        if exec.pool.max_age.0.is_zero() {
+            return Err(bad("execution.pool.maxAge", "must be positive"));
+        }
+    }
     if exec.mode != ExecutionMode::Session && exec.idle_command.is_empty() {
         return Err(bad(
             "execution.idleCommand",
@@ -233,6 +256,32 @@ mod tests {
         }
         assert!(check("execution:\n  agentPath: /usr/bin/containerssh-agent\n").is_ok());
         assert!(check("execution:\n  disableAgent: true\n  agentPath: x\n").is_ok());
+    }
+
+    #[test]
+    fn a_pool_serves_connection_mode_only_within_its_limits() {
+        let ok = check("execution:\n  pool:\n    size: 3\n    maxAge: 5m\n").unwrap();
+        assert_eq!(ok.execution.pool.size, 3);
+        for (y, key) in [
+            (
+                "execution:\n  mode: session\n  pool:\n    size: 1\n",
+                "docker.execution.pool.size",
+            ),
+            (
+                "execution:\n  containername: x\n  pool:\n    size: 1\n",
+                "docker.execution.pool.size",
+            ),
+            (
+                "execution:\n  pool:\n    size: 1001\n",
+                "docker.execution.pool.size",
+            ),
+            (
+                "execution:\n  pool:\n    size: 1\n    maxAge: 0s\n",
+                "docker.execution.pool.maxAge",
+            ),
+        ] {
+            assert_eq!(key_of(y), key, "{y}");
+        }
     }
 
     #[test]

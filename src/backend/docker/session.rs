@@ -20,6 +20,7 @@ use super::{
 };
 use crate::auth::metadata::{LoginFile, LoginMetadata};
 use crate::backend::agent::{self, console_argv, AgentBinary};
+use crate::backend::pool::{Members, Pool};
 use crate::backend::process::{
     keep, pid_channel, Captured, ControlError, OutputSource, Process, ProcessControl,
     ProcessOutput, Program, UNKNOWN_EXIT_STATUS,
@@ -38,6 +39,13 @@ pub const LABEL_IP: &str = "containerssh_ip";
 /// Marks a persistent-mode container we created; it carries no instance or connection label,
 /// so neither the reaper nor connection cleanup ever removes it.
 pub const LABEL_PERSISTENT: &str = "containerssh_persistent";
+/// Marks the warm pool's containers (which carry no connection or user label).
+pub const LABEL_POOL: &str = "containerssh_pool";
+/// Marks the volumes that hold an agent build (`containerssh-agent-<digest>`).
+pub const LABEL_AGENT_VOLUME: &str = "containerssh_agent";
+/// The marker written after the agent into its volume: a volume without it was never filled
+/// completely.
+const AGENT_VOLUME_READY: &str = "ready";
 
 /// First API version that applies `ConsoleSize` at container and exec creation (Docker 23).
 const CONSOLE_SIZE_API: (u32, u32) = (1, 42);
@@ -59,6 +67,20 @@ struct AgentTars {
     /// `dir` and its parents, extracted into `/` first when `dir` is missing (small; the
     /// file is never held twice).
     dirs: Bytes,
+    /// What fills the agent volume: the agent, then the ready marker.
+    volume: Bytes,
+    /// `containerssh-agent-<first 16 hex digits of the agent's SHA-256>`: one volume per
+    /// agent build, shared by every container and every server on the engine.
+    volume_name: String,
+}
+
+/// The volume the agent reaches fresh containers through (connection and session modes),
+/// mounted read-only at [`agent::AGENT_DIR`]; filled at the first container start of this
+/// process, shared by the backends derived for logins.
+struct AgentVolume {
+    /// `Some(true)`: filled and used; `Some(false)`: the engine would not have it (logged),
+    /// the agent is uploaded into each container as before.
+    ready: OnceCell<bool>,
 }
 
 /// How programs reach the agent: `None` in [`Docker`] when `disableAgent` is set.
@@ -68,6 +90,8 @@ struct AgentUse {
     path: String,
     /// What we upload; `None` when the image is expected to carry the agent.
     inject: Option<AgentTars>,
+    /// The agent volume's state (with `inject`).
+    volume: Arc<AgentVolume>,
 }
 
 /// The Docker backend; its containers share it.
@@ -83,6 +107,9 @@ pub struct Docker {
     instance: String,
     api: OnceCell<ApiLevel>,
     agent: Option<AgentUse>,
+    /// `execution.pool`: shared with the backends derived for logins (a login whose
+    /// container would differ takes nothing from it).
+    pool: Option<Arc<Pool>>,
 }
 
 /// Runs a short non-interactive exec to completion: optional stdin, output kept up to
@@ -283,10 +310,27 @@ impl AgentTars {
                 data: TarData::Dir,
             })
             .collect();
+        let volume = build_tar(&[
+            TarEntry {
+                path: agent::AGENT_FILE_NAME,
+                mode: 0o755,
+                data: TarData::File(&binary.bytes),
+            },
+            TarEntry {
+                path: AGENT_VOLUME_READY,
+                mode: 0o644,
+                data: TarData::File(b""),
+            },
+        ])?
+        .into();
+        let digest = ring::digest::digest(&ring::digest::SHA256, &binary.bytes);
+        let hex = hex::encode(digest.as_ref());
         Ok(Self {
             dir: format!("/{dir}"),
             in_dir,
             dirs: build_tar(&entries)?.into(),
+            volume,
+            volume_name: format!("containerssh-agent-{}", hex.get(..16).unwrap_or(&hex)),
         })
     }
 }
@@ -341,7 +385,11 @@ impl Docker {
             agent: (!cfg.execution.disable_agent).then(|| AgentUse {
                 path: cfg.execution.agent_path.clone(),
                 inject: None,
+                volume: Arc::new(AgentVolume {
+                    ready: OnceCell::new(),
+                }),
             }),
+            pool: None,
         })
     }
 
@@ -356,13 +404,152 @@ impl Docker {
     /// The agent as programs in our containers see it.
     fn agent_at(&self) -> Option<AgentAt> {
         self.agent.as_ref().map(|a| AgentAt {
-            path: a.path.clone(),
+            path: if self.agent_volume_used() {
+                agent::INJECTED_AGENT_PATH.to_string()
+            } else {
+                a.path.clone()
+            },
             ours: a.inject.is_some(),
         })
     }
 
+    /// What a container of this backend is, for the pool: the configuration it is created
+    /// from (labels of ours aside, which are per connection).
+    fn identity(&self) -> String {
+        json!([
+            self.exec.container,
+            self.exec.host,
+            self.exec.network,
+            self.exec.idle_command,
+            self.image,
+            self.platform,
+            self.agent.as_ref().map(|a| (&a.path, a.inject.is_some())),
+        ])
+        .to_string()
+    }
+
+    /// Connection mode: a pool member for this connection, when the pool has one for a
+    /// container like this backend's.
+    async fn claim(&self, meta: &ConnMeta) -> Option<String> {
+        let pool = self.pool.as_ref()?;
+        if self.exec.mode != ExecutionMode::Connection || self.ready().await.is_err() {
+            return None;
+        }
+        let id = pool
+            .claim_checked(self, &self.identity(), &meta.connection_id)
+            .await?;
+        tracing::info!(code = "BACKEND_POOL_CLAIM", container = %id, connection_id = %meta.connection_id, user = %meta.username, "a pool member serves this connection");
+        Some(id)
+    }
+
+    /// The idle command with the agent's configured path replaced by the volume's, when the
+    /// containers get it from there.
+    fn idle_command(&self) -> Vec<String> {
+        let mut cmd = self.exec.idle_command.clone();
+        if let (Some(a), Some(first)) = (&self.agent, cmd.first_mut()) {
+            if self.agent_volume_used() && *first == a.path {
+                *first = agent::INJECTED_AGENT_PATH.to_string();
+            }
+        }
+        cmd
+    }
+
+    /// Whether the containers we create get the agent through its volume: we inject it, the
+    /// volume is filled, and the mode creates fresh containers (a persistent container may
+    /// predate the volume, so it keeps getting uploads).
+    fn agent_volume_used(&self) -> bool {
+        self.exec.mode != ExecutionMode::Persistent
+            && self
+                .agent
+                .as_ref()
+                .is_some_and(|a| a.inject.is_some() && a.volume.ready.get() == Some(&true))
+    }
+
+    /// Makes sure the agent volume is filled (once per process; the image must be present:
+    /// an unstarted container of it mounts the volume for the upload). A failure is logged
+    /// once and the agent is uploaded into each container instead.
+    async fn prepare_agent_volume(&self) {
+        if self.exec.mode == ExecutionMode::Persistent {
+            return;
+        }
+        let Some((tars, state)) = self
+            .agent
+            .as_ref()
+            .and_then(|a| Some((a.inject.as_ref()?, &a.volume)))
+        else {
+            return;
+        };
+        state
+            .ready
+            .get_or_init(|| async {
+                let limit = self.timeouts.container_start.0;
+                match within(limit, "agent volume", self.fill_agent_volume(tars)).await {
+                    Ok(filled) => {
+                        tracing::info!(code = "BACKEND_AGENT_VOLUME", volume = %tars.volume_name, filled, "the agent reaches containers through a read-only volume");
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!(code = "BACKEND_AGENT_VOLUME_FAILED", volume = %tars.volume_name, error = %e, "the agent volume cannot be used: the agent is copied into each container instead");
+                        false
+                    }
+                }
+            })
+            .await;
+    }
+
+    /// Creates the agent volume unless it exists, and fills it unless its ready marker is
+    /// there (whether it was filled now); older agent builds' volumes that nothing uses are
+    /// removed.
+    async fn fill_agent_volume(&self, tars: &AgentTars) -> Result<bool, DockerError> {
+        let name = &tars.volume_name;
+        self.client
+            .create_volume(name, &[(LABEL_AGENT_VOLUME, "1")])
+            .await?;
+        let mut host = Map::new();
+        host.insert(
+            "Mounts".into(),
+            json!([{"Type": "volume", "Source": name, "Target": agent::AGENT_DIR}]),
+        );
+        host.insert("LogConfig".into(), json!({"Type": "none"}));
+        host.insert("NetworkMode".into(), json!("none"));
+        let body = json!({
+            "Image": self.image,
+            "Cmd": ["/nonexistent"],
+            "Labels": {LABEL_INSTANCE: self.instance},
+            "HostConfig": host,
+        });
+        let helper = self
+            .client
+            .create_container(None, self.platform.as_deref(), &body)
+            .await?;
+        let ready = format!("{}/{AGENT_VOLUME_READY}", agent::AGENT_DIR);
+        let filled = async {
+            if self.client.path_exists(&helper, &ready).await? {
+                return Ok(false);
+            }
+            self.client
+                .put_archive(&helper, agent::AGENT_DIR, tars.volume.clone())
+                .await?;
+            Ok(true)
+        }
+        .await;
+        if let Err(e) = self.remove_container(&helper).await {
+            tracing::warn!(code = "DOCKER_CONTAINER_REMOVE_FAILED", container = %helper, error = %e, "cannot remove the agent volume's helper container");
+        }
+        if let Ok(old) = self.client.list_volumes(&[(LABEL_AGENT_VOLUME, "1")]).await {
+            for v in old.iter().filter(|v| *v != name) {
+                // In use (409) by another build's containers: left for later.
+                let _ = self.client.remove_volume(v).await;
+            }
+        }
+        filled
+    }
+
     /// Uploads the agent into a container (created or running), bounded by `containerStart`.
     async fn put_agent(&self, id: &str) -> Result<(), StartError> {
+        if self.agent_volume_used() {
+            return Ok(());
+        }
         let Some(tars) = self.agent.as_ref().and_then(|a| a.inject.as_ref()) else {
             return Ok(());
         };
@@ -507,6 +694,19 @@ impl Docker {
                 replace_ci(&mut host, "ConsoleSize", json!([rows, cols]));
             }
         }
+        if self.agent_volume_used() {
+            let mut mounts: Vec<Value> = get_ci(&host, "Mounts")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            mounts.push(json!({
+                "Type": "volume",
+                "Source": self.agent.as_ref().and_then(|a| a.inject.as_ref()).map(|t| t.volume_name.clone()),
+                "Target": agent::AGENT_DIR,
+                "ReadOnly": true,
+            }));
+            replace_ci(&mut host, "Mounts", Value::Array(mounts));
+        }
         replace_ci(&mut body, "HostConfig", Value::Object(host));
         if !self.exec.network.is_empty() {
             replace_ci(
@@ -538,7 +738,8 @@ impl Docker {
         self.bounded(async {
             self.ready().await?;
             self.ensure_image().await?;
-            let body = self.create_body(meta, &self.exec.idle_command, None);
+            self.prepare_agent_volume().await;
+            let body = self.create_body(meta, &self.idle_command(), None);
             let id = self.create(&body).await?;
             if let Err(e) = self.put_agent(&id).await {
                 self.discard(&id).await;
@@ -586,7 +787,7 @@ impl Docker {
                 Err(e) => return Err(StartError::EngineUnreachable(e.into())),
             }
             self.ensure_image().await?;
-            let mut body = self.create_body(meta, &self.exec.idle_command, None);
+            let mut body = self.create_body(meta, &self.idle_command(), None);
             if let Some(labels) = body.get_mut("Labels").and_then(Value::as_object_mut) {
                 for ours in [
                     LABEL_INSTANCE,
@@ -692,7 +893,12 @@ impl Docker {
         instance: &str,
         agent: Option<&AgentBinary>,
     ) -> Result<DockerBackend, Box<dyn std::error::Error>> {
-        Ok(Engine::of(Docker::new(cfg, instance)?.inject_agent(agent)?))
+        let mut docker = Docker::new(cfg, instance)?.inject_agent(agent)?;
+        let pool = &cfg.execution.pool;
+        if pool.size > 0 {
+            docker.pool = Some(Pool::new(pool.size, pool.max_age.0, docker.identity()));
+        }
+        Ok(Engine::of(docker))
     }
 
     /// Where the agent is in our containers, for the start-up log.
@@ -714,6 +920,12 @@ impl Runtime for Docker {
         self.agent.is_some()
     }
 
+    fn warm(self: &Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        if let Some(pool) = &self.pool {
+            tokio::spawn(Arc::clone(pool).run(Arc::clone(self), stop));
+        }
+    }
+
     fn login_env(&self, login: &LoginMetadata) -> Vec<String> {
         if !self.exec.expose_auth_metadata_as_env {
             return Vec::new();
@@ -733,6 +945,8 @@ impl Runtime for Docker {
     ) -> Result<(String, Option<AgentAt>), StartError> {
         let id = if self.mode() == ExecutionMode::Persistent {
             self.find_persistent_container(meta).await?
+        } else if let Some(id) = self.claim(meta).await {
+            id
         } else {
             self.start_idle_container(meta).await?
         };
@@ -759,6 +973,7 @@ impl Runtime for Docker {
         self.bounded(async {
             let api = self.ready().await?;
             self.ensure_image().await?;
+            self.prepare_agent_volume().await;
             let body = self.create_body(meta, &self.program_argv(spec, api), Some(spec));
             let id = self.create(&body).await?;
             if let Err(e) = self.put_agent(&id).await {
@@ -817,7 +1032,17 @@ impl Runtime for Docker {
                 self.remove_container(id).await?;
                 tracing::debug!(container = %id, connection_id, "container removed");
             }
-            Ok::<_, DockerError>(ids.len())
+            let mut removed = ids.len();
+            // A pool member has no label of the connection's: the pool knows its claim.
+            if let Some(pool) = &self.pool {
+                if let Some(id) = pool.claimed_by(connection_id) {
+                    self.remove_container(&id).await?;
+                    pool.released(connection_id);
+                    tracing::debug!(container = %id, connection_id, "pool member removed");
+                    removed += 1;
+                }
+            }
+            Ok::<_, DockerError>(removed)
         };
         removed.await
     }
@@ -861,6 +1086,7 @@ impl Runtime for Docker {
                 instance: self.instance.clone(),
                 api: OnceCell::new(),
                 agent: self.agent.clone(),
+                pool: self.pool.clone(),
             })) as Arc<dyn Backend>
         })
     }
@@ -947,6 +1173,56 @@ impl Runtime for Docker {
     async fn remove(&self, name: &str) {
         if let Err(e) = self.remove_container(name).await {
             tracing::warn!(code = "DOCKER_CONTAINER_REMOVE_FAILED", container = %name, error = %e, "cannot remove session container");
+        }
+    }
+}
+
+impl Members for Docker {
+    /// A container from the configuration alone: our instance and pool labels, none of a
+    /// connection or user; the agent in it, started.
+    async fn start_member(&self) -> Result<String, StartError> {
+        self.bounded(async {
+            self.ready().await?;
+            self.ensure_image().await?;
+            self.prepare_agent_volume().await;
+            let nobody = ConnMeta {
+                connection_id: String::new(),
+                username: String::new(),
+                remote_ip: String::new(),
+            };
+            let mut body = self.create_body(&nobody, &self.idle_command(), None);
+            if let Some(labels) = body.get_mut("Labels").and_then(Value::as_object_mut) {
+                for per_connection in [LABEL_CONNECTION_ID, LABEL_USERNAME, LABEL_IP] {
+                    labels.remove(per_connection);
+                }
+                labels.insert(LABEL_POOL.into(), json!("1"));
+            }
+            let id = self.create(&body).await?;
+            if let Err(e) = self.put_agent(&id).await {
+                self.discard(&id).await;
+                return Err(e);
+            }
+            if let Err(e) = self.client.start_container(&id).await {
+                self.discard(&id).await;
+                return Err(StartError::ContainerFailed(e.into()));
+            }
+            tracing::debug!(container = %id, "pool member started");
+            Ok(id)
+        })
+        .await
+    }
+
+    async fn member_alive(&self, id: &str) -> bool {
+        matches!(self.client.inspect_container(id).await, Ok(info) if info.running)
+    }
+
+    async fn remove_member(&self, id: &str) -> bool {
+        match self.remove_container(id).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(code = "DOCKER_CONTAINER_REMOVE_FAILED", container = %id, error = %e, "cannot remove a pool member: the reaper removes it at the next start");
+                false
+            }
         }
     }
 }

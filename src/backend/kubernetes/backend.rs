@@ -24,11 +24,9 @@ use crate::backend::{
 };
 use crate::config::model::{AgentConfig, ExecutionMode, KubernetesPodConfig, KubernetesTimeouts};
 
-/// Where the init container puts the agent; an `emptyDir` mounted read-only into every
-/// container of the pod.
-pub const AGENT_DIR: &str = "/.containerssh";
-/// The injected agent's path inside the pod's containers.
-pub const INJECTED_AGENT_PATH: &str = "/.containerssh/containerssh-agent";
+/// Where the init container puts the agent (an `emptyDir` mounted read-only into every
+/// container of the pod), and its path there.
+pub use crate::backend::agent::{AGENT_DIR, INJECTED_AGENT_PATH};
 /// The `emptyDir` volume and the init container that fills it.
 pub const AGENT_VOLUME: &str = "containerssh-agent";
 pub const AGENT_INIT_CONTAINER: &str = "containerssh-agent";
