@@ -733,13 +733,27 @@ impl Docker {
             .unwrap_or(Err(StartError::Timeout(limit)))
     }
 
-    /// Connection mode: the per-connection container running `idleCommand`.
-    async fn start_idle_container(&self, meta: &ConnMeta) -> Result<String, StartError> {
+    /// Connection mode: a container running `idleCommand`, for `meta`'s connection, or (none)
+    /// a pool member: our instance and pool labels, none of a connection or user.
+    async fn start_idle_container(&self, meta: Option<&ConnMeta>) -> Result<String, StartError> {
         self.bounded(async {
             self.ready().await?;
             self.ensure_image().await?;
             self.prepare_agent_volume().await;
-            let body = self.create_body(meta, &self.idle_command(), None);
+            let nobody = ConnMeta {
+                connection_id: String::new(),
+                username: String::new(),
+                remote_ip: String::new(),
+            };
+            let mut body = self.create_body(meta.unwrap_or(&nobody), &self.idle_command(), None);
+            if meta.is_none() {
+                if let Some(labels) = body.get_mut("Labels").and_then(Value::as_object_mut) {
+                    for per_connection in [LABEL_CONNECTION_ID, LABEL_USERNAME, LABEL_IP] {
+                        labels.remove(per_connection);
+                    }
+                    labels.insert(LABEL_POOL.into(), json!("1"));
+                }
+            }
             let id = self.create(&body).await?;
             if let Err(e) = self.put_agent(&id).await {
                 self.discard(&id).await;
@@ -749,7 +763,8 @@ impl Docker {
                 self.discard(&id).await;
                 return Err(StartError::ContainerFailed(e.into()));
             }
-            tracing::debug!(container = %id, connection_id = %meta.connection_id, "container started");
+            let connection_id = meta.map_or("(pool)", |m| m.connection_id.as_str());
+            tracing::debug!(container = %id, connection_id, "container started");
             Ok(id)
         })
         .await
@@ -948,7 +963,7 @@ impl Runtime for Docker {
         } else if let Some(id) = self.claim(meta).await {
             id
         } else {
-            self.start_idle_container(meta).await?
+            self.start_idle_container(Some(meta)).await?
         };
         Ok((id, self.agent_at()))
     }
@@ -1178,38 +1193,8 @@ impl Runtime for Docker {
 }
 
 impl Members for Docker {
-    /// A container from the configuration alone: our instance and pool labels, none of a
-    /// connection or user; the agent in it, started.
     async fn start_member(&self) -> Result<String, StartError> {
-        self.bounded(async {
-            self.ready().await?;
-            self.ensure_image().await?;
-            self.prepare_agent_volume().await;
-            let nobody = ConnMeta {
-                connection_id: String::new(),
-                username: String::new(),
-                remote_ip: String::new(),
-            };
-            let mut body = self.create_body(&nobody, &self.idle_command(), None);
-            if let Some(labels) = body.get_mut("Labels").and_then(Value::as_object_mut) {
-                for per_connection in [LABEL_CONNECTION_ID, LABEL_USERNAME, LABEL_IP] {
-                    labels.remove(per_connection);
-                }
-                labels.insert(LABEL_POOL.into(), json!("1"));
-            }
-            let id = self.create(&body).await?;
-            if let Err(e) = self.put_agent(&id).await {
-                self.discard(&id).await;
-                return Err(e);
-            }
-            if let Err(e) = self.client.start_container(&id).await {
-                self.discard(&id).await;
-                return Err(StartError::ContainerFailed(e.into()));
-            }
-            tracing::debug!(container = %id, "pool member started");
-            Ok(id)
-        })
-        .await
+        self.start_idle_container(None).await
     }
 
     async fn member_alive(&self, id: &str) -> bool {
