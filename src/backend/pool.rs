@@ -93,6 +93,7 @@ impl Pool {
         let mut ready = lock(&self.ready);
         let mut discard = lock(&self.discard);
         while let Some(m) = ready.pop_front() {
+            crate::metrics::get().pool_ready.dec(&[]);
             if m.started.elapsed() >= self.max_age {
                 discard.push(m.id);
                 continue;
@@ -147,6 +148,9 @@ impl Pool {
                     .drain(..)
                     .partition(|m| m.started.elapsed() < self.max_age);
                 *ready = keep;
+                for _ in &old {
+                    crate::metrics::get().pool_ready.dec(&[]);
+                }
                 old.into_iter().map(|m| m.id).collect()
             };
             let discard: Vec<String> = std::mem::take(&mut *lock(&self.discard));
@@ -179,6 +183,7 @@ impl Pool {
                                 break;
                             }
                             lock(&self.ready).push_back(Ready { id, started: Instant::now() });
+                            crate::metrics::get().pool_ready.inc(&[]);
                         }
                         Ok(Err(e)) => {
                             tracing::warn!(code = "BACKEND_POOL_START_FAILED", error = %super::one_line(&e), "a pool member could not be started: trying again shortly");
@@ -193,6 +198,11 @@ impl Pool {
             }
         }
         starting.abort_all();
+        // What waits now is the shutdown reaper's.
+        let left = std::mem::take(&mut *lock(&self.ready));
+        for _ in &left {
+            crate::metrics::get().pool_ready.dec(&[]);
+        }
     }
 }
 

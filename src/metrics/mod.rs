@@ -230,6 +230,8 @@ pub struct Metrics {
     pub audit_failures: Family,
     pub audit_dropped: Family,
     pub audit_upload_failures: Family,
+    pub pool_ready: Family,
+    pub pool_logins: Family,
     pub bytes: Bytes,
 }
 
@@ -344,6 +346,18 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         &[],
         "Bytes left out of audit recordings that fell behind (a marker in each says how many).",
     ),
+    pool_ready: Family::new(
+        "containerssh_pool_ready_containers",
+        Kind::Gauge,
+        &[],
+        "Warm-pool containers waiting for a login.",
+    ),
+    pool_logins: Family::new(
+        "containerssh_pool_logins_total",
+        Kind::Counter,
+        &["result"],
+        "Connection-mode logins of a backend with a warm pool: claimed a member, or started cold.",
+    ),
     audit_upload_failures: Family::new(
         "containerssh_audit_upload_failures_total",
         Kind::Counter,
@@ -386,6 +400,8 @@ impl Metrics {
             &self.audit_failures,
             &self.audit_dropped,
             &self.audit_upload_failures,
+            &self.pool_ready,
+            &self.pool_logins,
         ] {
             f.render(&mut out);
         }

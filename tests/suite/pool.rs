@@ -88,10 +88,30 @@ fn gone(id: &str) -> bool {
     out.status.success() && out.stdout.is_empty()
 }
 
+/// One sample of the metrics endpoint on `port` (`None` until it answers with the line).
+fn metric(port: u16, line_start: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .map(str::to_string)
+}
+
 #[test]
 fn each_member_serves_one_login_is_removed_after_it_and_the_pool_refills() {
     let env = TestEnv::new();
-    let server = env.start(&with_pool(&env, 2));
+    let port = support::free_tcp_port();
+    let server = env.start(&format!(
+        "{}metrics:\n  enable: true\n  listen: 127.0.0.1:{port}\n",
+        with_pool(&env, 2)
+    ));
     let before = full(&env, 2, &server);
     let host = login_container(&env, &server);
     let used = before
@@ -121,6 +141,18 @@ fn each_member_serves_one_login_is_removed_after_it_and_the_pool_refills() {
     // The next login takes another member (never the used one).
     let next = login_container(&env, &server);
     assert!(!used.starts_with(&next));
+    // Operators see both claims and the refilled pool.
+    let seen = poll_until(POOL_WAIT, Duration::from_millis(100), || {
+        let claimed = metric(port, "containerssh_pool_logins_total{result=\"claimed\"}")?;
+        let ready = metric(port, "containerssh_pool_ready_containers ")?;
+        (claimed.ends_with(" 2") && ready.ends_with(" 2")).then_some(())
+    });
+    assert!(
+        seen.is_some(),
+        "{:?} {:?}",
+        metric(port, "containerssh_pool_logins_total"),
+        metric(port, "containerssh_pool_ready_containers")
+    );
 }
 
 #[test]

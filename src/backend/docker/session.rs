@@ -435,9 +435,12 @@ impl Docker {
         if self.exec.mode != ExecutionMode::Connection || self.ready().await.is_err() {
             return None;
         }
-        let id = pool
+        let claimed = pool
             .claim_checked(self, &self.identity(), &meta.connection_id)
-            .await?;
+            .await;
+        let result = if claimed.is_some() { "claimed" } else { "cold" };
+        crate::metrics::get().pool_logins.inc(&[result]);
+        let id = claimed?;
         tracing::info!(code = "BACKEND_POOL_CLAIM", container = %id, connection_id = %meta.connection_id, user = %meta.username, "a pool member serves this connection");
         Some(id)
     }
