@@ -148,8 +148,8 @@ impl Reader<'_> {
             }
             4 => {
                 let n = self.len(info)?;
-                // Every element takes at least a byte: a count past the rest is cut short.
-                let mut items = Vec::with_capacity(n.min(self.b.len() - self.pos));
+                // Grown as elements come (a claimed count is only a claim).
+                let mut items = Vec::with_capacity(n.min(1024));
                 for _ in 0..n {
                     items.push(self.item(depth + 1)?);
                 }

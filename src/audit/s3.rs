@@ -31,6 +31,12 @@ use crate::http as httpc;
 pub const MAX_UPLOAD_BUFFER: u64 = 64 * 1024 * 1024;
 /// Finished recordings waiting for their upload (past it they wait for the next start).
 const MAX_WAITING: usize = 4096;
+/// Recordings uploaded at once (each holds at most its parts in flight, below).
+const MAX_CONCURRENT_FILES: usize = 4;
+/// S3's largest part count: a larger recording gets larger parts.
+const MAX_PARTS: u64 = 10_000;
+/// A user name longer than this is cut in the object's metadata (S3 allows 2 KiB in all).
+const MAX_METADATA_VALUE: usize = 256;
 /// What an S3 answer may be.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// One request's time limit.
@@ -43,6 +49,22 @@ const RETRIES: [Duration; 3] = [
 ];
 /// The suffix of the metadata kept beside a staged recording.
 pub const METADATA_SUFFIX: &str = ".metadata.json";
+
+/// A request body and its SHA-256 (hex), which the signature covers.
+struct Body {
+    data: Bytes,
+    sha256: String,
+}
+
+impl Body {
+    /// A small body (empty, or the completion's XML), hashed where it is made.
+    fn small(data: Bytes) -> Self {
+        Self {
+            sha256: hex::encode(digest::digest(&digest::SHA256, &data)),
+            data,
+        }
+    }
+}
 
 /// Where and how to upload: `audit.s3`, and its TLS settings for `https` endpoints (the CA
 /// of `audit.s3.cacert` or the system's).
@@ -106,6 +128,7 @@ impl Uploads {
             target,
             dir,
             requests: Semaphore::new(permits as usize),
+            files: Semaphore::new(MAX_CONCURRENT_FILES),
         });
         Self {
             tx,
@@ -153,6 +176,8 @@ struct Shared {
     dir: Arc<WritableDir>,
     /// Requests carrying a body in flight (each holds one part in memory).
     requests: Semaphore,
+    /// Recordings being uploaded.
+    files: Semaphore,
 }
 
 /// The staged files to upload: everything but sidecars and hidden files.
@@ -178,7 +203,11 @@ impl Shared {
     async fn upload_with_retries(self: Arc<Self>, name: String) {
         let mut tries = RETRIES.iter();
         loop {
-            match self.upload(&name).await {
+            let upload = async {
+                let _file = self.files.acquire().await;
+                self.upload(&name).await
+            };
+            match upload.await {
                 Ok(how) => {
                     tracing::info!(code = how, file = %name, bucket = %self.target.s3.bucket, "audit recording uploaded");
                     for n in [name.clone(), format!("{name}{METADATA_SUFFIX}")] {
@@ -223,22 +252,27 @@ impl Shared {
         meta
     }
 
-    /// `len` bytes of a staged file from `offset`, read on the blocking pool.
+    /// `len` bytes of a staged file from `offset` and their SHA-256 (the signature's payload
+    /// hash), read and hashed on the blocking pool.
     async fn read_part(
         self: &Arc<Self>,
         name: &str,
         offset: u64,
         len: u64,
-    ) -> Result<Bytes, S3Error> {
+    ) -> Result<Body, S3Error> {
         let (this, n) = (Arc::clone(self), name.to_string());
-        tokio::task::spawn_blocking(move || this.dir.read_at(&n, offset, len))
-            .await
-            .map_err(|e| S3Error::Answer(e.to_string()))?
-            .map(Bytes::from)
-            .map_err(|source| S3Error::File {
-                name: name.to_string(),
-                source,
+        tokio::task::spawn_blocking(move || {
+            this.dir.read_at(&n, offset, len).map(|data| Body {
+                sha256: hex::encode(digest::digest(&digest::SHA256, &data)),
+                data: Bytes::from(data),
             })
+        })
+        .await
+        .map_err(|e| S3Error::Answer(e.to_string()))?
+        .map_err(|source| S3Error::File {
+            name: name.to_string(),
+            source,
+        })
     }
 
     async fn upload(self: &Arc<Self>, name: &str) -> Result<&'static str, S3Error> {
@@ -279,13 +313,19 @@ impl Shared {
         headers.push(("content-type".into(), content_type.into()));
 
         if size < t.s3.part_size {
-            let body = self.read_part(name, 0, size).await?;
             let _permit = self.requests.acquire().await;
+            let body = self.read_part(name, 0, size).await?;
             self.request(Method::PUT, name, "", &headers, body).await?;
             return Ok("AUDIT_S3_SINGLE_UPLOAD");
         }
         let answer = self
-            .request(Method::POST, name, "uploads=", &headers, Bytes::new())
+            .request(
+                Method::POST,
+                name,
+                "uploads=",
+                &headers,
+                Body::small(Bytes::new()),
+            )
             .await?;
         let upload_id = xml_value(&answer, "UploadId")
             .ok_or_else(|| S3Error::Answer("CreateMultipartUpload: no UploadId".into()))?;
@@ -294,10 +334,10 @@ impl Shared {
             Err(e) => {
                 let q = format!("uploadId={}", uri_encode(&upload_id, true));
                 if let Err(abort) = self
-                    .request(Method::DELETE, name, &q, &[], Bytes::new())
+                    .request(Method::DELETE, name, &q, &[], Body::small(Bytes::new()))
                     .await
                 {
-                    tracing::debug!(file = %name, error = %abort, "aborting the multipart upload failed");
+                    tracing::warn!(code = "AUDIT_S3_UPLOAD_FAILED", file = %name, error = %crate::backend::one_line(&abort), "aborting the failed multipart upload failed too: its parts stay in the bucket until a lifecycle rule (AbortIncompleteMultipartUpload) removes them");
                 }
                 Err(e)
             }
@@ -312,7 +352,9 @@ impl Shared {
         upload_id: &str,
     ) -> Result<(), S3Error> {
         let t = &self.target;
-        let count = size.div_ceil(t.s3.part_size);
+        // At most S3's 10,000 parts: a larger recording gets larger parts.
+        let part_size = t.s3.part_size.max(size.div_ceil(MAX_PARTS));
+        let count = size.div_ceil(part_size);
         let id = uri_encode(upload_id, true);
         let mut etags: Vec<Option<String>> = vec![None; count as usize];
         let mut next = 0u64;
@@ -321,8 +363,8 @@ impl Shared {
         loop {
             while next < count && (running.len() as u64) < in_flight_max {
                 let number = next + 1;
-                let offset = next * t.s3.part_size;
-                let len = t.s3.part_size.min(size - offset);
+                let offset = next * part_size;
+                let len = part_size.min(size - offset);
                 let query = format!("partNumber={number}&uploadId={id}");
                 let this = Arc::clone(self);
                 let name = name.to_string();
@@ -362,7 +404,7 @@ impl Shared {
                 name,
                 &format!("uploadId={id}"),
                 &[("content-type".into(), "application/xml".into())],
-                Bytes::from(body),
+                Body::small(Bytes::from(body)),
             )
             .await?;
         // S3 may answer 200 and still fail the completion.
@@ -381,7 +423,7 @@ impl Shared {
         key: &str,
         query: &str,
         headers: &[(String, String)],
-        body: Bytes,
+        body: Body,
     ) -> Result<String, S3Error> {
         self.exchange(method, key, query, headers, body)
             .await
@@ -395,7 +437,7 @@ impl Shared {
         key: &str,
         query: &str,
         headers: &[(String, String)],
-        body: Bytes,
+        body: Body,
     ) -> Result<(Option<String>, String), S3Error> {
         let t = &self.target;
         let (host, path) = t.location(key);
@@ -406,7 +448,7 @@ impl Shared {
                 path: &path,
                 query,
                 headers,
-                payload_sha256: &hex::encode(digest::digest(&digest::SHA256, &body)),
+                payload_sha256: &body.sha256,
                 region: &t.s3.region,
                 access_key: &t.s3.access_key,
                 secret_key: &t.s3.secret_key,
@@ -423,8 +465,8 @@ impl Shared {
             req = req.header(k.as_str(), v.as_str());
         }
         let req = req
-            .header("content-length", body.len())
-            .body(Full::new(body))
+            .header("content-length", body.data.len())
+            .body(Full::new(body.data))
             .map_err(httpc::HttpError::Build)?;
         let what = format!("s3://{}/{key}", t.s3.bucket);
         let exchange = async {
@@ -590,12 +632,19 @@ pub fn uri_encode(s: &str, slash: bool) -> String {
     out
 }
 
-/// A metadata value as a header may carry it: printable ASCII stays, the rest is
-/// percent-encoded.
+/// A metadata value as a header may carry it and its signature covers it unchanged: printable
+/// ASCII but space and `%` stays, the rest is percent-encoded (SigV4 would fold runs of
+/// spaces); at most [`MAX_METADATA_VALUE`] bytes of the value are kept.
 fn header_safe(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if (0x20..0x7f).contains(&b) && b != b'%' {
+    let cut = s
+        .char_indices()
+        .map(|(i, c)| i + c.len_utf8())
+        .take_while(|end| *end <= MAX_METADATA_VALUE)
+        .last()
+        .unwrap_or(0);
+    for b in s.bytes().take(cut) {
+        if (0x21..0x7f).contains(&b) && b != b'%' {
             out.push(b as char);
         } else {
             let _ = write!(out, "%{b:02X}");
@@ -665,6 +714,12 @@ mod tests {
         assert_eq!(uri_encode("a b/c~", false), "a%20b/c~");
         assert_eq!(uri_encode("a/b", true), "a%2Fb");
         assert_eq!(header_safe("zoë%"), "zo%C3%AB%25");
+        assert_eq!(
+            header_safe("a  b"),
+            "a%20%20b",
+            "spaces would be folded by SigV4"
+        );
+        assert_eq!(header_safe(&"é".repeat(200)).len(), 128 * 6);
         let answer = "<InitiateMultipartUploadResult><UploadId>a&amp;b</UploadId></InitiateMultipartUploadResult>";
         assert_eq!(xml_value(answer, "UploadId").as_deref(), Some("a&b"));
         assert_eq!(xml_value(answer, "Key"), None);

@@ -414,46 +414,6 @@ impl DockerClient {
         ok_or(status, &body, |s, b| status_error(OP, s, b))
     }
 
-    /// Names of the volumes carrying every `key=value` label.
-    pub async fn list_volumes(&self, labels: &[(&str, &str)]) -> Result<Vec<String>, DockerError> {
-        const OP: &str = "volume list";
-        #[derive(Deserialize)]
-        struct Volume {
-            #[serde(rename = "Name")]
-            name: String,
-        }
-        #[derive(Deserialize)]
-        struct Volumes {
-            #[serde(rename = "Volumes", default)]
-            volumes: Option<Vec<Volume>>,
-        }
-        let filters = json!({
-            "label": labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>()
-        });
-        let path = self
-            .versioned(&format!("/volumes?filters={}", q(&filters.to_string())))
-            .await?;
-        let (status, body) = self.call(OP, Method::GET, &path, None).await?;
-        ok_or(status, &body, |s, b| status_error(OP, s, b))?;
-        Ok(decode::<Volumes>(OP, &body)?
-            .volumes
-            .unwrap_or_default()
-            .into_iter()
-            .map(|v| v.name)
-            .collect())
-    }
-
-    /// `DELETE /volumes/{name}`; already gone (404) is success, in use is a 409 error.
-    pub async fn remove_volume(&self, name: &str) -> Result<(), DockerError> {
-        const OP: &str = "volume remove";
-        let path = self.versioned(&format!("/volumes/{}", seg(name))).await?;
-        let (status, body) = self.call(OP, Method::DELETE, &path, None).await?;
-        match status {
-            s if s.is_success() || s == StatusCode::NOT_FOUND => Ok(()),
-            s => Err(status_error(OP, s, &body)),
-        }
-    }
-
     /// Whether `path` exists in a container's file system (volumes mounted in it included),
     /// from `GET /containers/{id}/archive` (meant for small files: the answer is their tar).
     pub async fn path_exists(&self, id: &str, path: &str) -> Result<bool, DockerError> {

@@ -501,8 +501,7 @@ impl Docker {
     }
 
     /// Creates the agent volume unless it exists, and fills it unless its ready marker is
-    /// there (whether it was filled now); older agent builds' volumes that nothing uses are
-    /// removed.
+    /// there (whether it was filled now).
     async fn fill_agent_volume(&self, tars: &AgentTars) -> Result<bool, DockerError> {
         let name = &tars.volume_name;
         self.client
@@ -539,12 +538,8 @@ impl Docker {
         if let Err(e) = self.remove_container(&helper).await {
             tracing::warn!(code = "DOCKER_CONTAINER_REMOVE_FAILED", container = %helper, error = %e, "cannot remove the agent volume's helper container");
         }
-        if let Ok(old) = self.client.list_volumes(&[(LABEL_AGENT_VOLUME, "1")]).await {
-            for v in old.iter().filter(|v| *v != name) {
-                // In use (409) by another build's containers: left for later.
-                let _ = self.client.remove_volume(v).await;
-            }
-        }
+        // Other builds' volumes are left alone: another server on this engine may still
+        // mount one into its next container (each is one agent binary, ~2 MiB).
         filled
     }
 
