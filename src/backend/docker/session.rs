@@ -501,7 +501,7 @@ impl Docker {
     }
 
     /// Creates the agent volume unless it exists, and fills it unless its ready marker is
-    /// there (whether it was filled now).
+    /// there (whether it was filled now). Servers sharing the engine fill it one at a time.
     async fn fill_agent_volume(&self, tars: &AgentTars) -> Result<bool, DockerError> {
         let name = &tars.volume_name;
         self.client
@@ -520,11 +520,31 @@ impl Docker {
             "Labels": {LABEL_INSTANCE: self.instance},
             "HostConfig": host,
         });
-        let helper = self
-            .client
-            .create_container(None, self.platform.as_deref(), &body)
-            .await?;
         let ready = format!("{}/{AGENT_VOLUME_READY}", agent::AGENT_DIR);
+        // The helper's name is the lock: one server at a time writes the volume (two writing
+        // it at once could replace the agent under a container that is starting it).
+        let lock = format!("{name}-fill");
+        let helper = loop {
+            match self
+                .client
+                .create_container(Some(&lock), self.platform.as_deref(), &body)
+                .await
+            {
+                Ok(id) => break id,
+                // Another server fills it: done when its marker is there; its helper gone
+                // without one, try to take the lock again (the caller bounds the wait).
+                Err(DockerError::Status { status: 409, .. }) => {
+                    match self.client.path_exists(&lock, &ready).await {
+                        Ok(true) => return Ok(false),
+                        Ok(false) | Err(DockerError::NoSuchContainer { .. }) => {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let filled = async {
             if self.client.path_exists(&helper, &ready).await? {
                 return Ok(false);
