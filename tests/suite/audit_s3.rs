@@ -302,18 +302,8 @@ fn a_bucket_that_refuses_writes_leaves_the_session_working_and_counts_the_failur
     assert_eq!(out.status.code(), Some(0), "{}", server.output());
     assert_eq!(String::from_utf8_lossy(&out.stdout), "still-works\n");
     let counted = poll_until(Duration::from_secs(30), Duration::from_millis(100), || {
-        let mut s = TcpStream::connect(("127.0.0.1", metrics)).ok()?;
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).ok()?;
-        text.lines()
-            .find(|l| l.starts_with("containerssh_audit_upload_failures_total "))
+        support::metric_line(metrics, "containerssh_audit_upload_failures_total ")
             .filter(|l| !l.ends_with(" 0"))
-            .map(str::to_string)
     });
     assert!(counted.is_some(), "{}", server.output());
     assert!(

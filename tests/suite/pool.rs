@@ -88,22 +88,6 @@ fn gone(id: &str) -> bool {
     out.status.success() && out.stdout.is_empty()
 }
 
-/// One sample of the metrics endpoint on `port` (`None` until it answers with the line).
-fn metric(port: u16, line_start: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .map(str::to_string)
-}
-
 #[test]
 fn each_member_serves_one_login_is_removed_after_it_and_the_pool_refills() {
     let env = TestEnv::new();
@@ -143,15 +127,16 @@ fn each_member_serves_one_login_is_removed_after_it_and_the_pool_refills() {
     assert!(!used.starts_with(&next));
     // Operators see both claims and the refilled pool.
     let seen = poll_until(POOL_WAIT, Duration::from_millis(100), || {
-        let claimed = metric(port, "containerssh_pool_logins_total{result=\"claimed\"}")?;
-        let ready = metric(port, "containerssh_pool_ready_containers ")?;
+        let claimed =
+            support::metric_line(port, "containerssh_pool_logins_total{result=\"claimed\"}")?;
+        let ready = support::metric_line(port, "containerssh_pool_ready_containers ")?;
         (claimed.ends_with(" 2") && ready.ends_with(" 2")).then_some(())
     });
     assert!(
         seen.is_some(),
         "{:?} {:?}",
-        metric(port, "containerssh_pool_logins_total"),
-        metric(port, "containerssh_pool_ready_containers")
+        support::metric_line(port, "containerssh_pool_logins_total"),
+        support::metric_line(port, "containerssh_pool_ready_containers")
     );
 }
 

@@ -2139,3 +2139,20 @@ pub fn only_file(dir: &Path) -> Option<PathBuf> {
         _ => None,
     }
 }
+
+/// The first line of the metrics endpoint on `port` that starts with `line_start` (a sample);
+/// `None` while the endpoint does not answer or has no such line.
+pub fn metric_line(port: u16, line_start: &str) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .map(str::to_string)
+}
