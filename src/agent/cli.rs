@@ -27,6 +27,9 @@ commands:
   forward-server
       forward TCP and unix socket streams for the server, framed on stdin/stdout
       (see docs/agent-protocol.md); exits 0 when stdin ends, 3 on a protocol violation
+  session-server
+      forward-server that also starts programs for the server (pipes or a terminal); as a
+      container's main process it reaps orphans and exits on INT or TERM
   signal --pid N --signal NAME
       send signal NAME (TERM, INT, HUP, KILL, USR1, ...) to process N
   wait-signal [--signal NAME]...
@@ -49,6 +52,8 @@ pub enum Command {
     ExecChild {
         /// Write our PID to stdout before exec.
         report_pid: bool,
+        /// Lead a new session whose controlling terminal is stdin (`session-server`).
+        ctty: bool,
         /// The program and its arguments.
         argv: Vec<OsString>,
     },
@@ -81,6 +86,8 @@ pub enum Command {
     },
     /// `forward-server`
     ForwardServer,
+    /// `session-server`
+    SessionServer,
     /// `exit-info`
     ExitInfo {
         /// The console child whose record to print and remove.
@@ -237,12 +244,16 @@ pub fn parse(args: &[OsString]) -> Result<Command, UsageError> {
         "--version" | "-V" => Command::Version,
         "console" => Command::Console(console(args)?),
         "exec-child" => {
-            let mut report_pid = false;
+            let (mut report_pid, mut ctty) = (false, false);
             let argv = loop {
                 match args.next() {
                     Some(Arg::Opt("--pid", v)) => {
                         no_value("--pid", v)?;
                         report_pid = true;
+                    }
+                    Some(Arg::Opt("--ctty", v)) => {
+                        no_value("--ctty", v)?;
+                        ctty = true;
                     }
                     Some(Arg::DashDash) => break args.rest(),
                     Some(Arg::Opt(name, _)) => return Err(unknown(command, name)),
@@ -252,7 +263,11 @@ pub fn parse(args: &[OsString]) -> Result<Command, UsageError> {
             if argv.is_empty() {
                 return Err(usage("exec-child: no program given after --"));
             }
-            Command::ExecChild { report_pid, argv }
+            Command::ExecChild {
+                report_pid,
+                ctty,
+                argv,
+            }
         }
         "signal" => {
             let (mut pid, mut sig) = (None, None);
@@ -335,14 +350,18 @@ pub fn parse(args: &[OsString]) -> Result<Command, UsageError> {
                 path: path.ok_or_else(|| usage("install: PATH is required"))?,
             }
         }
-        "forward-server" => {
+        "forward-server" | "session-server" => {
             if let Some(arg) = args.next() {
                 return Err(match arg {
                     Arg::Opt(name, _) => unknown(command, name),
-                    _ => usage("forward-server: unexpected argument"),
+                    _ => usage(format!("{command}: unexpected argument")),
                 });
             }
-            Command::ForwardServer
+            if command == "forward-server" {
+                Command::ForwardServer
+            } else {
+                Command::SessionServer
+            }
         }
         "exit-info" => {
             let mut pid = None;
@@ -594,6 +613,8 @@ mod tests {
         assert!(p(&["forward-server", "x"]).is_err());
         assert!(p(&["forward-server", "--port", "1"]).is_err());
         assert!(p(&["forward-server", "--"]).is_err());
+        assert_eq!(p(&["session-server"]).unwrap(), Command::SessionServer);
+        assert!(p(&["session-server", "x"]).is_err());
     }
 
     #[test]
@@ -620,7 +641,16 @@ mod tests {
             p(&["exec-child", "--pid", "--", "x", "y"]).unwrap(),
             Command::ExecChild {
                 report_pid: true,
+                ctty: false,
                 argv: os(&["x", "y"])
+            }
+        );
+        assert_eq!(
+            p(&["exec-child", "--ctty", "--", "x"]).unwrap(),
+            Command::ExecChild {
+                report_pid: false,
+                ctty: true,
+                argv: os(&["x"])
             }
         );
         assert!(p(&["exec-child", "--"]).is_err());

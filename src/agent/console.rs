@@ -159,7 +159,13 @@ fn write_pid(pid: u32) -> io::Result<()> {
 }
 
 /// `exec-child`: write our PID (which the program keeps), then become the program.
-pub fn exec_child(report_pid: bool, argv: &[OsString]) -> Result<i32, AgentError> {
+pub fn exec_child(report_pid: bool, ctty: bool, argv: &[OsString]) -> Result<i32, AgentError> {
+    if ctty {
+        if let Err(e) = super::programs::take_terminal() {
+            eprintln!("containerssh-agent: cannot take the terminal: {e}");
+            return Ok(126);
+        }
+    }
     if report_pid {
         write_pid(std::process::id()).map_err(AgentError::ReportPid)?;
     }

@@ -40,10 +40,16 @@ const STACK_SIZE: usize = 256 * 1024;
 /// Exit code for a protocol violation by the server.
 const EXIT_VIOLATION: i32 = 3;
 
-/// A connected stream socket.
+/// What a stream carries: a connected socket, or a program's descriptors.
 enum Sock {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// A program's stdout (or terminal) and stdin (none for its stderr stream, or once
+    /// closed).
+    Program {
+        read: File,
+        write: Mutex<Option<File>>,
+    },
 }
 
 impl Sock {
@@ -51,6 +57,11 @@ impl Sock {
         match self {
             Sock::Tcp(s) => (&*s).read(buf),
             Sock::Unix(s) => (&*s).read(buf),
+            // A terminal's master reads EIO once every slave is closed: its end of file.
+            Sock::Program { read, .. } => match (&*read).read(buf) {
+                Err(e) if e.kind() != io::ErrorKind::Interrupted => Ok(0),
+                other => other,
+            },
         }
     }
 
@@ -58,6 +69,13 @@ impl Sock {
         match self {
             Sock::Tcp(s) => (&*s).write_all(buf),
             Sock::Unix(s) => (&*s).write_all(buf),
+            Sock::Program { write, .. } => {
+                let write = write.lock().unwrap_or_else(|e| e.into_inner());
+                match &*write {
+                    Some(f) => (&*f).write_all(buf),
+                    None => Err(io::ErrorKind::BrokenPipe.into()),
+                }
+            }
         }
     }
 
@@ -66,8 +84,36 @@ impl Sock {
         let _ = match self {
             Sock::Tcp(s) => s.shutdown(how),
             Sock::Unix(s) => s.shutdown(how),
+            // Closing the program's stdin is its end of file; its output is read to the end.
+            Sock::Program { write, .. } => {
+                if how != Shutdown::Read {
+                    write.lock().unwrap_or_else(|e| e.into_inner()).take();
+                }
+                Ok(())
+            }
         };
     }
+}
+
+/// A program started by `Spawn`, shared by its streams.
+struct Program {
+    /// Its stream (the frame id of `Spawn`), and its stderr stream (0 on a terminal).
+    id: u32,
+    stderr_id: u32,
+    pid: rustix::process::Pid,
+    /// The terminal's master side, for resizes and the hang-up.
+    master: Option<File>,
+    end: Mutex<ProgramEnd>,
+}
+
+/// What must happen before `Exited` goes out.
+struct ProgramEnd {
+    /// `(status, signal)` once reaped.
+    status: Option<(u32, u8)>,
+    /// Output streams that have not reached end of file yet.
+    readers_left: u8,
+    /// `Exited` was sent, or the server closed the program.
+    over: bool,
 }
 
 /// What the socket-writer thread of a stream works through.
@@ -92,6 +138,8 @@ struct Progress {
 struct Stream {
     id: u32,
     sock: Sock,
+    /// The program whose stdout/terminal or stderr this stream is.
+    program: Option<Arc<Program>>,
     /// Our remaining send credit (bytes of `Data` we may still send un-`Ack`ed).
     credit: Mutex<u32>,
     credit_changed: Condvar,
@@ -130,12 +178,17 @@ struct State {
     listeners: HashMap<u32, Listener>,
     /// The next id for an accepted stream (`None` when exhausted).
     next_agent_id: Option<u32>,
+    /// Running programs by PID, until reaped. The reaper takes this lock to reap, and a
+    /// `Spawn` holds it from the spawn until the PID is in here, so no exit is missed.
+    programs: HashMap<i32, Arc<Program>>,
 }
 
 /// What every thread shares.
 struct Shared {
     state: Mutex<State>,
     out: Sender<Frame>,
+    /// `session-server`: the agent's own executable, to start programs through.
+    exe: Option<PathBuf>,
 }
 
 impl Shared {
@@ -205,8 +258,9 @@ fn failed(id: u32, message: String) -> Frame {
     Frame::Failed { id, message }
 }
 
-/// `forward-server`: serves frames from stdin until it ends; returns only on setup failure.
-pub fn run() -> Result<i32, AgentError> {
+/// `forward-server` (`exe` none) or `session-server` (programs start from `exe`): serves frames
+/// from stdin until it ends; returns only on setup failure.
+pub fn run(exe: Option<PathBuf>) -> Result<i32, AgentError> {
     let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned().map(File::from);
     let mut input = dup(io::stdin().as_fd()).map_err(AgentError::Stdio)?;
     let output = dup(io::stdout().as_fd()).map_err(AgentError::Stdio)?;
@@ -217,10 +271,18 @@ pub fn run() -> Result<i32, AgentError> {
             ..State::default()
         }),
         out: tx,
+        exe,
     });
     {
         let shared = Arc::clone(&shared);
         spawn("stdout", move || writer(&shared, rx, output));
+    }
+    if shared.exe.is_some() {
+        // Before the first spawn, so no SIGCHLD is missed.
+        let signals =
+            super::signal::listen(&[rustix::process::Signal::INT, rustix::process::Signal::TERM])?;
+        let shared = Arc::clone(&shared);
+        spawn("reaper", move || reaper(&shared, signals));
     }
     let mut buf: Vec<u8> = Vec::with_capacity(128 * 1024);
     let mut chunk = vec![0u8; 64 * 1024];
@@ -312,6 +374,23 @@ fn handle(shared: &Arc<Shared>, frame: Frame) {
                 }
             }
         }
+        Frame::Spawn { .. } => spawn_program(shared, frame),
+        Frame::Resize { id, rows, cols } => {
+            if let Some(master) = program_of(shared, id)
+                .as_ref()
+                .and_then(|p| p.master.as_ref())
+            {
+                let _ = super::programs::resize(master, rows, cols);
+            }
+        }
+        Frame::Signal { id, signal } => {
+            let sig = rustix::process::Signal::from_named_raw(i32::from(signal));
+            if let (Some(p), Some(sig)) = (program_of(shared, id), sig) {
+                if !p.end.lock().unwrap_or_else(|e| e.into_inner()).over {
+                    let _ = rustix::process::kill_process(p.pid, sig);
+                }
+            }
+        }
         Frame::Unlisten { id } => {
             let Some(l) = shared.lock().listeners.remove(&id) else {
                 return;
@@ -336,6 +415,9 @@ fn handle(shared: &Arc<Shared>, frame: Frame) {
             if stream.server_eof.load(Ordering::SeqCst) {
                 violation(shared, format!("Data after Eof on stream {id}"));
             }
+            if stream.program.as_ref().is_some_and(|p| p.stderr_id == id) {
+                violation(shared, format!("Data on the stderr stream {id}"));
+            }
             let len = data.len() as u32;
             let before = stream.unacked.fetch_add(len, Ordering::SeqCst);
             if u64::from(before) + u64::from(len) > u64::from(INITIAL_CREDIT) {
@@ -359,7 +441,10 @@ fn handle(shared: &Arc<Shared>, frame: Frame) {
                 Some(Slot::Live(stream)) => {
                     let stream = Arc::clone(stream);
                     drop(state);
-                    release(shared, &stream, false);
+                    match &stream.program {
+                        Some(p) if p.id == id => close_program(shared, p),
+                        _ => release(shared, &stream, false),
+                    }
                 }
                 // A dial in progress: its thread finds the slot gone and drops the socket.
                 Some(Slot::Dialing) => {
@@ -382,7 +467,10 @@ fn handle(shared: &Arc<Shared>, frame: Frame) {
             }
             stream.credit_changed.notify_all();
         }
-        Frame::Opened { id, .. } | Frame::Failed { id, .. } | Frame::Accepted { id, .. } => {
+        Frame::Opened { id, .. }
+        | Frame::Failed { id, .. }
+        | Frame::Accepted { id, .. }
+        | Frame::Exited { id, .. } => {
             violation(
                 shared,
                 format!("agent-only frame from the server (id {id})"),
@@ -583,7 +671,7 @@ fn accept_loop(shared: &Arc<Shared>, id: u32, listener: Accepting, stopped: &Ato
             peer_port,
             peer,
         });
-        start_stream(shared, &mut state, stream_id, sock);
+        start_stream(shared, &mut state, stream_id, sock, None);
     }
 }
 
@@ -608,7 +696,7 @@ fn dial(shared: &Arc<Shared>, frame: Frame) {
     match result {
         Ok(sock) => {
             shared.send(Frame::Opened { id, port: 0 });
-            start_stream(shared, &mut state, id, sock);
+            start_stream(shared, &mut state, id, sock, None);
         }
         Err(message) => {
             state.streams.remove(&id);
@@ -643,11 +731,18 @@ fn dial_tcp(host: &str, port: u16) -> Result<TcpStream, String> {
 
 /// Makes `id` a live stream and starts its two threads (caller holds the state lock, after
 /// sending Opened/Accepted, so those precede the stream's first Data).
-fn start_stream(shared: &Arc<Shared>, state: &mut State, id: u32, sock: Sock) {
+fn start_stream(
+    shared: &Arc<Shared>,
+    state: &mut State,
+    id: u32,
+    sock: Sock,
+    program: Option<Arc<Program>>,
+) {
     let (queue, rx) = mpsc::channel();
     let stream = Arc::new(Stream {
         id,
         sock,
+        program,
         credit: Mutex::new(INITIAL_CREDIT),
         credit_changed: Condvar::new(),
         unacked: AtomicU32::new(0),
@@ -689,7 +784,8 @@ fn half_done(shared: &Shared, stream: &Stream, mark: impl FnOnce(&mut Progress))
     let both = {
         let mut p = stream.progress.lock().unwrap_or_else(|e| e.into_inner());
         mark(&mut p);
-        p.sent_eof && p.peer_eof_done && !p.released
+        // A program's streams end with its `Exited`, not with both directions' ends.
+        p.sent_eof && p.peer_eof_done && !p.released && stream.program.is_none()
     };
     if both {
         release(shared, stream, true);
@@ -737,6 +833,9 @@ fn socket_reader(shared: &Shared, stream: &Stream) {
         if n == 0 {
             shared.send(Frame::Eof { id: stream.id });
             half_done(shared, stream, |p| p.sent_eof = true);
+            if let Some(p) = &stream.program {
+                output_ended(shared, p);
+            }
             return;
         }
         *stream.credit.lock().unwrap_or_else(|e| e.into_inner()) -= n as u32;
@@ -752,7 +851,9 @@ fn socket_writer(shared: &Shared, stream: &Stream, rx: Receiver<ToSocket>) {
     while let Ok(item) = rx.recv() {
         match item {
             ToSocket::Data(data) => {
-                if stream.sock.write_all(&data).is_err() {
+                // A program that closed its stdin loses the rest (as with a pipe); the
+                // credit still comes back.
+                if stream.sock.write_all(&data).is_err() && stream.program.is_none() {
                     release(shared, stream, true);
                     return;
                 }
@@ -768,6 +869,178 @@ fn socket_writer(shared: &Shared, stream: &Stream, rx: Receiver<ToSocket>) {
                 half_done(shared, stream, |p| p.peer_eof_done = true);
             }
             ToSocket::Stop => return,
+        }
+    }
+}
+
+/// The program whose stream (either of its two) `id` is.
+fn program_of(shared: &Shared, id: u32) -> Option<Arc<Program>> {
+    match shared.lock().streams.get(&id) {
+        Some(Slot::Live(s)) => s.program.clone(),
+        _ => None,
+    }
+}
+
+/// `Spawn` (main thread): start the program, then `Opened` and its live streams, or `Failed`.
+fn spawn_program(shared: &Arc<Shared>, frame: Frame) {
+    let Frame::Spawn {
+        id,
+        tty,
+        stderr_id,
+        rows,
+        cols,
+        argv,
+        env,
+    } = frame
+    else {
+        return;
+    };
+    let Some(exe) = shared.exe.as_deref() else {
+        shared.send(failed(
+            id,
+            "forward-server does not start programs (session-server does)".into(),
+        ));
+        return;
+    };
+    let ids: &[u32] = if tty { &[id] } else { &[id, stderr_id] };
+    if ids.iter().any(|&i| i >= AGENT_ID_BASE) || id == stderr_id {
+        violation(
+            shared,
+            format!("Spawn {id} with stderr {stderr_id}: bad ids"),
+        );
+    }
+    let mut state = shared.lock();
+    if ids
+        .iter()
+        .any(|i| state.streams.contains_key(i) || state.listeners.contains_key(i))
+    {
+        drop(state);
+        violation(shared, format!("Spawn {id}: an id is already in use"));
+    }
+    if state.streams.len() + ids.len() > MAX_STREAMS {
+        drop(state);
+        shared.send(failed(id, format!("too many streams ({MAX_STREAMS})")));
+        return;
+    }
+    // Under the state lock: the reaper cannot reap the program before it is registered.
+    let started = super::programs::start(exe, &argv, &env, tty.then_some((rows, cols)));
+    let spawned = match started {
+        Ok(s) => s,
+        Err(e) => {
+            drop(state);
+            let program = argv
+                .first()
+                .map(|p| String::from_utf8_lossy(p).into_owned());
+            shared.send(failed(
+                id,
+                format!("cannot start {}: {e}", program.unwrap_or_default()),
+            ));
+            return;
+        }
+    };
+    let program = Arc::new(Program {
+        id,
+        stderr_id: if tty { 0 } else { stderr_id },
+        pid: spawned.pid,
+        master: spawned.master,
+        end: Mutex::new(ProgramEnd {
+            status: None,
+            readers_left: ids.len() as u8,
+            over: false,
+        }),
+    });
+    state
+        .programs
+        .insert(spawned.pid.as_raw_nonzero().get(), Arc::clone(&program));
+    shared.send(Frame::Opened { id, port: 0 });
+    let main = Sock::Program {
+        read: spawned.output,
+        write: Mutex::new(Some(spawned.input)),
+    };
+    start_stream(shared, &mut state, id, main, Some(Arc::clone(&program)));
+    if let Some(err) = spawned.stderr {
+        let sock = Sock::Program {
+            read: err,
+            write: Mutex::new(None),
+        };
+        start_stream(shared, &mut state, stderr_id, sock, Some(program));
+    }
+}
+
+/// One of a program's output streams reached its end.
+fn output_ended(shared: &Shared, p: &Program) {
+    let mut end = p.end.lock().unwrap_or_else(|e| e.into_inner());
+    end.readers_left = end.readers_left.saturating_sub(1);
+    drop(end);
+    maybe_exited(shared, p);
+}
+
+/// Sends `Exited` once the program was reaped and its output has ended, and releases its
+/// streams (without `Close`).
+fn maybe_exited(shared: &Shared, p: &Program) {
+    let mut end = p.end.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((status, signal)) = end.status else {
+        return;
+    };
+    if end.readers_left > 0 || std::mem::replace(&mut end.over, true) {
+        return;
+    }
+    drop(end);
+    shared.send(Frame::Exited {
+        id: p.id,
+        status,
+        signal,
+    });
+    release_program_streams(shared, p);
+}
+
+fn release_program_streams(shared: &Shared, p: &Program) {
+    for id in [p.id, p.stderr_id] {
+        let stream = match shared.lock().streams.get(&id) {
+            Some(Slot::Live(s)) if s.program.is_some() => Arc::clone(s),
+            _ => continue,
+        };
+        release(shared, &stream, false);
+    }
+}
+
+/// The server closed the program's stream: a terminal is hung up (SIGHUP to the program's
+/// process group), pipes lose their writer (stdin end of file); no `Exited` follows.
+fn close_program(shared: &Shared, p: &Program) {
+    let hang_up = {
+        let mut end = p.end.lock().unwrap_or_else(|e| e.into_inner());
+        !std::mem::replace(&mut end.over, true) && end.status.is_none() && p.master.is_some()
+    };
+    if hang_up {
+        let _ = rustix::process::kill_process_group(p.pid, rustix::process::Signal::HUP);
+    }
+    release_program_streams(shared, p);
+}
+
+/// `session-server`'s signal thread: reaps every child (it may be PID 1, with orphans to
+/// reap), records the status of the programs it started, and ends the agent on INT or TERM.
+fn reaper(shared: &Shared, mut signals: signal_hook::iterator::Signals) {
+    loop {
+        let ended: Vec<(Arc<Program>, (u32, u8))> = {
+            let mut state = shared.lock();
+            super::signal::reap_exited()
+                .into_iter()
+                .filter_map(|(pid, status)| {
+                    let p = state.programs.remove(&pid)?;
+                    Some((p, super::programs::exit_of(status)))
+                })
+                .collect()
+        };
+        for (p, status) in ended {
+            p.end.lock().unwrap_or_else(|e| e.into_inner()).status = Some(status);
+            maybe_exited(shared, &p);
+        }
+        for raw in signals.wait() {
+            if raw == rustix::process::Signal::INT.as_raw()
+                || raw == rustix::process::Signal::TERM.as_raw()
+            {
+                finish(shared, 0);
+            }
         }
     }
 }

@@ -27,11 +27,17 @@
 //! Dials and listens on TCP and unix sockets inside the container for the server, with all
 //! streams multiplexed over stdin/stdout in the frames of [`proto`] (reference:
 //! `docs/agent-protocol.md`). Threads and blocking sockets, no async runtime.
+//!
+//! # `session-server`: programs without an exec
+//! The same protocol, plus `Spawn`: programs on pipes or a new terminal, with resizes,
+//! signals and their exit status as frames. Run as the container's main process and reached
+//! through the engine's attach stream, it lets a session start without an exec.
 
 pub mod cli;
 mod console;
 mod exit_record;
 mod forward;
+mod programs;
 pub mod proto;
 pub mod signal;
 mod write_file;
@@ -199,7 +205,11 @@ fn run(command: Command, argv0: Option<OsString>) -> Result<i32, AgentError> {
             Ok(0)
         }
         Command::Console(c) => console::run(&c, argv0),
-        Command::ExecChild { report_pid, argv } => console::exec_child(report_pid, &argv),
+        Command::ExecChild {
+            report_pid,
+            ctty,
+            argv,
+        } => console::exec_child(report_pid, ctty, &argv),
         Command::Signal { pid, signal } => signal::send(pid, signal).map(|()| 0),
         Command::WaitSignal { signals } => signal::wait_signal(&signals).map(|()| 0),
         Command::Install { path } => {
@@ -212,8 +222,10 @@ fn run(command: Command, argv0: Option<OsString>) -> Result<i32, AgentError> {
         }
         Command::ForwardServer => {
             confine_forward_server();
-            forward::run()
+            forward::run(None)
         }
+        // No seccomp filter: the programs it starts would inherit it.
+        Command::SessionServer => forward::run(Some(console::self_exe(argv0)?)),
         Command::ExitInfo { pid } => {
             if let Some(name) = exit_record::take(pid)? {
                 println!("{name}");

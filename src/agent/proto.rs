@@ -38,9 +38,13 @@ mod kind {
     pub const LISTEN_UNIX: u8 = 4;
     pub const UNLISTEN: u8 = 5;
     pub const LISTEN_X11: u8 = 6;
+    pub const SPAWN: u8 = 7;
+    pub const RESIZE: u8 = 8;
+    pub const SIGNAL: u8 = 9;
     pub const OPENED: u8 = 16;
     pub const FAILED: u8 = 17;
     pub const ACCEPTED: u8 = 18;
+    pub const EXITED: u8 = 19;
     pub const DATA: u8 = 32;
     pub const EOF: u8 = 33;
     pub const CLOSE: u8 = 34;
@@ -49,6 +53,10 @@ mod kind {
 
 /// `ListenUnix` flag: the agent creates (and later removes) the socket's parent directory.
 const FLAG_PRIVATE_DIR: u8 = 1;
+/// `Spawn` flag: the program runs on a new pseudo-terminal.
+const FLAG_TTY: u8 = 1;
+/// The highest signal number `Signal` may carry (Linux's real-time signals end at 64).
+pub const MAX_SIGNAL: u8 = 64;
 
 /// One frame of the protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +105,50 @@ pub enum Frame {
         first: u16,
         /// How many are tried.
         count: u16,
+    },
+    /// Server → agent (`session-server`): start a program as stream `id` (stdin and stdout,
+    /// or the terminal), its stderr as stream `stderr_id` (0 with a terminal).
+    Spawn {
+        /// The program's stream (below [`AGENT_ID_BASE`]).
+        id: u32,
+        /// Run it on a new pseudo-terminal of `rows` × `cols`.
+        tty: bool,
+        /// The stderr stream without a terminal (below [`AGENT_ID_BASE`]), else 0.
+        stderr_id: u32,
+        /// Terminal rows (0: the kernel's default).
+        rows: u16,
+        /// Terminal columns.
+        cols: u16,
+        /// The program and its arguments (at least the program; no NUL bytes).
+        argv: Vec<Vec<u8>>,
+        /// `NAME=value` entries added to the agent's environment.
+        env: Vec<Vec<u8>>,
+    },
+    /// Server → agent: the program's terminal size changed. No reply.
+    Resize {
+        /// The program.
+        id: u32,
+        /// Rows.
+        rows: u16,
+        /// Columns.
+        cols: u16,
+    },
+    /// Server → agent: send signal `signal` (1..=[`MAX_SIGNAL`]) to the program. No reply.
+    Signal {
+        /// The program.
+        id: u32,
+        /// The signal number.
+        signal: u8,
+    },
+    /// Agent → server: the program ended and its output streams reached their end; both
+    /// streams are released without `Close`.
+    Exited {
+        /// The program.
+        id: u32,
+        /// Its exit code, or 128+N when signal N killed it.
+        status: u32,
+        /// N when signal N killed it, else 0.
+        signal: u8,
     },
     /// Server → agent: stop listener `id`; accepted streams go on. No reply.
     Unlisten {
@@ -194,6 +246,16 @@ pub enum ProtoError {
     /// `ListenUnix` has flag bits other than `private_dir`.
     #[error("ListenUnix frame has unknown flags {0:#04x}")]
     BadFlags(u8),
+    /// `Spawn` has flag bits other than `tty`.
+    #[error("Spawn frame has unknown flags {0:#04x}")]
+    BadSpawnFlags(u8),
+    /// `Spawn`'s strings are malformed: no program, a NUL byte, a stderr id with a terminal
+    /// (or none without), or bytes left over.
+    #[error("Spawn frame: {0}")]
+    BadSpawn(&'static str),
+    /// `Signal` outside 1..=[`MAX_SIGNAL`].
+    #[error("Signal frame carries signal {0}, outside 1..={MAX_SIGNAL}")]
+    BadSignal(u8),
     /// A `Data` frame without bytes.
     #[error("Data frame is empty")]
     EmptyData,
@@ -211,6 +273,10 @@ impl Frame {
             | Frame::ListenTcp { id, .. }
             | Frame::ListenUnix { id, .. }
             | Frame::ListenX11 { id, .. }
+            | Frame::Spawn { id, .. }
+            | Frame::Resize { id, .. }
+            | Frame::Signal { id, .. }
+            | Frame::Exited { id, .. }
             | Frame::Unlisten { id }
             | Frame::Opened { id, .. }
             | Frame::Failed { id, .. }
@@ -246,6 +312,37 @@ impl Frame {
                 out.extend_from_slice(&first.to_be_bytes());
                 out.extend_from_slice(&count.to_be_bytes());
             }
+            Frame::Spawn {
+                tty,
+                stderr_id,
+                rows,
+                cols,
+                argv,
+                env,
+                ..
+            } => {
+                out.push(if *tty { FLAG_TTY } else { 0 });
+                out.extend_from_slice(&stderr_id.to_be_bytes());
+                out.extend_from_slice(&rows.to_be_bytes());
+                out.extend_from_slice(&cols.to_be_bytes());
+                // Counts and lengths saturate only for frames decode refuses anyway.
+                let count = |n: usize| u16::try_from(n).unwrap_or(u16::MAX).to_be_bytes();
+                out.extend_from_slice(&count(argv.len()));
+                out.extend_from_slice(&count(env.len()));
+                for s in argv.iter().chain(env) {
+                    out.extend_from_slice(&count(s.len()));
+                    out.extend_from_slice(s);
+                }
+            }
+            Frame::Resize { rows, cols, .. } => {
+                out.extend_from_slice(&rows.to_be_bytes());
+                out.extend_from_slice(&cols.to_be_bytes());
+            }
+            Frame::Signal { signal, .. } => out.push(*signal),
+            Frame::Exited { status, signal, .. } => {
+                out.extend_from_slice(&status.to_be_bytes());
+                out.push(*signal);
+            }
             Frame::Unlisten { .. } | Frame::Eof { .. } | Frame::Close { .. } => {}
             Frame::Opened { port, .. } => out.extend_from_slice(&port.to_be_bytes()),
             Frame::Failed { message, .. } => out.extend_from_slice(message.as_bytes()),
@@ -277,6 +374,10 @@ impl Frame {
             Frame::ListenTcp { .. } => kind::LISTEN_TCP,
             Frame::ListenUnix { .. } => kind::LISTEN_UNIX,
             Frame::ListenX11 { .. } => kind::LISTEN_X11,
+            Frame::Spawn { .. } => kind::SPAWN,
+            Frame::Resize { .. } => kind::RESIZE,
+            Frame::Signal { .. } => kind::SIGNAL,
+            Frame::Exited { .. } => kind::EXITED,
             Frame::Unlisten { .. } => kind::UNLISTEN,
             Frame::Opened { .. } => kind::OPENED,
             Frame::Failed { .. } => kind::FAILED,
@@ -320,6 +421,46 @@ fn path(kind: &'static str, b: &[u8]) -> Result<Vec<u8>, ProtoError> {
         });
     }
     Ok(b.to_vec())
+}
+
+/// A `Spawn`'s argv and environment.
+type SpawnStrings = (Vec<Vec<u8>>, Vec<Vec<u8>>);
+
+/// `Spawn`'s payload after its 13 fixed bytes: `argc` then `envc` strings, each `u16 len` +
+/// bytes, filling the payload exactly.
+fn spawn_strings(mut p: &[u8], argc: usize, envc: usize) -> Result<SpawnStrings, ProtoError> {
+    if argc == 0 {
+        return Err(ProtoError::BadSpawn("no program"));
+    }
+    let mut take = |n: usize| -> Result<Vec<Vec<u8>>, ProtoError> {
+        // Each string needs at least its 2 length bytes, so a count beyond that is a lie
+        // (and this bounds the allocation by the payload).
+        if n > p.len() / 2 {
+            return Err(ProtoError::BadSpawn("more strings than the frame holds"));
+        }
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let Some((len, rest)) = p.split_first_chunk::<2>() else {
+                return Err(ProtoError::BadSpawn("a string's length is cut off"));
+            };
+            let len = u16::from_be_bytes(*len) as usize;
+            let Some((s, rest)) = rest.split_at_checked(len) else {
+                return Err(ProtoError::BadSpawn("a string is cut off"));
+            };
+            if s.contains(&0) {
+                return Err(ProtoError::BadSpawn("a string contains a NUL byte"));
+            }
+            out.push(s.to_vec());
+            p = rest;
+        }
+        Ok(out)
+    };
+    let argv = take(argc)?;
+    let env = take(envc)?;
+    if !p.is_empty() {
+        return Err(ProtoError::BadSpawn("bytes after the last string"));
+    }
+    Ok((argv, env))
 }
 
 /// Decodes the frame at the start of `buf`: `Ok(None)` when `buf` holds only part of it,
@@ -393,6 +534,63 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, ProtoError> {
                 id,
                 first: u16::from_be_bytes([f0, f1]),
                 count: u16::from_be_bytes([c0, c1]),
+            }
+        }
+        kind::SPAWN => {
+            let &[flags, s0, s1, s2, s3, r0, r1, c0, c1, a0, a1, e0, e1, ref strings @ ..] = p
+            else {
+                return Err(bad_size("Spawn"));
+            };
+            if flags & !FLAG_TTY != 0 {
+                return Err(ProtoError::BadSpawnFlags(flags));
+            }
+            let tty = flags & FLAG_TTY != 0;
+            let stderr_id = u32::from_be_bytes([s0, s1, s2, s3]);
+            if tty != (stderr_id == 0) {
+                return Err(ProtoError::BadSpawn(
+                    "a stderr stream is required without a terminal and refused with one",
+                ));
+            }
+            let argc = u16::from_be_bytes([a0, a1]) as usize;
+            let envc = u16::from_be_bytes([e0, e1]) as usize;
+            let (argv, env) = spawn_strings(strings, argc, envc)?;
+            Frame::Spawn {
+                id,
+                tty,
+                stderr_id,
+                rows: u16::from_be_bytes([r0, r1]),
+                cols: u16::from_be_bytes([c0, c1]),
+                argv,
+                env,
+            }
+        }
+        kind::RESIZE => {
+            let &[r0, r1, c0, c1] = p else {
+                return Err(bad_size("Resize"));
+            };
+            Frame::Resize {
+                id,
+                rows: u16::from_be_bytes([r0, r1]),
+                cols: u16::from_be_bytes([c0, c1]),
+            }
+        }
+        kind::SIGNAL => {
+            let &[signal] = p else {
+                return Err(bad_size("Signal"));
+            };
+            if !(1..=MAX_SIGNAL).contains(&signal) {
+                return Err(ProtoError::BadSignal(signal));
+            }
+            Frame::Signal { id, signal }
+        }
+        kind::EXITED => {
+            let &[s0, s1, s2, s3, signal] = p else {
+                return Err(bad_size("Exited"));
+            };
+            Frame::Exited {
+                id,
+                status: u32::from_be_bytes([s0, s1, s2, s3]),
+                signal,
             }
         }
         kind::UNLISTEN => {
@@ -498,6 +696,35 @@ mod tests {
                 path: vec![],
             },
             Frame::Unlisten { id: 7 },
+            Frame::Spawn {
+                id: 20,
+                tty: false,
+                stderr_id: 21,
+                rows: 0,
+                cols: 0,
+                argv: vec![b"/bin/sh".to_vec(), b"-c".to_vec(), b"echo \xff".to_vec()],
+                env: vec![b"LANG=C".to_vec(), Vec::new()],
+            },
+            Frame::Spawn {
+                id: 22,
+                tty: true,
+                stderr_id: 0,
+                rows: 24,
+                cols: 80,
+                argv: vec![Vec::new()],
+                env: vec![],
+            },
+            Frame::Resize {
+                id: 22,
+                rows: 50,
+                cols: 132,
+            },
+            Frame::Signal { id: 22, signal: 15 },
+            Frame::Exited {
+                id: 20,
+                status: 143,
+                signal: 15,
+            },
             Frame::Opened { id: 8, port: 4242 },
             Frame::Failed {
                 id: 9,
@@ -571,6 +798,55 @@ mod tests {
     }
 
     #[test]
+    fn spawn_errors() {
+        // flags, stderr id, rows, cols, argc, envc, then the strings.
+        let spawn = |flags: u8, stderr: u32, argc: u16, envc: u16, strings: &[u8]| {
+            let mut p = vec![flags];
+            p.extend_from_slice(&stderr.to_be_bytes());
+            p.extend_from_slice(&[0, 24, 0, 80]);
+            p.extend_from_slice(&argc.to_be_bytes());
+            p.extend_from_slice(&envc.to_be_bytes());
+            p.extend_from_slice(strings);
+            decode(&raw(7, 1, &p))
+        };
+        assert!(matches!(
+            spawn(0, 2, 1, 0, &[0, 2, b's', b'h']),
+            Ok(Some(_))
+        ));
+        assert_eq!(
+            spawn(2, 2, 1, 0, &[0, 0]),
+            Err(ProtoError::BadSpawnFlags(2))
+        );
+        assert!(matches!(
+            spawn(0, 0, 1, 0, &[0, 0]),
+            Err(ProtoError::BadSpawn(_))
+        ));
+        assert!(matches!(
+            spawn(1, 2, 1, 0, &[0, 0]),
+            Err(ProtoError::BadSpawn(_))
+        ));
+        for (argc, envc, strings) in [
+            (0u16, 0u16, &[][..]),
+            (1, 0, &[0, 3, b'a']),
+            (1, 0, &[0]),
+            (1, 0, &[0, 1, 0]),
+            (1, 0, &[0, 1, b'a', b'x']),
+            (1, 1, &[0, 1, b'a']),
+            (u16::MAX, u16::MAX, &[0, 0]),
+        ] {
+            assert!(
+                matches!(
+                    spawn(0, 2, argc, envc, strings),
+                    Err(ProtoError::BadSpawn(_))
+                ),
+                "{argc} {envc} {strings:?}"
+            );
+        }
+        assert_eq!(decode(&raw(9, 1, &[0])), Err(ProtoError::BadSignal(0)));
+        assert_eq!(decode(&raw(9, 1, &[65])), Err(ProtoError::BadSignal(65)));
+    }
+
+    #[test]
     fn partial_and_concatenated_input() {
         let frames = all_frames();
         let mut stream = Vec::new();
@@ -609,8 +885,8 @@ mod tests {
             Err(ProtoError::BadLength(too_long))
         );
         assert!(matches!(
-            decode(&raw(7, 1, &[])),
-            Err(ProtoError::UnknownType(7))
+            decode(&raw(10, 1, &[])),
+            Err(ProtoError::UnknownType(10))
         ));
         assert!(matches!(
             decode(&raw(0, 1, &[])),
@@ -629,6 +905,11 @@ mod tests {
             (34, &[1]),
             (35, &[0, 0, 0]),
             (35, &[0, 0, 0, 0, 0]),
+            (7, &[0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0]),
+            (8, &[0, 1, 0]),
+            (9, &[]),
+            (9, &[1, 1]),
+            (19, &[0, 0, 0, 0]),
         ] {
             assert!(
                 matches!(

@@ -16,17 +16,21 @@ use containerssh::agent::proto::{decode, Frame, AGENT_ID_BASE, INITIAL_CREDIT, M
 /// Bound for every wait on the agent or a socket.
 const TIMEOUT: Duration = Duration::from_secs(20);
 
-/// A running `forward-server` with a thread decoding its stdout.
-struct Agent {
-    child: Child,
+/// A running `forward-server` (or `session-server`) with a thread decoding its stdout.
+pub(crate) struct Agent {
+    pub(crate) child: Child,
     stdin: Option<ChildStdin>,
     frames: Receiver<Frame>,
 }
 
 impl Agent {
     fn start() -> Agent {
+        Agent::start_command("forward-server")
+    }
+
+    pub(crate) fn start_command(command: &str) -> Agent {
         let mut child = Command::new(env!("CARGO_BIN_EXE_containerssh-agent"))
-            .arg("forward-server")
+            .arg(command)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -62,7 +66,7 @@ impl Agent {
         }
     }
 
-    fn send(&mut self, frame: Frame) {
+    pub(crate) fn send(&mut self, frame: Frame) {
         let mut bytes = Vec::new();
         frame.encode(&mut bytes);
         self.send_raw(&bytes);
@@ -76,7 +80,7 @@ impl Agent {
             .expect("write to the agent");
     }
 
-    fn recv(&self) -> Frame {
+    pub(crate) fn recv(&self) -> Frame {
         match self.frames.recv_timeout(TIMEOUT) {
             Ok(f) => f,
             Err(e) => panic!("no frame from the agent: {e}"),
@@ -84,7 +88,7 @@ impl Agent {
     }
 
     /// Waits for the agent to exit (its stdout ends first), discarding frames.
-    fn wait_exit(&mut self) -> ExitStatus {
+    pub(crate) fn wait_exit(&mut self) -> ExitStatus {
         let deadline = Instant::now() + TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());

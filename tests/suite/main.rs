@@ -9,6 +9,7 @@ mod support;
 
 mod agent;
 mod agent_forward;
+mod agent_sessions;
 mod agent_volume;
 mod audit_s3;
 mod auth;

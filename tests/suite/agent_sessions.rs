@@ -1,0 +1,291 @@
+//! `containerssh-agent session-server`'s programs (`Spawn`, `Resize`, `Signal`, `Exited`),
+//! driven over its stdin/stdout with real processes on this machine (no Docker). Every wait
+//! has a timeout (the helper's).
+
+use std::time::{Duration, Instant};
+
+use containerssh::agent::proto::{Frame, INITIAL_CREDIT};
+
+use super::agent_forward::Agent;
+
+fn strings(v: &[&str]) -> Vec<Vec<u8>> {
+    v.iter().map(|s| s.as_bytes().to_vec()).collect()
+}
+
+fn spawn_pipes(agent: &mut Agent, id: u32, argv: &[&str], env: &[&str]) {
+    agent.send(Frame::Spawn {
+        id,
+        tty: false,
+        stderr_id: id + 1,
+        rows: 0,
+        cols: 0,
+        argv: strings(argv),
+        env: strings(env),
+    });
+    assert_eq!(agent.recv(), Frame::Opened { id, port: 0 });
+}
+
+fn spawn_tty(agent: &mut Agent, id: u32, argv: &[&str], rows: u16, cols: u16) {
+    agent.send(Frame::Spawn {
+        id,
+        tty: true,
+        stderr_id: 0,
+        rows,
+        cols,
+        argv: strings(argv),
+        env: strings(&["TERM=xterm"]),
+    });
+    assert_eq!(agent.recv(), Frame::Opened { id, port: 0 });
+}
+
+/// What a program sent until its `Exited`: output per stream id, the order of `Eof`s, and
+/// `(status, signal)`. Acks everything, as the server does.
+#[derive(Default, Debug)]
+struct Ran {
+    out: std::collections::HashMap<u32, Vec<u8>>,
+    eofs: Vec<u32>,
+    exit: Option<(u32, u8)>,
+}
+
+fn run_until(agent: &mut Agent, id: u32, ran: &mut Ran, done: impl Fn(&Ran) -> bool) {
+    while !done(ran) {
+        match agent.recv() {
+            Frame::Data { id: s, data } => {
+                agent.send(Frame::Ack {
+                    id: s,
+                    bytes: data.len() as u32,
+                });
+                ran.out.entry(s).or_default().extend_from_slice(&data);
+            }
+            Frame::Eof { id: s } => ran.eofs.push(s),
+            Frame::Exited {
+                id: e,
+                status,
+                signal,
+            } if e == id => ran.exit = Some((status, signal)),
+            // Our stdin delivered: the credit comes back.
+            Frame::Ack { .. } => {}
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
+
+fn run_to_exit(agent: &mut Agent, id: u32) -> Ran {
+    let mut ran = Ran::default();
+    run_until(agent, id, &mut ran, |r| r.exit.is_some());
+    ran
+}
+
+fn text(ran: &Ran, id: u32) -> String {
+    String::from_utf8_lossy(ran.out.get(&id).map_or(&[][..], |v| v)).into_owned()
+}
+
+#[test]
+fn pipes_keep_stdout_stderr_env_and_the_exit_code_apart() {
+    let mut agent = Agent::start_command("session-server");
+    spawn_pipes(
+        &mut agent,
+        1,
+        &["/bin/sh", "-c", "echo out $GREETING; echo err >&2; exit 3"],
+        &["GREETING=hello"],
+    );
+    let ran = run_to_exit(&mut agent, 1);
+    assert_eq!(text(&ran, 1), "out hello\n");
+    assert_eq!(text(&ran, 2), "err\n");
+    // Both ends of output precede the exit.
+    let mut eofs = ran.eofs.clone();
+    eofs.sort_unstable();
+    assert_eq!(eofs, [1, 2]);
+    assert_eq!(ran.exit, Some((3, 0)));
+}
+
+#[test]
+fn stdin_flows_in_and_its_eof_ends_cat() {
+    let mut agent = Agent::start_command("session-server");
+    spawn_pipes(&mut agent, 1, &["cat"], &[]);
+    let big: Vec<u8> = (0..3 * INITIAL_CREDIT as usize)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    let mut ran = Ran::default();
+    let mut credit = INITIAL_CREDIT as usize;
+    let mut sent = 0;
+    // Within the agent's credit: wait for its Acks (and read cat's output) as we go.
+    while sent < big.len() {
+        if credit == 0 {
+            match agent.recv() {
+                Frame::Ack { id: 1, bytes } => credit += bytes as usize,
+                Frame::Data { id: s, data } => {
+                    agent.send(Frame::Ack {
+                        id: s,
+                        bytes: data.len() as u32,
+                    });
+                    ran.out.entry(s).or_default().extend_from_slice(&data);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+            continue;
+        }
+        let n = credit.min(32 * 1024).min(big.len() - sent);
+        agent.send(Frame::Data {
+            id: 1,
+            data: big[sent..sent + n].to_vec(),
+        });
+        sent += n;
+        credit -= n;
+    }
+    agent.send(Frame::Eof { id: 1 });
+    loop {
+        match agent.recv() {
+            Frame::Ack { .. } => {}
+            Frame::Data { id: s, data } => {
+                agent.send(Frame::Ack {
+                    id: s,
+                    bytes: data.len() as u32,
+                });
+                ran.out.entry(s).or_default().extend_from_slice(&data);
+            }
+            Frame::Eof { id } => ran.eofs.push(id),
+            Frame::Exited {
+                id: 1,
+                status,
+                signal,
+            } => {
+                ran.exit = Some((status, signal));
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(ran.out.get(&1).map(Vec::len), Some(big.len()));
+    assert!(ran.out.get(&1) == Some(&big), "cat echoed other bytes");
+    assert_eq!(ran.exit, Some((0, 0)));
+}
+
+#[test]
+fn a_terminal_has_its_size_follows_resizes_and_is_the_controlling_one() {
+    let mut agent = Agent::start_command("session-server");
+    spawn_tty(&mut agent, 1, &["/bin/sh"], 24, 80);
+    let mut ran = Ran::default();
+    agent.send(Frame::Data {
+        id: 1,
+        data: b"stty size; echo marker-$(tty)-$(tty </dev/tty)\n".to_vec(),
+    });
+    // `/dev/tty` opens only for a process with a controlling terminal.
+    run_until(&mut agent, 1, &mut ran, |r| {
+        text(r, 1).contains("-/dev/tty\r\n")
+    });
+    assert!(
+        text(&ran, 1).contains("marker-/dev/pts/"),
+        "{:?}",
+        text(&ran, 1)
+    );
+    assert!(text(&ran, 1).contains("24 80"), "{:?}", text(&ran, 1));
+    agent.send(Frame::Resize {
+        id: 1,
+        rows: 50,
+        cols: 132,
+    });
+    agent.send(Frame::Data {
+        id: 1,
+        data: b"stty size; exit 7\n".to_vec(),
+    });
+    run_until(&mut agent, 1, &mut ran, |r| r.exit.is_some());
+    assert!(text(&ran, 1).contains("50 132"), "{:?}", text(&ran, 1));
+    assert_eq!(ran.exit, Some((7, 0)));
+    assert_eq!(ran.eofs, [1]);
+}
+
+#[test]
+fn a_signal_reaches_the_program_and_its_death_is_reported() {
+    let mut agent = Agent::start_command("session-server");
+    spawn_pipes(
+        &mut agent,
+        1,
+        &["/bin/sh", "-c", "echo ready; exec sleep 100"],
+        &[],
+    );
+    let mut ran = Ran::default();
+    run_until(&mut agent, 1, &mut ran, |r| text(r, 1) == "ready\n");
+    agent.send(Frame::Signal { id: 1, signal: 15 });
+    run_until(&mut agent, 1, &mut ran, |r| r.exit.is_some());
+    assert_eq!(ran.exit, Some((143, 15)));
+}
+
+#[test]
+fn a_missing_program_exits_127_with_the_reason_on_stderr() {
+    let mut agent = Agent::start_command("session-server");
+    spawn_pipes(&mut agent, 1, &["/nonexistent/program"], &[]);
+    let ran = run_to_exit(&mut agent, 1);
+    assert_eq!(ran.exit, Some((127, 0)));
+    assert!(
+        text(&ran, 2).contains("cannot execute /nonexistent/program"),
+        "{:?}",
+        text(&ran, 2)
+    );
+}
+
+#[test]
+fn closing_a_terminal_program_hangs_it_up() {
+    let mut agent = Agent::start_command("session-server");
+    spawn_tty(
+        &mut agent,
+        1,
+        &["/bin/sh", "-c", "echo pid=$$; exec sleep 100"],
+        0,
+        0,
+    );
+    let mut ran = Ran::default();
+    run_until(&mut agent, 1, &mut ran, |r| text(r, 1).contains('\n'));
+    let line = text(&ran, 1);
+    let pid: u32 = line
+        .trim()
+        .strip_prefix("pid=")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line:?}"));
+    let proc_dir = format!("/proc/{pid}");
+    assert!(std::path::Path::new(&proc_dir).exists());
+    agent.send(Frame::Close { id: 1 });
+    // SIGHUP ends `sleep`; the agent reaps it and /proc forgets it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::path::Path::new(&proc_dir).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the program outlived its hang-up"
+        );
+        std::thread::yield_now();
+    }
+    // The agent goes on serving.
+    spawn_pipes(&mut agent, 3, &["/bin/sh", "-c", "exit 0"], &[]);
+    assert_eq!(run_to_exit(&mut agent, 3).exit, Some((0, 0)));
+}
+
+#[test]
+fn forward_server_refuses_to_start_programs() {
+    let mut agent = Agent::start_command("forward-server");
+    agent.send(Frame::Spawn {
+        id: 1,
+        tty: false,
+        stderr_id: 2,
+        rows: 0,
+        cols: 0,
+        argv: strings(&["true"]),
+        env: vec![],
+    });
+    match agent.recv() {
+        Frame::Failed { id: 1, message } => {
+            assert!(message.contains("session-server"), "{message}")
+        }
+        other => panic!("expected Failed, got {other:?}"),
+    }
+}
+
+#[test]
+fn term_ends_the_session_server() {
+    let mut agent = Agent::start_command("session-server");
+    // Once a program has run, the signal thread is surely listening.
+    spawn_pipes(&mut agent, 1, &["true"], &[]);
+    assert_eq!(run_to_exit(&mut agent, 1).exit, Some((0, 0)));
+    let pid = rustix::process::Pid::from_raw(agent.child.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("kill");
+    assert_eq!(agent.wait_exit().code(), Some(0));
+}
