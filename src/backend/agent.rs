@@ -369,7 +369,7 @@ mod tests {
         // The system's own `true` is a small dynamically linked executable.
         let cfg = AgentConfig {
             binary: "/bin/true".into(),
-            inject: true,
+            ..AgentConfig::default()
         };
         let err = locate(&cfg).unwrap_err().to_string();
         assert!(err.contains("dynamically linked"), "{err}");

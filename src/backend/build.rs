@@ -66,7 +66,12 @@ pub fn build(settings: &Settings) -> Result<Arc<dyn Backend>, Box<dyn std::error
     }
     // The backend keeps its own archive of the agent.
     let checked = DockerSettings::check(&settings.docker)?;
-    let docker = Docker::backend(&checked, &settings.instance_id, agent.as_ref())?;
+    let docker = Docker::backend(
+        &checked,
+        &settings.instance_id,
+        agent.as_ref(),
+        settings.agent.session_server,
+    )?;
     Ok(Arc::new(docker))
 }
 

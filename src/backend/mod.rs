@@ -21,6 +21,7 @@
 //! in its own ([`fake`]), and adding a backend touches its own directory and [`build`] only.
 
 pub mod agent;
+pub mod agent_sessions;
 pub mod build;
 pub mod docker;
 #[cfg(any(test, feature = "test-support"))]
@@ -36,6 +37,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use agent_sessions::AgentSessions;
 pub use process::{Process, ProcessControl, ProcessInput, ProcessOutput};
 
 use crate::auth::metadata::LoginMetadata;
@@ -256,6 +258,18 @@ pub trait Runtime: Send + Sync + Sized + 'static {
 
     /// Removes a session's own container.
     fn remove(&self, name: &str) -> impl Future<Output = ()> + Send;
+
+    /// The streams of connection container `name`'s `session-server`, when its main process
+    /// is one (sessions then start without an exec); `None` otherwise or when it cannot be
+    /// reached (the exec API serves instead).
+    fn attach_agent(&self, _name: &str) -> impl Future<Output = Option<AgentStreams>> + Send {
+        async { None }
+    }
+
+    /// Bound on a helper program run through the agent (the backend's for helper execs).
+    fn helper_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(60)
+    }
 }
 
 /// The [`Backend`] of one [`Runtime`]; cheap to clone, clones share it.
@@ -301,7 +315,11 @@ impl<R: Runtime> Backend for Engine<R> {
     ) -> BoxFuture<'a, Result<Arc<dyn Container>, StartError>> {
         Box::pin(async move {
             let (name, agent) = counted(R::KIND, self.0.connection_container(meta, login)).await?;
-            let container = Handle::new(Arc::clone(&self.0), name, agent, false);
+            let limit = self.0.helper_timeout();
+            let attached = self.0.attach_agent(&name).await;
+            let sessions = attached.map(|streams| AgentSessions::start(streams, limit));
+            let mut container = Handle::new(Arc::clone(&self.0), name, agent, false);
+            container.sessions = sessions;
             if container.agent().is_some() {
                 agent::write_login_files(&container, &login.files).await;
             } else if !login.files.is_empty() {
@@ -367,6 +385,8 @@ pub struct Handle<R> {
     name: String,
     agent: Option<AgentAt>,
     own: bool,
+    /// Its `session-server`, when programs start through it rather than the exec API.
+    sessions: Option<Arc<AgentSessions>>,
 }
 
 impl<R> Handle<R> {
@@ -376,6 +396,7 @@ impl<R> Handle<R> {
             name,
             agent,
             own,
+            sessions: None,
         }
     }
 }
@@ -387,6 +408,7 @@ impl<R> Clone for Handle<R> {
             name: self.name.clone(),
             agent: self.agent.clone(),
             own: self.own,
+            sessions: self.sessions.clone(),
         }
     }
 }
@@ -411,7 +433,17 @@ impl<R: Runtime> Container for Handle<R> {
 
     fn exec<'a>(&'a self, spec: &'a ProgramSpec) -> BoxFuture<'a, Result<Process, StartError>> {
         let handle: Arc<dyn Container> = Arc::new(self.clone());
-        Box::pin(self.runtime.exec(&self.name, spec, handle))
+        Box::pin(async move {
+            if let Some(sessions) = &self.sessions {
+                let started =
+                    sessions.start_program(spec, Arc::clone(&handle), R::DISABLE_AGENT_KEY);
+                if let Some(result) = started.await {
+                    return result;
+                }
+                tracing::debug!(container = %self.name, "the session agent cannot start this program; using exec");
+            }
+            self.runtime.exec(&self.name, spec, handle).await
+        })
     }
 
     fn capture<'a>(
@@ -419,7 +451,14 @@ impl<R: Runtime> Container for Handle<R> {
         argv: Vec<String>,
         stdin: Option<&'a [u8]>,
     ) -> BoxFuture<'a, Result<process::Captured, Cause>> {
-        Box::pin(async move { Ok(self.runtime.capture(&self.name, argv, stdin).await?) })
+        Box::pin(async move {
+            if let Some(sessions) = &self.sessions {
+                if let Some(result) = sessions.capture(&argv, stdin).await {
+                    return result;
+                }
+            }
+            Ok(self.runtime.capture(&self.name, argv, stdin).await?)
+        })
     }
 
     fn start_agent_command<'a>(

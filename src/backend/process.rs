@@ -58,6 +58,11 @@ pub trait Program: Send + Sync {
     /// Whether it was exec'd into a running container: only then can the agent say whether
     /// an exit code of 128+N was a death by signal N.
     fn is_exec(&self) -> bool;
+
+    /// The signal that killed it, when the backend knows (after [`Self::exit_code`]).
+    fn killed_by(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A program's output, with the agent's PID report taken off the front.
@@ -237,6 +242,9 @@ impl ProcessControl {
                 return ExitReport::Status(UNKNOWN_EXIT_STATUS);
             }
         };
+        if let Some(name) = self.program.killed_by() {
+            return ExitReport::Signal { name };
+        }
         // Death by signal N shows as 128+N, the same as `exit 128+N`. The agent knows which it
         // was while the container runs (exec'd programs); otherwise only a signal we sent
         // tells.

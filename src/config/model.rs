@@ -1036,6 +1036,10 @@ pub struct AgentConfig {
     pub binary: String,
     /// `false`: never inject; images must carry the agent at `agentPath` themselves.
     pub inject: bool,
+    /// Connection containers run the injected agent's `session-server` in place of the
+    /// agent's `wait-signal` idle command, and sessions start through it (one message on an
+    /// open stream) instead of an exec. `false`: every program is an exec.
+    pub session_server: bool,
 }
 
 impl Default for AgentConfig {
@@ -1043,6 +1047,7 @@ impl Default for AgentConfig {
         Self {
             binary: String::new(),
             inject: true,
+            session_server: true,
         }
     }
 }

@@ -123,7 +123,48 @@ struct State {
     next_id: u32,
     streams: HashMap<u32, StreamSlot>,
     pending: HashMap<u32, oneshot::Sender<Result<u16, String>>>,
+    /// Started programs by stream id: where their `Exited` goes, and their stderr stream.
+    exits: HashMap<u32, (oneshot::Sender<ProgramExit>, u32)>,
     stopped: bool,
+}
+
+/// How a program started with [`Mux::spawn`] ended: its exit code (128+N after signal N)
+/// and N (0 when no signal killed it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProgramExit {
+    pub status: u32,
+    pub signal: u8,
+}
+
+/// A program the agent started: its output (and stdin) streams and its exit.
+pub struct SpawnedProgram {
+    /// Its stdin and stdout, or its terminal.
+    pub stream: MuxStream,
+    /// Its stderr (none on a terminal).
+    pub stderr: Option<MuxStream>,
+    /// Resolved by its `Exited`; dropped when the agent stops first.
+    pub exit: oneshot::Receiver<ProgramExit>,
+}
+
+/// What [`Mux::spawn`] starts.
+pub struct SpawnRequest {
+    pub argv: Vec<Vec<u8>>,
+    pub env: Vec<Vec<u8>>,
+    /// On a new terminal of `(rows, cols)` (0 × 0: the kernel's default).
+    pub tty: Option<(u16, u16)>,
+}
+
+impl SpawnRequest {
+    /// Whether the request fits one `Spawn` frame (a longer command line goes through the
+    /// exec API instead).
+    pub fn fits(&self) -> bool {
+        let strings: usize = self.argv.iter().chain(&self.env).map(|s| 2 + s.len()).sum();
+        !self.argv.is_empty()
+            && self.argv.len() <= usize::from(u16::MAX)
+            && self.env.len() <= usize::from(u16::MAX)
+            && 13 + strings <= proto::MAX_PAYLOAD
+            && !self.argv.iter().chain(&self.env).any(|s| s.contains(&0))
+    }
 }
 
 /// Frames waiting for the writer.
@@ -137,6 +178,8 @@ struct Outbox {
 }
 
 pub struct Mux {
+    /// What the agent does for us, for the log: "forwarding" or "sessions".
+    role: &'static str,
     state: Mutex<State>,
     outbox: Outbox,
     /// Cancelled when the forward-server has ended, for whatever reason.
@@ -169,9 +212,11 @@ struct StreamGuard {
 }
 
 impl Mux {
-    /// Runs the protocol over a started `forward-server` exec. `cancel` ends it (closing the
-    /// agent's stdin, which makes it exit and remove its sockets).
+    /// Runs the protocol over a started `forward-server` exec (or a `session-server`'s
+    /// stream; `role` names which in the log). `cancel` ends it (closing the agent's stdin,
+    /// which makes it exit and remove its sockets).
     pub fn start<W>(
+        role: &'static str,
         output: Box<dyn OutputSource>,
         input: W,
         cancel: CancellationToken,
@@ -180,6 +225,7 @@ impl Mux {
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let mux = Arc::new(Mux {
+            role,
             state: Mutex::new(State {
                 next_id: 1,
                 ..State::default()
@@ -222,8 +268,9 @@ impl Mux {
         if self.enqueue(frame) > 2 * MAX_MUX_QUEUE_BYTES {
             tracing::warn!(
                 code = "FORWARD_AGENT_STALLED",
+                role = self.role,
                 queued = self.outbox.bytes.load(Ordering::Acquire),
-                "forwarding stopped: the agent in the container does not read its input"
+                "the agent in the container does not read its input: cut off"
             );
             self.stop("the agent does not read its input");
         }
@@ -363,6 +410,66 @@ impl Mux {
             .await
     }
 
+    /// Starts a program (`session-server` only): its streams are live once this returns.
+    pub async fn spawn(
+        self: &Arc<Self>,
+        request: SpawnRequest,
+    ) -> Result<SpawnedProgram, ForwardError> {
+        if !request.fits() {
+            return Err(ForwardError::Refused(
+                "the command line does not fit one frame".into(),
+            ));
+        }
+        let (id, rx, stream) = self.begin(true)?;
+        let stream = stream.ok_or(ForwardError::Stopped)?;
+        let (stderr, exit) = {
+            let mut st = self.state();
+            let stderr = if request.tty.is_none() {
+                let err_id = st.next_id;
+                if err_id >= AGENT_ID_BASE {
+                    return Err(ForwardError::Refused("out of stream ids".into()));
+                }
+                st.next_id += 1;
+                Some(new_stream(&mut st, Arc::clone(self), err_id))
+            } else {
+                None
+            };
+            let (tx, exit) = oneshot::channel();
+            st.exits
+                .insert(id, (tx, stderr.as_ref().map_or(0, MuxStream::id)));
+            (stderr, exit)
+        };
+        let (rows, cols) = request.tty.unwrap_or((0, 0));
+        self.send(&Frame::Spawn {
+            id,
+            tty: request.tty.is_some(),
+            stderr_id: stderr.as_ref().map_or(0, MuxStream::id),
+            rows,
+            cols,
+            argv: request.argv,
+            env: request.env,
+        });
+        if let Err(e) = self.reply(id, rx).await {
+            self.state().exits.remove(&id);
+            return Err(e);
+        }
+        Ok(SpawnedProgram {
+            stream,
+            stderr,
+            exit,
+        })
+    }
+
+    /// Resizes a spawned program's terminal.
+    pub fn resize(&self, id: u32, rows: u16, cols: u16) {
+        self.send(&Frame::Resize { id, rows, cols });
+    }
+
+    /// Sends signal number `signal` to a spawned program.
+    pub fn signal(&self, id: u32, signal: u8) {
+        self.send(&Frame::Signal { id, signal });
+    }
+
     /// Stops a listener; connections it accepted go on.
     pub fn unlisten(&self, id: u32) {
         self.send(&Frame::Unlisten { id });
@@ -382,6 +489,7 @@ impl Mux {
         for (_, tx) in st.pending.drain() {
             let _ = tx.send(Err(why.to_string()));
         }
+        st.exits.clear();
         drop(st);
         self.frames().clear();
         self.stopped.cancel();
@@ -451,6 +559,19 @@ impl Mux {
                     slot.credit.close();
                     slot.inbox.close();
                 }
+            }
+            Frame::Exited { id, status, signal } => {
+                let Some((tx, stderr_id)) = st.exits.remove(&id) else {
+                    return Ok(None);
+                };
+                // Both streams end here, without Close; what they hold is still read.
+                for sid in [id, stderr_id] {
+                    if let Some(slot) = st.streams.remove(&sid) {
+                        slot.credit.close();
+                        slot.inbox.close();
+                    }
+                }
+                let _ = tx.send(ProgramExit { status, signal });
             }
             Frame::Ack { id, bytes } => {
                 if let Some(slot) = st.streams.get(&id) {
@@ -535,7 +656,7 @@ async fn read_frames(
             Ok(Some((OutputKind::Stderr, data))) => {
                 let text =
                     String::from_utf8_lossy(data.get(..MAX_AGENT_LOG_BYTES).unwrap_or(&data));
-                tracing::info!(code = "FORWARD_AGENT_LOG", message = %text.trim_end(), "forwarding agent");
+                tracing::info!(code = "FORWARD_AGENT_LOG", role = mux.role, message = %text.trim_end(), "the agent in the container says");
                 continue;
             }
             Ok(None) => break "the forwarding agent exited".to_string(),
@@ -569,17 +690,27 @@ async fn read_frames(
             }
         }
         if let Some(v) = violation {
-            tracing::warn!(code = "FORWARD_AGENT_PROTOCOL_ERROR", error = %v, "forwarding stopped: the agent in the container broke the forwarding protocol or its limits (an image's own ContainerSSH agent? inject ours with agent.binary)");
+            tracing::warn!(code = "FORWARD_AGENT_PROTOCOL_ERROR", role = mux.role, error = %v, "cut off the agent in the container: it broke the agent protocol or its limits (an image's own ContainerSSH agent? inject ours with agent.binary)");
             break v;
         }
     };
-    tracing::debug!(reason = %why, "forwarding stopped");
+    tracing::debug!(role = mux.role, reason = %why, "agent stream ended");
     mux.stop(&why);
 }
+
+/// Keeps a stream from being closed while it is held, whatever happens to its halves.
+pub struct StreamHold(#[allow(dead_code)] Arc<StreamGuard>);
 
 impl MuxStream {
     pub fn id(&self) -> u32 {
         self.guard.id
+    }
+
+    /// A hold on the stream: it is not closed (no `Close` goes out) until the hold is
+    /// dropped too. A spawned program's control holds its stream until `Exited`, since
+    /// `Close` would tell the agent that nobody waits for the exit.
+    pub fn hold(&self) -> StreamHold {
+        StreamHold(Arc::clone(&self.guard))
     }
 
     pub fn split(self) -> (MuxSink, MuxSource) {

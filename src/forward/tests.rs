@@ -18,6 +18,7 @@ fn start() -> (Arc<Mux>, mpsc::Receiver<Incoming>, Double) {
     let (agent_out, mux_reads) = tokio::io::duplex(256 * 1024);
     let (mux_writes, agent_in) = tokio::io::duplex(256 * 1024);
     let (mux, incoming) = Mux::start(
+        "forwarding",
         Box::new(ReadOutput(mux_reads)),
         mux_writes,
         CancellationToken::new(),

@@ -268,7 +268,7 @@ async fn start(conn: &Arc<ConnCtx>) -> Result<Arc<Mux>, String> {
         .start_agent_command(&["forward-server"])
         .await
         .map_err(|e| crate::backend::one_line(&e))?;
-    let (mux, incoming) = Mux::start(output, input, conn.cancel.clone());
+    let (mux, incoming) = Mux::start("forwarding", output, input, conn.cancel.clone());
     let Some(handle) = conn.handle() else {
         return Err("the connection is closing".into());
     };

@@ -289,3 +289,115 @@ fn term_ends_the_session_server() {
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("kill");
     assert_eq!(agent.wait_exit().code(), Some(0));
 }
+
+// ---------------------------------------------------------------------------------------
+// Through the server, against the real engine.
+// ---------------------------------------------------------------------------------------
+
+use crate::support::{describe, run_with_timeout, TestEnv};
+
+const CMD_TIMEOUT: Duration = Duration::from_secs(90);
+
+fn inspect(container: &str, format: &str) -> String {
+    let out = std::process::Command::new("docker")
+        .args(["inspect", "-f", format, container])
+        .output()
+        .expect("docker inspect");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Connection mode starts sessions through the container's session-server, not the exec API:
+/// the container runs it as its main process and the engine records no exec at all, for a
+/// command, a terminal session and an SFTP transfer on one connection. With
+/// `agent.sessionServer: false` the same sessions are execs.
+#[test]
+fn connection_sessions_start_without_an_exec_unless_turned_off() {
+    for (mode, through_agent) in [("connection", true), ("connection-exec", false)] {
+        let env = TestEnv::new();
+        let server = env.start_mode(mode);
+        let (mut master, control) = env.control_master(&server, mode);
+        let out = run_with_timeout(
+            env.ssh_via(&server, &control)
+                .arg("echo out; echo err >&2; exit 3"),
+            None,
+            CMD_TIMEOUT,
+        );
+        let info = describe(&out, &server);
+        assert_eq!(out.status.code(), Some(3), "{mode}: {info}");
+        assert_eq!(out.stdout, b"out\n", "{mode}: {info}");
+        assert_eq!(out.stderr, b"err\n", "{mode}: {info}");
+        let tty = run_with_timeout(
+            env.ssh_via(&server, &control)
+                .args(["-tt", "stty size; tty"]),
+            None,
+            CMD_TIMEOUT,
+        );
+        let text = String::from_utf8_lossy(&tty.stdout).into_owned();
+        assert!(
+            text.contains("/dev/pts/"),
+            "{mode}: {}",
+            describe(&tty, &server)
+        );
+        let data: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i % 253) as u8).collect();
+        let sent = env.path().join(format!("{mode}.bin"));
+        std::fs::write(&sent, &data).expect("write the upload");
+        let got = env.path().join(format!("{mode}.back"));
+        let mut over_master = env.sftp(&server);
+        over_master
+            .arg("-o")
+            .arg(format!("ControlPath={}", control.display()));
+        let sftp = env.sftp_put_get(
+            over_master,
+            "alice",
+            (&sent, "/tmp/up.bin", &got),
+            CMD_TIMEOUT,
+        );
+        assert!(
+            sftp.status.success(),
+            "{mode}: {}",
+            describe(&sftp, &server)
+        );
+        assert!(
+            std::fs::read(&got).expect("read the download") == data,
+            "{mode}: sftp changed the file"
+        );
+
+        let containers = env.containers();
+        assert_eq!(containers.len(), 1, "{mode}: {containers:?}");
+        let cmd = inspect(&containers[0], "{{json .Config.Cmd}}");
+        // The engine's own record of execs in the container (finished ones leave ExecIDs).
+        // Until a moment from now: the engine publishes events asynchronously.
+        let created = inspect(&containers[0], "{{.Created}}");
+        let until = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs()
+            + 2;
+        let events = std::process::Command::new("docker")
+            .args(["events", "--since", &created, "--until", &until.to_string()])
+            .args(["--filter", &format!("container={}", containers[0])])
+            // Actions are "exec_create: COMMAND", which an event filter does not match.
+            .args(["--format", "{{.Action}}"])
+            .output()
+            .expect("docker events");
+        let actions = String::from_utf8_lossy(&events.stdout).into_owned();
+        let execs = actions
+            .lines()
+            .filter(|a| a.starts_with("exec_create"))
+            .count();
+        if through_agent {
+            assert!(cmd.contains("session-server"), "{mode}: main command {cmd}");
+            assert_eq!(execs, 0, "{mode}: execs\n{}", server.output());
+        } else {
+            assert!(cmd.contains("wait-signal"), "{mode}: main command {cmd}");
+            // The command, the terminal session and sftp-server at least.
+            assert!(execs >= 3, "{mode}: {execs} execs");
+        }
+        let _ = master.kill();
+        let _ = master.wait();
+        assert!(
+            env.wait_no_containers(Duration::from_secs(60)),
+            "{mode}: the container outlived its connection"
+        );
+    }
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use support::{describe, run_with_timeout, TestEnv, TestServer};
 
-const MODES: [&str; 2] = ["connection", "session"];
+const MODES: [&str; 3] = ["connection", "connection-exec", "session"];
 const CMD_TIMEOUT: Duration = Duration::from_secs(120);
 const SIZE: usize = 10 * 1024 * 1024;
 

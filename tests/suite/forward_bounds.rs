@@ -132,7 +132,7 @@ async fn an_overlong_forwarding_host_is_refused_without_ending_forwarding() {
     let (out, _) = run_text(&handle, "echo ok").await;
     assert_eq!(out, "ok\n");
     assert!(
-        !server.output().contains("forwarding stopped"),
+        !server.output().contains("cut off the agent"),
         "{}",
         server.output()
     );

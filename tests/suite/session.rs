@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use support::{describe, run_with_timeout, tty_command_line, TestEnv, Tmux};
 
-const MODES: [&str; 2] = ["connection", "session"];
+const MODES: [&str; 3] = ["connection", "connection-exec", "session"];
 const CMD_TIMEOUT: Duration = Duration::from_secs(90);
 
 #[test]

@@ -107,8 +107,13 @@ async fn signals_reach_the_program_in_session_mode() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn signals_reach_exec_programs_in_connection_mode_through_the_agent() {
+async fn signals_reach_programs_in_connection_mode_through_the_session_server() {
     signals_in_mode("connection").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_reach_exec_programs_in_connection_mode_through_the_agent() {
+    signals_in_mode("connection-exec").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@ use crate::support;
 use std::time::Duration;
 use support::{describe, run_with_timeout, TestEnv};
 
-const MODES: [&str; 2] = ["connection", "session"];
+const MODES: [&str; 3] = ["connection", "connection-exec", "session"];
 const CMD_TIMEOUT: Duration = Duration::from_secs(60);
 const CLEANUP_DEADLINE: Duration = Duration::from_secs(30);
 

@@ -631,11 +631,16 @@ impl TestEnv {
         self.dir.path()
     }
 
-    /// The harness's server configuration for `mode` ("connection" or
-    /// "session").
+    /// The harness's server configuration for `mode` ("connection", "session", "persistent",
+    /// or "connection-exec": connection mode with `agent.sessionServer: false`).
     pub fn config_yaml(&self, mode: &str) -> String {
         let d = self.dir.path().display().to_string();
         let image = test_image();
+        // "connection-exec": connection mode with every program an exec (no session-server).
+        let (mode, session_server) = match mode {
+            "connection-exec" => ("connection", false),
+            other => (other, true),
+        };
         format!(
             r#"ssh:
   listen: 127.0.0.1:0
@@ -662,6 +667,7 @@ docker:
     shellCommand: ["/bin/sh"]
 agent:
   binary: {agent}
+  sessionServer: {session_server}
 log:
   level: debug
   format: text

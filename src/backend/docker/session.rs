@@ -92,6 +92,8 @@ struct AgentUse {
     inject: Option<AgentTars>,
     /// The agent volume's state (with `inject`).
     volume: Arc<AgentVolume>,
+    /// `agent.sessionServer`: connection containers run the agent's `session-server`.
+    session_server: bool,
 }
 
 /// The Docker backend; its containers share it.
@@ -388,6 +390,7 @@ impl Docker {
                 volume: Arc::new(AgentVolume {
                     ready: OnceCell::new(),
                 }),
+                session_server: false,
             }),
             pool: None,
         })
@@ -423,7 +426,9 @@ impl Docker {
             self.exec.idle_command,
             self.image,
             self.platform,
-            self.agent.as_ref().map(|a| (&a.path, a.inject.is_some())),
+            self.agent
+                .as_ref()
+                .map(|a| (&a.path, a.inject.is_some(), a.session_server)),
         ])
         .to_string()
     }
@@ -455,6 +460,22 @@ impl Docker {
             }
         }
         cmd
+    }
+
+    /// Whether connection containers run the agent's `session-server` as their main process
+    /// (sessions then start without an exec): connection mode, our agent, and the idle
+    /// command the agent's `wait-signal` (the server serves in its place and ends on the same
+    /// INT and TERM). A persistent container outlives us, so it keeps its idle command.
+    fn runs_session_server(&self) -> bool {
+        let Some(a) = &self.agent else {
+            return false;
+        };
+        let cmd = &self.exec.idle_command;
+        self.exec.mode == ExecutionMode::Connection
+            && a.session_server
+            && a.inject.is_some()
+            && cmd.first() == Some(&a.path)
+            && cmd.get(1).map(String::as_str) == Some("wait-signal")
     }
 
     /// Whether the containers we create get the agent through its volume: we inject it, the
@@ -763,7 +784,27 @@ impl Docker {
                 username: String::new(),
                 remote_ip: String::new(),
             };
-            let mut body = self.create_body(meta.unwrap_or(&nobody), &self.idle_command(), None);
+            let mut cmd = self.idle_command();
+            if self.runs_session_server() {
+                cmd.truncate(1);
+                cmd.push("session-server".into());
+            }
+            let mut body = self.create_body(meta.unwrap_or(&nobody), &cmd, None);
+            if self.runs_session_server() {
+                // Reached through attach; stdin stays open between attaches.
+                for (k, v) in [
+                    ("OpenStdin", true),
+                    ("StdinOnce", false),
+                    ("AttachStdin", true),
+                    ("AttachStdout", true),
+                    ("AttachStderr", true),
+                    ("Tty", false),
+                ] {
+                    if let Some(obj) = body.as_object_mut() {
+                        replace_ci(obj, k, json!(v));
+                    }
+                }
+            }
             if meta.is_none() {
                 if let Some(labels) = body.get_mut("Labels").and_then(Value::as_object_mut) {
                     for per_connection in [LABEL_CONNECTION_ID, LABEL_USERNAME, LABEL_IP] {
@@ -920,13 +961,18 @@ impl Docker {
 
 impl Docker {
     /// The backend for `docker`, copying `agent` into every container it starts (unless the
-    /// agent is disabled).
+    /// agent is disabled); `session_server`: connection containers run the agent's
+    /// `session-server`, which starts their sessions.
     pub fn backend(
         cfg: &DockerSettings,
         instance: &str,
         agent: Option<&AgentBinary>,
+        session_server: bool,
     ) -> Result<DockerBackend, Box<dyn std::error::Error>> {
         let mut docker = Docker::new(cfg, instance)?.inject_agent(agent)?;
+        if let Some(a) = docker.agent.as_mut() {
+            a.session_server = session_server;
+        }
         let pool = &cfg.execution.pool;
         if pool.size > 0 {
             docker.pool = Some(Pool::new(pool.size, pool.max_age.0, docker.identity()));
@@ -1201,6 +1247,27 @@ impl Runtime for Docker {
         .map_err(fail)?;
         let output = OutputStream::Muxed(Demuxer::new(started.reader));
         Ok((Box::new(output), Box::new(started.writer)))
+    }
+
+    async fn attach_agent(&self, name: &str) -> Option<AgentStreams> {
+        if !self.runs_session_server() {
+            return None;
+        }
+        let limit = self.timeouts.command_start.0;
+        match within(limit, "agent attach", self.client.attach_container(name)).await {
+            Ok(h) => Some((
+                Box::new(OutputStream::Muxed(Demuxer::new(h.reader))),
+                Box::new(h.writer),
+            )),
+            Err(e) => {
+                tracing::warn!(code = "BACKEND_AGENT_ATTACH_FAILED", container = %name, error = %e, "cannot reach the session agent; sessions start with exec");
+                None
+            }
+        }
+    }
+
+    fn helper_timeout(&self) -> Duration {
+        self.timeouts.command_start.0
     }
 
     async fn remove(&self, name: &str) {
