@@ -31,7 +31,7 @@ use support::{
     tty_command_line, Background, KubeFake, TestEnv, TestServer, Tmux,
 };
 
-const MODES: [&str; 3] = ["connection", "session", "persistent"];
+const MODES: [&str; 4] = ["connection", "connection-exec", "session", "persistent"];
 const CMD_TIMEOUT: Duration = Duration::from_secs(90);
 /// Bound for pods to disappear after a disconnect / a reap.
 const GONE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -1382,5 +1382,50 @@ fn login_files_and_environment_reach_every_session() {
             !server.output().contains("alice's token"),
             "{mode}: a file's content reached the log"
         );
+    }
+}
+
+/// Connection pods start sessions through the console container's `session-server`, reached
+/// by one attach: the kubelet (here the fake's engine) sees no exec for a command or a
+/// terminal session. With `agent.sessionServer: false` each is an exec.
+#[test]
+fn connection_pods_start_sessions_without_an_exec_unless_turned_off() {
+    let fake = KubeFake::start();
+    for (mode, through_agent) in [("connection", true), ("connection-exec", false)] {
+        let env = TestEnv::new();
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs()
+            .saturating_sub(1)
+            .to_string();
+        let server = start_mode(&env, &fake, mode);
+        let (mut master, control) = env.control_master(&server, mode);
+        let out = run_with_timeout(
+            env.ssh_via(&server, &control)
+                .arg("echo out; echo err >&2; exit 3"),
+            None,
+            CMD_TIMEOUT,
+        );
+        let info = ctx(&out, &server, &fake);
+        assert_eq!(out.status.code(), Some(3), "{mode}: {info}");
+        assert_eq!(text(&out.stdout), "out\n", "{mode}: {info}");
+        assert_eq!(text(&out.stderr), "err\n", "{mode}: {info}");
+        let tty = run_with_timeout(
+            env.ssh_via(&server, &control)
+                .args(["-tt", "stty size; tty"]),
+            None,
+            CMD_TIMEOUT,
+        );
+        let info = ctx(&tty, &server, &fake);
+        assert!(text(&tty.stdout).contains("/dev/pts/"), "{mode}: {info}");
+        let execs = support::docker_exec_creates(&fake.docker_containers(None), &since);
+        if through_agent {
+            assert_eq!(execs, 0, "{mode}: {}", server.output());
+        } else {
+            assert!(execs >= 2, "{mode}: {execs} execs");
+        }
+        let _ = master.kill();
+        let _ = master.wait();
     }
 }

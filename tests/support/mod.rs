@@ -1170,6 +1170,24 @@ fn force_remove<'a>(ids: impl Iterator<Item = &'a str>) {
     }
 }
 
+/// How many execs the engine created in `containers` since `since` (a `docker events` time),
+/// from its event log; waits up to 2 s for the engine to publish the latest.
+pub fn docker_exec_creates(containers: &[String], since: &str) -> usize {
+    let until = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 2;
+    let mut cmd = Command::new("docker");
+    cmd.args(["events", "--since", since, "--until", &until.to_string()]);
+    for c in containers {
+        cmd.args(["--filter", &format!("container={c}")]);
+    }
+    // Actions are "exec_create: COMMAND", which an event filter does not match.
+    let out = must_run(cmd.args(["--format", "{{.Action}}"]));
+    out.lines().filter(|a| a.starts_with("exec_create")).count()
+}
+
 /// A failed command's status, output and the server's log, for assertion messages.
 pub fn describe(out: &Output, server: &TestServer) -> String {
     format!(
@@ -1800,7 +1818,8 @@ impl TestEnv {
              \x20   agentInitImage: {init}\n\
              {pod_extra}",
             image = yaml_str(&test_image()),
-            mode = yaml_str(mode),
+            // "connection-exec" is connection mode; config_yaml above set sessionServer.
+            mode = yaml_str(mode.strip_suffix("-exec").unwrap_or(mode)),
             init = yaml_str(&agent_init_image()),
         );
         format!("{}{kube}{}", &base[..start], &base[end..])

@@ -52,6 +52,8 @@ struct Agent {
     init_image: Option<String>,
     /// The agent's path in the init image (`kubernetes.pod.agentPath`).
     source: String,
+    /// `agent.sessionServer`: connection pods run the agent's `session-server`.
+    session_server: bool,
 }
 
 /// The Kubernetes backend; its pods share it.
@@ -139,12 +141,14 @@ impl Kube {
                     path: INJECTED_AGENT_PATH.into(),
                     init_image: Some(image),
                     source: pod.agent_path.clone(),
+                    session_server: agent.session_server,
                 }
             } else {
                 Agent {
                     path: pod.agent_path.clone(),
                     init_image: None,
                     source: pod.agent_path.clone(),
+                    session_server: false,
                 }
             }
         });
@@ -275,13 +279,47 @@ impl Kube {
         })
     }
 
-    /// Connection mode: the per-connection pod running the idle command.
+    /// Whether connection pods run the agent's `session-server` as the console container's
+    /// main process (sessions then start without an exec): connection mode, the agent
+    /// injected, and the idle command the agent's `wait-signal`.
+    fn runs_session_server(&self) -> bool {
+        let Some(a) = &self.agent else {
+            return false;
+        };
+        let cmd = &self.pod.idle_command;
+        self.pod.mode == ExecutionMode::Connection
+            && a.session_server
+            && a.init_image.is_some()
+            && cmd.first() == Some(&a.source)
+            && cmd.get(1).map(String::as_str) == Some("wait-signal")
+    }
+
+    /// Connection mode: the per-connection pod running the idle command (or the agent's
+    /// `session-server`, with its stdin open for attach).
     async fn start_idle_pod(
         &self,
         meta: &ConnMeta,
         login: &LoginMetadata,
     ) -> Result<(String, Option<AgentAt>), StartError> {
-        let body = self.body(meta, login, &self.idle_command(), None);
+        let mut cmd = self.idle_command();
+        let session_server = self.runs_session_server();
+        if session_server {
+            cmd.truncate(1);
+            cmd.push("session-server".into());
+        }
+        let mut body = self.body(meta, login, &cmd, None);
+        if session_server {
+            let console = pods::object_at(&mut body, &["spec"])
+                .get_mut("containers")
+                .and_then(Value::as_array_mut)
+                .and_then(|a| a.get_mut(self.pod.console_container_number));
+            if let Some(c) = console {
+                let c = pods::object_at(c, &[]);
+                c.insert("stdin".into(), json!(true));
+                c.insert("stdinOnce".into(), json!(false));
+                c.insert("tty".into(), json!(false));
+            }
+        }
         let name = self.create(&body).await?;
         tracing::debug!(pod = %name, connection_id = %meta.connection_id, "pod started");
         Ok((name, self.agent_in(None)))
@@ -581,6 +619,33 @@ impl Runtime for Kube {
         let started = self.exec_at(&at, &argv, false).await?;
         let parts = session::split(started, &self.client, at, false, self.limits());
         Ok((Box::new(parts.output), Box::new(parts.stdin)))
+    }
+
+    async fn attach_agent(&self, pod: &str) -> Option<AgentStreams> {
+        if !self.runs_session_server() {
+            return None;
+        }
+        let at = self.at(pod);
+        let limit = self.timeouts.command_start.0;
+        let attach = exec::attach(&self.client, &at.namespace, &at.pod, &at.container, false);
+        match tokio::time::timeout(limit, attach).await {
+            Ok(Ok(started)) => {
+                let parts = session::split(started, &self.client, at, true, self.limits());
+                Some((Box::new(parts.output), Box::new(parts.stdin)))
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(code = "BACKEND_AGENT_ATTACH_FAILED", pod = %pod, error = %e, "cannot reach the session agent; sessions start with exec");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(code = "BACKEND_AGENT_ATTACH_FAILED", pod = %pod, "attaching to the session agent timed out; sessions start with exec");
+                None
+            }
+        }
+    }
+
+    fn helper_timeout(&self) -> Duration {
+        self.timeouts.command_start.0
     }
 
     /// Deletes the pod (short grace), bounded by `podStop`.
