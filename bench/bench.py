@@ -647,6 +647,45 @@ class Bench:
             self.add("latency", f"({key} - floor) / plain sshd (target <=1x)",
                      f"{ratio(m[key] - m['floor'], m['sshd-plain'])}  ({fmt(m[key] - m['floor'])} ms vs "
                      f"{fmt(m['sshd-plain'])} ms)")
+        self.second_session()
+
+    def second_session(self) -> None:
+        """`ssh -S CONTROL host true` on a connection that is already open (its container
+        running): what a further session costs, ours against plain sshd's, interleaved."""
+        say(f"\n== 1a. a further session on an open connection: `ssh -S CTL HOST true`, {N_LAT} rounds ==")
+        masters = {}
+        for key in ("ours-conn", "sshd-plain"):
+            ctl = self.work / f"ctl-{key}"
+            proc = subprocess.Popen(["ssh", "-F", str(self.cfg), "-M", "-N", "-o", "ControlPersist=no",
+                                     "-S", str(ctl), key], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + T_LOGIN
+            while not ctl.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            masters[key] = (proc, ctl)
+        cmds = {k: ["ssh", "-F", str(self.cfg), "-S", str(c), k, "true"] for k, (_, c) in masters.items()}
+        for cmd in cmds.values():  # the container starts with the first session: untimed
+            self.timed(cmd)
+        times = {k: [] for k in cmds}
+        fails = {k: 0 for k in cmds}
+        for _ in range(N_LAT):
+            for key, cmd in cmds.items():
+                t, _err = self.timed(cmd)
+                if t is None:
+                    fails[key] += 1
+                else:
+                    times[key].append(t * 1000)
+        for proc, _ in masters.values():
+            proc.terminate()
+            proc.wait(timeout=30)
+        wait_no_containers(BENCH_LABEL, 60)
+        for key in cmds:
+            say(f"{key:12} median {fmt(median(times[key]))} ms  p90 {fmt(pct(times[key], .9))} ms  "
+                f"(n={len(times[key])}, fail={fails[key]})")
+            self.add("latency", f"further session on an open connection, {key} median / p90 (ms)",
+                     f"{fmt(median(times[key]))} / {fmt(pct(times[key], .9))}  (n={len(times[key])}, fail={fails[key]})")
+        self.add("latency", "further session, ours above plain sshd's (ms; target: ours <=10 ms to the program)",
+                 fmt(median(times["ours-conn"]) - median(times["sshd-plain"])))
 
     # -- 1b. where our latency goes ----------------------------------------------------
     def breakdown(self) -> None:

@@ -48,7 +48,7 @@ enum Sock {
     /// closed).
     Program {
         read: File,
-        write: Mutex<Option<File>>,
+        write: Mutex<Option<Arc<File>>>,
     },
 }
 
@@ -70,8 +70,10 @@ impl Sock {
             Sock::Tcp(s) => (&*s).write_all(buf),
             Sock::Unix(s) => (&*s).write_all(buf),
             Sock::Program { write, .. } => {
-                let write = write.lock().unwrap_or_else(|e| e.into_inner());
-                match &*write {
+                // Not under the lock: a write blocked on a full pipe must not block a
+                // shutdown (the main thread's, on Close).
+                let file = write.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                match file {
                     Some(f) => (&*f).write_all(buf),
                     None => Err(io::ErrorKind::BrokenPipe.into()),
                 }
@@ -386,7 +388,12 @@ fn handle(shared: &Arc<Shared>, frame: Frame) {
         Frame::Signal { id, signal } => {
             let sig = rustix::process::Signal::from_named_raw(i32::from(signal));
             if let (Some(p), Some(sig)) = (program_of(shared, id), sig) {
-                if !p.end.lock().unwrap_or_else(|e| e.into_inner()).over {
+                // Only while unreaped: a reaped PID may belong to another process already.
+                // The reaper reaps and records the status under the state lock, held here
+                // across the check and the kill.
+                let _state = shared.lock();
+                let end = p.end.lock().unwrap_or_else(|e| e.into_inner());
+                if !end.over && end.status.is_none() {
                     let _ = rustix::process::kill_process(p.pid, sig);
                 }
             }
@@ -753,7 +760,14 @@ fn start_stream(
     state.streams.insert(id, Slot::Live(Arc::clone(&stream)));
     {
         let (shared, stream) = (Arc::clone(shared), Arc::clone(&stream));
-        spawn("sock-read", move || socket_reader(&shared, &stream));
+        spawn("sock-read", move || {
+            socket_reader(&shared, &stream);
+            // A program's output ends here, at its end of file or when the server released
+            // the stream (the program may still run; its exit still counts).
+            if let Some(p) = &stream.program {
+                output_ended(&shared, p);
+            }
+        });
     }
     let shared = Arc::clone(shared);
     spawn("sock-write", move || socket_writer(&shared, &stream, rx));
@@ -833,9 +847,6 @@ fn socket_reader(shared: &Shared, stream: &Stream) {
         if n == 0 {
             shared.send(Frame::Eof { id: stream.id });
             half_done(shared, stream, |p| p.sent_eof = true);
-            if let Some(p) = &stream.program {
-                output_ended(shared, p);
-            }
             return;
         }
         *stream.credit.lock().unwrap_or_else(|e| e.into_inner()) -= n as u32;
@@ -955,7 +966,7 @@ fn spawn_program(shared: &Arc<Shared>, frame: Frame) {
     shared.send(Frame::Opened { id, port: 0 });
     let main = Sock::Program {
         read: spawned.output,
-        write: Mutex::new(Some(spawned.input)),
+        write: Mutex::new(Some(Arc::new(spawned.input))),
     };
     start_stream(shared, &mut state, id, main, Some(Arc::clone(&program)));
     if let Some(err) = spawned.stderr {
@@ -1021,18 +1032,20 @@ fn close_program(shared: &Shared, p: &Program) {
 /// reap), records the status of the programs it started, and ends the agent on INT or TERM.
 fn reaper(shared: &Shared, mut signals: signal_hook::iterator::Signals) {
     loop {
-        let ended: Vec<(Arc<Program>, (u32, u8))> = {
+        let ended: Vec<Arc<Program>> = {
             let mut state = shared.lock();
             super::signal::reap_exited()
                 .into_iter()
                 .filter_map(|(pid, status)| {
                     let p = state.programs.remove(&pid)?;
-                    Some((p, super::programs::exit_of(status)))
+                    // Under the state lock (order: state, then end), as `Signal` checks it.
+                    p.end.lock().unwrap_or_else(|e| e.into_inner()).status =
+                        Some(super::programs::exit_of(status));
+                    Some(p)
                 })
                 .collect()
         };
-        for (p, status) in ended {
-            p.end.lock().unwrap_or_else(|e| e.into_inner()).status = Some(status);
+        for p in ended {
             maybe_exited(shared, &p);
         }
         for raw in signals.wait() {

@@ -26,7 +26,8 @@ use super::{
     ProcessOutput, ProgramSpec, StartError,
 };
 use crate::forward::{
-    ForwardError, Mux, MuxSink, MuxSource, ProgramExit, SpawnRequest, StreamEvent, StreamHold,
+    ForwardError, Mux, MuxSink, MuxSource, ProgramExit, SpawnRequest, SpawnedProgram, StreamEvent,
+    StreamHold,
 };
 
 /// A container's `session-server`, reached over its attach (or exec) stream. Dropping the
@@ -83,10 +84,10 @@ impl AgentSessions {
             return None;
         }
         let run = async {
-            let spawned = match self.mux.spawn(request).await {
+            let spawned = match self.spawn(request).await {
                 Ok(s) => s,
-                Err(ForwardError::Stopped) => return None,
-                Err(ForwardError::Refused(why)) => return Some(Err(why.into())),
+                Err(SpawnFailed::Stopped) => return None,
+                Err(SpawnFailed::Refused(why)) => return Some(Err(why.into())),
             };
             let (sink, source) = spawned.stream.split();
             let mut output = AgentOutput {
@@ -139,6 +140,22 @@ impl AgentSessions {
         }
     }
 
+    /// A `Spawn` and its answer, bounded by the helper limit (the agent is untrusted: one that
+    /// never answers must not hold a session's start forever). A stop meanwhile means the
+    /// exec API should serve.
+    async fn spawn(&self, request: SpawnRequest) -> Result<SpawnedProgram, SpawnFailed> {
+        match tokio::time::timeout(self.helper_limit, self.mux.spawn(request)).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(_)) if self.mux.is_stopped() => Err(SpawnFailed::Stopped),
+            Ok(Err(ForwardError::Stopped)) => Err(SpawnFailed::Stopped),
+            Ok(Err(ForwardError::Refused(why))) => Err(SpawnFailed::Refused(why)),
+            Err(_) => Err(SpawnFailed::Refused(format!(
+                "the agent did not start the program within {:?}",
+                self.helper_limit
+            ))),
+        }
+    }
+
     /// Starts `spec` through the agent; `None` when it cannot (the agent has stopped, or the
     /// command line does not fit a frame), and the exec API should.
     pub async fn start_program(
@@ -159,10 +176,10 @@ impl AgentSessions {
         if self.mux.is_stopped() || !request.fits() {
             return None;
         }
-        let spawned = match self.mux.spawn(request).await {
+        let spawned = match self.spawn(request).await {
             Ok(s) => s,
-            Err(ForwardError::Stopped) => return None,
-            Err(ForwardError::Refused(why)) => {
+            Err(SpawnFailed::Stopped) => return None,
+            Err(SpawnFailed::Refused(why)) => {
                 return Some(Err(StartError::ExecFailed(why.into())));
             }
         };
@@ -196,10 +213,37 @@ impl AgentSessions {
     }
 }
 
+/// Why a program did not start through the agent.
+enum SpawnFailed {
+    /// The agent is gone: the exec API serves instead.
+    Stopped,
+    /// The agent refused or did not answer.
+    Refused(String),
+}
+
 /// A spawned program's stdout (or terminal) and stderr, until both have ended.
 struct AgentOutput {
     out: Option<MuxSource>,
     err: Option<MuxSource>,
+}
+
+impl Drop for AgentOutput {
+    /// Output nobody reads any more is still read (and acknowledged) to its end, as a pipe
+    /// reader that went away would let the program go on: otherwise the agent would wait
+    /// for credit, never reach the end of the output, and never report the exit.
+    fn drop(&mut self) {
+        for mut source in [self.out.take(), self.err.take()].into_iter().flatten() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    while let Some(event) = source.recv().await {
+                        if let StreamEvent::Data(d) = event {
+                            source.ack(d.len());
+                        }
+                    }
+                });
+            }
+        }
+    }
 }
 
 impl AgentOutput {
@@ -263,6 +307,15 @@ impl AgentInput {
         match done {
             Ok(Ok(())) => Poll::Ready(Ok(())),
             _ => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+        }
+    }
+}
+
+impl Drop for AgentInput {
+    /// A send still waiting for the agent's credit goes with it (it holds the stream).
+    fn drop(&mut self) {
+        if let Some(task) = self.sending.take() {
+            task.abort();
         }
     }
 }

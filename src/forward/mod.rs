@@ -559,6 +559,8 @@ impl Mux {
                     slot.credit.close();
                     slot.inbox.close();
                 }
+                // A program's stream closed by the agent: no exit will come.
+                st.exits.remove(&id);
             }
             Frame::Exited { id, status, signal } => {
                 let Some((tx, stderr_id)) = st.exits.remove(&id) else {
@@ -793,7 +795,11 @@ impl MuxSource {
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        let released = self.mux.state().streams.remove(&self.id).is_some();
+        let mut st = self.mux.state();
+        // Nobody waits for a dropped program's exit any more.
+        st.exits.remove(&self.id);
+        let released = st.streams.remove(&self.id).is_some();
+        drop(st);
         if released {
             self.mux.send(&Frame::Close { id: self.id });
         }

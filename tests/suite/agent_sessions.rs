@@ -22,7 +22,20 @@ fn spawn_pipes(agent: &mut Agent, id: u32, argv: &[&str], env: &[&str]) {
         argv: strings(argv),
         env: strings(env),
     });
-    assert_eq!(agent.recv(), Frame::Opened { id, port: 0 });
+    expect_opened(agent, id);
+}
+
+/// Waits for `Opened` of `id`, passing over what earlier programs still send.
+fn expect_opened(agent: &mut Agent, id: u32) {
+    loop {
+        match agent.recv() {
+            Frame::Opened { id: o, port: 0 } if o == id => return,
+            Frame::Data { id: o, .. } | Frame::Eof { id: o } | Frame::Ack { id: o, .. }
+                if o < id => {}
+            Frame::Exited { id: o, .. } if o < id => {}
+            other => panic!("expected Opened for {id}, got {other:?}"),
+        }
+    }
 }
 
 fn spawn_tty(agent: &mut Agent, id: u32, argv: &[&str], rows: u16, cols: u16) {
@@ -35,7 +48,7 @@ fn spawn_tty(agent: &mut Agent, id: u32, argv: &[&str], rows: u16, cols: u16) {
         argv: strings(argv),
         env: strings(&["TERM=xterm"]),
     });
-    assert_eq!(agent.recv(), Frame::Opened { id, port: 0 });
+    expect_opened(agent, id);
 }
 
 /// What a program sent until its `Exited`: output per stream id, the order of `Eof`s, and
@@ -259,6 +272,26 @@ fn closing_a_terminal_program_hangs_it_up() {
     assert_eq!(run_to_exit(&mut agent, 3).exit, Some((0, 0)));
 }
 
+/// A program that never reads its stdin fills the pipe and blocks the agent's write; the
+/// server then closing it must not block the agent's frame loop.
+#[test]
+fn closing_a_program_whose_stdin_is_full_leaves_the_agent_serving() {
+    let mut agent = Agent::start_command("session-server");
+    spawn_pipes(&mut agent, 1, &["/bin/sh", "-c", "exec sleep 100"], &[]);
+    // The whole credit: four times a pipe's 64 KiB, so the agent's write blocks.
+    for _ in 0..(INITIAL_CREDIT as usize / (32 * 1024)) {
+        agent.send(Frame::Data {
+            id: 1,
+            data: vec![b'x'; 32 * 1024],
+        });
+    }
+    agent.send(Frame::Close { id: 1 });
+    spawn_pipes(&mut agent, 3, &["/bin/sh", "-c", "echo still here"], &[]);
+    let mut ran = Ran::default();
+    run_until(&mut agent, 3, &mut ran, |r| r.exit.is_some());
+    assert_eq!(text(&ran, 3), "still here\n");
+}
+
 #[test]
 fn forward_server_refuses_to_start_programs() {
     let mut agent = Agent::start_command("forward-server");
@@ -306,15 +339,40 @@ fn inspect(container: &str, format: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// How a connection's sessions reach its container.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    /// The main process is the session-server, reached by attach: no exec at all.
+    MainProcess,
+    /// The engine logs the main process: one exec'd session-server for the connection.
+    OneExec,
+    /// `agent.sessionServer: false`: an exec per session.
+    ExecEach,
+}
+
 /// Connection mode starts sessions through the container's session-server, not the exec API:
 /// the container runs it as its main process and the engine records no exec at all, for a
-/// command, a terminal session and an SFTP transfer on one connection. With
-/// `agent.sessionServer: false` the same sessions are execs.
+/// command, a terminal session and an SFTP transfer on one connection. Where the engine logs
+/// the main process (a `LogConfig` of the operator's), the session-server is one exec for the
+/// connection, so no session's bytes reach the log. With `agent.sessionServer: false` each
+/// session is an exec.
 #[test]
 fn connection_sessions_start_without_an_exec_unless_turned_off() {
-    for (mode, through_agent) in [("connection", true), ("connection-exec", false)] {
+    for (mode, path) in [
+        ("connection", Path::MainProcess),
+        ("connection-logged", Path::OneExec),
+        ("connection-exec", Path::ExecEach),
+    ] {
         let env = TestEnv::new();
-        let server = env.start_mode(mode);
+        let yaml = match mode {
+            "connection-logged" => env.config_yaml("connection").replace(
+                "    mode: \"connection\"\n",
+                "    mode: \"connection\"\n    host:\n      LogConfig:\n        Type: json-file\n",
+            ),
+            other => env.config_yaml(other),
+        };
+        assert!(mode != "connection-logged" || yaml.contains("json-file"));
+        let server = env.start(&yaml);
         let (mut master, control) = env.control_master(&server, mode);
         let out = run_with_timeout(
             env.ssh_via(&server, &control)
@@ -368,13 +426,25 @@ fn connection_sessions_start_without_an_exec_unless_turned_off() {
         // The engine's own record of execs (a finished exec leaves no trace in ExecIDs).
         let created = inspect(&containers[0], "{{.Created}}");
         let execs = docker_exec_creates(&containers, &created);
-        if through_agent {
-            assert!(cmd.contains("session-server"), "{mode}: main command {cmd}");
-            assert_eq!(execs, 0, "{mode}: execs\n{}", server.output());
-        } else {
-            assert!(cmd.contains("wait-signal"), "{mode}: main command {cmd}");
-            // The command, the terminal session and sftp-server at least.
-            assert!(execs >= 3, "{mode}: {execs} execs");
+        match path {
+            Path::MainProcess => {
+                assert!(cmd.contains("session-server"), "{mode}: main command {cmd}");
+                assert_eq!(execs, 0, "{mode}: execs\n{}", server.output());
+            }
+            Path::OneExec => {
+                assert!(cmd.contains("wait-signal"), "{mode}: main command {cmd}");
+                assert_eq!(execs, 1, "{mode}: execs\n{}", server.output());
+                let logs = std::process::Command::new("docker")
+                    .args(["logs", &containers[0]])
+                    .output()
+                    .expect("docker logs");
+                assert!(logs.stdout.is_empty(), "{mode}: the engine logged output");
+            }
+            Path::ExecEach => {
+                assert!(cmd.contains("wait-signal"), "{mode}: main command {cmd}");
+                // The command, the terminal session and sftp-server at least.
+                assert!(execs >= 3, "{mode}: {execs} execs");
+            }
         }
         let _ = master.kill();
         let _ = master.wait();

@@ -466,16 +466,33 @@ impl Docker {
     /// (sessions then start without an exec): connection mode, our agent, and the idle
     /// command the agent's `wait-signal` (the server serves in its place and ends on the same
     /// INT and TERM). A persistent container outlives us, so it keeps its idle command.
+    /// Its output carries every session's bytes, so only where the engine logs nothing of
+    /// the main process (`LogConfig` unset, which we make `none`, or `none`).
     fn runs_session_server(&self) -> bool {
-        let Some(a) = &self.agent else {
-            return false;
-        };
         let cmd = &self.exec.idle_command;
-        self.exec.mode == ExecutionMode::Connection
-            && a.session_server
-            && a.inject.is_some()
-            && cmd.first() == Some(&a.path)
+        let unlogged = get_ci(&self.exec.host, "LogConfig").is_none_or(|l| {
+            l.as_object()
+                .and_then(|l| get_ci(l, "Type"))
+                .and_then(Value::as_str)
+                == Some("none")
+        });
+        self.uses_session_server()
+            && unlogged
+            && self
+                .agent
+                .as_ref()
+                .is_some_and(|a| cmd.first() == Some(&a.path))
             && cmd.get(1).map(String::as_str) == Some("wait-signal")
+    }
+
+    /// Whether connection containers' sessions start through a `session-server`: the main
+    /// process ([`Self::runs_session_server`]), or one exec'd per connection.
+    fn uses_session_server(&self) -> bool {
+        self.exec.mode == ExecutionMode::Connection
+            && self
+                .agent
+                .as_ref()
+                .is_some_and(|a| a.session_server && a.inject.is_some())
     }
 
     /// Whether the containers we create get the agent through its volume: we inject it, the
@@ -1250,8 +1267,21 @@ impl Runtime for Docker {
     }
 
     async fn attach_agent(&self, name: &str) -> Option<AgentStreams> {
-        if !self.runs_session_server() {
+        if !self.uses_session_server() {
             return None;
+        }
+        if !self.runs_session_server() {
+            // Logged main process or another idle command: one exec for the connection.
+            return match self
+                .start_agent_command(name, None, &["session-server"])
+                .await
+            {
+                Ok(streams) => Some(streams),
+                Err(e) => {
+                    tracing::warn!(code = "BACKEND_AGENT_ATTACH_FAILED", container = %name, error = %e, "cannot start the session agent; sessions start with exec");
+                    None
+                }
+            };
         }
         let limit = self.timeouts.command_start.0;
         match within(limit, "agent attach", self.client.attach_container(name)).await {

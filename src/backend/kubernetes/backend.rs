@@ -279,47 +279,25 @@ impl Kube {
         })
     }
 
-    /// Whether connection pods run the agent's `session-server` as the console container's
-    /// main process (sessions then start without an exec): connection mode, the agent
-    /// injected, and the idle command the agent's `wait-signal`.
-    fn runs_session_server(&self) -> bool {
-        let Some(a) = &self.agent else {
-            return false;
-        };
-        let cmd = &self.pod.idle_command;
+    /// Whether connection pods' sessions start through the agent's `session-server`, exec'd
+    /// once per connection: connection mode with the agent injected. (Not as the console
+    /// container's main process, reached by attach as on Docker: a container's output is
+    /// always in the node's logs, and the session-server's output is every session's.)
+    fn uses_session_server(&self) -> bool {
         self.pod.mode == ExecutionMode::Connection
-            && a.session_server
-            && a.init_image.is_some()
-            && cmd.first() == Some(&a.source)
-            && cmd.get(1).map(String::as_str) == Some("wait-signal")
+            && self
+                .agent
+                .as_ref()
+                .is_some_and(|a| a.session_server && a.init_image.is_some())
     }
 
-    /// Connection mode: the per-connection pod running the idle command (or the agent's
-    /// `session-server`, with its stdin open for attach).
+    /// Connection mode: the per-connection pod running the idle command.
     async fn start_idle_pod(
         &self,
         meta: &ConnMeta,
         login: &LoginMetadata,
     ) -> Result<(String, Option<AgentAt>), StartError> {
-        let mut cmd = self.idle_command();
-        let session_server = self.runs_session_server();
-        if session_server {
-            cmd.truncate(1);
-            cmd.push("session-server".into());
-        }
-        let mut body = self.body(meta, login, &cmd, None);
-        if session_server {
-            let console = pods::object_at(&mut body, &["spec"])
-                .get_mut("containers")
-                .and_then(Value::as_array_mut)
-                .and_then(|a| a.get_mut(self.pod.console_container_number));
-            if let Some(c) = console {
-                let c = pods::object_at(c, &[]);
-                c.insert("stdin".into(), json!(true));
-                c.insert("stdinOnce".into(), json!(false));
-                c.insert("tty".into(), json!(false));
-            }
-        }
+        let body = self.body(meta, login, &self.idle_command(), None);
         let name = self.create(&body).await?;
         tracing::debug!(pod = %name, connection_id = %meta.connection_id, "pod started");
         Ok((name, self.agent_in(None)))
@@ -622,23 +600,17 @@ impl Runtime for Kube {
     }
 
     async fn attach_agent(&self, pod: &str) -> Option<AgentStreams> {
-        if !self.runs_session_server() {
+        if !self.uses_session_server() {
             return None;
         }
-        let at = self.at(pod);
-        let limit = self.timeouts.command_start.0;
-        let attach = exec::attach(&self.client, &at.namespace, &at.pod, &at.container, false);
-        match tokio::time::timeout(limit, attach).await {
-            Ok(Ok(started)) => {
-                let parts = session::split(started, &self.client, at, true, self.limits());
-                Some((Box::new(parts.output), Box::new(parts.stdin)))
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(code = "BACKEND_AGENT_ATTACH_FAILED", pod = %pod, error = %e, "cannot reach the session agent; sessions start with exec");
-                None
-            }
-            Err(_) => {
-                tracing::warn!(code = "BACKEND_AGENT_ATTACH_FAILED", pod = %pod, "attaching to the session agent timed out; sessions start with exec");
+        let agent = self.agent_in(None);
+        match self
+            .start_agent_command(pod, agent.as_ref(), &["session-server"])
+            .await
+        {
+            Ok(streams) => Some(streams),
+            Err(e) => {
+                tracing::warn!(code = "BACKEND_AGENT_ATTACH_FAILED", pod = %pod, error = %e, "cannot start the session agent; sessions start with exec");
                 None
             }
         }
