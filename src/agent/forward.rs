@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use super::proto::{
     decode, Frame, AGENT_ID_BASE, INITIAL_CREDIT, MAX_DATA, MAX_LISTENERS, MAX_MESSAGE_LEN,
-    MAX_STREAMS,
+    MAX_STREAMS, PROGRAM_CREDIT,
 };
 use super::AgentError;
 
@@ -142,6 +142,9 @@ struct Stream {
     sock: Sock,
     /// The program whose stdout/terminal or stderr this stream is.
     program: Option<Arc<Program>>,
+    /// Our send credit: [`INITIAL_CREDIT`], or [`PROGRAM_CREDIT`] for a program's output.
+    /// (What the server may send us is always [`INITIAL_CREDIT`].)
+    limit: u32,
     /// Our remaining send credit (bytes of `Data` we may still send un-`Ack`ed).
     credit: Mutex<u32>,
     credit_changed: Condvar,
@@ -466,7 +469,7 @@ fn handle(shared: &Arc<Shared>, frame: Frame) {
             };
             let mut credit = stream.credit.lock().unwrap_or_else(|e| e.into_inner());
             match credit.checked_add(bytes) {
-                Some(c) if c <= INITIAL_CREDIT => *credit = c,
+                Some(c) if c <= stream.limit => *credit = c,
                 _ => {
                     drop(credit);
                     violation(shared, format!("Ack of more than was sent on stream {id}"));
@@ -746,11 +749,17 @@ fn start_stream(
     program: Option<Arc<Program>>,
 ) {
     let (queue, rx) = mpsc::channel();
+    let limit = if program.is_some() {
+        PROGRAM_CREDIT
+    } else {
+        INITIAL_CREDIT
+    };
     let stream = Arc::new(Stream {
         id,
         sock,
         program,
-        credit: Mutex::new(INITIAL_CREDIT),
+        limit,
+        credit: Mutex::new(limit),
         credit_changed: Condvar::new(),
         unacked: AtomicU32::new(0),
         server_eof: AtomicBool::new(false),

@@ -13,6 +13,11 @@ pub const MAX_PAYLOAD: usize = 32 * 1024 + 1024;
 pub const MAX_DATA: usize = 32 * 1024;
 /// Bytes of `Data` a sender may have un-`Ack`ed per stream and direction.
 pub const INITIAL_CREDIT: u32 = 256 * 1024;
+/// The agent's send credit on the two streams of a program started by `Spawn` (its output;
+/// its stdin keeps [`INITIAL_CREDIT`]): a session's bulk output crosses the engine's attach
+/// stream, whose round trip (through dockerd) held 256 KiB windows to half of what an exec
+/// delivers.
+pub const PROGRAM_CREDIT: u32 = 1024 * 1024;
 /// Stream ids the agent allocates (for accepted connections) are `>=` this; the server's own
 /// ids are below it.
 pub const AGENT_ID_BASE: u32 = 0x8000_0000;

@@ -25,7 +25,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::proto::{self, Frame, AGENT_ID_BASE, INITIAL_CREDIT, MAX_DATA, MAX_STREAMS};
+use crate::agent::proto::{
+    self, Frame, AGENT_ID_BASE, INITIAL_CREDIT, MAX_DATA, MAX_STREAMS, PROGRAM_CREDIT,
+};
 use crate::backend::process::OutputSource;
 use crate::backend::{BoxFuture, OutputKind};
 use crate::limits::{MAX_MUX_QUEUE_BYTES, MAX_PENDING_ACCEPTS};
@@ -109,6 +111,9 @@ impl Inbox {
 }
 
 struct StreamSlot {
+    /// What the agent may send us un-`Ack`ed ([`INITIAL_CREDIT`], [`PROGRAM_CREDIT`] for a
+    /// program's output); what we may send it is always [`INITIAL_CREDIT`].
+    limit: u32,
     inbox: Arc<Inbox>,
     /// Bytes we may still send to the agent.
     credit: Arc<Semaphore>,
@@ -303,6 +308,15 @@ impl Mux {
     /// A new stream or listener id with its reply slot; `register_stream` also creates the
     /// stream's buffer before the request leaves, so nothing the agent sends can miss it.
     fn begin(self: &Arc<Self>, register_stream: bool) -> Result<Begun, ForwardError> {
+        self.begin_with(register_stream, INITIAL_CREDIT)
+    }
+
+    /// [`Self::begin`] with the stream's credit.
+    fn begin_with(
+        self: &Arc<Self>,
+        register_stream: bool,
+        limit: u32,
+    ) -> Result<Begun, ForwardError> {
         let mut st = self.state();
         if st.stopped {
             return Err(ForwardError::Stopped);
@@ -314,7 +328,7 @@ impl Mux {
         st.next_id += 1;
         let (tx, rx) = oneshot::channel();
         st.pending.insert(id, tx);
-        let stream = register_stream.then(|| new_stream(&mut st, Arc::clone(self), id));
+        let stream = register_stream.then(|| new_stream_with(&mut st, Arc::clone(self), id, limit));
         Ok((id, rx, stream))
     }
 
@@ -420,7 +434,7 @@ impl Mux {
                 "the command line does not fit one frame".into(),
             ));
         }
-        let (id, rx, stream) = self.begin(true)?;
+        let (id, rx, stream) = self.begin_with(true, PROGRAM_CREDIT)?;
         let stream = stream.ok_or(ForwardError::Stopped)?;
         let (stderr, exit) = {
             let mut st = self.state();
@@ -430,7 +444,12 @@ impl Mux {
                     return Err(ForwardError::Refused("out of stream ids".into()));
                 }
                 st.next_id += 1;
-                Some(new_stream(&mut st, Arc::clone(self), err_id))
+                Some(new_stream_with(
+                    &mut st,
+                    Arc::clone(self),
+                    err_id,
+                    PROGRAM_CREDIT,
+                ))
             } else {
                 None
             };
@@ -538,7 +557,7 @@ impl Mux {
                         return Err(format!("stream {id}: data after its Eof"));
                     }
                     slot.unacked = slot.unacked.saturating_add(data.len() as u32);
-                    if slot.unacked > INITIAL_CREDIT {
+                    if slot.unacked > slot.limit {
                         return Err(format!("stream {id}: data beyond the credit"));
                     }
                     slot.inbox.lock().data.extend_from_slice(&data);
@@ -591,11 +610,16 @@ impl Mux {
 }
 
 fn new_stream(st: &mut State, mux: Arc<Mux>, id: u32) -> MuxStream {
+    new_stream_with(st, mux, id, INITIAL_CREDIT)
+}
+
+fn new_stream_with(st: &mut State, mux: Arc<Mux>, id: u32, limit: u32) -> MuxStream {
     let inbox = Arc::new(Inbox::default());
     let credit = Arc::new(Semaphore::new(INITIAL_CREDIT as usize));
     st.streams.insert(
         id,
         StreamSlot {
+            limit,
             inbox: Arc::clone(&inbox),
             credit: Arc::clone(&credit),
             unacked: 0,

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use containerssh::agent::proto::{Frame, INITIAL_CREDIT};
+use containerssh::agent::proto::{Frame, INITIAL_CREDIT, PROGRAM_CREDIT};
 
 use super::agent_forward::Agent;
 
@@ -116,10 +116,11 @@ fn pipes_keep_stdout_stderr_env_and_the_exit_code_apart() {
 fn stdin_flows_in_and_its_eof_ends_cat() {
     let mut agent = Agent::start_command("session-server");
     spawn_pipes(&mut agent, 1, &["cat"], &[]);
-    let big: Vec<u8> = (0..3 * INITIAL_CREDIT as usize)
+    let big: Vec<u8> = (0..3 * PROGRAM_CREDIT as usize)
         .map(|i| (i % 251) as u8)
         .collect();
     let mut ran = Ran::default();
+    // A program's stdin has the usual credit (its output the larger one).
     let mut credit = INITIAL_CREDIT as usize;
     let mut sent = 0;
     // Within the agent's credit: wait for its Acks (and read cat's output) as we go.
@@ -278,7 +279,7 @@ fn closing_a_terminal_program_hangs_it_up() {
 fn closing_a_program_whose_stdin_is_full_leaves_the_agent_serving() {
     let mut agent = Agent::start_command("session-server");
     spawn_pipes(&mut agent, 1, &["/bin/sh", "-c", "exec sleep 100"], &[]);
-    // The whole credit: four times a pipe's 64 KiB, so the agent's write blocks.
+    // Four times a pipe's 64 KiB (within the credit), so the agent's write blocks.
     for _ in 0..(INITIAL_CREDIT as usize / (32 * 1024)) {
         agent.send(Frame::Data {
             id: 1,
