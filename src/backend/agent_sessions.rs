@@ -8,19 +8,15 @@
 //! sends `Resize` and `Signal` frames and reads the status from `Exited` (which also says
 //! which signal killed it: no exit record to ask for).
 
-use std::future::Future;
 use std::io;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::AsyncWrite;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::process::{keep, Captured, ControlError, OutputSource, Program};
+use super::process::{keep, Captured, ControlError, OutputSource, Program, QueuedStdin};
 use super::{
     signal_number, AgentStreams, BoxFuture, Cause, Container, OutputKind, Process, ProcessControl,
     ProcessOutput, ProgramSpec, StartError,
@@ -206,7 +202,7 @@ impl AgentSessions {
             std::time::Duration::ZERO,
         );
         Some(Ok(Process {
-            stdin: Box::new(AgentInput::new(sink)),
+            stdin: Box::new(agent_input(sink)),
             output: ProcessOutput::new(Box::new(output), None),
             control,
         }))
@@ -282,75 +278,23 @@ impl OutputSource for AgentOutput {
     }
 }
 
-/// A spawned program's stdin as an [`AsyncWrite`]: each write is sent (a task of its own,
-/// within the agent's credit) before the next is accepted; shutdown sends `Eof`.
-struct AgentInput {
-    sink: Arc<MuxSink>,
-    sending: Option<tokio::task::JoinHandle<Result<(), ForwardError>>>,
-}
+/// Stdin chunks queued for the agent's stream.
+const STDIN_QUEUE_CHUNKS: usize = 4;
 
-impl AgentInput {
-    fn new(sink: MuxSink) -> Self {
-        Self {
-            sink: Arc::new(sink),
-            sending: None,
+/// A spawned program's stdin: a queue that one task sends on the program's stream (each chunk
+/// within the agent's credit), then `Eof` when the queue is closed. The task ends with that,
+/// or when the stream ends (the program's exit closes its credit; so does the agent stopping).
+fn agent_input(sink: MuxSink) -> QueuedStdin {
+    let (tx, mut rx) = mpsc::channel::<Bytes>(STDIN_QUEUE_CHUNKS);
+    tokio::spawn(async move {
+        while let Some(chunk) = rx.recv().await {
+            if sink.send(&chunk).await.is_err() {
+                return;
+            }
         }
-    }
-
-    /// Drives the send in flight to its end.
-    fn poll_sent(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let Some(task) = self.sending.as_mut() else {
-            return Poll::Ready(Ok(()));
-        };
-        let done = std::task::ready!(Pin::new(task).poll(cx));
-        self.sending = None;
-        match done {
-            Ok(Ok(())) => Poll::Ready(Ok(())),
-            _ => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-        }
-    }
-}
-
-impl Drop for AgentInput {
-    /// A send still waiting for the agent's credit goes with it (it holds the stream).
-    fn drop(&mut self) {
-        if let Some(task) = self.sending.take() {
-            task.abort();
-        }
-    }
-}
-
-/// Bytes one write accepts (one `Data` frame's worth).
-const MAX_WRITE: usize = crate::agent::proto::MAX_DATA;
-
-impl AsyncWrite for AgentInput {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if let Err(e) = std::task::ready!(this.poll_sent(cx)) {
-            return Poll::Ready(Err(e));
-        }
-        let chunk = buf.get(..MAX_WRITE).unwrap_or(buf).to_vec();
-        let n = chunk.len();
-        let sink = Arc::clone(&this.sink);
-        // Accepted: the next write (or flush) waits for this one.
-        this.sending = Some(tokio::spawn(async move { sink.send(&chunk).await }));
-        Poll::Ready(Ok(n))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().poll_sent(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        std::task::ready!(this.poll_sent(cx))?;
-        this.sink.eof();
-        Poll::Ready(Ok(()))
-    }
+        sink.eof();
+    });
+    QueuedStdin::new(tx, crate::agent::proto::MAX_DATA)
 }
 
 /// Resize, signal and exit of a spawned program, as frames.

@@ -20,6 +20,67 @@ use super::{agent, signal_number, BoxFuture, Container, ExitReport, OutputKind};
 /// The program's stdin. Shutting it down passes EOF on (where the backend can).
 pub type ProcessInput = Box<dyn AsyncWrite + Send + Unpin>;
 
+/// A program's stdin as an [`AsyncWrite`] over a bounded queue of chunks that a backend's
+/// task delivers (the Kubernetes exec WebSocket's writer, the agent's stream): a write waits
+/// for room in the queue; shutting down (or dropping) closes the queue, which the task takes
+/// as stdin EOF.
+pub struct QueuedStdin {
+    tx: tokio_util::sync::PollSender<Bytes>,
+    /// The largest chunk one write queues.
+    chunk: usize,
+}
+
+impl QueuedStdin {
+    pub(crate) fn new(tx: tokio::sync::mpsc::Sender<Bytes>, chunk: usize) -> Self {
+        Self {
+            tx: tokio_util::sync::PollSender::new(tx),
+            chunk,
+        }
+    }
+}
+
+fn stdin_closed() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "the program's stdin is closed")
+}
+
+impl AsyncWrite for QueuedStdin {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        use std::task::Poll;
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        match self.tx.poll_reserve(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(_)) => return Poll::Ready(Err(stdin_closed())),
+            Poll::Ready(Ok(())) => {}
+        }
+        let chunk = buf.get(..self.chunk).unwrap_or(buf);
+        let n = chunk.len();
+        let item = Bytes::copy_from_slice(chunk);
+        self.tx.send_item(item).map_err(|_| stdin_closed())?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        self.tx.close();
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 /// Exit status reported when the backend cannot tell one (ContainerSSH sends 137 too).
 pub const UNKNOWN_EXIT_STATUS: u32 = 137;
 

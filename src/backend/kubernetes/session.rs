@@ -6,16 +6,14 @@
 //! back (through the SSH stdin queue's flow rules) instead of growing memory.
 
 use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::AsyncWrite;
 use tokio::sync::{mpsc, watch};
-use tokio_util::sync::PollSender;
 
 use super::client::KubeClient;
+use crate::backend::process::QueuedStdin;
+
 use super::exec::{self, ExecError, ExecReceiver, ExecSender, ExitOutcome, Output, STDIN_CHUNK};
 use super::pods;
 use crate::backend::process::{
@@ -41,47 +39,6 @@ pub struct PodRef {
 enum Cmd {
     Resize { cols: u16, rows: u16 },
     Close,
-}
-
-/// The program's stdin as an [`AsyncWrite`]; shutting it down sends stdin EOF (v5; on v4 the
-/// EOF cannot be passed on and is logged).
-pub struct KubeStdin {
-    tx: PollSender<Bytes>,
-}
-
-fn closed() -> io::Error {
-    io::Error::new(io::ErrorKind::BrokenPipe, "the exec stream is closed")
-}
-
-impl AsyncWrite for KubeStdin {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        match self.tx.poll_reserve(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Err(_)) => return Poll::Ready(Err(closed())),
-            Poll::Ready(Ok(())) => {}
-        }
-        let chunk = buf.get(..STDIN_CHUNK).unwrap_or(buf);
-        self.tx
-            .send_item(Bytes::copy_from_slice(chunk))
-            .map_err(|_| closed())?;
-        Poll::Ready(Ok(chunk.len()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.tx.close();
-        Poll::Ready(Ok(()))
-    }
 }
 
 /// The task owning the sending half: stdin, stdin EOF, resizes, and Close at the end.
@@ -178,7 +135,8 @@ pub struct KubeProgram {
 
 /// The pieces [`split`] makes of a stream.
 pub struct Parts {
-    pub stdin: KubeStdin,
+    /// Shutting it down sends stdin EOF (v5; on v4 the EOF cannot be passed on and is logged).
+    pub stdin: QueuedStdin,
     pub output: KubeOutput,
     pub program: KubeProgram,
 }
@@ -212,9 +170,7 @@ pub fn split(
         Exit::Stream(outcome_rx)
     };
     Parts {
-        stdin: KubeStdin {
-            tx: PollSender::new(stdin_tx),
-        },
+        stdin: QueuedStdin::new(stdin_tx, STDIN_CHUNK),
         output: KubeOutput {
             rx: Some(receiver),
             outcome: outcome_tx,
