@@ -391,6 +391,73 @@ fn delete_removes_container() {
     assert!(gone.is_some(), "container of d1 still exists");
 }
 
+/// `kubectl label` and `annotate` (JSON merge patches) change a running pod's metadata, a
+/// `-` removes a key, a bad label value is refused with the API's message, and a patch of
+/// anything else is refused as the API server refuses pod spec changes.
+#[test]
+fn label_annotate_and_patch_metadata() {
+    let k = Kube::start();
+    k.idle_pod("lp1");
+    k.ok(&["label", "pod", "lp1", "team=blue", "tier=lab"]);
+    k.ok(&["annotate", "pod", "lp1", "example.com/who=alice"]);
+    k.ok(&["label", "pod", "lp1", "tier-"]);
+    let labels = k.ok(&["get", "pod", "lp1", "-o", "jsonpath={.metadata.labels}"]);
+    assert!(labels.contains(r#""team":"blue""#), "{labels}");
+    assert!(!labels.contains("tier"), "{labels}");
+    let who = k.ok(&[
+        "get",
+        "pod",
+        "lp1",
+        "-o",
+        r"jsonpath={.metadata.annotations.example\.com/who}",
+    ]);
+    assert_eq!(who, "alice");
+    let selected = k.ok(&["get", "pods", "-l", "team=blue", "-o", "name"]);
+    assert_eq!(selected.trim(), "pod/lp1");
+
+    // kubectl checks a label's value itself; a merge patch reaches the server's check.
+    let out = k.run(
+        &[
+            "patch",
+            "pod",
+            "lp1",
+            "--type=merge",
+            "-p",
+            r#"{"metadata":{"labels":{"bad":"not valid!"}}}"#,
+        ],
+        None,
+    );
+    assert!(!out.status.success(), "{}", k.describe(&out));
+    assert!(
+        text(&out.stderr).contains("Invalid value"),
+        "{}",
+        k.describe(&out)
+    );
+    let out = k.run(
+        &[
+            "patch",
+            "pod",
+            "lp1",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"restartPolicy":"Always","activeDeadlineSeconds":5}}"#,
+        ],
+        None,
+    );
+    assert!(!out.status.success(), "{}", k.describe(&out));
+    assert!(
+        text(&out.stderr).contains("Forbidden"),
+        "{}",
+        k.describe(&out)
+    );
+    // The pod is as it was: still running, its labels unchanged by the refused patches.
+    let labels = k.ok(&["get", "pod", "lp1", "-o", "jsonpath={.metadata.labels}"]);
+    assert!(
+        labels.contains(r#""team":"blue""#) && !labels.contains("bad"),
+        "{labels}"
+    );
+}
+
 #[test]
 fn missing_image_is_image_pull_backoff() {
     let k = Kube::start();

@@ -540,6 +540,20 @@ def graceful_delete(rec, grace):
 # Pod defaults and validation
 # ---------------------------------------------------------------------------
 
+def merge_patch(target, patch):
+    """RFC 7386: objects merge key by key, null removes, anything else replaces."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    if not isinstance(target, dict):
+        target = {}
+    for k, v in patch.items():
+        if v is None:
+            target.pop(k, None)
+        else:
+            target[k] = merge_patch(target.get(k), v)
+    return target
+
+
 def validate_pod(pod):
     causes = []
     md = pod.get("metadata") or {}
@@ -970,7 +984,60 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_json(200, obj)
         if method == "DELETE":
             return self.delete(ns, name, q)
+        if method == "PATCH":
+            return self.patch(ns, name)
         return self.send_status(405, "MethodNotAllowed", "method %s not supported by kubefake" % method)
+
+    def patch(self, ns, name):
+        """JSON merge patch (RFC 7386; `kubectl label`/`annotate` send it) or a strategic merge
+        patch, which for the maps a pod lets change is the same. As on a real API server, only
+        labels and annotations of a pod may change here; anything else is 422 Invalid."""
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+        if ctype not in ("application/merge-patch+json", "application/strategic-merge-patch+json"):
+            return self.send_status(415, "UnsupportedMediaType",
+                                    "the body of the request was in an unknown format - accepted media types "
+                                    "include: application/merge-patch+json, application/strategic-merge-patch+json")
+        patch = self.body()
+        if not isinstance(patch, dict):
+            return self.send_status(400, "BadRequest", "the body of the request was in an unknown format")
+        rec = STORE.get(ns, name)
+        if rec is None:
+            return self.not_found(name)
+        with STORE.lock:
+            patched = merge_patch(copy.deepcopy(rec.obj), patch)
+            before = copy.deepcopy(rec.obj)
+        for obj in (before, patched):
+            for k in ("labels", "annotations", "resourceVersion"):
+                obj.get("metadata", {}).pop(k, None)
+        if patched != before:
+            why = ("Forbidden: pod updates may not change fields other than metadata labels and "
+                   "annotations (kubefake)")
+            return self.send_status(422, "Invalid", 'Pod "%s" is invalid: spec: %s' % (name, why),
+                                    {"name": name, "kind": "Pod", "causes": [
+                                        {"reason": "FieldValueForbidden", "message": why, "field": "spec"}]})
+        rv = patch.get("metadata", {}).get("resourceVersion") if isinstance(patch.get("metadata"), dict) else None
+        if rv is not None and rv != rec.obj["metadata"]["resourceVersion"]:
+            return self.send_status(409, "Conflict", 'Operation cannot be fulfilled on pods "%s": the object has '
+                                    "been modified; please apply your changes to the latest version and try "
+                                    "again" % name, {"name": name, "kind": "pods"})
+        causes = validate_pod(merge_patch(copy.deepcopy(rec.obj), patch))
+        if causes:
+            return self.send_status(
+                422, "Invalid", 'Pod "%s" is invalid: %s' % (name, "; ".join("%s: %s" % c for c in causes)),
+                {"name": name, "kind": "Pod",
+                 "causes": [{"reason": "FieldValueInvalid", "message": m, "field": f} for f, m in causes]})
+
+        def apply(o):
+            md = merge_patch(o, patch)["metadata"]
+            o["metadata"]["labels"] = md.get("labels") or {}
+            o["metadata"]["annotations"] = md.get("annotations") or {}
+            for k in ("labels", "annotations"):
+                if not o["metadata"][k]:
+                    del o["metadata"][k]
+        obj = STORE.update(rec, apply)
+        if obj is None:
+            return self.not_found(name)
+        return self.send_json(200, obj)
 
     def not_found(self, name):
         return self.send_status(404, "NotFound", 'pods "%s" not found' % name, {"name": name, "kind": "pods"})
