@@ -24,12 +24,39 @@ use tokio_util::sync::CancellationToken;
 
 use super::StartError;
 
+/// Marks the pool's members while they wait (they carry no connection or user label).
+pub const LABEL_POOL: &str = "containerssh_pool";
 /// Members started at once while refilling.
 pub const MAX_PARALLEL_STARTS: usize = 4;
 /// The largest pool a configuration may ask for.
 pub const MAX_POOL_SIZE: u32 = 1000;
 /// How long a refill waits after a failed start before trying again.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
+
+/// Checks a backend's `pool` block: `(key under the pool, message)` for what is wrong.
+/// `named`: the configuration names the one container or pod, which members cannot share.
+pub fn check_config(
+    pool: &crate::config::model::PoolConfig,
+    mode: crate::config::model::ExecutionMode,
+    named: bool,
+) -> Result<(), (&'static str, String)> {
+    if pool.size == 0 {
+        return Ok(());
+    }
+    if mode != crate::config::model::ExecutionMode::Connection {
+        return Err(("size", "a pool serves connection mode only (session containers run the program itself; a persistent container is one)".into()));
+    }
+    if named {
+        return Err(("size", "pool members cannot share one name".into()));
+    }
+    if pool.size > MAX_POOL_SIZE {
+        return Err(("size", format!("at most {MAX_POOL_SIZE}")));
+    }
+    if pool.max_age.0.is_zero() {
+        return Err(("maxAge", "must be positive".into()));
+    }
+    Ok(())
+}
 
 /// What a runtime does for its pool.
 pub trait Members: Send + Sync + 'static {
@@ -84,46 +111,76 @@ impl Pool {
         lock(&self.ready).len()
     }
 
-    /// A member for `connection_id` whose container would be `identity`; `None`: start cold.
-    /// The member is checked alive by the caller ([`Pool::claim_checked`] does both).
-    fn take(&self, identity: &str) -> Option<String> {
+    /// A member whose container would be `identity`, recorded at once as `connection_id`'s
+    /// claim (so that it is never outside both the ready list and the claims, whatever
+    /// happens to the caller); `None`: start cold. The member is checked alive by the caller
+    /// ([`Pool::claim_checked`] does both).
+    fn take(&self, identity: &str, connection_id: &str) -> Option<String> {
         if identity != self.identity {
             return None;
         }
         let mut ready = lock(&self.ready);
         let mut discard = lock(&self.discard);
+        let mut taken = None;
         while let Some(m) = ready.pop_front() {
             crate::metrics::get().pool_ready.dec(&[]);
             if m.started.elapsed() >= self.max_age {
                 discard.push(m.id);
                 continue;
             }
-            drop(discard);
-            drop(ready);
-            self.wake.notify_one();
-            return Some(m.id);
+            lock(&self.claimed).insert(connection_id.to_string(), m.id.clone());
+            taken = Some(m.id);
+            break;
         }
         drop(discard);
         drop(ready);
         self.wake.notify_one();
-        None
+        taken
+    }
+
+    /// Gives a taken member up: it is removed by the refill task, not by the connection's
+    /// cleanup.
+    fn give_up(&self, connection_id: &str, id: &str) {
+        let mut claimed = lock(&self.claimed);
+        if claimed.get(connection_id).is_some_and(|c| c == id) {
+            claimed.remove(connection_id);
+        }
+        drop(claimed);
+        lock(&self.discard).push(id.to_string());
+        self.wake.notify_one();
     }
 
     /// Claims a live member for `connection_id` (a dead one is discarded and the next tried).
+    /// Dropped while checking (the login gave up), the member it was checking is discarded.
     pub async fn claim_checked<R: Members>(
         &self,
         rt: &R,
         identity: &str,
         connection_id: &str,
     ) -> Option<String> {
-        while let Some(id) = self.take(identity) {
+        struct Checking<'a> {
+            pool: &'a Pool,
+            connection_id: &'a str,
+            id: Option<String>,
+        }
+        impl Drop for Checking<'_> {
+            fn drop(&mut self) {
+                if let Some(id) = self.id.take() {
+                    self.pool.give_up(self.connection_id, &id);
+                }
+            }
+        }
+        while let Some(id) = self.take(identity, connection_id) {
+            let mut checking = Checking {
+                pool: self,
+                connection_id,
+                id: Some(id.clone()),
+            };
             if rt.member_alive(&id).await {
-                lock(&self.claimed).insert(connection_id.to_string(), id.clone());
+                checking.id = None;
                 return Some(id);
             }
             tracing::warn!(code = "BACKEND_POOL_MEMBER_DEAD", container = %id, "a pool member died while waiting: removed, the login starts another");
-            lock(&self.discard).push(id);
-            self.wake.notify_one();
         }
         None
     }
@@ -216,6 +273,8 @@ mod tests {
         started: AtomicUsize,
         removed: Mutex<Vec<String>>,
         dead: Mutex<Vec<String>>,
+        /// Checks never answer.
+        stall: std::sync::atomic::AtomicBool,
     }
 
     impl Members for Counting {
@@ -223,6 +282,9 @@ mod tests {
             Ok(format!("m{}", self.started.fetch_add(1, Ordering::SeqCst)))
         }
         async fn member_alive(&self, id: &str) -> bool {
+            if self.stall.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
             !lock(&self.dead).iter().any(|d| d == id)
         }
         async fn remove_member(&self, id: &str) -> bool {
@@ -264,6 +326,32 @@ mod tests {
         until(|| lock(&rt.removed).contains(&next)).await;
         pool.released("c1");
         assert_eq!(pool.claimed_by("c1"), None);
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    /// A login that gives up while its member is checked leaves no claim behind and the
+    /// member goes: it is removed by the refill task, never handed to another login.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_claim_dropped_while_checking_discards_its_member() {
+        let rt = Arc::new(Counting::default());
+        rt.stall.store(true, Ordering::SeqCst);
+        let pool = Pool::new(1, Duration::from_secs(600), "same".into());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(Arc::clone(&pool).run(Arc::clone(&rt), stop.clone()));
+        until(|| pool.ready() == 1).await;
+        {
+            let claim = pool.claim_checked(&*rt, "same", "c1");
+            tokio::pin!(claim);
+            let polled = tokio::time::timeout(Duration::from_millis(1), claim.as_mut()).await;
+            assert!(polled.is_err(), "the check never answers");
+            // While checked, the member is the connection's: its cleanup would remove it.
+            assert_eq!(pool.claimed_by("c1").as_deref(), Some("m0"));
+        }
+        assert_eq!(pool.claimed_by("c1"), None);
+        until(|| lock(&rt.removed).contains(&"m0".to_string())).await;
+        until(|| pool.ready() == 1).await;
+        assert_ne!(lock(&pool.ready).front().unwrap().id, "m0");
         stop.cancel();
         task.await.unwrap();
     }

@@ -1267,6 +1267,8 @@ pub struct KubernetesPodConfig {
     /// Ours: the image of the init container that copies the agent into an `emptyDir`.
     /// Empty: this project's own image (decided by the backend).
     pub agent_init_image: String,
+    /// (ours) Pods started ahead for connection-mode logins (off by default).
+    pub pool: PoolConfig,
 }
 
 impl Default for KubernetesPodConfig {
@@ -1286,6 +1288,7 @@ impl Default for KubernetesPodConfig {
             expose_auth_metadata_as_labels: BTreeMap::new(),
             expose_auth_metadata_as_annotations: BTreeMap::new(),
             agent_init_image: String::new(),
+            pool: PoolConfig::default(),
         }
     }
 }

@@ -72,7 +72,7 @@ impl Env {
         let idle: Vec<String> = ["/bin/sh", "-c", IDLE].map(String::from).into();
         pods::pod_body(
             &Self::cfg(image),
-            &meta,
+            Some(&meta),
             instance,
             Some(&idle),
             &[("FOO".into(), "bar".into())],

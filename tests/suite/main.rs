@@ -23,6 +23,7 @@ mod forward_bounds;
 mod forwarding;
 mod image;
 mod kube_backend;
+mod kube_pool;
 mod kube_ssh;
 mod kubefake;
 mod lifecycle;

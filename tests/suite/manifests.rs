@@ -168,6 +168,7 @@ fn role_grants_exactly_what_the_backend_needs() {
         ("pods", "list"),
         ("pods", "watch"),
         ("pods", "delete"),
+        ("pods", "patch"),
         ("pods/exec", "create"),
         ("pods/exec", "get"),
         ("pods/attach", "create"),

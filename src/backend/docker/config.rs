@@ -109,29 +109,8 @@ fn check_execution(exec: &DockerExecutionConfig) -> Result<(), KeyError> {
             "only meaningful in persistent mode",
         ));
     }
-    if exec.pool.size > 0 {
-        if exec.mode != ExecutionMode::Connection {
-            return Err(bad(
-                "execution.pool.size",
-                "a pool serves connection mode only (session containers run the program itself; a persistent container is one)",
-            ));
-        }
-        if !exec.container_name.is_empty() {
-            return Err(bad(
-                "execution.pool.size",
-                "pool members cannot share one containername",
-            ));
-        }
-        if exec.pool.size > crate::backend::pool::MAX_POOL_SIZE {
-            return Err(bad(
-                "execution.pool.size",
-                format!("at most {}", crate::backend::pool::MAX_POOL_SIZE),
-            ));
-        }
-        if exec.pool.max_age.0.is_zero() {
-            return Err(bad("execution.pool.maxAge", "must be positive"));
-        }
-    }
+    crate::backend::pool::check_config(&exec.pool, exec.mode, !exec.container_name.is_empty())
+        .map_err(|(key, message)| bad(&format!("execution.pool.{key}"), message))?;
     if exec.mode != ExecutionMode::Session && exec.idle_command.is_empty() {
         return Err(bad(
             "execution.idleCommand",

@@ -39,8 +39,7 @@ pub const LABEL_IP: &str = "containerssh_ip";
 /// Marks a persistent-mode container we created; it carries no instance or connection label,
 /// so neither the reaper nor connection cleanup ever removes it.
 pub const LABEL_PERSISTENT: &str = "containerssh_persistent";
-/// Marks the warm pool's containers (which carry no connection or user label).
-pub const LABEL_POOL: &str = "containerssh_pool";
+pub use crate::backend::pool::LABEL_POOL;
 /// Marks the volumes that hold an agent build (`containerssh-agent-<digest>`).
 pub const LABEL_AGENT_VOLUME: &str = "containerssh_agent";
 /// The marker written after the agent into its volume: a volume without it was never filled

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use tokio::io::AsyncWriteExt;
 
 use super::client::KubeClient;
@@ -17,6 +17,7 @@ use super::session::{self, capture, Limits, PodRef};
 use super::wire::{self, Pod, PodState};
 use crate::auth::metadata::{LoginFile, LoginMetadata};
 use crate::backend::agent::{self, console_argv};
+use crate::backend::pool::{Members, Pool, LABEL_POOL};
 use crate::backend::process::{pid_channel, Captured, Process, ProcessControl, ProcessOutput};
 use crate::backend::{
     AgentAt, AgentStreams, ConnMeta, Container, Engine, Handle, ProgramSpec, Runtime, SessionStart,
@@ -69,6 +70,8 @@ pub struct Kube {
     timeouts: KubernetesTimeouts,
     instance: String,
     agent: Option<Agent>,
+    /// `pod.pool`: pods started ahead, each claimed by one connection.
+    pool: Option<Arc<Pool>>,
 }
 
 /// What the Kubernetes backend's cleanup and helper programs fail with.
@@ -153,7 +156,7 @@ impl Kube {
             }
         });
         tracing::info!(code = "KUBERNETES_NAMESPACE", namespace = %namespace, "pods are created in this namespace");
-        Ok(Kube {
+        let mut kube = Kube {
             client,
             pod,
             namespace,
@@ -161,7 +164,80 @@ impl Kube {
             timeouts: cfg.timeouts.clone(),
             instance: instance.to_string(),
             agent,
-        })
+            pool: None,
+        };
+        let pool = &kube.pod.pool;
+        if pool.size > 0 {
+            kube.pool = Some(Pool::new(pool.size, pool.max_age.0, kube.identity()));
+        }
+        Ok(kube)
+    }
+
+    /// What a connection's pod is, for the pool: the configuration it is created from, with
+    /// nothing of a login's (connection labels, exposed metadata, the login's environment).
+    fn identity(&self) -> String {
+        json!([
+            self.pod.metadata,
+            self.pod.spec,
+            self.pod.console_container_number,
+            self.idle_command(),
+            self.namespace,
+            self.agent
+                .as_ref()
+                .map(|a| (&a.path, &a.init_image, &a.source, a.session_server)),
+        ])
+        .to_string()
+    }
+
+    /// The labels and annotations of one login's pod beyond the configuration's: the
+    /// connection's, and the login's metadata exposed as labels and annotations. A cold pod
+    /// is created with them; a pool member gets them by a patch at its claim.
+    fn login_metadata(
+        &self,
+        meta: &ConnMeta,
+        login: &LoginMetadata,
+    ) -> (Map<String, Value>, Map<String, Value>) {
+        let (mut labels, mut annotations) = pods::connection_metadata(meta);
+        for (k, v) in exposed(&self.pod.expose_auth_metadata_as_labels, login) {
+            if let Some(v) = pods::label_value(&v) {
+                labels.insert(k, json!(v));
+            }
+        }
+        for (k, v) in exposed(&self.pod.expose_auth_metadata_as_annotations, login) {
+            annotations.insert(k, json!(v));
+        }
+        (labels, annotations)
+    }
+
+    /// Connection mode: a pool member for this connection, claimed (checked alive) and
+    /// labelled as the connection's; `None`: start cold.
+    async fn claim(&self, meta: &ConnMeta, login: &LoginMetadata) -> Option<String> {
+        let pool = self.pool.as_ref()?;
+        if self.pod.mode != ExecutionMode::Connection {
+            return None;
+        }
+        let claimed = pool
+            .claim_checked(self, &self.identity(), &meta.connection_id)
+            .await;
+        let result = if claimed.is_some() { "claimed" } else { "cold" };
+        crate::metrics::get().pool_logins.inc(&[result]);
+        let name = claimed?;
+        let (mut labels, annotations) = self.login_metadata(meta, login);
+        labels.insert(LABEL_POOL.into(), Value::Null);
+        let patch = json!({"metadata": {"labels": labels, "annotations": annotations}});
+        let path = format!(
+            "/api/v1/namespaces/{}/pods/{}",
+            pods::encode_query(&self.namespace),
+            pods::encode_query(&name)
+        );
+        if let Err(e) = self.client.merge_patch::<_, Value>(&path, &patch).await {
+            tracing::warn!(code = "BACKEND_POOL_START_FAILED", pod = %name, error = %e, "cannot label a pool member for its connection: removed, the login starts another");
+            self.remove(&name).await;
+            pool.released(&meta.connection_id);
+            return None;
+        }
+        tracing::info!(code = "BACKEND_POOL_CLAIM", pod = %name, connection_id = %meta.connection_id, user = %meta.username, "a pool member serves this connection");
+        Some(name)
     }
 
     /// Where the agent is in our pods, for the start-up log.
@@ -196,28 +272,31 @@ impl Kube {
         cmd
     }
 
-    /// The pod for one connection or session: the configured pod with our labels, the agent's
-    /// init container and volume, and (session mode) the console container set up for attach.
+    /// The pod for one connection or session (`who`): the configured pod with our labels, the
+    /// agent's init container and volume, and (session mode) the console container set up for
+    /// attach. Without `who`, a pool member: nothing of any login, and the pool's label.
     fn body(
         &self,
-        meta: &ConnMeta,
-        login: &LoginMetadata,
+        who: Option<(&ConnMeta, &LoginMetadata)>,
         command: &[String],
         session: Option<&ProgramSpec>,
     ) -> Value {
-        let mut env = login.environment.clone();
-        env.extend(exposed(&self.pod.expose_auth_metadata_as_env, login));
-        let mut body = pods::pod_body(&self.pod, meta, &self.instance, Some(command), &env);
-        let labels = exposed(&self.pod.expose_auth_metadata_as_labels, login);
-        for (k, v) in labels {
-            if let Some(v) = pods::label_value(&v) {
-                pods::object_at(&mut body, &["metadata", "labels"]).insert(k, json!(v));
+        let mut env = Vec::new();
+        if let Some((_, login)) = who {
+            env.extend(login.environment.iter().cloned());
+            env.extend(exposed(&self.pod.expose_auth_metadata_as_env, login));
+        }
+        let mut body = pods::pod_body(&self.pod, None, &self.instance, Some(command), &env);
+        let (labels, annotations) = match who {
+            Some((meta, login)) => self.login_metadata(meta, login),
+            None => {
+                let mut labels = Map::new();
+                labels.insert(LABEL_POOL.into(), json!("1"));
+                (labels, Map::new())
             }
-        }
-        let annotations = exposed(&self.pod.expose_auth_metadata_as_annotations, login);
-        for (k, v) in annotations {
-            pods::object_at(&mut body, &["metadata", "annotations"]).insert(k, json!(v));
-        }
+        };
+        pods::object_at(&mut body, &["metadata", "labels"]).extend(labels);
+        pods::object_at(&mut body, &["metadata", "annotations"]).extend(annotations);
         if let Some(image) = self
             .agent
             .as_ref()
@@ -297,7 +376,7 @@ impl Kube {
         meta: &ConnMeta,
         login: &LoginMetadata,
     ) -> Result<(String, Option<AgentAt>), StartError> {
-        let body = self.body(meta, login, &self.idle_command(), None);
+        let body = self.body(Some((meta, login)), &self.idle_command(), None);
         let name = self.create(&body).await?;
         tracing::debug!(pod = %name, connection_id = %meta.connection_id, "pod started");
         Ok((name, self.agent_in(None)))
@@ -332,7 +411,7 @@ impl Kube {
             }
             Err(e) => return Err(StartError::EngineUnreachable(e.into())),
         }
-        let mut body = self.body(meta, login, &self.idle_command(), None);
+        let mut body = self.body(Some((meta, login)), &self.idle_command(), None);
         if let Some(labels) = body
             .pointer_mut("/metadata/labels")
             .and_then(Value::as_object_mut)
@@ -500,8 +579,25 @@ impl Runtime for Kube {
     ) -> Result<(String, Option<AgentAt>), StartError> {
         if self.mode() == ExecutionMode::Persistent {
             self.find_persistent_pod(meta, login).await
+        } else if let Some(name) = self.claim(meta, login).await {
+            Ok((name, self.agent_in(None)))
         } else {
             self.start_idle_pod(meta, login).await
+        }
+    }
+
+    /// Without the pod's environment (a pool member has none of the login's), sessions
+    /// get the exposed metadata as theirs; a cold pod has it twice, with the same values.
+    fn login_env(&self, login: &LoginMetadata) -> Vec<String> {
+        exposed(&self.pod.expose_auth_metadata_as_env, login)
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect()
+    }
+
+    fn warm(self: &Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        if let Some(pool) = &self.pool {
+            tokio::spawn(Arc::clone(pool).run(Arc::clone(self), stop));
         }
     }
 
@@ -523,7 +619,7 @@ impl Runtime for Kube {
     ) -> Result<SessionStart, StartError> {
         let agent = self.agent_in(None);
         let argv = self.program_argv(agent.as_ref(), spec, agent.is_some());
-        let body = self.body(meta, &spec.login, &argv, Some(spec));
+        let body = self.body(Some((meta, &spec.login)), &argv, Some(spec));
         let name = self.create(&body).await?;
         let container: Arc<dyn Container> =
             Arc::new(Handle::new(Arc::clone(self), name.clone(), agent, true));
@@ -546,8 +642,19 @@ impl Runtime for Kube {
                 pod: format!("(connection {connection_id})"),
                 timeout: limit,
             })
-        });
-        Ok(removed?)
+        })?;
+        // A claimed member is labelled as the connection's; one whose claim stopped before
+        // the label (the login gave up) is known by name to the pool only.
+        if let Some(pool) = &self.pool {
+            if let Some(name) = pool.claimed_by(connection_id) {
+                if removed == 0 {
+                    self.remove(&name).await;
+                }
+                pool.released(connection_id);
+                return Ok(removed.max(1));
+            }
+        }
+        Ok(removed)
     }
 
     /// Deletes every pod this instance labelled.
@@ -638,6 +745,35 @@ impl Runtime for Kube {
                 tracing::warn!(code = "KUBERNETES_POD_REMOVE_FAILED", pod = %name, "deleting the pod timed out")
             }
         }
+    }
+}
+
+impl Members for Kube {
+    async fn start_member(&self) -> Result<String, StartError> {
+        let name = self
+            .create(&self.body(None, &self.idle_command(), None))
+            .await?;
+        tracing::debug!(pod = %name, "pool member started");
+        Ok(name)
+    }
+
+    /// Ready as at its start, and not being deleted.
+    async fn member_alive(&self, name: &str) -> bool {
+        let path = format!(
+            "/api/v1/namespaces/{}/pods/{}",
+            pods::encode_query(&self.namespace),
+            pods::encode_query(name)
+        );
+        match self.client.get_json::<Pod>(&path).await {
+            Ok(pod) => matches!(wire::evaluate(&pod, &self.console), PodState::Ready),
+            Err(_) => false,
+        }
+    }
+
+    async fn remove_member(&self, name: &str) -> bool {
+        let limit = self.timeouts.pod_stop.0;
+        let del = pods::delete(&self.client, &self.namespace, name, Some(0));
+        matches!(tokio::time::timeout(limit, del).await, Ok(Ok(())))
     }
 }
 
@@ -766,7 +902,7 @@ mod tests {
         login.values.insert("GITHUB_USER".into(), "octo".into());
         login.values.insert("team".into(), "blue team".into());
         login.values.insert("note".into(), "free text: ok".into());
-        let body = k.body(&meta(), &login, &k.idle_command(), None);
+        let body = k.body(Some((&meta(), &login)), &k.idle_command(), None);
         assert_eq!(body["metadata"]["namespace"], "from-context");
         assert_eq!(body["metadata"]["labels"]["example.com/team"], "blue-team");
         assert_eq!(
@@ -825,7 +961,7 @@ mod tests {
                 "sh"
             ]
         );
-        let body = k.body(&meta(), &spec.login, &argv, Some(&spec));
+        let body = k.body(Some((&meta(), &spec.login)), &argv, Some(&spec));
         assert_eq!(body["metadata"]["namespace"], "labs");
         assert_eq!(body["spec"]["restartPolicy"], "Never");
         let c = &body["spec"]["containers"][0];
@@ -842,7 +978,11 @@ mod tests {
             json!({"spec": {"containers": [{"name": "shell", "image": "img"}]}}),
             false,
         );
-        let body = k.body(&meta(), &LoginMetadata::default(), &k.idle_command(), None);
+        let body = k.body(
+            Some((&meta(), &LoginMetadata::default())),
+            &k.idle_command(),
+            None,
+        );
         assert!(body["spec"].get("initContainers").is_none());
         assert_eq!(
             body["spec"]["containers"][0]["command"][0],

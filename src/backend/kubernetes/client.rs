@@ -505,14 +505,40 @@ impl KubeClient {
         self.json(Method::DELETE, path, body.map(Bytes::from)).await
     }
 
+    /// `PATCH path` with a JSON merge patch (RFC 7386) and decode a JSON 2xx body.
+    pub async fn merge_patch<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        patch: &B,
+    ) -> Result<T, KubeError> {
+        let op = op_name(&Method::PATCH, path);
+        let body = serde_json::to_vec(patch).map_err(|source| KubeError::Encode { op, source })?;
+        let kind = [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/merge-patch+json"),
+        )];
+        self.json_with(Method::PATCH, path, Some(body.into()), &kind)
+            .await
+    }
+
     async fn json<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: Option<Bytes>,
     ) -> Result<T, KubeError> {
+        self.json_with(method, path, body, &[]).await
+    }
+
+    async fn json_with<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+        extra: &[(HeaderName, HeaderValue)],
+    ) -> Result<T, KubeError> {
         let op = op_name(&method, path);
-        let (status, bytes) = self.call(&op, method, path, body).await?;
+        let (status, bytes) = self.call(&op, method, path, body, extra).await?;
         if !status.is_success() {
             return Err(http_error(op, status, &bytes));
         }
@@ -526,9 +552,10 @@ impl KubeClient {
         method: Method,
         path: &str,
         body: Option<Bytes>,
+        extra: &[(HeaderName, HeaderValue)],
     ) -> Result<(StatusCode, Bytes), KubeError> {
         self.timed(op, async {
-            let (resp, _guard) = self.send(op, method, path, body, &[], false).await?;
+            let (resp, _guard) = self.send(op, method, path, body, extra, false).await?;
             let status = resp.status();
             let bytes = read_capped(op, resp.into_body()).await?;
             Ok((status, bytes))
@@ -630,7 +657,7 @@ impl KubeClient {
             .header(header::HOST, &ep.authority)
             .header(header::USER_AGENT, USER_AGENT)
             .header(header::ACCEPT, "application/json");
-        if body.is_some() {
+        if body.is_some() && !extra.iter().any(|(k, _)| k == header::CONTENT_TYPE) {
             b = b.header(header::CONTENT_TYPE, "application/json");
         }
         if let Some(v) = auth {

@@ -303,6 +303,8 @@ fn check_block(k: &KubernetesConfig) -> Result<(), KeyError> {
             "only meaningful in persistent mode",
         ));
     }
+    crate::backend::pool::check_config(&pod.pool, pod.mode, !name.is_empty())
+        .map_err(|(key, message)| bad(&format!("kubernetes.pod.pool.{key}"), message))?;
     if pod.shell_command.is_empty() {
         return Err(bad("kubernetes.pod.shellCommand", "must not be empty"));
     }
@@ -424,6 +426,19 @@ mod tests {
             ("  connection:\n    qps: 20\n", "kubernetes.connection.qps"),
             ("  connection:\n    burst: 40\n", "kubernetes.connection.burst"),
             ("  timeouts:\n    podStart: 0s\n", "kubernetes.timeouts.podStart"),
+            (
+                "  pod:\n    mode: session\n    pool: {size: 1}\n",
+                "kubernetes.pod.pool.size",
+            ),
+            (
+                "  pod:\n    metadata: {name: p}\n    pool: {size: 1}\n",
+                "kubernetes.pod.pool.size",
+            ),
+            ("  pod:\n    pool: {size: 1001}\n", "kubernetes.pod.pool.size"),
+            (
+                "  pod:\n    pool: {size: 1, maxAge: 0s}\n",
+                "kubernetes.pod.pool.maxAge",
+            ),
         ];
         for (block, key) in cases {
             let err = check(block).unwrap_err();
@@ -432,5 +447,7 @@ mod tests {
         // The defaults, written out, and 0 (unset) are accepted.
         assert!(check("  connection:\n    qps: 5\n    burst: 10\n").is_ok());
         assert!(check("  connection:\n    qps: 0\n    burst: 0\n").is_ok());
+        let pooled = check("  pod:\n    pool: {size: 3, maxAge: 5m}\n").unwrap();
+        assert_eq!(pooled.pod.pool.size, 3);
     }
 }

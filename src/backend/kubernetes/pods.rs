@@ -152,18 +152,32 @@ fn as_array(v: &mut Value) -> &mut Vec<Value> {
     }
 }
 
+/// The labels and annotation that tie a pod to one connection: labels
+/// `containerssh_connection_id`, `containerssh_username` (see [`label_value`]; left out when
+/// unusable), annotation `containerssh_ip` (the client's address).
+pub fn connection_metadata(meta: &ConnMeta) -> (Map<String, Value>, Map<String, Value>) {
+    let mut labels = Map::new();
+    labels.insert(LABEL_CONNECTION_ID.into(), json!(meta.connection_id));
+    if let Some(u) = label_value(&meta.username) {
+        labels.insert(LABEL_USERNAME.into(), json!(u));
+    }
+    let mut annotations = Map::new();
+    annotations.insert(ANNOTATION_IP.into(), json!(meta.remote_ip));
+    (labels, annotations)
+}
+
 /// The pod to create for one connection (or session):
 /// - `metadata` from the configuration; `namespace` defaults to `default`, and without `name`
 ///   or `generateName` the pod gets `generateName: containerssh-`;
-/// - labels `containerssh_connection_id`, `containerssh_username` (see [`label_value`];
-///   left out when unusable) and `containerssh_instance` = `instance` (sanitised the same
-///   way; [`reap`] selects on it), annotation `containerssh_ip`;
+/// - label `containerssh_instance` = `instance` (sanitised as in [`label_value`]; [`reap`]
+///   selects on it) and, for a connection's pod (`meta`; a pool member has none until its
+///   claim), [`connection_metadata`];
 /// - `spec` from the configuration, with the console container's `command` replaced by
 ///   `command` when given (the idle command in connection mode), and `env` appended to every
 ///   container and init container.
 pub fn pod_body(
     cfg: &KubernetesPodConfig,
-    meta: &ConnMeta,
+    meta: Option<&ConnMeta>,
     instance: &str,
     command: Option<&[String]>,
     env: &[(String, String)],
@@ -179,14 +193,14 @@ pub fn pod_body(
         fields.insert("generateName".into(), json!("containerssh-"));
     }
     let labels = object_at(&mut metadata, &["labels"]);
-    labels.insert(LABEL_CONNECTION_ID.into(), json!(meta.connection_id));
-    if let Some(u) = label_value(&meta.username) {
-        labels.insert(LABEL_USERNAME.into(), json!(u));
-    }
     if let Some(i) = label_value(instance) {
         labels.insert(LABEL_INSTANCE.into(), json!(i));
     }
-    object_at(&mut metadata, &["annotations"]).insert(ANNOTATION_IP.into(), json!(meta.remote_ip));
+    if let Some(meta) = meta {
+        let (labels, annotations) = connection_metadata(meta);
+        object_at(&mut metadata, &["labels"]).extend(labels);
+        object_at(&mut metadata, &["annotations"]).extend(annotations);
+    }
 
     let mut spec = Value::Object(cfg.spec.clone());
     if let Some(command) = command {
@@ -588,7 +602,7 @@ mod tests {
         };
         let cmd = vec!["sleep".to_string(), "1".to_string()];
         let env = vec![("K".to_string(), "V".to_string())];
-        let b = pod_body(&cfg, &meta("bob@x"), "inst-1", Some(&cmd), &env);
+        let b = pod_body(&cfg, Some(&meta("bob@x")), "inst-1", Some(&cmd), &env);
         assert_eq!(b["metadata"]["namespace"], "default");
         assert_eq!(b["metadata"]["generateName"], "containerssh-");
         let l = &b["metadata"]["labels"];
@@ -605,7 +619,7 @@ mod tests {
         assert_eq!(b["spec"]["initContainers"][0]["env"][0]["name"], "K");
 
         cfg.metadata = serde_json::from_value(json!({"name": "fixed", "namespace": "ns"})).unwrap();
-        let b = pod_body(&cfg, &meta(&"u".repeat(64)), "i", None, &[]);
+        let b = pod_body(&cfg, Some(&meta(&"u".repeat(64))), "i", None, &[]);
         assert_eq!(b["metadata"]["name"], "fixed");
         assert_eq!(b["metadata"]["namespace"], "ns");
         assert!(b["metadata"].get("generateName").is_none());
