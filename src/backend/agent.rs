@@ -22,20 +22,63 @@ pub const INJECTED_AGENT_PATH: &str = "/.containerssh/containerssh-agent";
 /// A larger file is not our agent (it is about 1.5 MiB); refuse rather than hold it.
 pub const MAX_AGENT_BINARY_BYTES: u64 = 32 * 1024 * 1024;
 
-/// The agent as loaded.
+/// The agent as checked at start. Its bytes are not kept (1.7 MiB of a server whose whole
+/// idle footprint is a few MiB): they are read again from the file opened at start (the
+/// same inode, whatever happens to the path since) each time they are needed, and checked
+/// against the digest taken then.
 #[derive(Clone)]
 pub struct AgentBinary {
     pub path: PathBuf,
-    pub bytes: Arc<[u8]>,
+    file: Arc<std::fs::File>,
+    len: usize,
+    sha256: [u8; 32],
 }
 
 impl std::fmt::Debug for AgentBinary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentBinary")
             .field("path", &self.path)
-            .field("len", &self.bytes.len())
+            .field("len", &self.len)
             .finish()
     }
+}
+
+impl AgentBinary {
+    /// Its size in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Never: an empty file is no agent.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The SHA-256 of its bytes, in hex.
+    pub fn sha256_hex(&self) -> String {
+        hex::encode(self.sha256)
+    }
+
+    /// Its bytes, read again (blocking: a file read of ~2 MiB), as they were at start.
+    pub fn read(&self) -> std::io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; self.len];
+        self.file.read_exact_at(&mut buf, 0)?;
+        if sha256(&buf) != self.sha256 {
+            return Err(std::io::Error::other(format!(
+                "{} changed since the server started (restart the server to inject the new agent)",
+                self.path.display()
+            )));
+        }
+        Ok(buf)
+    }
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,13 +142,19 @@ fn load(path: &Path) -> Result<AgentBinary, AgentBinaryError> {
         path: path.to_path_buf(),
         source,
     };
-    let meta = std::fs::metadata(path).map_err(read)?;
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(read)?;
+    let meta = file.metadata().map_err(read)?;
     if meta.len() > MAX_AGENT_BINARY_BYTES {
         return Err(AgentBinaryError::TooLarge {
             path: path.to_path_buf(),
         });
     }
-    let bytes = std::fs::read(path).map_err(read)?;
+    let mut bytes = Vec::new();
+    (&file)
+        .take(MAX_AGENT_BINARY_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read)?;
     if let Some(reason) = static_elf_problem(&bytes) {
         return Err(AgentBinaryError::Unusable {
             path: path.to_path_buf(),
@@ -114,7 +163,9 @@ fn load(path: &Path) -> Result<AgentBinary, AgentBinaryError> {
     }
     Ok(AgentBinary {
         path: path.to_path_buf(),
-        bytes: bytes.into(),
+        file: Arc::new(file),
+        len: bytes.len(),
+        sha256: sha256(&bytes),
     })
 }
 

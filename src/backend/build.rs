@@ -62,7 +62,7 @@ pub fn build(settings: &Settings) -> Result<Arc<dyn Backend>, Box<dyn std::error
     if settings.docker.execution.disable_agent {
         tracing::info!(code = "BACKEND_AGENT_DISABLED", "{NO_AGENT}");
     } else if let Some(a) = &agent {
-        tracing::info!(code = "BACKEND_AGENT_INJECTED", binary = %a.path.display(), bytes = a.bytes.len(), to = crate::backend::agent::INJECTED_AGENT_PATH, uploaded_to = %settings.docker.execution.agent_path, "injecting the agent into containers: a read-only volume, or an upload where the volume cannot be used (persistent mode)");
+        tracing::info!(code = "BACKEND_AGENT_INJECTED", binary = %a.path.display(), bytes = a.len(), to = crate::backend::agent::INJECTED_AGENT_PATH, uploaded_to = %settings.docker.execution.agent_path, "injecting the agent into containers: a read-only volume, or an upload where the volume cannot be used (persistent mode)");
     }
     // The backend keeps its own archive of the agent.
     let checked = DockerSettings::check(&settings.docker)?;

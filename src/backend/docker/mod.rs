@@ -145,6 +145,9 @@ pub enum DockerError {
     /// The engine did not answer within the HTTP timeout.
     #[error("Docker request {op} timed out")]
     Timeout { op: &'static str },
+    /// The agent to inject could not be read again (or changed since the start).
+    #[error("reading the agent to inject failed: {0}")]
+    AgentFile(#[source] std::io::Error),
 }
 
 impl DockerError {

@@ -61,13 +61,12 @@ struct ApiLevel {
 struct AgentTars {
     /// The parent directory of `agentPath`, for the upload that assumes it exists.
     dir: String,
-    /// Just the file, extracted into `dir`.
-    in_dir: Bytes,
-    /// `dir` and its parents, extracted into `/` first when `dir` is missing (small; the
-    /// file is never held twice).
+    /// The file's name in `dir`.
+    name: String,
+    /// `dir` and its parents, extracted into `/` first when `dir` is missing (small).
     dirs: Bytes,
-    /// What fills the agent volume: the agent, then the ready marker.
-    volume: Bytes,
+    /// The agent, read for each archive ([`Self::in_dir`], [`Self::volume`]): not held.
+    binary: AgentBinary,
     /// `containerssh-agent-<first 16 hex digits of the agent's SHA-256>`: one volume per
     /// agent build, shared by every container and every server on the engine.
     volume_name: String,
@@ -289,12 +288,12 @@ impl AgentTars {
             Some((d, n)) => (d, n),
             None => ("", rel),
         };
-        let in_dir = build_tar(&[TarEntry {
+        // The path and modes are checked now: building with the bytes later cannot fail.
+        build_tar(&[TarEntry {
             path: name,
             mode: 0o755,
-            data: TarData::File(&binary.bytes),
-        }])?
-        .into();
+            data: TarData::File(b""),
+        }])?;
         let mut dirs: Vec<String> = Vec::new();
         for component in dir.split('/').filter(|c| !c.is_empty()) {
             let next = match dirs.last() {
@@ -311,28 +310,52 @@ impl AgentTars {
                 data: TarData::Dir,
             })
             .collect();
-        let volume = build_tar(&[
-            TarEntry {
-                path: agent::AGENT_FILE_NAME,
-                mode: 0o755,
-                data: TarData::File(&binary.bytes),
-            },
-            TarEntry {
-                path: AGENT_VOLUME_READY,
-                mode: 0o644,
-                data: TarData::File(b""),
-            },
-        ])?
-        .into();
-        let digest = ring::digest::digest(&ring::digest::SHA256, &binary.bytes);
-        let hex = hex::encode(digest.as_ref());
+        let hex = binary.sha256_hex();
         Ok(Self {
             dir: format!("/{dir}"),
-            in_dir,
+            name: name.to_string(),
             dirs: build_tar(&entries)?.into(),
-            volume,
+            binary: binary.clone(),
             volume_name: format!("containerssh-agent-{}", hex.get(..16).unwrap_or(&hex)),
         })
+    }
+
+    /// `(name, mode, bytes)` entries with the agent's bytes as the first, as a tar (off the
+    /// runtime's threads: a file read and a copy of ~2 MiB).
+    async fn archive(&self, name: &str, extra: Option<&'static str>) -> Result<Bytes, DockerError> {
+        let binary = self.binary.clone();
+        let name = name.to_string();
+        let built = tokio::task::spawn_blocking(move || {
+            let bytes = binary.read()?;
+            let mut entries = vec![TarEntry {
+                path: &name,
+                mode: 0o755,
+                data: TarData::File(&bytes),
+            }];
+            if let Some(marker) = extra {
+                entries.push(TarEntry {
+                    path: marker,
+                    mode: 0o644,
+                    data: TarData::File(b""),
+                });
+            }
+            build_tar(&entries).map_err(std::io::Error::other)
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        built.map(Bytes::from).map_err(DockerError::AgentFile)
+    }
+
+    /// Just the file, extracted into `dir`.
+    async fn in_dir(&self) -> Result<Bytes, DockerError> {
+        self.archive(&self.name, None).await
+    }
+
+    /// What fills the agent volume: the agent, then the ready marker.
+    async fn volume(&self) -> Result<Bytes, DockerError> {
+        self.archive(agent::AGENT_FILE_NAME, Some(AGENT_VOLUME_READY))
+            .await
     }
 }
 
@@ -587,7 +610,7 @@ impl Docker {
                 return Ok(false);
             }
             self.client
-                .put_archive(&helper, agent::AGENT_DIR, tars.volume.clone())
+                .put_archive(&helper, agent::AGENT_DIR, tars.volume().await?)
                 .await?;
             Ok(true)
         }
@@ -609,17 +632,12 @@ impl Docker {
             return Ok(());
         };
         let upload = async {
-            match self
-                .client
-                .put_archive(id, &tars.dir, tars.in_dir.clone())
-                .await
-            {
+            let in_dir = tars.in_dir().await?;
+            match self.client.put_archive(id, &tars.dir, in_dir.clone()).await {
                 // The directory is missing from the image: create it, then try again.
                 Err(DockerError::Status { status: 404, .. }) => {
                     self.client.put_archive(id, "/", tars.dirs.clone()).await?;
-                    self.client
-                        .put_archive(id, &tars.dir, tars.in_dir.clone())
-                        .await
+                    self.client.put_archive(id, &tars.dir, in_dir).await
                 }
                 other => other,
             }
