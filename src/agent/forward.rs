@@ -269,6 +269,12 @@ pub fn run(exe: Option<PathBuf>) -> Result<i32, AgentError> {
     let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned().map(File::from);
     let mut input = dup(io::stdin().as_fd()).map_err(AgentError::Stdio)?;
     let output = dup(io::stdout().as_fd()).map_err(AgentError::Stdio)?;
+    if exe.is_some() {
+        // session-server (no seccomp filter; forward-server's allows no such fcntl): where
+        // our output is a pipe (the engine's attach or exec stream), room for programs'
+        // output while the engine reads; a socket or a refusing kernel keeps its size.
+        let _ = rustix::pipe::fcntl_setpipe_size(&output, super::programs::OUTPUT_PIPE_BYTES);
+    }
     let (tx, rx) = mpsc::channel();
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
@@ -317,16 +323,31 @@ pub fn run(exe: Option<PathBuf>) -> Result<i32, AgentError> {
     }
 }
 
+/// Frames at least this large skip the writer's buffer: their payload goes out from where it
+/// is, with its header, in one `writev`.
+const BULK_FRAME: usize = 16 * 1024;
+
 /// The stdout writer: whole frames, flushed when the channel runs dry (during a long burst the
-/// `BufWriter` writes out whenever its buffer fills).
+/// `BufWriter` writes out whenever its buffer fills). Bulk `Data` is not copied into the
+/// buffer (nor into an encoded frame).
 fn writer(shared: &Shared, rx: Receiver<Frame>, output: File) {
-    let mut out = BufWriter::with_capacity(64 * 1024, output);
-    let mut bytes = Vec::with_capacity(MAX_DATA + 64);
+    let mut out = BufWriter::with_capacity(BULK_FRAME, output);
+    let mut bytes = Vec::with_capacity(MAX_MESSAGE_LEN + 64);
     while let Ok(mut frame) = rx.recv() {
         loop {
-            bytes.clear();
-            frame.encode(&mut bytes);
-            if out.write_all(&bytes).is_err() {
+            let written = match &frame {
+                Frame::Data { id, data } if data.len() >= BULK_FRAME => {
+                    let header = super::proto::data_header(*id, data.len());
+                    out.flush()
+                        .and_then(|()| write_all_vectored(out.get_mut(), &header, data))
+                }
+                _ => {
+                    bytes.clear();
+                    frame.encode(&mut bytes);
+                    out.write_all(&bytes)
+                }
+            };
+            if written.is_err() {
                 finish(shared, 0);
             }
             match rx.try_recv() {
@@ -338,6 +359,21 @@ fn writer(shared: &Shared, rx: Receiver<Frame>, output: File) {
             finish(shared, 0);
         }
     }
+}
+
+/// `head` then `body`, with as few `writev` calls as the pipe takes.
+fn write_all_vectored(out: &mut File, head: &[u8], body: &[u8]) -> io::Result<()> {
+    let mut bufs = [io::IoSlice::new(head), io::IoSlice::new(body)];
+    let mut bufs = &mut bufs[..];
+    while !bufs.is_empty() {
+        match out.write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Dispatches one frame from the server (main thread).
@@ -858,11 +894,35 @@ fn socket_reader(shared: &Shared, stream: &Stream) {
             half_done(shared, stream, |p| p.sent_eof = true);
             return;
         }
+        let n = n + more_output(&stream.sock, buf.get_mut(n..allowed).unwrap_or_default());
         *stream.credit.lock().unwrap_or_else(|e| e.into_inner()) -= n as u32;
         shared.send(Frame::Data {
             id: stream.id,
-            data: buf.iter().take(n).copied().collect(),
+            data: buf.get(..n).unwrap_or_default().to_vec(),
         });
+    }
+}
+
+/// After a short read of a program's output, how long its reader lets the program write more
+/// before sending what it has. A program writing 4 KiB at a time (busybox) would otherwise
+/// make a frame, and downstream a wake-up of every hop, per 4 KiB.
+const COALESCE: Duration = Duration::from_micros(200);
+
+/// What a program wrote within [`COALESCE`] after a short read, read into `room` (only what
+/// the pipe holds: never blocks); 0 for a socket, or when `room` is most of the frame.
+fn more_output(sock: &Sock, room: &mut [u8]) -> usize {
+    let Sock::Program { read, .. } = sock else {
+        return 0;
+    };
+    if room.len() < MAX_DATA / 2 {
+        return 0;
+    }
+    thread::sleep(COALESCE);
+    let held = rustix::io::ioctl_fionread(read).unwrap_or(0);
+    let want = usize::try_from(held).unwrap_or(usize::MAX).min(room.len());
+    match room.get_mut(..want) {
+        Some(r) if want > 0 => (&*read).read(r).unwrap_or(0),
+        _ => 0,
     }
 }
 

@@ -59,10 +59,14 @@ pub fn start(
         let mut child = cmd.spawn()?;
         let pid = pid_of(&child)?;
         let missing = || io::Error::other("the program's pipes are missing");
+        let output = child.stdout.take().map(into_file).ok_or_else(missing)?;
+        // Room for the program to write on while a frame goes out (a pipe's default 64 KiB
+        // is two frames); where the kernel refuses, the default stays.
+        let _ = rustix::pipe::fcntl_setpipe_size(&output, OUTPUT_PIPE_BYTES);
         return Ok(Spawned {
             pid,
             input: child.stdin.take().map(into_file).ok_or_else(missing)?,
-            output: child.stdout.take().map(into_file).ok_or_else(missing)?,
+            output,
             stderr: Some(child.stderr.take().map(into_file).ok_or_else(missing)?),
             master: None,
         });
@@ -96,6 +100,9 @@ pub fn start(
         master: Some(master),
     })
 }
+
+/// The pipe buffer of a program's stdout (and of the session-server's own).
+pub const OUTPUT_PIPE_BYTES: usize = 256 * 1024;
 
 fn pid_of(child: &std::process::Child) -> io::Result<Pid> {
     // The trampoline is reaped by the agent's reaper (wait4(-1)), never through `child`.

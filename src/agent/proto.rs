@@ -468,6 +468,33 @@ fn spawn_strings(mut p: &[u8], argc: usize, envc: usize) -> Result<SpawnStrings,
     Ok((argv, env))
 }
 
+/// The header of a `Data` frame of `len` payload bytes (`len` at most [`MAX_DATA`]), for a
+/// writer that sends the payload from where it is instead of copying it into an encoded frame.
+pub fn data_header(id: u32, len: usize) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    // MIN_LEN + MAX_DATA fits a u32 by far; a larger len is the caller's bug, encoded as is.
+    let body = u32::try_from(MIN_LEN + len).unwrap_or(u32::MAX);
+    let (l, rest) = h.split_at_mut(4);
+    l.copy_from_slice(&body.to_be_bytes());
+    if let Some((ty, idb)) = rest.split_first_mut() {
+        *ty = kind::DATA;
+        idb.copy_from_slice(&id.to_be_bytes());
+    }
+    h
+}
+
+/// A valid, complete `Data` frame at the start of `buf`: its stream id and the frame's whole
+/// length (header included), for a reader that keeps the payload where it is. `None` for
+/// anything else (another kind, a partial or invalid frame): [`decode`] says what it is.
+pub fn data_frame(buf: &[u8]) -> Option<(u32, usize)> {
+    let (len_bytes, rest) = buf.split_first_chunk::<4>()?;
+    let len = u32::from_be_bytes(*len_bytes) as usize;
+    let (&[ty, i0, i1, i2, i3], _) = rest.split_first_chunk::<MIN_LEN>()?;
+    let payload = len.checked_sub(MIN_LEN)?;
+    (ty == kind::DATA && (1..=MAX_DATA).contains(&payload) && rest.len() >= len)
+        .then(|| (u32::from_be_bytes([i0, i1, i2, i3]), 4 + len))
+}
+
 /// Decodes the frame at the start of `buf`: `Ok(None)` when `buf` holds only part of it,
 /// `Ok(Some((frame, bytes consumed)))`, or why the bytes are no valid frame. Never panics.
 pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, ProtoError> {
@@ -662,6 +689,43 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, ProtoError> {
 
 #[cfg(test)]
 mod tests {
+    /// The header written apart and the fast path of readers agree with `encode` and
+    /// `decode`, and the fast path leaves every other frame (and every bad one) to `decode`.
+    #[test]
+    fn data_header_and_data_frame_agree_with_encode_and_decode() {
+        for len in [1, 100, MAX_DATA] {
+            let frame = Frame::Data {
+                id: 0x8000_0007,
+                data: vec![7; len],
+            };
+            let mut enc = Vec::new();
+            frame.encode(&mut enc);
+            assert_eq!(
+                enc.get(..HEADER_LEN),
+                Some(&data_header(0x8000_0007, len)[..])
+            );
+            assert_eq!(data_frame(&enc), Some((0x8000_0007, enc.len())));
+            assert_eq!(
+                data_frame(enc.get(..enc.len() - 1).unwrap()),
+                None,
+                "partial"
+            );
+            let (decoded, used) = decode(&enc).unwrap().unwrap();
+            assert_eq!((decoded, used), (frame, enc.len()));
+        }
+        let mut ack = Vec::new();
+        Frame::Ack { id: 1, bytes: 5 }.encode(&mut ack);
+        assert_eq!(data_frame(&ack), None);
+        // Empty and oversized Data are decode's errors, not the fast path's frames.
+        let empty = data_header(1, 0);
+        assert_eq!(data_frame(&empty), None);
+        assert!(decode(&empty).is_err());
+        let mut big = data_header(1, MAX_DATA + 1).to_vec();
+        big.resize(HEADER_LEN + MAX_DATA + 1, 0);
+        assert_eq!(data_frame(&big), None);
+        assert!(decode(&big).is_err());
+    }
+
     use super::*;
 
     fn all_frames() -> Vec<Frame> {

@@ -91,12 +91,51 @@ struct Inbox {
     ready: Notify,
 }
 
+/// Payloads at least this large stay as they arrived (a slice of what was read: not copied);
+/// smaller ones are copied together, so that an inbox holds a few pieces whatever the size of
+/// the agent's frames (at most two per [`KEEP_WHOLE`] bytes of credit).
+const KEEP_WHOLE: usize = 8 * 1024;
+
 #[derive(Default)]
 struct InboxState {
-    data: BytesMut,
+    /// Payloads in order: large ones as they arrived, small ones copied together.
+    data: VecDeque<Bytes>,
+    /// Small payloads after the last of `data`.
+    small: BytesMut,
     eof: bool,
     /// The stream is over (closed by the agent, or the mux stopped).
     closed: bool,
+}
+
+impl InboxState {
+    fn push(&mut self, payload: Bytes) {
+        if payload.len() < KEEP_WHOLE {
+            self.small.extend_from_slice(&payload);
+            return;
+        }
+        if !self.small.is_empty() {
+            self.data.push_back(self.small.split().freeze());
+        }
+        self.data.push_back(payload);
+    }
+
+    /// Everything held, as one piece (copied together only when it is several).
+    fn take(&mut self) -> Option<Bytes> {
+        match (self.data.len(), self.small.is_empty()) {
+            (0, true) => None,
+            (0, false) => Some(self.small.split().freeze()),
+            (1, true) => self.data.pop_front(),
+            _ => {
+                let total = self.data.iter().map(Bytes::len).sum::<usize>() + self.small.len();
+                let mut all = BytesMut::with_capacity(total);
+                for piece in self.data.drain(..) {
+                    all.extend_from_slice(&piece);
+                }
+                all.extend_from_slice(&self.small.split());
+                Some(all.freeze())
+            }
+        }
+    }
 }
 
 impl Inbox {
@@ -119,6 +158,10 @@ struct StreamSlot {
     credit: Arc<Semaphore>,
     /// Bytes the agent sent that we have not acknowledged yet.
     unacked: u32,
+    /// Of those, bytes delivered and to be acknowledged with the next `Ack`, which goes once
+    /// they reach a quarter of `limit` (the agent, having sent `limit`, is then owed at least
+    /// that much: it never waits on bytes held back here).
+    delivered: u32,
     /// The agent sent its `Eof`.
     eof: bool,
 }
@@ -552,17 +595,7 @@ impl Mux {
                 }));
             }
             Frame::Data { id, data } => {
-                if let Some(slot) = st.streams.get_mut(&id) {
-                    if slot.eof {
-                        return Err(format!("stream {id}: data after its Eof"));
-                    }
-                    slot.unacked = slot.unacked.saturating_add(data.len() as u32);
-                    if slot.unacked > slot.limit {
-                        return Err(format!("stream {id}: data beyond the credit"));
-                    }
-                    slot.inbox.lock().data.extend_from_slice(&data);
-                    slot.inbox.ready.notify_one();
-                }
+                return data_arrived(&mut st, id, data.into()).map(|()| None)
             }
             Frame::Eof { id } => {
                 if let Some(slot) = st.streams.get_mut(&id) {
@@ -609,6 +642,22 @@ impl Mux {
     }
 }
 
+/// A `Data` payload for stream `id`, into its inbox within its credit.
+fn data_arrived(st: &mut State, id: u32, data: Bytes) -> Result<(), String> {
+    if let Some(slot) = st.streams.get_mut(&id) {
+        if slot.eof {
+            return Err(format!("stream {id}: data after its Eof"));
+        }
+        slot.unacked = slot.unacked.saturating_add(data.len() as u32);
+        if slot.unacked > slot.limit {
+            return Err(format!("stream {id}: data beyond the credit"));
+        }
+        slot.inbox.lock().push(data);
+        slot.inbox.ready.notify_one();
+    }
+    Ok(())
+}
+
 fn new_stream(st: &mut State, mux: Arc<Mux>, id: u32) -> MuxStream {
     new_stream_with(st, mux, id, INITIAL_CREDIT)
 }
@@ -623,6 +672,7 @@ fn new_stream_with(st: &mut State, mux: Arc<Mux>, id: u32, limit: u32) -> MuxStr
             inbox: Arc::clone(&inbox),
             credit: Arc::clone(&credit),
             unacked: 0,
+            delivered: 0,
             eof: false,
         },
     );
@@ -691,6 +741,15 @@ async fn read_frames(
         buf.extend_from_slice(&chunk);
         let mut violation = None;
         loop {
+            // Data, the bulk, is handed on as a slice of `buf`; the rest is decoded.
+            if let Some((id, len)) = proto::data_frame(&buf) {
+                let payload = buf.split_to(len).split_off(proto::HEADER_LEN).freeze();
+                if let Err(e) = data_arrived(&mut mux.state(), id, payload) {
+                    violation = Some(e);
+                    break;
+                }
+                continue;
+            }
             match proto::decode(&buf) {
                 Ok(Some((frame, used))) => {
                     let _ = buf.split_to(used);
@@ -790,8 +849,10 @@ impl MuxSource {
             ready.as_mut().enable();
             {
                 let mut st = self.inbox.lock();
-                if !st.data.is_empty() {
-                    return Some(StreamEvent::Data(st.data.split().freeze()));
+                // Several payloads (a program writing 4 KiB at a time) go on as one:
+                // bounded by the stream's credit.
+                if let Some(data) = st.take() {
+                    return Some(StreamEvent::Data(data));
                 }
                 if std::mem::take(&mut st.eof) {
                     return Some(StreamEvent::Eof);
@@ -804,16 +865,23 @@ impl MuxSource {
         }
     }
 
-    /// Returns credit for `n` bytes received and delivered.
+    /// Returns credit for `n` bytes received and delivered: with the next `Ack`, once a
+    /// quarter of the stream's credit was delivered (one frame per 32 KiB would be most of
+    /// what crosses back to the agent).
     pub fn ack(&self, n: usize) {
         let StreamGuard { id, mux } = &*self.guard;
-        if let Some(slot) = mux.state().streams.get_mut(id) {
-            slot.unacked = slot.unacked.saturating_sub(n as u32);
+        let mut st = mux.state();
+        let Some(slot) = st.streams.get_mut(id) else {
+            return;
+        };
+        slot.delivered = slot.delivered.saturating_add(n as u32).min(slot.unacked);
+        if slot.delivered < (slot.limit / 4).max(1) {
+            return;
         }
-        mux.send(&Frame::Ack {
-            id: *id,
-            bytes: n as u32,
-        });
+        let bytes = std::mem::take(&mut slot.delivered);
+        slot.unacked -= bytes;
+        drop(st);
+        mux.send(&Frame::Ack { id: *id, bytes });
     }
 }
 

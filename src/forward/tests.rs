@@ -173,6 +173,20 @@ async fn tiny_frames_are_held_as_bytes_not_as_frames() {
             .unwrap();
     }
     agent.send(Frame::Eof { id: AGENT_ID_BASE }).await.unwrap();
+    // Once all of it arrived, the stream holds it in one piece, not as 262144 payloads.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while mux.state().streams.get(&AGENT_ID_BASE).map(|s| s.eof) != Some(true) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("everything arrives");
+    let pieces = {
+        let st = mux.state();
+        let inbox = st.streams.get(&AGENT_ID_BASE).unwrap().inbox.lock();
+        inbox.data.len() + usize::from(!inbox.small.is_empty())
+    };
+    assert_eq!(pieces, 1);
     let mut got = 0;
     while got < INITIAL_CREDIT as usize {
         match source.recv().await.unwrap() {
@@ -194,14 +208,14 @@ async fn an_agent_that_stops_reading_holds_data_back_then_is_cut_off() {
     sink.send(&vec![0u8; INITIAL_CREDIT as usize])
         .await
         .unwrap();
-    // The agent sends and never reads: the acks for what it sent pile up until the mux
-    // gives up on it.
+    // The agent sends and never reads: the acknowledgements for what it sent, and every
+    // other control frame, pile up until the mux gives up on it.
     let flood = async {
         loop {
             let sent = agent
                 .send(Frame::Data {
                     id: AGENT_ID_BASE,
-                    data: vec![1],
+                    data: vec![1; MAX_DATA],
                 })
                 .await;
             if sent.is_err() || mux.is_stopped() {
@@ -210,6 +224,9 @@ async fn an_agent_that_stops_reading_holds_data_back_then_is_cut_off() {
             if let Some(StreamEvent::Data(d)) = source.recv().await {
                 source.ack(d.len());
             }
+            for _ in 0..64 {
+                mux.resize(AGENT_ID_BASE, 24, 80);
+            }
         }
     };
     tokio::time::timeout(Duration::from_secs(20), flood)
@@ -217,6 +234,59 @@ async fn an_agent_that_stops_reading_holds_data_back_then_is_cut_off() {
         .expect("the mux cut the agent off");
     assert!(mux.is_stopped());
     assert!(mux.outbox.frames.lock().unwrap().is_empty());
+}
+
+/// What the agent sent is acknowledged once a quarter of its credit was delivered, not
+/// frame by frame. An agent that spent its whole credit gets back all but less than a
+/// quarter of it once everything was delivered (never waiting: what is held back is less
+/// than what it may send).
+#[tokio::test]
+async fn acknowledgements_go_per_quarter_of_the_credit() {
+    let (_mux, mut incoming, mut agent) = start();
+    agent.send(accepted(AGENT_ID_BASE)).await.unwrap();
+    let inc = incoming.recv().await.unwrap();
+    let (_sink, mut source) = inc.stream.split();
+    let frames = INITIAL_CREDIT as usize / 4096;
+    let mut delivered = 0;
+    for _ in 0..frames {
+        agent
+            .send(Frame::Data {
+                id: AGENT_ID_BASE,
+                data: vec![7; 4096],
+            })
+            .await
+            .unwrap();
+        // Delivered as it comes, one frame at a time.
+        match source.recv().await {
+            Some(StreamEvent::Data(d)) => {
+                delivered += d.len();
+                source.ack(d.len());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(delivered, INITIAL_CREDIT as usize);
+    let quarter = INITIAL_CREDIT / 4;
+    let mut acks = Vec::new();
+    let mut buf = Vec::new();
+    while acks.iter().sum::<u32>() < INITIAL_CREDIT - quarter + 1 {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), agent.from_mux.read(&mut chunk))
+            .await
+            .expect("the credit comes back")
+            .unwrap();
+        assert!(n > 0, "the mux closed its output");
+        buf.extend_from_slice(&chunk[..n]);
+        while let Some((f, used)) = proto::decode(&buf).unwrap() {
+            buf.drain(..used);
+            match f {
+                Frame::Ack { id, bytes } if id == AGENT_ID_BASE => acks.push(bytes),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    // 64 frames, 4 acknowledgements of a quarter each.
+    assert_eq!(acks, vec![quarter; 4]);
 }
 
 #[tokio::test]
