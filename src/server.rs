@@ -309,7 +309,11 @@ async fn run_session(
     let handler = Handler::new(Arc::clone(conn));
     let handshake_deadline = accepted_at + shared.settings.ssh.handshake_timeout;
     let login_deadline = accepted_at + shared.settings.ssh.login_grace_time;
-    let stream = VersionRecorder::new(stream, Arc::clone(&conn.hello), conn.stream_end.clone());
+    let stream = VersionRecorder::new(
+        crate::front::quickack::QuickAck::new(stream),
+        Arc::clone(&conn.hello),
+        conn.stream_end.clone(),
+    );
     let started = tokio::select! {
         r = tokio::time::timeout_at(
             handshake_deadline,

@@ -16,6 +16,7 @@
 pub mod cidr;
 pub mod penalty;
 pub mod proxy;
+pub mod quickack;
 
 use std::collections::HashMap;
 use std::net::IpAddr;

@@ -276,6 +276,12 @@ impl<S> Prefixed<S> {
     }
 }
 
+impl<S: std::os::fd::AsFd> std::os::fd::AsFd for Prefixed<S> {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.inner.as_fd()
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
