@@ -10,6 +10,8 @@ measured and why.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import os
 import re
 import resource
@@ -18,12 +20,14 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -62,10 +66,15 @@ KEEP = os.environ.get("BENCH_KEEP", "") == "1"
 PIDFILE = os.environ.get("BENCH_PIDFILE", "")
 # A warm pool of this many containers for an extra connection-mode variant in the latency phase.
 POOL_SIZE = int(os.environ.get("BENCH_POOL", "2"))
+# Also burst the parallel logins against a server with a pool as large as the largest burst.
+PARALLEL_POOL = os.environ.get("BENCH_PARALLEL_POOL", "1") == "1"
+# Rounds of the Kubernetes phase (`ssh HOST true` through the fake API server, cold and pooled).
+N_KUBE = env_int("BENCH_KUBE_N", 10)
+KUBEFAKE = Path(__file__).resolve().parent.parent / "tests" / "support" / "kubefake" / "kubefake.py"
 # Also measure recorded sessions (audit, binary and asciinema) in the throughput phase.
 AUDIT_TP = os.environ.get("BENCH_AUDIT", "1") == "1"
 PHASES = [p.strip() for p in os.environ.get(
-    "BENCH_PHASES", "binary,latency,breakdown,throughput,memory,parallel").split(",") if p.strip()]
+    "BENCH_PHASES", "binary,latency,breakdown,throughput,memory,parallel,kube").split(",") if p.strip()]
 
 CIPHER = "aes128-gcm@openssh.com"
 KEX = "curve25519-sha256"
@@ -228,11 +237,110 @@ def parse_ts(s: str) -> int | None:
 # The servers
 # --------------------------------------------------------------------------------------
 
+class KubeFake:
+    """The project's fake Kubernetes API server (pods become containers of the local engine),
+    over TLS with a bearer token, and the agent's init image built from the static agent."""
+
+    def __init__(self, bench: "Bench"):
+        if not AGENT_BIN:
+            raise RuntimeError("the Kubernetes phase needs the static agent (BENCH_AGENT_BIN)")
+        d = bench.work / "kubefake"
+        d.mkdir()
+        self.dir = d
+        (d / "srv.ext").write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+        run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", d / "ca.key",
+             "-out", d / "ca.crt", "-days", "2", "-subj", "/CN=bench-kubefake-ca"])
+        run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", d / "srv.key", "-out",
+             d / "srv.csr", "-subj", "/CN=127.0.0.1"])
+        run(["openssl", "x509", "-req", "-in", d / "srv.csr", "-CA", d / "ca.crt", "-CAkey", d / "ca.key",
+             "-CAcreateserial", "-out", d / "srv.crt", "-days", "2", "-extfile", d / "srv.ext"])
+        self.token = os.urandom(16).hex()
+        self.log = open(d / "kubefake.log", "wb")
+        self.proc = subprocess.Popen(
+            ["python3", str(KUBEFAKE), "--listen", "127.0.0.1:0", "--prefix", f"kfb{RUN}",
+             "--tls-cert", str(d / "srv.crt"), "--tls-key", str(d / "srv.key"), "--token", self.token],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        bench.track(self.proc)
+        ready: list[str] = []
+        reader = threading.Thread(target=lambda: ready.append(self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(30)
+        if not ready or not ready[0].startswith("listening on "):
+            raise RuntimeError(f"kubefake did not start: {ready!r}\n{(d / 'kubefake.log').read_text()}")
+        self.url = ready[0].split("listening on ", 1)[1].strip()
+        self.ctx = ssl.create_default_context(cafile=str(d / "ca.crt"))
+        self.init_image = self.build_init_image()
+
+    @staticmethod
+    def build_init_image() -> str:
+        with open(AGENT_BIN, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:12]
+        tag = f"containerssh-agent-init:{digest}"
+        if run(["docker", "image", "inspect", tag], check=False).returncode == 0:
+            return tag
+        with tempfile.TemporaryDirectory(prefix="bench-agent-init-") as ctx:
+            shutil.copy(AGENT_BIN, Path(ctx) / "containerssh-agent")
+            os.chmod(Path(ctx) / "containerssh-agent", 0o755)
+            (Path(ctx) / "Dockerfile").write_text(
+                "FROM scratch\nCOPY containerssh-agent /usr/bin/containerssh-agent\n")
+            run(["docker", "build", "-q", "-t", tag, ctx], timeout=300)
+        return tag
+
+    def backend_yaml(self, mode: str, pool: int) -> str:
+        return f"""backend: kubernetes
+kubernetes:
+  connection:
+    host: "{self.url}"
+    cacertFile: "{self.dir / 'ca.crt'}"
+    bearerToken: "{self.token}"
+  pod:
+    metadata:
+      namespace: default
+      labels:
+        containerssh_bench_kube: "{RUN}"
+    spec:
+      containers:
+        - name: shell
+          image: "{IMAGE}"
+    mode: {mode}
+    shellCommand: ["/bin/sh"]
+    agentInitImage: "{self.init_image}"
+{f"    pool:{chr(10)}      size: {pool}{chr(10)}" if pool else ""}"""
+
+    def pods(self, selector: str) -> list[dict]:
+        q = urllib.parse.quote(selector, safe="")
+        req = urllib.request.Request(f"{self.url}/api/v1/namespaces/default/pods?labelSelector={q}",
+                                     headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(req, timeout=30, context=self.ctx) as r:
+            return json.load(r).get("items", [])
+
+    def settled(self, instance: str, pool: int, timeout: float) -> bool:
+        """Bounded poll until `instance` has exactly `pool` pods, all waiting members, running."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            every = self.pods(f"containerssh_instance={instance}")
+            ready = [p for p in every if p["metadata"].get("labels", {}).get("containerssh_pool") == "1"
+                     and p.get("status", {}).get("phase") == "Running"
+                     and not p["metadata"].get("deletionTimestamp")]
+            if len(every) == pool and len(ready) == pool:
+                return True
+            time.sleep(0.1)
+        return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
 class Ours:
     """One containerssh process with its own config, port, instance ID and log file."""
 
     def __init__(self, bench: "Bench", name: str, mode: str, level: str = "info", extra: str = "",
-                 pool: int = 0):
+                 pool: int = 0, kube: "KubeFake | None" = None):
         self.bench = bench
         self.name = name
         self.instance = f"bench-{RUN}-{name}"
@@ -246,6 +354,17 @@ class Ours:
             agent_yaml = ('    idleCommand: ["/bin/sleep", "infinity"]' + chr(10)
                           + '    disableAgent: true' + chr(10))
             agent_top = ""
+        backend = kube.backend_yaml(mode, pool) if kube else f"""backend: docker
+docker:
+  execution:
+    container:
+      image: "{IMAGE}"
+      labels:
+        {"containerssh_bench_pool" if pool else "containerssh_bench"}: "{RUN}"
+    mode: {mode}
+{f"    pool:{chr(10)}      size: {pool}{chr(10)}" if pool else ""}    imagePullPolicy: Never
+    shellCommand: ["/bin/sh"]
+{agent_yaml}{f'  timeouts:{chr(10)}    http: "{HTTP_TIMEOUT}"{chr(10)}' if HTTP_TIMEOUT else ''}"""
         cfg.write_text(f"""ssh:
   listen: 127.0.0.1:{self.port}
   hostkeys:
@@ -261,17 +380,7 @@ auth:
     method: authorizedKeys
     authorizedKeys:
       path: "{w}/keys/%u"
-backend: docker
-docker:
-  execution:
-    container:
-      image: "{IMAGE}"
-      labels:
-        {"containerssh_bench_pool" if pool else "containerssh_bench"}: "{RUN}"
-    mode: {mode}
-{f"    pool:{chr(10)}      size: {pool}{chr(10)}" if pool else ""}    imagePullPolicy: Never
-    shellCommand: ["/bin/sh"]
-{agent_yaml}{f'  timeouts:{chr(10)}    http: "{HTTP_TIMEOUT}"{chr(10)}' if HTTP_TIMEOUT else ''}log:
+{backend}log:
   level: {level}
   format: text
 instanceId: "{self.instance}"
@@ -1060,6 +1169,87 @@ class Bench:
                          f"{r['ok']}/{r['fail']}, {fmt(r['wall'], 1)} s, {fmt(r['p50'], 0)}/{fmt(r['max'], 0)} ms"
                          + (f"; {note}" if note else ""))
                 wait_no_containers(BENCH_LABEL, T_SETTLE)
+        if PARALLEL_POOL and PARALLEL:
+            self.parallel_pooled()
+
+    def parallel_pooled(self) -> None:
+        """The largest burst again, against a server whose pool holds that many members."""
+        m = max(PARALLEL)
+        srv = Ours(self, "ppool", "connection", pool=m)
+        self.servers.append(srv)
+        self.hosts["ours-ppool"] = srv.port
+        self.ssh_config(self.hosts)
+        label = f"label=containerssh_instance={srv.instance}"
+
+        def members() -> int:
+            return len(run(["docker", "ps", "-q", "--filter", label, "--filter", "label=containerssh_pool=1"],
+                           timeout=60, check=False).stdout.split())
+        t0 = time.monotonic()
+        while members() < m and time.monotonic() - t0 < 600:
+            time.sleep(0.5)
+        fill = time.monotonic() - t0
+        r = self.burst("ours-ppool", m)
+        name = f"ours, connection, pool {m}"
+        note = f"pool filled in {fmt(fill, 0)} s ({members()} waiting after the burst)"
+        say(f"{name:22} {m:>4} {r['ok']:>4} {r['fail']:>5} {fmt(r['wall'], 1):>7} "
+            f"{fmt(r['p50'], 0):>8} {fmt(r['max'], 0):>8}  {note}")
+        for e, n in sorted(r["errs"].items(), key=lambda x: -x[1])[:4]:
+            say(f"    {n} x {e}")
+        self.add("parallel", f"{name}, {m} at once: ok/fail, wall, p50/max",
+                 f"{r['ok']}/{r['fail']}, {fmt(r['wall'], 1)} s, {fmt(r['p50'], 0)}/{fmt(r['max'], 0)} ms; {note}")
+        srv.stop()
+        self.servers.remove(srv)
+
+    # -- 6. Kubernetes through the fake API server ------------------------------------
+    def kube(self) -> None:
+        say(f"\n== 6. Kubernetes (the project's fake API server, pods as local containers): "
+            f"`ssh HOST true`, {N_KUBE} interleaved rounds ==")
+        fake = KubeFake(self)
+        servers = []
+        try:
+            cold = Ours(self, "kcold", "connection", kube=fake)
+            pooled = Ours(self, "kpool", "connection", pool=2, kube=fake)
+            servers = [cold, pooled]
+            self.hosts.update({"kube-cold": cold.port, "kube-pool": pooled.port})
+            self.ssh_config(self.hosts)
+            variants = [("kube-cold", "ours on Kubernetes, connection mode (cold)", cold, 0),
+                        ("kube-pool", "ours on Kubernetes, connection mode, pool of 2", pooled, 2)]
+            times = {k: [] for k, _, _, _ in variants}
+            fails = {k: [] for k, _, _, _ in variants}
+            for key, _, srv, pool in variants:  # warm-up, untimed
+                if not fake.settled(srv.instance, pool, 120):
+                    raise RuntimeError(f"{key}: pods did not settle\n{srv.log.read_text(errors='replace')[-3000:]}")
+                self.timed(self.ssh(key, "true"))
+            for i in range(N_KUBE):
+                for key, _, srv, pool in variants:
+                    if not fake.settled(srv.instance, pool, 120):
+                        fails[key].append("pods did not settle within 120 s")
+                        continue
+                    t, err = self.timed(self.ssh(key, "true"))
+                    if t is None:
+                        fails[key].append(err)
+                    else:
+                        times[key].append(t * 1000)
+                progress(f"kube round {i + 1}/{N_KUBE}: " + "  ".join(
+                    f"{k} {fmt(times[k][-1] if times[k] else None, 0)}ms" for k, _, _, _ in variants))
+            say(f"{'variant':50} {'n':>3} {'median ms':>10} {'p90 ms':>8} {'fail':>5}")
+            for key, desc, _, _ in variants:
+                say(f"{desc:50} {len(times[key]):>3} {fmt(median(times[key])):>10} "
+                    f"{fmt(pct(times[key], .9)):>8} {len(fails[key]):>5}")
+                for e in sorted(set(fails[key]))[:3]:
+                    say(f"    failure: {e}")
+                self.add("kube", f"{desc} median / p90 (ms)",
+                         f"{fmt(median(times[key]))} / {fmt(pct(times[key], .9))}  "
+                         f"(n={len(times[key])}, fail={len(fails[key])})")
+            r = ratio(median(times["kube-pool"]), median(times["kube-cold"]))
+            say(f"ours pooled / ours cold on Kubernetes = {r} (target <= 0.5x)")
+            self.add("kube", "pooled / cold (target <=0.5x)", r)
+        finally:
+            for srv in servers:
+                srv.stop()
+                if srv in self.servers:
+                    self.servers.remove(srv)
+            fake.stop()
 
     # -- 5. binary -----------------------------------------------------------------
     def binary(self) -> None:
@@ -1137,7 +1327,7 @@ def main() -> int:
         b.setup()
         b.start_servers()
         say(f"ours idle RSS right after start (connection-mode server): {b.conn_rss_fresh} KiB")
-        for phase in ("latency", "breakdown", "throughput", "memory", "parallel"):
+        for phase in ("latency", "breakdown", "throughput", "memory", "parallel", "kube"):
             if phase in PHASES:
                 t0 = time.monotonic()
                 getattr(b, phase)()

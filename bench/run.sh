@@ -16,7 +16,9 @@
 #   BENCH_PARALLEL_FC=1      also burst the sshd ForceCommand path
 #   BENCH_HTTP_TIMEOUT=60s   docker.timeouts.http for our servers (default: the server default, 15s)
 #   BENCH_BREAKDOWN_N=5      rounds of the debug-log latency breakdown
-#   BENCH_PHASES=binary,latency,breakdown,throughput,memory,parallel
+#   BENCH_PHASES=binary,latency,breakdown,throughput,memory,parallel,kube
+#   BENCH_PARALLEL_POOL=1    also burst the largest parallel size against a pool that large
+#   BENCH_KUBE_N=10          rounds of the Kubernetes phase (fake API server; cold and pool of 2)
 #   BENCH_POOL=2             warm-pool size of the extra pooled variant in the latency phase (0: none)
 #   BENCH_AUDIT=1            also time recorded sessions (audit binary and asciinema) in the throughput phase
 #   BENCH_SKIP_BUILD=1       use the binaries already in target/ (no cargo build)
@@ -126,7 +128,7 @@ log "run $RUN; image $IMAGE; report also in $OUT"
 export BENCH_RUN=$RUN BENCH_IMAGE=$IMAGE BENCH_BIN=$BIN BENCH_STATIC_BIN=$STATIC_BIN BENCH_AGENT_BIN=$AGENT_BIN \
     BENCH_SSHD=$SSHD BENCH_PIDFILE=$PIDFILE BENCH_USER=$USER_NAME
 {
-    echo "command: ${0} (cwd $ROOT) $(env | grep -E '^BENCH_(N|TP_N|TP_BYTES|TP_GEN|SESSIONS|PARALLEL|PARALLEL_FC|HTTP_TIMEOUT|BREAKDOWN_N|PHASES)=' | tr '\n' ' ')"
+    echo "command: ${0} (cwd $ROOT) $(env | grep -E '^BENCH_(N|TP_N|TP_BYTES|TP_GEN|SESSIONS|PARALLEL|PARALLEL_FC|PARALLEL_POOL|POOL|KUBE_N|HTTP_TIMEOUT|BREAKDOWN_N|PHASES)=' | tr '\n' ' ')"
     echo "host: $(uname -r), $(nproc) CPUs, docker $(docker version --format '{{.Server.Version}}' 2>/dev/null), $($SSHD -V 2>&1 | head -1 || true), git $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo '+dirty')"
 } | tee "$OUT"
 set +e
