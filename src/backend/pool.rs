@@ -150,9 +150,22 @@ impl Pool {
         self.wake.notify_one();
     }
 
-    /// Claims a live member for `connection_id` (a dead one is discarded and the next tried).
-    /// Dropped while checking (the login gave up), the member it was checking is discarded.
+    /// Claims a live member for `connection_id` (a dead one is discarded and the next tried),
+    /// counted in `containerssh_pool_logins_total`. Dropped while checking (the login gave
+    /// up), the member it was checking is discarded.
     pub async fn claim_checked<R: Members>(
+        &self,
+        rt: &R,
+        identity: &str,
+        connection_id: &str,
+    ) -> Option<String> {
+        let claimed = self.claim_live(rt, identity, connection_id).await;
+        let result = if claimed.is_some() { "claimed" } else { "cold" };
+        crate::metrics::get().pool_logins.inc(&[result]);
+        claimed
+    }
+
+    async fn claim_live<R: Members>(
         &self,
         rt: &R,
         identity: &str,

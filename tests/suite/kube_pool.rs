@@ -41,38 +41,12 @@ fn pooled_yaml(env: &TestEnv, fake: &KubeFake, hook: &WebhookServer, size: u32) 
     format!("{}{auth}{}", &yaml[..start], &yaml[end..])
 }
 
-/// GET `path` on the fake with its client certificate: status and JSON body.
-fn api(fake: &KubeFake, path: &str) -> (u16, Value) {
-    let out = run_with_timeout(
-        Command::new("curl")
-            .args(["-sS", "--max-time", "20", "--cacert"])
-            .arg(&fake.ca_cert)
-            .arg("--cert")
-            .arg(&fake.client_cert)
-            .arg("--key")
-            .arg(&fake.client_key)
-            .args(["-w", "\n%{http_code}"])
-            .arg(format!("{}{path}", fake.url)),
-        None,
-        CMD_TIMEOUT,
-    );
-    let body = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (json, code) = body.rsplit_once('\n').unwrap_or(("", body.as_str()));
-    (
-        code.trim().parse().unwrap_or(0),
-        serde_json::from_str(json).unwrap_or(Value::Null),
-    )
-}
-
 /// The pods of this instance matching `selector` (an extra label selector), by name.
 fn pods(fake: &KubeFake, env: &TestEnv, selector: &str) -> Vec<Value> {
-    let (code, list) = api(
-        fake,
-        &format!(
-            "/api/v1/namespaces/default/pods?labelSelector=containerssh_instance%3D{}{selector}",
-            env.instance
-        ),
-    );
+    let (code, list) = fake.api_get(&format!(
+        "/api/v1/namespaces/default/pods?labelSelector=containerssh_instance%3D{}{selector}",
+        env.instance
+    ));
     assert_eq!(code, 200, "{list}");
     list["items"].as_array().cloned().unwrap_or_default()
 }
@@ -107,7 +81,11 @@ fn full(fake: &KubeFake, env: &TestEnv, n: usize, server: &TestServer) -> Vec<St
 
 fn gone(fake: &KubeFake, pod: &str) -> bool {
     poll_until(POOL_WAIT, STEP, || {
-        (api(fake, &format!("/api/v1/namespaces/default/pods/{pod}")).0 == 404).then_some(())
+        (fake
+            .api_get(&format!("/api/v1/namespaces/default/pods/{pod}"))
+            .0
+            == 404)
+            .then_some(())
     })
     .is_some()
 }
@@ -245,10 +223,7 @@ fn a_member_that_died_is_skipped_and_the_login_starts_its_own() {
     );
     assert!(killed.status.success(), "{killed:?}");
     poll_until(POOL_WAIT, STEP, || {
-        let (_, pod) = api(
-            &fake,
-            &format!("/api/v1/namespaces/default/pods/{}", members[0]),
-        );
+        let (_, pod) = fake.api_get(&format!("/api/v1/namespaces/default/pods/{}", members[0]));
         (pod["status"]["phase"] != "Running").then_some(())
     })
     .expect("the killed member's pod never left Running");

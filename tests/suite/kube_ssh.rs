@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 
 use russh::client::Msg;
 use russh::{Channel, ChannelMsg, Sig};
-use serde_json::Value;
 use support::russh_client::connect;
 use support::{
     describe, free_tcp_port, poll_until, random_hex, run_with_timeout, sha256_hex,
@@ -119,40 +118,11 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// GET `path` on the fake with its client certificate (works whatever the bearer token is):
-/// the HTTP status and the JSON body (`Null` when it is not JSON).
-fn api_get(fake: &KubeFake, path: &str) -> (u16, Value) {
-    let out = run_with_timeout(
-        Command::new("curl")
-            .args(["-sS", "--max-time", "20", "--cacert"])
-            .arg(&fake.ca_cert)
-            .arg("--cert")
-            .arg(&fake.client_cert)
-            .arg("--key")
-            .arg(&fake.client_key)
-            .args(["-w", "\n%{http_code}"])
-            .arg(format!("{}{path}", fake.url)),
-        None,
-        Duration::from_secs(30),
-    );
-    let body = text(&out.stdout);
-    let (json, code) = body.rsplit_once('\n').unwrap_or(("", body.as_str()));
-    let code: u16 = code.trim().parse().unwrap_or_else(|_| {
-        panic!(
-            "curl {path}: no HTTP status ({}): {body}\n{}",
-            out.status,
-            text(&out.stderr)
-        )
-    });
-    (code, serde_json::from_str(json).unwrap_or(Value::Null))
-}
-
 /// Names of the pods in `default` labelled `containerssh_instance=<instance>`.
 fn instance_pods(fake: &KubeFake, instance: &str) -> Vec<String> {
-    let (code, list) = api_get(
-        fake,
-        &format!("/api/v1/namespaces/{NS}/pods?labelSelector=containerssh_instance%3D{instance}"),
-    );
+    let (code, list) = fake.api_get(&format!(
+        "/api/v1/namespaces/{NS}/pods?labelSelector=containerssh_instance%3D{instance}"
+    ));
     assert_eq!(code, 200, "list pods: {list}");
     list["items"]
         .as_array()
@@ -167,7 +137,7 @@ fn instance_pods(fake: &KubeFake, instance: &str) -> Vec<String> {
 
 /// Every pod in `default`.
 fn all_pods(fake: &KubeFake) -> Vec<String> {
-    let (code, list) = api_get(fake, &format!("/api/v1/namespaces/{NS}/pods"));
+    let (code, list) = fake.api_get(&format!("/api/v1/namespaces/{NS}/pods"));
     assert_eq!(code, 200, "list pods: {list}");
     list["items"]
         .as_array()
@@ -182,7 +152,7 @@ fn all_pods(fake: &KubeFake) -> Vec<String> {
 
 /// The pod's phase, `None` when it does not exist (404).
 fn pod_phase(fake: &KubeFake, name: &str) -> Option<String> {
-    let (code, pod) = api_get(fake, &format!("/api/v1/namespaces/{NS}/pods/{name}"));
+    let (code, pod) = fake.api_get(&format!("/api/v1/namespaces/{NS}/pods/{name}"));
     match code {
         200 => Some(pod["status"]["phase"].as_str().unwrap_or("").to_string()),
         404 => None,

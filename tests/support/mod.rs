@@ -1750,6 +1750,37 @@ pub fn agent_init_image() -> String {
 impl KubeFake {
     /// The lines under `kubernetes.connection:` (4-space indented) for this fake: its URL,
     /// its CA file and its (initial) bearer token.
+    /// GET `path` with the fake's client certificate (works whatever the bearer token is):
+    /// the HTTP status and the JSON body (`Null` when it is not JSON).
+    pub fn api_get(&self, path: &str) -> (u16, serde_json::Value) {
+        let out = run_with_timeout(
+            Command::new("curl")
+                .args(["-sS", "--max-time", "20", "--cacert"])
+                .arg(&self.ca_cert)
+                .arg("--cert")
+                .arg(&self.client_cert)
+                .arg("--key")
+                .arg(&self.client_key)
+                .args(["-w", "\n%{http_code}"])
+                .arg(format!("{}{path}", self.url)),
+            None,
+            Duration::from_secs(30),
+        );
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (json, code) = body.rsplit_once('\n').unwrap_or(("", body.as_str()));
+        let code: u16 = code.trim().parse().unwrap_or_else(|_| {
+            panic!(
+                "curl {path}: no HTTP status ({}): {body}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (
+            code,
+            serde_json::from_str(json).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
     pub fn connection_yaml(&self) -> String {
         format!(
             "    host: {}\n    cacertFile: {}\n    bearerToken: {}\n",

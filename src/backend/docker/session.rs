@@ -462,12 +462,9 @@ impl Docker {
         if self.exec.mode != ExecutionMode::Connection || self.ready().await.is_err() {
             return None;
         }
-        let claimed = pool
+        let id = pool
             .claim_checked(self, &self.identity(), &meta.connection_id)
-            .await;
-        let result = if claimed.is_some() { "claimed" } else { "cold" };
-        crate::metrics::get().pool_logins.inc(&[result]);
-        let id = claimed?;
+            .await?;
         tracing::info!(code = "BACKEND_POOL_CLAIM", container = %id, connection_id = %meta.connection_id, user = %meta.username, "a pool member serves this connection");
         Some(id)
     }

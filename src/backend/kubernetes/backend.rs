@@ -216,12 +216,9 @@ impl Kube {
         if self.pod.mode != ExecutionMode::Connection {
             return None;
         }
-        let claimed = pool
+        let name = pool
             .claim_checked(self, &self.identity(), &meta.connection_id)
-            .await;
-        let result = if claimed.is_some() { "claimed" } else { "cold" };
-        crate::metrics::get().pool_logins.inc(&[result]);
-        let name = claimed?;
+            .await?;
         let (mut labels, annotations) = self.login_metadata(meta, login);
         labels.insert(LABEL_POOL.into(), Value::Null);
         let patch = json!({"metadata": {"labels": labels, "annotations": annotations}});
