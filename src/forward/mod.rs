@@ -91,51 +91,13 @@ struct Inbox {
     ready: Notify,
 }
 
-/// Payloads at least this large stay as they arrived (a slice of what was read: not copied);
-/// smaller ones are copied together, so that an inbox holds a few pieces whatever the size of
-/// the agent's frames (at most two per [`KEEP_WHOLE`] bytes of credit).
-const KEEP_WHOLE: usize = 8 * 1024;
-
 #[derive(Default)]
 struct InboxState {
-    /// Payloads in order: large ones as they arrived, small ones copied together.
-    data: VecDeque<Bytes>,
-    /// Small payloads after the last of `data`.
-    small: BytesMut,
+    /// What arrived and was not taken yet (bounded by the stream's credit).
+    data: BytesMut,
     eof: bool,
     /// The stream is over (closed by the agent, or the mux stopped).
     closed: bool,
-}
-
-impl InboxState {
-    fn push(&mut self, payload: Bytes) {
-        if payload.len() < KEEP_WHOLE {
-            self.small.extend_from_slice(&payload);
-            return;
-        }
-        if !self.small.is_empty() {
-            self.data.push_back(self.small.split().freeze());
-        }
-        self.data.push_back(payload);
-    }
-
-    /// Everything held, as one piece (copied together only when it is several).
-    fn take(&mut self) -> Option<Bytes> {
-        match (self.data.len(), self.small.is_empty()) {
-            (0, true) => None,
-            (0, false) => Some(self.small.split().freeze()),
-            (1, true) => self.data.pop_front(),
-            _ => {
-                let total = self.data.iter().map(Bytes::len).sum::<usize>() + self.small.len();
-                let mut all = BytesMut::with_capacity(total);
-                for piece in self.data.drain(..) {
-                    all.extend_from_slice(&piece);
-                }
-                all.extend_from_slice(&self.small.split());
-                Some(all.freeze())
-            }
-        }
-    }
 }
 
 impl Inbox {
@@ -594,9 +556,7 @@ impl Mux {
                     stream,
                 }));
             }
-            Frame::Data { id, data } => {
-                return data_arrived(&mut st, id, data.into()).map(|()| None)
-            }
+            Frame::Data { id, data } => return data_arrived(&mut st, id, &data).map(|()| None),
             Frame::Eof { id } => {
                 if let Some(slot) = st.streams.get_mut(&id) {
                     if std::mem::replace(&mut slot.eof, true) {
@@ -643,7 +603,7 @@ impl Mux {
 }
 
 /// A `Data` payload for stream `id`, into its inbox within its credit.
-fn data_arrived(st: &mut State, id: u32, data: Bytes) -> Result<(), String> {
+fn data_arrived(st: &mut State, id: u32, data: &[u8]) -> Result<(), String> {
     if let Some(slot) = st.streams.get_mut(&id) {
         if slot.eof {
             return Err(format!("stream {id}: data after its Eof"));
@@ -652,7 +612,7 @@ fn data_arrived(st: &mut State, id: u32, data: Bytes) -> Result<(), String> {
         if slot.unacked > slot.limit {
             return Err(format!("stream {id}: data beyond the credit"));
         }
-        slot.inbox.lock().push(data);
+        slot.inbox.lock().data.extend_from_slice(data);
         slot.inbox.ready.notify_one();
     }
     Ok(())
@@ -741,13 +701,15 @@ async fn read_frames(
         buf.extend_from_slice(&chunk);
         let mut violation = None;
         loop {
-            // Data, the bulk, is handed on as a slice of `buf`; the rest is decoded.
+            // Data, the bulk, goes from `buf` into its stream's inbox without a decoded
+            // frame in between; the rest is decoded.
             if let Some((id, len)) = proto::data_frame(&buf) {
-                let payload = buf.split_to(len).split_off(proto::HEADER_LEN).freeze();
+                let payload = buf.get(proto::HEADER_LEN..len).unwrap_or_default();
                 if let Err(e) = data_arrived(&mut mux.state(), id, payload) {
                     violation = Some(e);
                     break;
                 }
+                let _ = buf.split_to(len);
                 continue;
             }
             match proto::decode(&buf) {
@@ -849,10 +811,8 @@ impl MuxSource {
             ready.as_mut().enable();
             {
                 let mut st = self.inbox.lock();
-                // Several payloads (a program writing 4 KiB at a time) go on as one:
-                // bounded by the stream's credit.
-                if let Some(data) = st.take() {
-                    return Some(StreamEvent::Data(data));
+                if !st.data.is_empty() {
+                    return Some(StreamEvent::Data(st.data.split().freeze()));
                 }
                 if std::mem::take(&mut st.eof) {
                     return Some(StreamEvent::Eof);
