@@ -67,6 +67,9 @@ struct AgentTars {
     dirs: Bytes,
     /// The agent, read for each archive ([`Self::in_dir`], [`Self::volume`]): not held.
     binary: AgentBinary,
+    /// The archive of [`Self::in_dir`] while an upload still holds it: logins starting at
+    /// once (persistent mode, or no volume) share one copy instead of each reading its own.
+    in_dir_shared: Arc<tokio::sync::Mutex<std::sync::Weak<Vec<u8>>>>,
     /// `containerssh-agent-<first 16 hex digits of the agent's SHA-256>`: one volume per
     /// agent build, shared by every container and every server on the engine.
     volume_name: String,
@@ -316,13 +319,18 @@ impl AgentTars {
             name: name.to_string(),
             dirs: build_tar(&entries)?.into(),
             binary: binary.clone(),
+            in_dir_shared: Arc::default(),
             volume_name: format!("containerssh-agent-{}", hex.get(..16).unwrap_or(&hex)),
         })
     }
 
-    /// `(name, mode, bytes)` entries with the agent's bytes as the first, as a tar (off the
-    /// runtime's threads: a file read and a copy of ~2 MiB).
-    async fn archive(&self, name: &str, extra: Option<&'static str>) -> Result<Bytes, DockerError> {
+    /// A tar of the agent's bytes as `name` (and an empty `extra` file after it), built off
+    /// the runtime's threads: a file read and a copy of ~2 MiB.
+    async fn archive(
+        &self,
+        name: &str,
+        extra: Option<&'static str>,
+    ) -> Result<Vec<u8>, DockerError> {
         let binary = self.binary.clone();
         let name = name.to_string();
         let built = tokio::task::spawn_blocking(move || {
@@ -344,18 +352,35 @@ impl AgentTars {
         .await
         .map_err(std::io::Error::other)
         .and_then(|r| r);
-        built.map(Bytes::from).map_err(DockerError::AgentFile)
+        built.map_err(DockerError::AgentFile)
     }
 
-    /// Just the file, extracted into `dir`.
+    /// Just the file, extracted into `dir`: the archive an upload in progress holds, else a
+    /// new one (freed when the last upload holding it is done).
     async fn in_dir(&self) -> Result<Bytes, DockerError> {
-        self.archive(&self.name, None).await
+        struct Shared(Arc<Vec<u8>>);
+        impl AsRef<[u8]> for Shared {
+            fn as_ref(&self) -> &[u8] {
+                &self.0
+            }
+        }
+        let mut shared = self.in_dir_shared.lock().await;
+        let tar = match shared.upgrade() {
+            Some(tar) => tar,
+            None => {
+                let tar = Arc::new(self.archive(&self.name, None).await?);
+                *shared = Arc::downgrade(&tar);
+                tar
+            }
+        };
+        Ok(Bytes::from_owner(Shared(tar)))
     }
 
     /// What fills the agent volume: the agent, then the ready marker.
     async fn volume(&self) -> Result<Bytes, DockerError> {
         self.archive(agent::AGENT_FILE_NAME, Some(AGENT_VOLUME_READY))
             .await
+            .map(Bytes::from)
     }
 }
 
