@@ -222,11 +222,7 @@ impl Kube {
         let (mut labels, annotations) = self.login_metadata(meta, login);
         labels.insert(LABEL_POOL.into(), Value::Null);
         let patch = json!({"metadata": {"labels": labels, "annotations": annotations}});
-        let path = format!(
-            "/api/v1/namespaces/{}/pods/{}",
-            pods::encode_query(&self.namespace),
-            pods::encode_query(&name)
-        );
+        let path = pods::pod_path(&self.namespace, &name);
         if let Err(e) = self.client.merge_patch::<_, Value>(&path, &patch).await {
             tracing::warn!(code = "BACKEND_POOL_START_FAILED", pod = %name, error = %e, "cannot label a pool member for its connection: removed, the login starts another");
             self.remove(&name).await;
@@ -393,11 +389,7 @@ impl Kube {
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_string();
-        let path = format!(
-            "/api/v1/namespaces/{}/pods/{}",
-            pods::encode_query(&self.namespace),
-            pods::encode_query(&name)
-        );
+        let path = pods::pod_path(&self.namespace, &name);
         match self.client.get_json::<Pod>(&path).await {
             Ok(pod) => return self.persistent_ready(&name, pod).await,
             Err(e) if e.http_code() == Some(404) && self.pod.create_missing_pods => {}
@@ -756,11 +748,7 @@ impl Members for Kube {
 
     /// Ready as at its start, and not being deleted.
     async fn member_alive(&self, name: &str) -> bool {
-        let path = format!(
-            "/api/v1/namespaces/{}/pods/{}",
-            pods::encode_query(&self.namespace),
-            pods::encode_query(name)
-        );
+        let path = pods::pod_path(&self.namespace, name);
         match self.client.get_json::<Pod>(&path).await {
             Ok(pod) => matches!(wire::evaluate(&pod, &self.console), PodState::Ready),
             Err(_) => false,

@@ -115,6 +115,11 @@ fn seg(s: &str) -> String {
     encode_query(s)
 }
 
+/// The API path of pod `name` in `namespace`.
+pub fn pod_path(namespace: &str, name: &str) -> String {
+    format!("/api/v1/namespaces/{}/pods/{}", seg(namespace), seg(name))
+}
+
 /// `v` as an object; anything else (null, a string, ...) is replaced by an empty one first.
 fn as_object(v: &mut Value) -> &mut Map<String, Value> {
     match v {
@@ -501,7 +506,7 @@ pub async fn delete(
     name: &str,
     grace_seconds: Option<u32>,
 ) -> Result<(), PodError> {
-    let path = format!("/api/v1/namespaces/{}/pods/{}", seg(namespace), seg(name));
+    let path = pod_path(namespace, name);
     let mut opts =
         json!({"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"});
     if let Some(g) = grace_seconds {
